@@ -1,0 +1,49 @@
+# Set-up and entry points. `make demo` and `make test` install everything they
+# need (Debian packages with apt, Python packages into .venv) and then run.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+OUT    ?= out
+
+# System tools the build and the tests use.
+APT_PACKAGES := gpgv gnupg zstd xz-utils binutils ca-certificates \
+	umoci skopeo mmdebstrap qemu-user-static binfmt-support \
+	python3-venv python3-pip
+
+.PHONY: demo test setup apt venv lint bench clean
+
+demo: setup
+	$(BIN)/cerulean build images/base.toml --arch amd64,arm64 --out $(OUT)
+
+test: setup
+	$(BIN)/python -m pytest -p no:cacheprovider tests
+
+bench: setup
+	$(BIN)/python benchmarks/build_bench.py
+
+setup: apt venv
+
+apt: $(VENV)/.apt-stamp
+venv: $(VENV)/.pip-stamp
+
+$(VENV)/.apt-stamp: Makefile
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(VENV)/.pip-stamp: pyproject.toml $(VENV)/.apt-stamp
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) $(OUT)

@@ -1,0 +1,1 @@
+"""Build: image definitions, rootfs composition, and outputs (OCI, SBOM, manifest)."""

@@ -1,0 +1,111 @@
+"""Locking an image definition: resolve its packages against the archive.
+
+``ensure_lock`` is what ``cerulean lock`` and ``cerulean build`` share: it
+reads the lock next to the definition, checks it still matches, and resolves
+afresh (newest archive state) when asked to or when there is none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cerulean.build.definition import ImageDefinition
+from cerulean.debian import KEYRING
+from cerulean.debian.archive import ArchiveConfig, default_archive
+from cerulean.debian.cache import Cache
+from cerulean.debian.fetch import client
+from cerulean.debian.lock import Lock, diff_locks, inputs_hash, make_lock, read_lock, write_lock
+from cerulean.debian.packages import Package, load_packages
+from cerulean.debian.release import Release, load_release
+from cerulean.debian.resolve import Universe, resolve
+from cerulean.errors import CeruleanError
+
+
+def archive_for(defn: ImageDefinition) -> ArchiveConfig:
+    return default_archive(
+        defn.archive_mirror or None,
+        defn.archive_security_mirror or None,
+        defn.archive_suites,
+        defn.archive_components,
+    )
+
+
+@dataclass(frozen=True)
+class LockResult:
+    lock: Lock
+    changes: list[str]  # what changed against the previous lock ("" if none)
+    written: bool  # whether the lock file was (re)written
+    previous: Lock | None
+
+
+def lock_matches(defn: ImageDefinition, lock: Lock) -> bool:
+    return lock.inputs == inputs_hash(defn.resolution_inputs())
+
+
+def resolve_lock(
+    defn: ImageDefinition,
+    cache: Cache,
+    *,
+    previous: Lock | None = None,
+    offline: bool = False,
+    keyring: Path = KEYRING,
+    show_progress: bool = False,
+) -> Lock:
+    """Resolve every architecture of *defn* against the newest verified archive state."""
+    cfg = archive_for(defn)
+    releases: list[Release] = []
+    if offline:
+        releases = [
+            load_release(cfg, s, cache, keyring, http=None,
+                         not_before=previous.snapshot_date(s) if previous else None)
+            for s in cfg.suites
+        ]
+    else:
+        with client() as http:
+            for s in cfg.suites:
+                releases.append(
+                    load_release(cfg, s, cache, keyring, http=http,
+                                 not_before=previous.snapshot_date(s) if previous else None)
+                )
+    resolved: dict[str, list[Package]] = {}
+    for arch in defn.image_architectures:
+        universe: list[Package] = []
+        for r in releases:
+            if arch not in r.architectures:
+                raise CeruleanError(f"Suite '{r.suite}' has no packages for {arch}.")
+            universe += load_packages(cfg, r, arch, cache, offline=offline,
+                                      show_progress=show_progress)
+        u = Universe.build(universe, arch, cfg.suites)
+        resolved[arch] = resolve(u, defn.packages_include, defn.packages_exclude)
+    return make_lock(inputs_hash(defn.resolution_inputs()), releases, resolved)
+
+
+def ensure_lock(
+    defn: ImageDefinition,
+    cache: Cache,
+    *,
+    refresh: bool = False,
+    locked: bool = False,
+    offline: bool = False,
+    keyring: Path = KEYRING,
+    show_progress: bool = False,
+) -> LockResult:
+    path = defn.lock_path
+    previous = read_lock(path) if path.exists() else None
+    if locked:
+        if previous is None:
+            raise CeruleanError(f"--locked was given but {path} does not exist.")
+        if not lock_matches(defn, previous):
+            raise CeruleanError(
+                f"The lock {path} no longer matches {defn.path} (its packages, suites or "
+                "architectures changed): run `cerulean lock` to update it."
+            )
+        return LockResult(previous, [], False, previous)
+    if previous is not None and not refresh and lock_matches(defn, previous):
+        return LockResult(previous, [], False, previous)
+    new = resolve_lock(defn, cache, previous=previous, offline=offline, keyring=keyring,
+                       show_progress=show_progress)
+    changes = diff_locks(previous, new)
+    write_lock(path, new)
+    return LockResult(new, changes, True, previous)

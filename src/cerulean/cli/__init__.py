@@ -1,0 +1,69 @@
+"""The ``cerulean`` command: one thin module per command group, no logic of its own.
+
+Errors meant for users (:class:`CeruleanError`) are printed as one sentence
+with a non-zero exit; an interrupt exits 130 without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from cerulean import __version__
+from cerulean.cli import build, images, lock
+from cerulean.errors import CeruleanError
+
+err_console = Console(stderr=True, highlight=False)
+
+DESCRIPTION = """\
+Cerulean Linux: build minimal, reproducible OS images from the Debian archive.
+
+Typical use:
+  cerulean images                          list the built-in image definitions
+  cerulean lock images/base.toml           pin exact package versions in images/base.lock
+  cerulean build images/base.toml          build OCI images for amd64 and arm64 into out/
+  cerulean lock --refresh images/base.toml move the lock to the newest packages
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cerulean",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"cerulean {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step and command")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (images, lock, build):
+        module.register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        p.print_help()
+        return 2
+    try:
+        rc: int = args.func(args)
+        return rc
+    except CeruleanError as e:
+        err_console.print(f"[bold red]error:[/] {e}")
+        return 1
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

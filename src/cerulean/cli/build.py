@@ -1,0 +1,68 @@
+"""``cerulean build``: build an image definition into OCI images, SBOMs and manifests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from cerulean.build.image import build_image
+from cerulean.build.plan import archive_for, ensure_lock
+from cerulean.cli.common import add_cache_options, find_definition, open_cache, parse_arches
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "build",
+        help="build an image (OCI layout and archive, SBOMs, file manifest)",
+        description=(
+            "Build an image definition for one or more architectures. Packages come from "
+            "the lock next to the definition (written first if missing or outdated; "
+            "--locked refuses instead). Outputs go to --out: NAME.oci/ (OCI layout), "
+            "NAME.oci.tar (oci-archive), NAME.ARCH.spdx.json and .cdx.json (SBOMs) and "
+            "NAME.ARCH.files.json (file manifest)."
+        ),
+    )
+    p.add_argument("definition", help="images/NAME.toml, or a built-in image name")
+    p.add_argument("--arch", help="comma-separated architectures (default: all of the image's)")
+    p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: out)")
+    p.add_argument("--locked", action="store_true",
+                   help="build exactly the lock; fail if it is missing or outdated")
+    p.add_argument("--compression", choices=("gzip", "zstd"),
+                   help="layer compression (default: the definition's, usually gzip)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_cache_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    defn = find_definition(args.definition)
+    arches = parse_arches(args.arch, defn)
+    cache = open_cache(args)
+    con = Console(stderr=True, highlight=False)
+    lr = ensure_lock(defn, cache, locked=args.locked, offline=args.offline,
+                     show_progress=not args.json)
+    if lr.written:
+        con.print(f"Wrote {defn.lock_path}.")
+    res = build_image(defn, lr.lock, archive_for(defn), arches, args.out, cache,
+                      offline=args.offline, show_progress=not args.json,
+                      compression=args.compression)
+    if args.json:
+        print(json.dumps({
+            "image": res.image, "version": res.version, "index": res.index_digest,
+            "layout": str(res.layout), "archive": str(res.archive),
+            "outputs": [str(p) for p in res.outputs], "seconds": round(res.seconds, 3),
+            "arches": [vars(a) for a in res.arches],
+        }, indent=2))
+        return 0
+    con.print(f"[bold]Built {res.image} {res.version}[/] in {res.seconds:.2f} s "
+              f"(index {res.index_digest})")
+    for a in res.arches:
+        con.print(f"  {a.arch}: {a.packages} packages, {a.files} files, "
+                  f"{a.size / 1048576:.1f} MiB, manifest {a.manifest_digest}")
+    con.print(f"  layout:  {res.layout}\n  archive: {res.archive}")
+    for p in res.outputs[2:]:
+        con.print(f"  {p}")
+    return 0
