@@ -103,6 +103,7 @@ def write_ldconfig(ctx: Context) -> None:
 def write_dpkg_db(ctx: Context) -> None:
     if ctx.defn.output_dpkg_database == "full":
         configure.write_dpkg_database(ctx.tree, ctx.installed, ctx.arch)
+        configure.write_dpkg_excludes(ctx.tree, ctx.defn)
     else:
         configure.write_dpkg_status_d(ctx.tree, ctx.installed)
 

@@ -277,13 +277,25 @@ def _status_paragraph(p: InstalledPackage, tree: Tree) -> bytes:
     return ("\n".join(out) + "\n").encode("utf-8", "surrogateescape")
 
 
+def _present_md5sums(p: InstalledPackage, tree: Tree) -> bytes:
+    """The package's md5sums lines for the files still in the image (after trimming)."""
+    kept = []
+    for line in p.md5sums.decode("utf-8", "surrogateescape").splitlines():
+        _, _, path = line.partition("  ")
+        # md5sums may name /bin/x for what merged /usr stores at /usr/bin/x.
+        if path and tree.resolve(path) is not None:
+            kept.append(line + "\n")
+    return "".join(kept).encode("utf-8", "surrogateescape")
+
+
 def write_dpkg_status_d(tree: Tree, installed: Iterable[InstalledPackage]) -> None:
     """One status file per package (and its md5sums), as image scanners read them."""
     tree.add_dir("var/lib/dpkg/status.d", 0o755)
     for p in installed:
         tree.add_file(f"var/lib/dpkg/status.d/{p.name}", _status_paragraph(p, tree), 0o644)
-        if p.md5sums:
-            tree.add_file(f"var/lib/dpkg/status.d/{p.name}.md5sums", p.md5sums, 0o644)
+        md5 = _present_md5sums(p, tree)
+        if md5:
+            tree.add_file(f"var/lib/dpkg/status.d/{p.name}.md5sums", md5, 0o644)
 
 
 def write_dpkg_database(tree: Tree, installed: Iterable[InstalledPackage], arch: str) -> None:
@@ -292,10 +304,12 @@ def write_dpkg_database(tree: Tree, installed: Iterable[InstalledPackage], arch:
     for p in sorted(installed, key=lambda p: p.name):
         paragraphs.append(_status_paragraph(p, tree))
         stem = f"{p.name}:{p.arch}" if p.multi_arch == "same" else p.name
-        listing = "/.\n" + "".join(f"/{f}\n" for f in p.files)
+        # Trimmed files are not recorded, as dpkg does for path-exclude'd files.
+        listing = "/.\n" + "".join(f"/{f}\n" for f in p.files if f in tree.entries)
         tree.add_file(f"var/lib/dpkg/info/{stem}.list", listing.encode(), 0o644)
-        if p.md5sums:
-            tree.add_file(f"var/lib/dpkg/info/{stem}.md5sums", p.md5sums, 0o644)
+        md5 = _present_md5sums(p, tree)
+        if md5:
+            tree.add_file(f"var/lib/dpkg/info/{stem}.md5sums", md5, 0o644)
         if p.conffiles:
             tree.add_file(f"var/lib/dpkg/info/{stem}.conffiles", p.conffiles, 0o644)
     tree.add_file("var/lib/dpkg/status", b"\n".join(paragraphs), 0o644)
@@ -304,3 +318,20 @@ def write_dpkg_database(tree: Tree, installed: Iterable[InstalledPackage], arch:
     tree.add_file("var/lib/dpkg/arch", f"{arch}\n".encode(), 0o644)
     for d in ("updates", "triggers", "alternatives", "parts"):
         tree.add_dir(f"var/lib/dpkg/{d}", 0o755)
+
+
+def write_dpkg_excludes(tree: Tree, defn: ImageDefinition) -> None:
+    """Tell dpkg inside the image to keep trimming what later installs bring."""
+    rules: list[str] = []
+    if defn.trim_docs:
+        rules += ["path-exclude=/usr/share/doc/*", "path-include=/usr/share/doc/*/copyright"]
+    if defn.trim_man:
+        rules += ["path-exclude=/usr/share/man/*", "path-exclude=/usr/share/info/*",
+                  "path-exclude=/usr/share/groff/*"]
+    if defn.trim_locales:
+        rules += ["path-exclude=/usr/share/locale/*"]
+    rules += [f"path-exclude={p.rstrip('/')}/*" for p in defn.trim_paths]
+    if rules:
+        text = "# Written by cerulean: what the image build trimmed stays trimmed.\n"
+        tree.add_file("etc/dpkg/dpkg.cfg.d/cerulean-trim", (text + "\n".join(rules) + "\n")
+                      .encode(), 0o644)

@@ -30,6 +30,12 @@ Typical use:
 """
 
 
+def _print_error(message: str) -> None:
+    # The message is plain text (it may contain [brackets]) and is kept on one line.
+    err_console.print("[bold red]error:[/] ", end="")
+    err_console.print(message, markup=False, soft_wrap=True)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cerulean",
@@ -58,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc: int = args.func(args)
         return rc
     except CeruleanError as e:
-        err_console.print(f"[bold red]error:[/] {e}")
+        _print_error(str(e))
         return 1
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")

@@ -160,6 +160,8 @@ def read_lock(path: Path) -> Lock:
         return Lock(str(raw["inputs"]), snapshot, packages)
     except (KeyError, TypeError, AttributeError) as e:
         raise CeruleanError(f"The lockfile {path} is missing the field {e}.") from None
+    except ValueError as e:
+        raise CeruleanError(f"The lockfile {path} has an invalid value: {e}.") from None
 
 
 def diff_locks(old: Lock | None, new: Lock) -> list[str]:

@@ -27,6 +27,7 @@ How it works (also described in DESIGN.md):
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -315,10 +316,24 @@ def _sat(
                     if b.name != a.name and id(b) in var:
                         clauses.append([-var[id(a)], -var[id(b)]])
     hinted = {id(p) for p in hint.values()}
+    # Phases only guide the search, so also rule out every version below the highest
+    # of its name wherever possible: a fix in trixie-security must not be lost here.
+    older = [
+        -var[id(p)]
+        for name in sorted(by_name)
+        for p in [q for q in u.by_name[name] if id(q) in var][1:]
+    ]
     with Solver(name="minisat22", bootstrap_with=clauses) as s:
         s.set_phases([var[id(p)] if id(p) in hinted else -var[id(p)] for p in pool])
         if not s.solve():
             return None
+        keep = older
+        if not s.solve(assumptions=older):
+            keep = []
+            for lit in older:
+                if s.solve(assumptions=[*keep, lit]):
+                    keep.append(lit)
+            s.solve(assumptions=keep)
         model = {lit for lit in (s.get_model() or []) if lit > 0}
     on = {p.name: p for p in pool if var[id(p)] in model}
     # Keep only what the requests need, choosing among satisfied alternatives in order.
@@ -345,7 +360,11 @@ def parse_request(text: str) -> Relation:
         name, _, ver = t.partition("=")
         t = f"{name.strip()} (= {ver.strip()})"
     groups = PkgRelation.parse_relations(t)
-    if len(groups) != 1 or len(groups[0]) != 1 or not groups[0][0].get("name"):
+    if (
+        len(groups) != 1
+        or len(groups[0]) != 1
+        or not re.fullmatch(r"[a-z0-9][a-z0-9+.-]*", groups[0][0].get("name") or "")
+    ):
         raise ResolveError(f"The package request {text!r} is not a package name.")
     rel: Relation = groups[0][0]
     return rel

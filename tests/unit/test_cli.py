@@ -1,0 +1,87 @@
+"""The command line: help that teaches, and one clear sentence on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cerulean.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("images", "lock", "build"):
+        assert cmd in out
+
+
+def test_images_lists_builtins(capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert main(["images", "--json"]) == 0
+    import json
+
+    names = {d["name"]: d for d in json.loads(capsys.readouterr().out)}
+    assert set(names) >= {"static", "base", "python", "core"}
+    assert all(d["description"] for d in names.values())
+
+
+@pytest.mark.parametrize(
+    "toml, words",
+    [
+        ("[image]\nname = 'x'\n", "'packages.include': at least one package is needed"),
+        ("[packages]\ninclude = ['a']\n[bogus]\n", "unknown section [bogus]"),
+        ("[packages]\ninclude = ['a']\nincludes = ['b']\n", "unknown key 'packages.includes'"),
+        ("[packages]\ninclude = 'a'\n", "'packages.include' must be a list of strings"),
+        ("[packages]\ninclude = ['a']\n[image]\narchitectures = ['s390x']\n",
+         "'image.architectures' has 's390x'; valid: amd64, arm64"),
+        ("[packages]\ninclude = ['a']\n[output]\ncompression = 'lz4'\n", "valid: gzip, zstd"),
+        ("[packages\n", "is not valid TOML"),
+        ("[packages]\ninclude = ['a']\n[accounts]\nusers = [{name = 'a'}]\n",
+         "needs a string 'name' and an integer 'uid'"),
+        ("[packages]\ninclude = ['a']\n[config]\nworkdir = 'rel'\n", "not an absolute path"),
+    ],
+)
+def test_bad_definitions_fail_with_one_sentence(tmp_path: Path, toml: str, words: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "img.toml"
+    d.write_text(toml)
+    rc = main(["lock", str(d), "--cache", str(tmp_path / "c"), "--offline"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert words in " ".join(err.split()), err
+    assert str(d) in " ".join(err.split()).replace("\n", "")
+    assert "Traceback" not in err
+    assert not (tmp_path / "img.lock").exists()
+
+
+def test_missing_definition(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["build", "no-such-image", "--cache", str(tmp_path)]) == 1
+    assert "no image definition 'no-such-image'" in capsys.readouterr().err
+
+
+def test_locked_without_lock(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "img.toml"
+    d.write_text("[packages]\ninclude = ['a']\n")
+    assert main(["build", str(d), "--locked", "--cache", str(tmp_path / "c")]) == 1
+    assert "--locked was given but" in capsys.readouterr().err
+
+
+def test_bad_arch_option(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+                         ) -> None:
+    monkeypatch.chdir(ROOT)
+    assert main(["build", "base", "--arch", "mips"]) == 1
+    assert "--arch 'mips' is not valid" in capsys.readouterr().err
+
+
+def test_entry_point_runs() -> None:
+    r = subprocess.run([Path(sys.executable).parent / "cerulean", "--version"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and r.stdout.startswith("cerulean ")
