@@ -69,6 +69,7 @@ def unpack(ctx: Context) -> None:
                 md5sums=u.control.get("md5sums", b""),
                 conffiles=u.control.get("conffiles", b""),
                 files=tuple(shipped),
+                postinst=u.control.get("postinst", b""),
             )
         )
 
@@ -100,6 +101,11 @@ def write_ldconfig(ctx: Context) -> None:
         ctx.tree.add_file("etc/ld.so.cache", build_ld_so_cache(ctx.tree, ctx.arch), 0o644)
 
 
+def write_alternatives(ctx: Context) -> None:
+    full = ctx.defn.output_dpkg_database == "full"
+    ctx.notes["alternatives"] = configure.write_alternatives(ctx.tree, ctx.installed, full)
+
+
 def write_dpkg_db(ctx: Context) -> None:
     if ctx.defn.output_dpkg_database == "full":
         configure.write_dpkg_database(ctx.tree, ctx.installed, ctx.arch)
@@ -115,6 +121,7 @@ STEPS: tuple[Callable[[Context], None], ...] = (
     write_os_release,
     write_ca_bundle,
     trim,
+    write_alternatives,
     write_ldconfig,
     write_dpkg_db,
 )

@@ -9,6 +9,7 @@ emulation.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -256,6 +257,7 @@ class InstalledPackage:
     md5sums: bytes
     conffiles: bytes
     files: tuple[str, ...]  # paths the package shipped (relative)
+    postinst: bytes = b""
 
 
 def _status_paragraph(p: InstalledPackage, tree: Tree) -> bytes:
@@ -335,3 +337,71 @@ def write_dpkg_excludes(tree: Tree, defn: ImageDefinition) -> None:
         text = "# Written by cerulean: what the image build trimmed stays trimmed.\n"
         tree.add_file("etc/dpkg/dpkg.cfg.d/cerulean-trim", (text + "\n".join(rules) + "\n")
                       .encode(), 0o644)
+
+
+# -- alternatives ------------------------------------------------------------------
+
+_INSTALL = re.compile(
+    r"update-alternatives\s+(?:--quiet\s+)?--install\s+(\S+)\s+(\S+)\s+(\S+)\s+(\d+)((?:\s+--slave\s+\S+\s+\S+\s+\S+)*)"
+)
+_SLAVE = re.compile(r"--slave\s+(\S+)\s+(\S+)\s+(\S+)")
+
+
+@dataclass(frozen=True)
+class Alternative:
+    name: str
+    link: str
+    path: str
+    priority: int
+    package: str
+    slaves: tuple[tuple[str, str, str], ...]  # (link, name, path)
+
+
+def alternatives_from_postinst(package: str, script: bytes) -> list[Alternative]:
+    """The literal `update-alternatives --install` calls of a maintainer script."""
+    text = script.decode("utf-8", "replace").replace("\\\n", " ")
+    found: list[Alternative] = []
+    for m in _INSTALL.finditer(text):
+        link, name, path, prio, rest = m.groups()
+        if any("$" in v for v in (link, name, path)):
+            continue  # computed in shell: not knowable without running the script
+        slaves = tuple(
+            (sl, sn, sp) for sl, sn, sp in _SLAVE.findall(rest or "")
+            if "$" not in sl + sn + sp
+        )
+        found.append(Alternative(name, link, path, int(prio), package, slaves))
+    return found
+
+
+def write_alternatives(tree: Tree, installed: Iterable[InstalledPackage], dpkg_db: bool) -> int:
+    """Point each alternative at its highest-priority choice, as dpkg's auto mode would."""
+    by_name: dict[str, list[Alternative]] = {}
+    for p in installed:
+        for alt in alternatives_from_postinst(p.name, p.postinst):
+            if tree.resolve(alt.path.lstrip("/")) is not None:
+                by_name.setdefault(alt.name, []).append(alt)
+    for name, alts in sorted(by_name.items()):
+        alts.sort(key=lambda a: (-a.priority, a.path))
+        best = alts[0]
+        links = [(best.link, name, best.path)] + [
+            s for s in best.slaves if tree.resolve(s[2].lstrip("/")) is not None
+        ]
+        for link, alt_name, path in links:
+            rel = link.lstrip("/")
+            if tree.get(rel) is None:
+                tree.add_symlink(rel, f"/etc/alternatives/{alt_name}")
+            tree.add_symlink(f"etc/alternatives/{alt_name}", path)
+        if dpkg_db:
+            slave_names = sorted({(s[1], s[0]) for a in alts for s in a.slaves})
+            lines = ["auto", best.link]
+            for sname, slink in slave_names:
+                lines += [sname, slink]
+            lines.append("")
+            for a in alts:
+                lines += [a.path, str(a.priority)]
+                paths = {s[1]: s[2] for s in a.slaves}
+                lines += [paths.get(sname, "") for sname, _ in slave_names]
+            lines.append("")
+            tree.add_file(f"var/lib/dpkg/alternatives/{name}",
+                          ("\n".join(lines) + "\n").encode(), 0o644)
+    return len(by_name)

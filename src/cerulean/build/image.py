@@ -133,7 +133,7 @@ def build_image(
     except OSError as e:
         raise CeruleanError(f"The output directory {out_dir} cannot be created: {e}.") from e
     comp = Compression(compression or defn.output_compression)
-    layers_cache = cache.subdir("layers")
+    layers_cache = cache.root  # compressed layers share the content-addressed store
     name = defn.name
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=out_dir) as tmp_s:
         tmp = Path(tmp_s)

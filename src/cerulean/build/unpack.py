@@ -19,7 +19,8 @@ from cerulean.debian.deb import DebError, read_deb
 from cerulean.debian.lock import LockedPackage
 from cerulean.errors import CeruleanError
 
-KEPT_CONTROL_FILES = ("control", "md5sums", "conffiles")
+KEPT_CONTROL_FILES = ("control", "md5sums", "conffiles", "postinst")
+UNPACK_FORMAT = 2  # bump when what is kept from a .deb changes
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ def load_package(cache: Cache, p: LockedPackage) -> Unpacked:
     if index.is_file():
         try:
             meta = json.loads(index.read_text())
+            if meta.get("format") != UNPACK_FORMAT:
+                raise ValueError("older unpack cache entry")
             data = cache.read_verified(meta["data_sha256"], meta["data_size"], p.label)
             control = {k: v.encode("utf-8", "surrogateescape") for k, v in meta["control"].items()}
             # The .deb itself is still what the lock pins: check it is intact.
@@ -46,6 +49,7 @@ def load_package(cache: Cache, p: LockedPackage) -> Unpacked:
     data_sha = cache.put(contents.data_tar)
     control = {k: v for k, v in contents.control.items() if k in KEPT_CONTROL_FILES}
     meta_out = {
+        "format": UNPACK_FORMAT,
         "data_sha256": data_sha,
         "data_size": len(contents.data_tar),
         "control": {k: v.decode("utf-8", "surrogateescape") for k, v in control.items()},

@@ -53,6 +53,10 @@ def client() -> httpx.Client:
     )
 
 
+class _TryFallback(Exception):
+    """The primary URL answered 404 and a fallback URL exists."""
+
+
 def _transient(status: int) -> bool:
     return status in (408, 429) or status >= 500
 
@@ -85,15 +89,21 @@ def _fetch_one(http: httpx.Client, cache: Cache, d: Download, progress: Progress
     delay = 0.5
     dest = cache.blob_path(d.sha256)
     url = d.url
-    for attempt in range(1, RETRIES + 1):
+    attempt = 0
+    while attempt < RETRIES:
+        attempt += 1
         fd, tmp = tempfile.mkstemp(prefix=".dl.", dir=dest.parent)
         done = 0
         try:
             h = hashlib.sha256()
             with os.fdopen(fd, "wb") as f, http.stream("GET", url) as r:
                 if r.status_code == 404 and d.fallback_url and url != d.fallback_url:
-                    url = d.fallback_url
-                    raise httpx.TransportError("HTTP 404, trying the plain path")
+                    raise _TryFallback
+                if r.status_code == 404 and "/pool/" in url:
+                    raise NetworkError(
+                        f"The archive no longer has {d.what} ({url} answered HTTP 404): "
+                        "run `cerulean lock --refresh` to move the lock to current versions."
+                    )
                 if r.status_code != 200:
                     if _transient(r.status_code) and attempt < RETRIES:
                         raise httpx.TransportError(f"HTTP {r.status_code}")
@@ -115,6 +125,12 @@ def _fetch_one(http: httpx.Client, cache: Cache, d: Download, progress: Progress
                 )
             os.replace(tmp, dest)
             return
+        except _TryFallback:
+            # A pruned by-hash file: the plain path is checked against the same hash.
+            Path(tmp).unlink(missing_ok=True)
+            url = d.fallback_url
+            attempt -= 1
+            continue
         except httpx.TransportError as e:
             Path(tmp).unlink(missing_ok=True)
             if progress is not None and task is not None:

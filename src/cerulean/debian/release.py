@@ -43,6 +43,7 @@ class Release:
     architectures: tuple[str, ...]
     components: tuple[str, ...]
     no_arch_all_index: bool  # arch:all packages are listed in binary-<arch> indexes too
+    suite_name: str = ""  # the Release's own Suite field (e.g. "stable")
     files: dict[str, IndexFile] = field(default_factory=dict)
 
     @property
@@ -82,6 +83,7 @@ def parse_release(text: str, suite: str, sha256: str, base_url: str) -> Release:
     return Release(
         suite=suite,
         codename=fields.get("Codename", suite),
+        suite_name=fields.get("Suite", ""),
         version=fields.get("Version", ""),
         date=parse_date(fields["Date"], what),
         valid_until=parse_date(fields["Valid-Until"], what) if "Valid-Until" in fields else None,
@@ -130,7 +132,8 @@ def load_release(
         hashlib.sha256(data).hexdigest(),
         base,
     )
-    if rel.codename != suite.split("-")[0] and not suite.startswith(rel.codename):
+    names = {rel.codename, rel.suite_name}
+    if not any(suite == n or suite.startswith(f"{n}-") for n in names if n):
         raise VerificationError(
             f"The InRelease file of suite '{suite}' is for '{rel.codename}' instead."
         )
