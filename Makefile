@@ -13,8 +13,11 @@ APT_PACKAGES := gpgv gnupg zstd xz-utils binutils ca-certificates \
 
 .PHONY: demo test setup apt venv lint bench clean
 
+# The archive moves on (security updates, point releases): refresh the lock to
+# its newest state, then build exactly that lock for both architectures.
 demo: setup
-	$(BIN)/cerulean build images/base.toml --arch amd64,arm64 --out $(OUT)
+	$(BIN)/cerulean lock --refresh images/base.toml
+	$(BIN)/cerulean build images/base.toml --locked --arch amd64,arm64 --out $(OUT)
 
 test: setup
 	$(BIN)/python -m pytest -p no:cacheprovider tests

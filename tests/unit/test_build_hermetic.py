@@ -89,7 +89,56 @@ def test_hostile_package_fails_and_leaves_nothing(tmp_path: Path, archive: Synth
 
 def test_unknown_signer_writes_no_lock(tmp_path: Path, archive: SyntheticArchive,
                                        archive_cache: Cache) -> None:
-    archive.publish(signer="unknown")
+    archive.publish(signer=archive.keys.unknown)
     with pytest.raises(VerificationError, match="not a trusted Debian archive key"):
         build(tmp_path, archive, ["hello"], archive_cache)
     assert not (tmp_path / "img.lock").exists()
+
+
+def cli_definition(tmp_path: Path, archive: SyntheticArchive, include: list[str]) -> Path:
+    d = definition(tmp_path, archive, include)
+    d.write_text(d.read_text() + f'keyring = "{archive.keyring}"\n')
+    return d
+
+
+def test_cli_lock_refresh_prints_changes(tmp_path: Path, archive: SyntheticArchive,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from cerulean.cli import main
+
+    d = cli_definition(tmp_path, archive, ["hello"])
+    cache = str(tmp_path / "cache")
+    assert main(["lock", str(d), "--cache", cache]) == 0
+    assert "Wrote" in capsys.readouterr().out
+    assert main(["lock", str(d), "--cache", cache]) == 0
+    assert "is up to date" in capsys.readouterr().out
+    archive.add("hello", "2.10-4", "amd64", "libgreet1 (>= 1.0), base-files",
+                files={"usr/bin/hello": b"#!/bin/sh\necho hello again\n"})
+    archive.debs = [d_ for d_ in archive.debs if (d_.name, d_.version) != ("hello", "2.10-3")]
+    archive.publish()
+    assert main(["lock", str(d), "--refresh", "--cache", cache]) == 0
+    out = capsys.readouterr().out
+    assert "amd64: ~ hello 2.10-3 -> 2.10-4 (testing)" in out
+    # The lock now builds from the cache alone, without the network.
+    assert main(["build", str(d), "--out", str(tmp_path / "o"), "--cache", cache]) == 0
+    archive.server.httpd.shutdown()
+    capsys.readouterr()
+    assert main(["build", str(d), "--locked", "--offline", "--out", str(tmp_path / "o2"),
+                 "--cache", cache, "--json"]) == 0
+    first = json.loads((tmp_path / "o" / "img.oci" / "index.json").read_text())
+    second = json.loads((tmp_path / "o2" / "img.oci" / "index.json").read_text())
+    assert first == second
+
+
+def test_cli_unknown_signer_is_one_sentence(tmp_path: Path, archive: SyntheticArchive,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from cerulean.cli import main
+
+    archive.publish(signer=archive.keys.unknown)
+    d = cli_definition(tmp_path, archive, ["hello"])
+    rc = main(["build", str(d), "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "The signature of the InRelease file of suite 'testing' was made by a key that is " \
+           "not a trusted Debian archive key." in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "img.lock").exists()

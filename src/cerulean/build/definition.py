@@ -90,6 +90,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Debian archive URL; default: the host's apt sources or CERULEAN_MIRROR."),
     Setting("archive", "security-mirror", "str", "",
             "Debian security archive URL; default: next to the mirror."),
+    Setting("archive", "keyring", "str", "",
+            "OpenPGP keyring (binary, as gpgv reads it) that must have signed the suites' "
+            "InRelease files, relative to the definition; default: the Debian archive keys "
+            "shipped with Cerulean."),
     Setting("archive", "suites", "list[str]", list(DEFAULT_SUITES),
             "Suites to resolve from; the highest version across them wins."),
     Setting("archive", "components", "list[str]", list(DEFAULT_COMPONENTS),
@@ -131,6 +135,7 @@ class ImageDefinition:
     packages_exclude: tuple[str, ...]
     archive_mirror: str
     archive_security_mirror: str
+    archive_keyring: str
     archive_suites: tuple[str, ...]
     archive_components: tuple[str, ...]
     accounts_users: tuple[Account, ...]
@@ -150,6 +155,15 @@ class ImageDefinition:
     @property
     def name(self) -> str:
         return self.image_name
+
+    @property
+    def keyring(self) -> Path:
+        """The keyring archive signatures are checked against."""
+        from cerulean.debian import KEYRING
+
+        if not self.archive_keyring:
+            return KEYRING
+        return (self.path.parent / self.archive_keyring).resolve()
 
     @property
     def lock_path(self) -> Path:

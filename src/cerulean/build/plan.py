@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cerulean.build.definition import ImageDefinition
-from cerulean.debian import KEYRING
 from cerulean.debian.archive import ArchiveConfig, default_archive
 from cerulean.debian.cache import Cache
 from cerulean.debian.fetch import client
@@ -49,11 +48,12 @@ def resolve_lock(
     *,
     previous: Lock | None = None,
     offline: bool = False,
-    keyring: Path = KEYRING,
+    keyring: Path | None = None,
     show_progress: bool = False,
 ) -> Lock:
     """Resolve every architecture of *defn* against the newest verified archive state."""
     cfg = archive_for(defn)
+    keyring = keyring or defn.keyring
     releases: list[Release] = []
     if offline:
         releases = [
@@ -88,7 +88,7 @@ def ensure_lock(
     refresh: bool = False,
     locked: bool = False,
     offline: bool = False,
-    keyring: Path = KEYRING,
+    keyring: Path | None = None,
     show_progress: bool = False,
 ) -> LockResult:
     path = defn.lock_path

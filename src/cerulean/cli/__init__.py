@@ -17,7 +17,7 @@ from cerulean import __version__
 from cerulean.cli import build, images, lock
 from cerulean.errors import CeruleanError
 
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DESCRIPTION = """\
 Cerulean Linux: build minimal, reproducible OS images from the Debian archive.

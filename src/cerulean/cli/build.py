@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     defn = find_definition(args.definition)
     arches = parse_arches(args.arch, defn)
     cache = open_cache(args)
-    con = Console(stderr=True, highlight=False)
+    con = Console(stderr=True, highlight=False, soft_wrap=True)
     lr = ensure_lock(defn, cache, locked=args.locked, offline=args.offline,
                      show_progress=not args.json)
     if lr.written:
@@ -65,4 +65,5 @@ def run(args: argparse.Namespace) -> int:
     con.print(f"  layout:  {res.layout}\n  archive: {res.archive}")
     for p in res.outputs[2:]:
         con.print(f"  {p}")
+    con.print(f"Inspect it with: skopeo inspect oci:{res.layout}:latest")
     return 0

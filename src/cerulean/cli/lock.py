@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     defn = find_definition(args.definition)
-    con = Console(highlight=False)
+    con = Console(highlight=False, soft_wrap=True)
     res = ensure_lock(defn, open_cache(args), refresh=args.refresh, offline=args.offline,
                       show_progress=not args.json)
     if args.json:
