@@ -13,11 +13,9 @@ from pathlib import Path
 from cerulean.build.definition import ImageDefinition
 from cerulean.debian.archive import ArchiveConfig, default_archive
 from cerulean.debian.cache import Cache
-from cerulean.debian.fetch import client
 from cerulean.debian.lock import Lock, diff_locks, inputs_hash, make_lock, read_lock, write_lock
 from cerulean.debian.packages import Package, load_packages
 from cerulean.debian.release import Release, load_release
-from cerulean.debian.resolve import Universe, resolve
 from cerulean.errors import CeruleanError
 
 
@@ -52,6 +50,9 @@ def resolve_lock(
     show_progress: bool = False,
 ) -> Lock:
     """Resolve every architecture of *defn* against the newest verified archive state."""
+    from cerulean.debian.fetch import client
+    from cerulean.debian.resolve import Universe, resolve
+
     cfg = archive_for(defn)
     keyring = keyring or defn.keyring
     releases: list[Release] = []

@@ -11,13 +11,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from rich.console import Console
-
 from cerulean import __version__
 from cerulean.cli import build, images, lock
 from cerulean.errors import CeruleanError
-
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DESCRIPTION = """\
 Cerulean Linux: build minimal, reproducible OS images from the Debian archive.
@@ -31,9 +27,12 @@ Typical use:
 
 
 def _print_error(message: str) -> None:
+    from rich.console import Console
+
     # The message is plain text (it may contain [brackets]) and is kept on one line.
-    err_console.print("[bold red]error:[/] ", end="")
-    err_console.print(message, markup=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err.print("[bold red]error:[/] ", end="")
+    err.print(message, markup=False, soft_wrap=True)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(str(e))
         return 1
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]")
+        print("interrupted", file=sys.stderr)
         return 130
 
 

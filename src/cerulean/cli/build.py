@@ -6,10 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.console import Console
-
-from cerulean.build.image import build_image
-from cerulean.build.plan import archive_for, ensure_lock
 from cerulean.cli.common import add_cache_options, find_definition, open_cache, parse_arches
 
 
@@ -38,6 +34,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cerulean.build.image import build_image
+    from cerulean.build.plan import archive_for, ensure_lock
+
     defn = find_definition(args.definition)
     arches = parse_arches(args.arch, defn)
     cache = open_cache(args)

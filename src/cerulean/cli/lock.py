@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
-
-from cerulean.build.plan import ensure_lock
 from cerulean.cli.common import add_cache_options, find_definition, open_cache
 
 
@@ -30,6 +27,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cerulean.build.plan import ensure_lock
+
     defn = find_definition(args.definition)
     con = Console(highlight=False, soft_wrap=True)
     res = ensure_lock(defn, open_cache(args), refresh=args.refresh, offline=args.offline,

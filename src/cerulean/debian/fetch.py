@@ -14,24 +14,20 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from typing import TYPE_CHECKING
 
 from cerulean import __version__
 from cerulean.debian.cache import Cache
 from cerulean.errors import CeruleanError, NetworkError, VerificationError
 
+if TYPE_CHECKING:
+    import httpx
+    from rich.progress import Progress, TaskID
+
+# httpx and rich.progress are imported where they are used: a warm build that
+# downloads nothing should not pay for loading them.
+
 RETRIES = 4
-TIMEOUT = httpx.Timeout(30.0, connect=15.0)
 USER_AGENT = f"cerulean/{__version__}"
 
 
@@ -45,8 +41,10 @@ class Download:
 
 
 def client() -> httpx.Client:
+    import httpx
+
     return httpx.Client(
-        timeout=TIMEOUT,
+        timeout=httpx.Timeout(30.0, connect=15.0),
         follow_redirects=True,
         headers={"User-Agent": USER_AGENT},
         limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
@@ -63,6 +61,8 @@ def _transient(status: int) -> bool:
 
 def get_bytes(http: httpx.Client, url: str, what: str, *, missing_ok: bool = False) -> bytes | None:
     """GET a small document (such as InRelease) with retries."""
+    import httpx
+
     delay = 0.5
     for attempt in range(1, RETRIES + 1):
         try:
@@ -86,6 +86,8 @@ def get_bytes(http: httpx.Client, url: str, what: str, *, missing_ok: bool = Fal
 
 def _fetch_one(http: httpx.Client, cache: Cache, d: Download, progress: Progress | None,
                task: TaskID | None) -> None:
+    import httpx
+
     delay = 0.5
     dest = cache.blob_path(d.sha256)
     url = d.url
@@ -159,6 +161,15 @@ def fetch_all(cache: Cache, downloads: Sequence[Download], *, offline: bool = Fa
             f"--offline was given but {len(unique)} package(s) are not in the cache: "
             f"{names}{more}."
         )
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     total = sum(d.size for d in unique)
     progress = Progress(
         TextColumn("[bold]Downloading[/] {task.fields[count]} packages"),

@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from cerulean.debian.archive import ArchiveConfig
 from cerulean.debian.cache import Cache, atomic_write
 from cerulean.debian.fetch import get_bytes
 from cerulean.debian.signature import verify_clearsigned
 from cerulean.errors import CeruleanError, VerificationError
+
+if TYPE_CHECKING:
+    import httpx
 
 
 @dataclass(frozen=True)
