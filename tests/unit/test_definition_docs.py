@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_docs_carry_the_generated_settings_table() -> None:
     doc = (ROOT / "docs" / "image-definitions.md").read_text()
-    assert settings_reference() in doc, "regenerate docs/image-definitions.md's settings table"
+    assert settings_reference() in doc, (
+        "run: python -m cerulean.build.definition docs/image-definitions.md")
     for s in SETTINGS:
         assert f"`{s.section}.{s.key}`" in doc

@@ -19,9 +19,20 @@ from cerulean.errors import CeruleanError
 
 ARCHES = ("amd64", "arm64")
 COMPRESSIONS = ("gzip", "zstd")
+KINDS = ("container", "system")
+DISK_FORMATS = ("raw", "qcow2", "vhd", "vhdx")
 DPKG_DBS = ("status.d", "full")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.{}-]+$")
+
+
+BUILTIN_IMAGES = Path(__file__).resolve().parents[3] / "images"
+
+
+def images_dir() -> Path:
+    """./images when run from a checkout's top directory, else the built-in definitions."""
+    local = Path("images")
+    return local if local.is_dir() else BUILTIN_IMAGES
 
 
 class DefinitionError(CeruleanError):
@@ -76,6 +87,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("image", "name", "str", None, "Image name; defaults to the file name.",
             check=lambda v: None if NAME_RE.match(v) else f"{v!r} is not a valid image name"),
     Setting("image", "description", "str", "", "One line shown by `cerulean images`."),
+    Setting("image", "kind", "str", "container",
+            "'container': an OCI image composed without maintainer scripts; 'system': a "
+            "bootable disk image (Essential packages included, dpkg run for real).",
+            choices=KINDS),
     Setting("image", "version", "str", "13", "VERSION_ID in /etc/os-release."),
     Setting("image", "architectures", "list[str]", list(ARCHES),
             "Debian architectures to lock and build.", choices=ARCHES),
@@ -118,6 +133,18 @@ SETTINGS: tuple[Setting, ...] = (
             "Further paths to remove.", check=lambda v: next(
                 (f"{p!r} is not an absolute path" for p in v if not p.startswith("/")), None)),
     Setting("output", "compression", "str", "gzip", "Layer compression.", choices=COMPRESSIONS),
+    Setting("system", "hostname", "str", "cerulean", "Default host name of a system image."),
+    Setting("system", "format", "str", "qcow2", "Default disk image format (--format).",
+            choices=DISK_FORMATS),
+    Setting("system", "kernel-cmdline", "list[str]", [],
+            "Extra kernel command line arguments, in every slot's UKI."),
+    Setting("system", "usr-slot-mib", "int", 0,
+            "Size of each /usr slot in MiB; 0 picks the content size plus room to grow."),
+    Setting("system", "enable", "list[str]", [], "systemd units to enable."),
+    Setting("system", "disable", "list[str]", [], "systemd units to disable."),
+    Setting("system", "setuid-allow", "list[str]", [],
+            "Programs that may keep a setuid/setgid bit; every other one loses it."),
+    Setting("system", "initrd-modules", "list[str]", [], "Extra dracut modules."),
     Setting("output", "dpkg-database", "str", "status.d",
             "'status.d': one file per package for scanners (distroless style); "
             "'full': a real /var/lib/dpkg for images that run dpkg and apt.", choices=DPKG_DBS),
@@ -129,6 +156,7 @@ class ImageDefinition:
     path: Path
     image_name: str
     image_description: str
+    image_kind: str
     image_version: str
     image_architectures: tuple[str, ...]
     packages_include: tuple[str, ...]
@@ -151,6 +179,18 @@ class ImageDefinition:
     trim_paths: tuple[str, ...] = ()
     output_compression: str = "gzip"
     output_dpkg_database: str = "status.d"
+    system_hostname: str = "cerulean"
+    system_format: str = "qcow2"
+    system_kernel_cmdline: tuple[str, ...] = ()
+    system_usr_slot_mib: int = 0
+    system_enable: tuple[str, ...] = ()
+    system_disable: tuple[str, ...] = ()
+    system_setuid_allow: tuple[str, ...] = ()
+    system_initrd_modules: tuple[str, ...] = ()
+
+    @property
+    def is_system(self) -> bool:
+        return self.image_kind == "system"
 
     @property
     def name(self) -> str:
@@ -177,6 +217,7 @@ class ImageDefinition:
             "suites": list(self.archive_suites),
             "components": list(self.archive_components),
             "architectures": sorted(self.image_architectures),
+            **({"essential": True} if self.is_system else {}),
         }
 
 
@@ -191,6 +232,10 @@ def _convert(s: Setting, value: Any, where: str) -> Any:
     elif s.kind == "bool":
         if not isinstance(value, bool):
             raise bad("true or false")
+        out = value
+    elif s.kind == "int":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad("a non-negative integer")
         out = value
     elif s.kind == "list[str]":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -308,3 +353,18 @@ def settings_reference() -> str:
         choices = f" One of: {', '.join(s.choices)}." if s.choices else ""
         lines.append(f"| `{s.section}.{s.key}` | {s.kind} | {default} | {s.help}{choices} |")
     return "\n".join(lines)
+
+
+def update_reference(doc: Path) -> None:
+    """Rewrite the generated settings table inside *doc* (docs/image-definitions.md)."""
+    text = doc.read_text()
+    begin = text.index("<!-- settings:begin")
+    start = text.index("\n", begin) + 1
+    end = text.index("<!-- settings:end -->")
+    doc.write_text(text[:start] + settings_reference() + "\n" + text[end:])
+
+
+if __name__ == "__main__":  # python -m cerulean.build.definition docs/image-definitions.md
+    import sys
+
+    update_reference(Path(sys.argv[1]))

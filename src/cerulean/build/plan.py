@@ -78,7 +78,15 @@ def resolve_lock(
             universe += load_packages(cfg, r, arch, cache, offline=offline,
                                       show_progress=show_progress)
         u = Universe.build(universe, arch, cfg.suites)
-        resolved[arch] = resolve(u, defn.packages_include, defn.packages_exclude)
+        # "{arch}" in a package name stands for the architecture (linux-image-cloud-{arch}).
+        requests = [r.replace("{arch}", arch) for r in defn.packages_include]
+        if defn.is_system:
+            # A bootable system starts from Debian's Essential set, as debootstrap does.
+            requests += sorted(
+                {p.name for ps in u.by_name.values() for p in ps if p.essential}
+                - set(requests) - set(defn.packages_exclude)
+            )
+        resolved[arch] = resolve(u, requests, defn.packages_exclude)
     return make_lock(inputs_hash(defn.resolution_inputs()), releases, resolved)
 
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cerulean.cli.common import add_cache_options, find_definition, open_cache, parse_arches
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from cerulean.build.definition import ImageDefinition
+    from cerulean.debian.cache import Cache
+    from cerulean.debian.lock import Lock
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,6 +34,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: out)")
     p.add_argument("--locked", action="store_true",
                    help="build exactly the lock; fail if it is missing or outdated")
+    p.add_argument("--format", choices=("raw", "qcow2", "vhd", "vhdx"),
+                   help="disk image format for system images (default: the definition's)")
     p.add_argument("--compression", choices=("gzip", "zstd"),
                    help="layer compression (default: the definition's, usually gzip)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -47,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
                      show_progress=not args.json)
     if lr.written:
         con.print(f"Wrote {defn.lock_path}.")
+    if defn.is_system:
+        return _run_system(args, defn, lr.lock, arches, cache, con)
     res = build_image(defn, lr.lock, archive_for(defn), arches, args.out, cache,
                       offline=args.offline, show_progress=not args.json,
                       compression=args.compression)
@@ -67,4 +79,34 @@ def run(args: argparse.Namespace) -> int:
     for p in res.outputs[2:]:
         con.print(f"  {p}")
     con.print(f"Inspect it with: skopeo inspect oci:{res.layout}:latest")
+    return 0
+
+
+def _run_system(args: argparse.Namespace, defn: ImageDefinition, lock: Lock,
+                arches: tuple[str, ...], cache: Cache, con: Console) -> int:
+    from cerulean.build.plan import archive_for
+    from cerulean.build.system_image import build_system_image
+
+    def say(msg: str) -> None:
+        if not args.json:
+            con.print(f"[dim]{msg}[/]")
+
+    res = build_system_image(defn, lock, archive_for(defn), arches, args.out, cache,
+                             fmt=args.format, offline=args.offline,
+                             show_progress=not args.json, say=say)
+    if args.json:
+        print(json.dumps({
+            "image": res.image, "version": res.version, "seconds": round(res.seconds, 1),
+            "disks": [{"arch": d.arch, "path": str(d.path), "bytes": d.size,
+                       "usr_bytes": d.usr_bytes, "usrhash": d.roothash,
+                       "seconds": round(d.seconds, 1), "rootfs_cached": d.rootfs_cached}
+                      for d in res.disks],
+        }, indent=2))
+        return 0
+    con.print(f"[bold]Built {res.image} {res.version}[/] in {res.seconds:.1f} s")
+    for d in res.disks:
+        con.print(f"  {d.arch}: {d.path} ({d.size / 1048576:.0f} MiB, /usr "
+                  f"{d.usr_bytes / 1048576:.0f} MiB, usrhash {d.roothash[:16]}…)")
+    con.print(f"Boot it with: cerulean boot {res.disks[0].path}   "
+              f"or test it: cerulean test {res.disks[0].path}")
     return 0

@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cerulean.build.definition import ImageDefinition, load_definition
+from cerulean.build.definition import ImageDefinition, images_dir, load_definition
 from cerulean.debian.cache import DEFAULT_CACHE, Cache
 from cerulean.errors import CeruleanError
-
-BUILTIN_IMAGES = Path(__file__).resolve().parents[3] / "images"
 
 
 def add_cache_options(p: argparse.ArgumentParser) -> None:
@@ -17,11 +15,6 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
                    help=f"download cache (default: {DEFAULT_CACHE})")
     p.add_argument("--offline", action="store_true",
                    help="use only what is already in the cache; never touch the network")
-
-
-def images_dir() -> Path:
-    local = Path("images")
-    return local if local.is_dir() else BUILTIN_IMAGES
 
 
 def find_definition(arg: str) -> ImageDefinition:

@@ -8,8 +8,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from cerulean.build.definition import load_definition
-from cerulean.cli.common import images_dir
+from cerulean.build.definition import images_dir, load_definition
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,0 +1,134 @@
+"""Configuring a composed system rootfs: identity, hardening, services.
+
+Every change is a plain file operation on the rootfs directory, except unit
+enablement, which uses ``systemctl --root`` semantics inside the chroot so
+presets and aliases are followed exactly as systemd defines them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from importlib.resources import files
+from pathlib import Path
+
+from cerulean.build.chroot import run_in
+from cerulean.build.configure import os_release
+from cerulean.build.definition import ImageDefinition
+from cerulean.errors import CeruleanError
+
+FILES = files("cerulean.build") / "files"
+
+# setuid/setgid programs a general-purpose host keeps (everything else loses
+# the bit); images add to it with system.setuid-allow.
+DEFAULT_SETUID_ALLOW = ("/usr/bin/sudo", "/usr/bin/passwd", "/usr/bin/su",
+                        "/usr/lib/openssh/ssh-keysign")
+
+# Enabled for every system image: each one is listed with its reason in
+# docs/system-images.md.
+BASE_UNITS = ("cerulean-ready.service", "cerulean-ssh-keygen.service", "systemd-networkd.service",
+              "systemd-resolved.service", "systemd-timesyncd.service")
+
+
+def _install(name: str, dest: Path, mode: int = 0o644) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes((FILES / name).read_bytes())
+    os.chmod(dest, mode)
+
+
+def write_identity(root: Path, defn: ImageDefinition, image_version: str) -> None:
+    (root / "etc/hostname").write_text(defn.system_hostname + "\n")
+    (root / "usr/lib/os-release").write_bytes(os_release(defn, image_version, "trixie"))
+    osr = root / "etc/os-release"
+    if osr.is_symlink() or osr.exists():
+        osr.unlink()
+    osr.symlink_to("../usr/lib/os-release")
+    (root / "etc/machine-id").write_text("")
+
+
+def write_hardening(root: Path) -> None:
+    _install("90-cerulean-hardening.conf", root / "usr/lib/sysctl.d/90-cerulean-hardening.conf")
+    _install("95-cerulean-cloud-tuning.conf",
+             root / "usr/lib/sysctl.d/95-cerulean-cloud-tuning.conf")
+    if (root / "etc/ssh/sshd_config").exists():
+        _install("sshd-cerulean.conf", root / "etc/ssh/sshd_config.d/50-cerulean.conf")
+    # No password for root: console login is for the emergency target only.
+    shadow = root / "etc/shadow"
+    if shadow.exists():
+        lines = shadow.read_text().splitlines()
+        shadow.write_text("".join(
+            ("root:*:" + line.split(":", 2)[2] if line.startswith("root:") else line) + "\n"
+            for line in lines))
+
+
+def write_services(root: Path) -> None:
+    _install("ready-report", root / "usr/lib/cerulean/ready-report", 0o755)
+    for unit in ("cerulean-ready.service", "cerulean-ssh-keygen.service"):
+        _install(unit, root / f"usr/lib/systemd/system/{unit}")
+    _install("50-root.conf", root / "usr/lib/repart.d/50-root.conf")
+    network = root / "etc/systemd/network/80-cerulean-dhcp.network"
+    network.parent.mkdir(parents=True, exist_ok=True)
+    network.write_text("[Match]\nType=ether\nKind=!*\n\n[Network]\nDHCP=yes\n")
+
+
+def enable_units(root: Path, defn: ImageDefinition) -> None:
+    present = [u for u in BASE_UNITS if _unit_exists(root, u)]
+    enable = [*present, *defn.system_enable]
+    if enable:
+        run_in(root, ["systemctl", "enable", *enable], what="Enabling units")
+    if defn.system_disable:
+        run_in(root, ["systemctl", "disable", *defn.system_disable], what="Disabling units")
+
+
+def _unit_exists(root: Path, unit: str) -> bool:
+    return any((root / d / unit).exists() for d in ("usr/lib/systemd/system", "etc/systemd/system"))
+
+
+def strip_setuid(root: Path, allow: tuple[str, ...]) -> list[str]:
+    """Drop setuid/setgid bits from every file not allowed; returns the paths changed."""
+    allowed = set(DEFAULT_SETUID_ALLOW) | set(allow)
+    changed: list[str] = []
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            p = Path(dirpath) / n
+            st = p.lstat()
+            if not stat.S_ISREG(st.st_mode) or not st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                continue
+            rel = "/" + str(p.relative_to(root))
+            if rel in allowed:
+                continue
+            os.chmod(p, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+            changed.append(rel)
+    return sorted(changed)
+
+
+def write_fstab(root: Path) -> None:
+    (root / "etc/fstab").write_text(
+        "# / and /usr come from the kernel command line (root=, usrhash=, mount.usr=).\n"
+        "tmpfs /tmp tmpfs nosuid,nodev,mode=1777,size=50% 0 0\n"
+    )
+
+
+def kernel_version(root: Path) -> str:
+    mods = sorted(p.name for p in (root / "usr/lib/modules").iterdir()) if (
+        root / "usr/lib/modules").is_dir() else []
+    if len(mods) != 1:
+        raise CeruleanError(
+            f"A system image needs exactly one kernel; found {len(mods)} in /usr/lib/modules "
+            "(add one linux-image package to packages.include)."
+        )
+    return mods[0]
+
+
+def remove_boot_leftovers(root: Path) -> None:
+    """The kernel lives in the UKI: nothing boots from /boot inside the root file system."""
+    for p in list((root / "boot").glob("*")):
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
+    for name in ("vmlinuz", "vmlinuz.old", "initrd.img", "initrd.img.old"):
+        q = root / name
+        if q.is_symlink() or q.exists():
+            q.unlink()

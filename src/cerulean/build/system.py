@@ -1,0 +1,186 @@
+"""Full-system composition: a root filesystem where maintainer scripts ran for real.
+
+System images need what a container image can skip: users made by postinst,
+alternatives, kernel hooks, enabled units. The rootfs is built the way
+debootstrap and mmdebstrap do it, with Cerulean's own pieces:
+
+1. the Essential packages and their dependency closure are unpacked safely
+   (through :class:`~cerulean.build.tree.Tree`) so that dpkg and a shell exist;
+2. ``dpkg --install`` runs inside a namespaced chroot, first for that closure,
+   then for every other locked package (maintainer scripts run; services are
+   kept from starting by a policy-rc.d);
+3. what must differ per host is removed (machine-id, SSH host keys, logs).
+
+For a foreign architecture the chroot runs through qemu-user-static. The
+result is cached, keyed by the exact packages, so a rebuild copies it
+instead of installing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cerulean.build.chroot import ensure_binfmt, run_in
+from cerulean.build.tree import Tree
+from cerulean.build.unpack import load_package, unpack_into
+from cerulean.debian.cache import Cache
+from cerulean.debian.deb import parse_control
+from cerulean.debian.lock import LockedPackage
+from cerulean.debian.packages import Package
+from cerulean.debian.resolve import Universe, resolve
+from cerulean.errors import CeruleanError
+
+SYSTEM_FORMAT = 1  # bump when the way a rootfs is composed changes
+DEBS_INSIDE = "/run/cerulean-debs"
+POLICY_RC_D = "usr/sbin/policy-rc.d"
+
+Progress = Callable[[str], None]
+
+
+def rootfs_key(arch: str, packages: Sequence[LockedPackage]) -> str:
+    h = hashlib.sha256(f"system-v{SYSTEM_FORMAT}:{arch}\n".encode())
+    for p in sorted(packages, key=lambda p: p.name):
+        h.update(f"{p.name} {p.version} {p.sha256}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _package_of(p: LockedPackage, control: bytes) -> Package:
+    f = parse_control(control)
+    return Package(
+        name=p.name, version=p.version, arch=p.arch, suite=p.suite, base_url="",
+        filename=p.filename, sha256=p.sha256, size=p.size, source=p.source,
+        source_version=p.source_version, depends=f.get("Depends", ""),
+        pre_depends=f.get("Pre-Depends", ""), provides=f.get("Provides", ""),
+        conflicts=f.get("Conflicts", ""), breaks=f.get("Breaks", ""),
+        multi_arch=f.get("Multi-Arch", "no"), essential=f.get("Essential") == "yes",
+        priority=f.get("Priority", "optional"),
+    )
+
+
+def essential_closure(arch: str, locked: Sequence[LockedPackage], cache: Cache
+                      ) -> tuple[list[LockedPackage], list[LockedPackage]]:
+    """Split the locked packages into (Essential + their dependencies, the rest)."""
+    pkgs = [_package_of(p, load_package(cache, p).control["control"]) for p in locked]
+    universe = Universe.build(pkgs, arch, sorted({p.suite for p in pkgs}))
+    essential = sorted(p.name for p in pkgs if p.essential)
+    if not essential:
+        raise CeruleanError(
+            f"The lock for {arch} has no Essential packages, so it cannot make a system image "
+            "(set image.kind = \"system\" and lock again)."
+        )
+    names = {p.name for p in resolve(universe, essential)}
+    first = [p for p in locked if p.name in names]
+    rest = [p for p in locked if p.name not in names]
+    return first, rest
+
+
+def export_tree(tree: Tree, root: Path) -> None:
+    """Write *tree* under *root* (already validated paths; root must be empty)."""
+    for e in tree:
+        dst = root / e.path
+        if e.kind == "dir":
+            dst.mkdir(exist_ok=True)
+            os.chown(dst, e.uid, e.gid)
+            os.chmod(dst, e.mode)
+        elif e.kind == "file":
+            dst.write_bytes(e.data)
+            os.chown(dst, e.uid, e.gid)
+            os.chmod(dst, e.mode)
+        else:
+            os.symlink(e.target, dst)
+            os.lchown(dst, e.uid, e.gid, )
+
+
+def _dpkg_install(root: Path, arch: str, cache: Cache, pkgs: Sequence[LockedPackage],
+                  what: str) -> None:
+    if not pkgs:
+        return
+    debs = [f"{DEBS_INSIDE}/{p.sha256}" for p in pkgs]
+    run_in(root, ["dpkg", "--install", "--force-depends", "--force-confnew", *debs],
+           ro_binds={cache.blob_path("x").parent: DEBS_INSIDE},
+           what=f"Installing the {what} packages for {arch} with dpkg", timeout=3600)
+
+
+def install_rootfs(root: Path, arch: str, locked: Sequence[LockedPackage], cache: Cache,
+                   progress: Progress | None = None) -> None:
+    """Compose a configured rootfs from *locked* into the empty directory *root*."""
+    say = progress or (lambda _m: None)
+    ensure_binfmt(arch)
+    for p in locked:
+        cache.verify_file(p.sha256, p.size, f"The package {p.label}")
+    first, rest = essential_closure(arch, locked, cache)
+    say(f"unpacking {len(first)} essential packages")
+    tree = Tree()
+    for p in sorted(first, key=lambda p: p.name):
+        unpack_into(tree, load_package(cache, p))
+    tree.add_merged_usr_links()
+    for d in ("var/lib/dpkg/info", "var/lib/dpkg/updates", "etc", "tmp"):
+        tree.add_dir(d, 0o1777 if d == "tmp" else 0o755)
+    tree.add_file("var/lib/dpkg/status", b"")
+    tree.add_file("var/lib/dpkg/available", b"")
+    tree.add_file("var/lib/dpkg/arch", f"{arch}\n".encode())
+    # Packages' scripts must not start services in the build environment.
+    tree.add_file(POLICY_RC_D, b"#!/bin/sh\nexit 101\n", 0o755)
+    export_tree(tree, root)
+    say(f"installing {len(first)} essential packages with dpkg")
+    _dpkg_install(root, arch, cache, first, "essential")
+    say(f"installing {len(rest)} packages with dpkg")
+    _dpkg_install(root, arch, cache, rest, "remaining")
+    audit = run_in(root, ["dpkg", "--audit"], check=False)
+    if audit.stdout.strip():
+        first_line = audit.stdout.strip().splitlines()[0]
+        raise CeruleanError(f"dpkg left packages unconfigured for {arch}: {first_line}")
+    clean_host_specific(root)
+
+
+def clean_host_specific(root: Path) -> None:
+    """Remove what each host must make for itself, and build leftovers."""
+    (root / POLICY_RC_D).unlink(missing_ok=True)
+    machine_id = root / "etc/machine-id"
+    machine_id.write_text("")  # empty: systemd makes one on first boot
+    (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    for pattern in ("var/cache/debconf/*-old", "var/lib/dpkg/*-old", "var/log/*.log",
+                    "var/log/apt/*", "var/cache/apt/*.bin", "boot/initrd.img*", "initrd.img*"):
+        for p in root.glob(pattern):
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+
+
+def cached_rootfs(arch: str, locked: Sequence[LockedPackage], cache: Cache, dest: Path,
+                  progress: Progress | None = None) -> bool:
+    """Copy the configured rootfs for *locked* to *dest*, composing it first if needed.
+
+    Returns True when it came from the cache.
+    """
+    key = rootfs_key(arch, locked)
+    store = cache.subdir("systems")
+    entry = store / key
+    hit = (entry / "complete").is_file()
+    if not hit:
+        tmp = store / f".{key}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rootfs").mkdir(parents=True)
+        try:
+            install_rootfs(tmp / "rootfs", arch, locked, cache, progress)
+            (tmp / "complete").write_text(json.dumps({"arch": arch, "packages": len(locked)}))
+            shutil.rmtree(entry, ignore_errors=True)
+            tmp.rename(entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if progress:
+        progress("copying the configured rootfs from the cache" if hit else "copying rootfs")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["cp", "-a", "--reflink=auto", str(entry / "rootfs"), str(dest)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise CeruleanError(f"Copying the cached rootfs failed: {r.stderr.strip()}")
+    return hit

@@ -1,0 +1,187 @@
+"""Building a system definition into bootable disk images, one per architecture.
+
+The steps, in order, for each architecture (read ``build_system_image``):
+``tools_tree`` → ``cached_rootfs`` → ``configure`` → ``make_initrd`` →
+``make_usr`` → ``make_uki`` → ``make_esp`` → ``assemble`` → ``convert``.
+Work happens in a temporary directory inside the output directory; only a
+finished disk image is moved to ``NAME-ARCH.FORMAT``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cerulean.build import disk, sysconfig
+from cerulean.build.chroot import host_arch, run_in
+from cerulean.build.definition import ImageDefinition, images_dir, load_definition
+from cerulean.build.image import lock_downloads
+from cerulean.build.plan import archive_for, ensure_lock
+from cerulean.build.system import cached_rootfs
+from cerulean.debian.archive import ArchiveConfig
+from cerulean.debian.cache import Cache
+from cerulean.debian.fetch import fetch_all
+from cerulean.debian.lock import Lock
+from cerulean.errors import CeruleanError
+
+EXTENSIONS = {"raw": "raw", "qcow2": "qcow2", "vhd": "vhd", "vhdx": "vhdx"}
+INITRD_DRIVERS = ("erofs dm-verity dm-mod virtio_blk virtio_scsi virtio_pci virtio_net sd_mod "
+                  "nvme ext4 vfat ahci xhci_pci hv_storvsc hv_vmbus")
+
+
+@dataclass
+class DiskResult:
+    arch: str
+    path: Path
+    size: int
+    usr_bytes: int
+    roothash: str
+    seconds: float
+    rootfs_cached: bool
+
+
+@dataclass
+class SystemBuildResult:
+    image: str
+    version: str
+    disks: list[DiskResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def tools_tree(cache: Cache, dest: Path, say: Callable[[str], None], offline: bool) -> Path:
+    """The host-architecture tools tree, composed from images/tools.toml."""
+    defn = load_definition(images_dir() / "tools.toml")
+    lock = ensure_lock(defn, cache, offline=offline).lock
+    arch = host_arch()
+    if arch not in lock.packages:
+        raise CeruleanError(f"The tools lock has no packages for this host ({arch}).")
+    fetch_all(cache, lock_downloads(archive_for(defn), lock, [arch]), offline=offline)
+    say("preparing the tools tree")
+    cached_rootfs(arch, lock.packages[arch], cache, dest, say)
+    return dest
+
+
+def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition) -> Path:
+    modules = " ".join(["systemd", "systemd-initrd", "systemd-veritysetup", "systemd-repart", "dm",
+                        *defn.system_initrd_modules])
+    run_in(rootfs, ["dracut", "--force", "--no-hostonly", "--reproducible", "--add", modules,
+                    "--add-drivers", INITRD_DRIVERS, "--omit", "plymouth network",
+                    "--compress=zstd", "/work/initrd.img", kver],
+           binds={work: "/work"}, env={"SOURCE_DATE_EPOCH": "0"},
+           what="Building the initrd with dracut", timeout=3600)
+    return work / "initrd.img"
+
+
+def cmdline(arch: disk.Arch, usr: disk.UsrImage, root_uuid: str, slot: str,
+            extra: Sequence[str]) -> str:
+    return " ".join([
+        f"usrhash={usr.roothash}",
+        f"systemd.verity_usr_data=PARTUUID={usr.data_uuid}",
+        f"systemd.verity_usr_hash=PARTUUID={usr.hash_uuid}",
+        "mount.usr=/dev/mapper/usr", "mount.usrfstype=erofs", "mount.usrflags=ro",
+        f"root=PARTUUID={root_uuid}", "rw", "rootflags=x-systemd.growfs",
+        "console=tty0", f"console={arch.console}",
+        "apparmor=1", "security=apparmor", f"cerulean.slot={slot}", *extra,
+    ])
+
+
+def _root_tree(rootfs: Path, dest: Path) -> None:
+    """Everything but /usr's contents: what goes on the writable root partition."""
+    dest.mkdir()
+    for item in sorted(rootfs.iterdir()):
+        if item.name == "usr":
+            (dest / "usr").mkdir(mode=0o755)
+            continue
+        r = subprocess.run(["cp", "-a", str(item), str(dest / item.name)],
+                           capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise CeruleanError(f"Copying {item} for the root partition failed: {r.stderr}")
+
+
+def build_disk(defn: ImageDefinition, lock: Lock, arch_name: str, tools: Path, work: Path,
+               cache: Cache, fmt: str, out: Path, say: Callable[[str], None]) -> DiskResult:
+    started = time.monotonic()
+    arch = disk.ARCHES[arch_name]
+    epoch = lock.source_date_epoch
+    version = f"{defn.image_version}.{datetime.fromtimestamp(epoch, UTC):%Y%m%d}"
+    say(f"{arch_name}: composing the root file system")
+    rootfs = work / "rootfs"
+    hit = cached_rootfs(arch_name, lock.packages[arch_name], cache, rootfs, say)
+    say(f"{arch_name}: configuring")
+    sysconfig.write_identity(rootfs, defn, version)
+    sysconfig.write_hardening(rootfs)
+    sysconfig.write_services(rootfs)
+    sysconfig.write_fstab(rootfs)
+    sysconfig.enable_units(rootfs, defn)
+    sysconfig.strip_setuid(rootfs, defn.system_setuid_allow)
+    kver = sysconfig.kernel_version(rootfs)
+    say(f"{arch_name}: building the initrd (kernel {kver})")
+    initrd = make_initrd(rootfs, work, kver, defn)
+    kernel = work / "vmlinuz"
+    shutil.copy(rootfs / f"boot/vmlinuz-{kver}", kernel)
+    say(f"{arch_name}: making the /usr image and its verity hash tree")
+    usr = disk.make_usr(tools, rootfs, work, epoch)
+    slot = defn.system_usr_slot_mib * disk.MIB
+    if not slot:
+        # Room for /usr to grow by half before a slot becomes too small for an update.
+        slot = (usr.data.stat().st_size * 3 // 2 + 64 * disk.MIB - 1) // (64 * disk.MIB)
+        slot *= 64 * disk.MIB
+    if usr.data.stat().st_size > slot:
+        raise CeruleanError(
+            f"/usr needs {usr.data.stat().st_size // disk.MIB} MiB but system.usr-slot-mib is "
+            f"{defn.system_usr_slot_mib}: raise it."
+        )
+    root_uuid = disk.stable_uuid("root", defn.name, arch_name)
+    say(f"{arch_name}: building the UKI and the ESP")
+    uki = work / "uki-A.efi"
+    (rootfs / "boot").mkdir(exist_ok=True)
+    line = cmdline(arch, usr, root_uuid, "A", defn.system_kernel_cmdline)
+    disk.make_uki(tools, rootfs, work, arch, kver, initrd, line, uki)
+    disk.make_esp(tools, rootfs, work, arch, {f"cerulean_{version}-A.efi": uki})
+    sysconfig.remove_boot_leftovers(rootfs)
+    root_tree = work / "root"
+    _root_tree(rootfs, root_tree)
+    say(f"{arch_name}: assembling the disk")
+    disk.repart_config(work, arch, usr, slot, root_uuid)
+    raw = work / "disk.raw"
+    disk.assemble(tools, work, root_tree, disk.stable_uuid("seed", defn.name, arch_name), raw)
+    disk.align_to_mib(tools, work, raw)
+    final = work / out.name
+    disk.convert(tools, work, raw, fmt, final)
+    final.replace(out)
+    return DiskResult(arch_name, out, out.stat().st_size, usr.data.stat().st_size, usr.roothash,
+                      time.monotonic() - started, hit)
+
+
+def build_system_image(defn: ImageDefinition, lock: Lock, cfg: ArchiveConfig,
+                       arches: Sequence[str], out_dir: Path, cache: Cache, *, fmt: str | None,
+                       offline: bool = False, show_progress: bool = True,
+                       say: Callable[[str], None] | None = None) -> SystemBuildResult:
+    started = time.monotonic()
+    fmt = fmt or defn.system_format
+    if fmt not in EXTENSIONS:
+        raise CeruleanError(f"--format {fmt!r} is not one of {', '.join(EXTENSIONS)}.")
+    tell = say or (lambda _m: None)
+    fetch_all(cache, lock_downloads(cfg, lock, arches), offline=offline,
+              show_progress=show_progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = SystemBuildResult(defn.name, "")
+    with tempfile.TemporaryDirectory(prefix=f".{defn.name}.", dir=out_dir) as tmp_s:
+        tmp = Path(tmp_s)
+        tools = tools_tree(cache, tmp / "tools", tell, offline)
+        for arch in arches:
+            work = tmp / arch
+            work.mkdir()
+            out = out_dir / f"{defn.name}-{arch}.{EXTENSIONS[fmt]}"
+            result.disks.append(build_disk(defn, lock, arch, tools, work, cache, fmt, out, tell))
+            shutil.rmtree(work, ignore_errors=True)
+    stamp = datetime.fromtimestamp(lock.source_date_epoch, UTC)
+    result.version = f"{defn.image_version}.{stamp:%Y%m%d}"
+    result.seconds = time.monotonic() - started
+    return result
