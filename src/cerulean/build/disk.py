@@ -22,6 +22,7 @@ exactly the slot it was booted for. Every tool runs from the tools tree.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -76,7 +77,8 @@ class UsrImage:
 def make_usr(tools: Path, rootfs: Path, work: Path, epoch: int) -> UsrImage:
     """erofs of rootfs/usr plus its dm-verity hash tree."""
     data, hashf = work / "usr.erofs", work / "usr.verity"
-    run_in(tools, ["mkfs.erofs", "-zlz4hc,level=12", f"-T{epoch}", "--all-time",
+    run_in(tools, ["mkfs.erofs", "-zlz4hc", f"--workers={os.cpu_count() or 2}", f"-T{epoch}",
+                   "--all-time",
                    f"-U{stable_uuid('erofs', str(epoch))}", "/work/usr.erofs", "/src/usr"],
            binds={work: "/work"}, ro_binds={rootfs / "usr": "/src/usr"},
            what="Making the /usr erofs image")
@@ -132,8 +134,27 @@ def make_esp(tools: Path, rootfs: Path, work: Path, arch: Arch, ukis: dict[str, 
     return img
 
 
-def repart_config(work: Path, arch: Arch, usr: UsrImage, slot_bytes: int, root_uuid: str
-                  ) -> Path:
+def root_size(tree: Path) -> int:
+    """Bytes for the root partition: its files plus a third for metadata and growth room.
+
+    It is grown to the whole disk on first boot; this is only the image's size.
+    """
+    total = 0
+    count = 0
+    for dirpath, dirs, names in os.walk(tree):
+        for n in names + dirs:
+            count += 1
+            try:
+                st = os.lstat(os.path.join(dirpath, n))
+            except OSError:
+                continue
+            total += (st.st_size + 4095) // 4096 * 4096
+    wanted = total * 4 // 3 + count * 256 + 64 * MIB
+    return (wanted + MIB - 1) // MIB * MIB
+
+
+def repart_config(work: Path, arch: Arch, usr: UsrImage, slot_bytes: int, root_uuid: str,
+                  root_bytes: int) -> Path:
     d = work / "repart.d"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir()
@@ -154,7 +175,8 @@ def repart_config(work: Path, arch: Arch, usr: UsrImage, slot_bytes: int, root_u
         "13-usr-b-verity": f"Type=usr-{arch.gpt}-verity\nLabel=_empty\nSizeMinBytes={b_hash}\n"
                            f"SizeMaxBytes={b_hash}\n",
         "20-root": f"Type=root-{arch.gpt}\nLabel=root\nUUID={root_uuid}\nFormat=ext4\n"
-                   "CopyFiles=/src/root:/\nMinimize=guess\n",
+                   f"CopyFiles=/src/root:/\nSizeMinBytes={root_bytes}\n"
+                   f"SizeMaxBytes={root_bytes}\n",
     }
     for name, body in defs.items():
         (d / f"{name}.conf").write_text("[Partition]\n" + body)
@@ -186,7 +208,7 @@ def convert(tools: Path, work: Path, raw: Path, fmt: str, out: Path) -> None:
         raw.rename(out)
         return
     opts = {
-        "qcow2": ["-O", "qcow2", "-c"],
+        "qcow2": ["-O", "qcow2", "-c", "-o", "compression_type=zstd"],
         # Azure wants fixed VHDs whose virtual size is a whole number of MiB.
         "vhd": ["-O", "vpc", "-o", "subformat=fixed,force_size=on"],
         "vhdx": ["-O", "vhdx", "-o", "subformat=dynamic"],

@@ -7,6 +7,7 @@ presets and aliases are followed exactly as systemd defines them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -29,6 +30,14 @@ DEFAULT_SETUID_ALLOW = ("/usr/bin/sudo", "/usr/bin/passwd", "/usr/bin/su",
 # docs/system-images.md.
 BASE_UNITS = ("cerulean-ready.service", "cerulean-ssh-keygen.service", "systemd-networkd.service",
               "systemd-resolved.service", "systemd-timesyncd.service")
+
+
+def files_digest() -> str:
+    """A hash of every file Cerulean adds to system images (for cache keys)."""
+    h = hashlib.sha256()
+    for f in sorted(FILES.iterdir(), key=lambda f: f.name):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def _install(name: str, dest: Path, mode: int = 0o644) -> None:

@@ -23,7 +23,8 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from cerulean.build.chroot import ensure_binfmt, run_in
@@ -154,11 +155,12 @@ def clean_host_specific(root: Path) -> None:
                 p.unlink()
 
 
-def cached_rootfs(arch: str, locked: Sequence[LockedPackage], cache: Cache, dest: Path,
-                  progress: Progress | None = None) -> bool:
-    """Copy the configured rootfs for *locked* to *dest*, composing it first if needed.
+def cached_rootfs(arch: str, locked: Sequence[LockedPackage], cache: Cache,
+                  progress: Progress | None = None) -> tuple[Path, bool]:
+    """The cached configured rootfs for *locked*, composing it first if needed.
 
-    Returns True when it came from the cache.
+    Returns (its directory, whether it was already cached). Callers must not
+    change it: they work on an overlay (see :func:`overlay`).
     """
     key = rootfs_key(arch, locked)
     store = cache.subdir("systems")
@@ -176,11 +178,21 @@ def cached_rootfs(arch: str, locked: Sequence[LockedPackage], cache: Cache, dest
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    if progress:
-        progress("copying the configured rootfs from the cache" if hit else "copying rootfs")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["cp", "-a", "--reflink=auto", str(entry / "rootfs"), str(dest)],
+    return entry / "rootfs", hit
+
+
+@contextmanager
+def overlay(lower: Path, work: Path) -> Iterator[Path]:
+    """A writable view of *lower* (changes land in *work*/upper; *lower* stays as it was)."""
+    upper, scratch, merged = work / "upper", work / "overlay-work", work / "merged"
+    for d in (upper, scratch, merged):
+        d.mkdir(parents=True, exist_ok=True)
+    opts = f"lowerdir={lower.resolve()},upperdir={upper.resolve()},workdir={scratch.resolve()}"
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)],
                        capture_output=True, text=True, check=False)
     if r.returncode != 0:
-        raise CeruleanError(f"Copying the cached rootfs failed: {r.stderr.strip()}")
-    return hit
+        raise CeruleanError(f"Mounting an overlay on {lower} failed: {r.stderr.strip()}")
+    try:
+        yield merged
+    finally:
+        subprocess.run(["umount", "--lazy", str(merged)], capture_output=True, check=False)
