@@ -9,6 +9,7 @@ OUT    ?= out
 # System tools the build and the tests use.
 APT_PACKAGES := gpgv gnupg zstd xz-utils binutils ca-certificates \
 	umoci skopeo mmdebstrap qemu-user-static binfmt-support \
+	qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64 \
 	python3-venv python3-pip
 
 .PHONY: demo test setup apt venv lint bench clean

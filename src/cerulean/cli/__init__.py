@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from cerulean import __version__
-from cerulean.cli import build, images, lock
+from cerulean.cli import build, images, lock, testbed
 from cerulean.errors import CeruleanError
 
 DESCRIPTION = """\
@@ -23,6 +23,8 @@ Typical use:
   cerulean lock images/base.toml           pin exact package versions in images/base.lock
   cerulean build images/base.toml          build OCI images for amd64 and arm64 into out/
   cerulean lock --refresh images/base.toml move the lock to the newest packages
+  cerulean test out/base.amd64.raw         boot a disk image in QEMU and check it is healthy
+  cerulean boot out/base.amd64.raw         boot a disk image with its console on this terminal
 """
 
 
@@ -44,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cerulean {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step and command")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (images, lock, build):
+    for module in (images, lock, build, testbed):
         module.register(sub)
     return p
 

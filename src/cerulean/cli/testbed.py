@@ -1,0 +1,137 @@
+"""``cerulean boot`` and ``cerulean test``: run a disk image in QEMU, by hand or as a test."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cerulean.testbed.qemu import QemuConfig
+
+_DISK_HELP = "disk image to boot (raw, qcow2, vpc/VHD or vhdx with a GPT and an ESP)"
+_ACCEL_HELP = ("auto (default: KVM if a short probe shows it works, else TCG), kvm or tcg; "
+               "the environment variable CERULEAN_ACCEL does the same")
+
+_BOOT_DESCRIPTION = """\
+Boot a disk image in QEMU with its serial console on this terminal, to log in
+and look around. QEMU runs on a throwaway qcow2 overlay and a copy of the UEFI
+variable store, so the disk image itself is never changed; everything written
+in the VM is gone when QEMU stops.
+
+Quit with Ctrl-A X. Ctrl-A C switches between the console and the QEMU monitor.
+
+Examples:
+  cerulean boot out/base.amd64.raw
+  cerulean boot out/base.arm64.qcow2 --memory 4096 --cpus 4
+  cerulean boot out/base.amd64.raw --ssh-port 2222    then: ssh -p 2222 USER@127.0.0.1
+"""
+
+_TEST_DESCRIPTION = """\
+Boot a disk image headless in QEMU (on a throwaway overlay; the image is not
+changed) and check that it comes up healthy. The image reports on its serial
+console once multi-user.target is reached (the CERULEAN-READY block); the
+test watches the console until that report, a kernel panic or oops, an
+emergency shell, or the timeout, then stops QEMU and checks:
+
+  no timeout                         the boot ended before --timeout
+  multi-user reached                 the READY report arrived
+  no failed units                    systemd lists no failed units
+  no panic, oops or emergency shell  nothing of the kind on the console
+  /usr read-only                     /usr is mounted ro
+  /usr on device-mapper              /usr comes from /dev/mapper/* or /dev/dm-*
+  /usr verity verified               /usr is a dm-verity device
+
+The console log is kept as DISK-STEM.console.log in --log-dir. Exit status
+is 0 if every check passed, 1 otherwise. Under TCG (no working KVM) a boot
+takes about a minute.
+
+Examples:
+  cerulean test out/base.amd64.raw
+  cerulean test out/base.arm64.raw --timeout 900 --log-dir logs/ --json
+"""
+
+
+def _add_vm_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("disk", type=Path, metavar="DISK", help=_DISK_HELP)
+    p.add_argument("--arch", help="amd64 or arm64 (default: detected from the disk's "
+                                  "partition types or its ESP's boot loader)")
+    p.add_argument("--memory", type=int, default=2048, metavar="MIB",
+                   help="guest memory in MiB (default: 2048)")
+    p.add_argument("--cpus", type=int, default=2, metavar="N",
+                   help="guest CPUs (default: 2)")
+    p.add_argument("--accel", default="auto", metavar="auto|kvm|tcg", help=_ACCEL_HELP)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    boot = sub.add_parser(
+        "boot", help="boot a disk image in QEMU with its console on this terminal",
+        description=_BOOT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_vm_options(boot)
+    boot.add_argument("--ssh-port", type=int, metavar="PORT",
+                      help="forward 127.0.0.1:PORT on this host to the guest's SSH port 22")
+    boot.set_defaults(func=run_boot)
+
+    test = sub.add_parser(
+        "test", help="boot a disk image headless and check it comes up healthy",
+        description=_TEST_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_vm_options(test)
+    test.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                      help="give up after S seconds without a READY report (default: 600)")
+    test.add_argument("--log-dir", type=Path, metavar="DIR",
+                      help="where to keep the console log (default: next to the disk)")
+    test.add_argument("--json", action="store_true", help="print the result as JSON")
+    test.set_defaults(func=run_test)
+
+
+def _config(args: argparse.Namespace, ssh_port: int | None = None) -> QemuConfig:
+    from cerulean.testbed.qemu import QemuConfig
+
+    return QemuConfig(arch=args.arch, memory_mib=args.memory, cpus=args.cpus,
+                      accel=args.accel, ssh_port=ssh_port)
+
+
+def run_boot(args: argparse.Namespace) -> int:
+    from cerulean.testbed.qemu import boot_interactive
+
+    rc = boot_interactive(args.disk, _config(args, args.ssh_port))
+    return 0 if rc == 0 else 1
+
+
+def run_test(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cerulean.testbed.qemu import Launch, run_test
+
+    con = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def started(launch: Launch, console_log: Path) -> None:
+        if not args.json:
+            con.print(f"Booting {args.disk} ({launch.arch}, {launch.accel.accel.upper()}: "
+                      f"{launch.accel.reason}); console log: {console_log}", markup=False)
+
+    res = run_test(args.disk, _config(args), timeout_s=args.timeout, log_dir=args.log_dir,
+                   on_start=started)
+    if args.json:
+        print(json.dumps(res.to_json(), indent=2))
+        return 0 if res.passed else 1
+    width = max(len(c.name) for c in res.checks)
+    for c in res.checks:
+        mark = "[green]✓[/]" if c.passed else "[red]✗[/]"
+        con.print(f"{mark} {c.name.ljust(width)}  ", end="")
+        con.print(c.detail, markup=False)
+    if res.time_to_ready_s is not None:
+        uptime = (f" (guest uptime {res.guest_uptime_s:g} s)"
+                  if res.guest_uptime_s is not None else "")
+        con.print(f"Time to ready: {res.time_to_ready_s:.1f} s{uptime}")
+    failed = [c for c in res.checks if not c.passed]
+    if failed:
+        con.print(f"[bold red]FAILED[/]: {len(failed)} of {len(res.checks)} checks; "
+                  "the console log is ", end="")
+    else:
+        con.print(f"[bold green]PASSED[/]: all {len(res.checks)} checks; console log ", end="")
+    con.print(str(res.console_log), markup=False)
+    return 0 if res.passed else 1

@@ -1,0 +1,124 @@
+"""The named pass/fail checks of a test boot, computed from what the console showed.
+
+A boot ends in one of four ways (:class:`Outcome`); the checks say what that
+means for each property the image promises. Without a READY report the
+checks that need it fail and say so, rather than being silently skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from cerulean.testbed.console import ConsoleEvent, ReadyReport
+
+NO_TIMEOUT = "no timeout"
+MULTI_USER = "multi-user reached"
+NO_FAILED_UNITS = "no failed units"
+CLEAN_CONSOLE = "no panic, oops or emergency shell"
+USR_READ_ONLY = "/usr read-only"
+USR_DM = "/usr on device-mapper"
+USR_VERITY = "/usr verity verified"
+CHECK_NAMES = (NO_TIMEOUT, MULTI_USER, NO_FAILED_UNITS, CLEAN_CONSOLE, USR_READ_ONLY, USR_DM,
+               USR_VERITY)
+
+_DM_PREFIXES = ("/dev/mapper/", "/dev/dm-")
+
+
+class Outcome(StrEnum):
+    """Why watching the console stopped."""
+
+    READY = "ready"  # the READY report arrived
+    FAILED = "failed"  # a panic, oops or emergency shell showed on the console
+    TIMEOUT = "timeout"  # neither happened in time
+    EXITED = "exited"  # QEMU ended by itself first
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def evaluate(outcome: Outcome, report: ReadyReport | None, events: list[ConsoleEvent], *,
+             timeout_s: float, elapsed_s: float, time_to_ready_s: float | None = None,
+             qemu_detail: str = "") -> list[Check]:
+    """The checks for a boot that ended with *outcome*, in a fixed order."""
+    checks = [_timeout(outcome, timeout_s, elapsed_s),
+              _multi_user(outcome, report, events, time_to_ready_s, qemu_detail)]
+    checks.append(_failed_units(report))
+    if events:
+        shown = "; ".join(str(e) for e in events[:3])
+        more = f" (and {len(events) - 3} more)" if len(events) > 3 else ""
+        checks.append(Check(CLEAN_CONSOLE, False, shown + more))
+    else:
+        checks.append(Check(CLEAN_CONSOLE, True, "none on the console"))
+    checks.extend(_usr(report))
+    return checks
+
+
+def _timeout(outcome: Outcome, timeout_s: float, elapsed_s: float) -> Check:
+    if outcome is Outcome.TIMEOUT:
+        return Check(NO_TIMEOUT, False,
+                     f"timed out after {timeout_s:g} s without a READY report or a failure")
+    return Check(NO_TIMEOUT, True, f"done after {elapsed_s:.1f} s (limit {timeout_s:g} s)")
+
+
+def _multi_user(outcome: Outcome, report: ReadyReport | None, events: list[ConsoleEvent],
+                time_to_ready_s: float | None, qemu_detail: str) -> Check:
+    if report is not None:
+        parts = []
+        if time_to_ready_s is not None:
+            parts.append(f"READY report after {time_to_ready_s:.1f} s")
+        if report.uptime is not None:
+            parts.append(f"guest uptime {report.uptime:g} s")
+        if report.get("state"):
+            parts.append(f"state {report.get('state')}")
+        return Check(MULTI_USER, True, ", ".join(parts) or "READY report received")
+    if outcome is Outcome.FAILED and events:
+        why = f"boot stopped at the {events[0].kind} on console line {events[0].line}"
+    elif outcome is Outcome.EXITED:
+        why = f"QEMU exited before the READY report ({qemu_detail or 'no message'})"
+    else:
+        why = "no READY report before the timeout"
+    return Check(MULTI_USER, False, why)
+
+
+def _failed_units(report: ReadyReport | None) -> Check:
+    if report is None:
+        return Check(NO_FAILED_UNITS, False, "unknown: no READY report")
+    if "failed" not in report.values:
+        return Check(NO_FAILED_UNITS, False, "the READY report has no 'failed' key")
+    if report.failed_units:
+        return Check(NO_FAILED_UNITS, False, "failed: " + " ".join(report.failed_units))
+    return Check(NO_FAILED_UNITS, True, "none")
+
+
+def _usr(report: ReadyReport | None) -> list[Check]:
+    names = (USR_READ_ONLY, USR_DM, USR_VERITY)
+    if report is None:
+        return [Check(n, False, "unknown: no READY report") for n in names]
+    usr = report.usr
+    if usr is None:
+        return [Check(n, False, "the READY report has no 'usr' key") for n in names[:2]] + [
+            _verity(report)]
+    source, fstype, options = usr
+    ro = "ro" in options
+    dm = source.startswith(_DM_PREFIXES)
+    mount = "read-only" if ro else f"with options {','.join(options) or '(none)'}"
+    where = f"from {source}" if dm else f"from {source}, not a /dev/mapper or /dev/dm-* device"
+    return [
+        Check(USR_READ_ONLY, ro, f"{fstype or 'unknown type'} mounted {mount}"),
+        Check(USR_DM, dm, where),
+        _verity(report),
+    ]
+
+
+def _verity(report: ReadyReport) -> Check:
+    verity = report.get("verity")
+    if verity == "verified":
+        return Check(USR_VERITY, True, "verity=verified")
+    if verity is None:
+        return Check(USR_VERITY, False, "the READY report has no 'verity' key")
+    return Check(USR_VERITY, False, f"verity={verity!r}, expected 'verified'")
