@@ -19,6 +19,10 @@ APT_PACKAGES := gpgv gnupg zstd xz-utils binutils ca-certificates \
 demo: setup
 	$(BIN)/cerulean lock --refresh images/base.toml
 	$(BIN)/cerulean build images/base.toml --locked --arch amd64,arm64 --out $(OUT)
+	$(BIN)/cerulean lock --refresh images/tools.toml
+	$(BIN)/cerulean lock --refresh images/vm.toml
+	$(BIN)/cerulean build images/vm.toml --locked --arch amd64 --format qcow2 --out $(OUT)
+	$(BIN)/cerulean test $(OUT)/vm-amd64.qcow2
 
 test: setup
 	$(BIN)/python -m pytest -p no:cacheprovider tests

@@ -28,8 +28,8 @@ DEFAULT_SETUID_ALLOW = ("/usr/bin/sudo", "/usr/bin/passwd", "/usr/bin/su",
 
 # Enabled for every system image: each one is listed with its reason in
 # docs/system-images.md.
-BASE_UNITS = ("cerulean-ready.service", "systemd-networkd.service", "systemd-resolved.service",
-              "systemd-timesyncd.service")
+BASE_UNITS = ("cerulean-ready.service", "cerulean-ssh-keygen.service", "systemd-networkd.service",
+              "systemd-resolved.service", "systemd-timesyncd.service")
 
 
 def files_digest() -> str:
@@ -73,7 +73,8 @@ def write_hardening(root: Path) -> None:
 
 def write_services(root: Path) -> None:
     _install("ready-report", root / "usr/lib/cerulean/ready-report", 0o755)
-    _install("cerulean-ready.service", root / "usr/lib/systemd/system/cerulean-ready.service")
+    for unit in ("cerulean-ready.service", "cerulean-ssh-keygen.service"):
+        _install(unit, root / f"usr/lib/systemd/system/{unit}")
     _install("50-root.conf", root / "usr/lib/repart.d/50-root.conf")
     network = root / "etc/systemd/network/80-cerulean-dhcp.network"
     network.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,71 @@
+"""Build the built-in system images and boot them: the checks a user runs by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cerulean.cli import main
+from cerulean.testbed.qemu import QemuConfig, run_test
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.mark.parametrize("name", ["edge", "container-host", "metal"])
+def test_builtin_system_image_boots(name: str, build_system: Callable[[str, str], Path],
+                                    tmp_path: Path) -> None:
+    disk = build_system(name, "amd64")
+    res = run_test(disk, QemuConfig(), timeout_s=900, log_dir=tmp_path)
+    failed = {c.name: c.detail for c in res.checks if not c.passed}
+    assert not failed, f"{failed}; console log: {res.console_log}"
+
+
+def test_vm_arm64_boots(build_system: Callable[[str, str], Path], tmp_path: Path) -> None:
+    disk = build_system("vm", "arm64")
+    res = run_test(disk, QemuConfig(), timeout_s=1200, log_dir=tmp_path)
+    failed = {c.name: c.detail for c in res.checks if not c.passed}
+    assert not failed, f"{failed}; console log: {res.console_log}"
+    assert res.report is not None and res.report.get("slot") == "A"
+
+
+def test_cli_test_command_reports_json(build_system: Callable[[str, str], Path],
+                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
+    disk = build_system("vm", "amd64")
+    capsys.readouterr()
+    rc = main(["test", str(disk), "--json", "--log-dir", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0, out
+    assert out["passed"] is True
+    assert "boot=systemd-boot" in (tmp_path / f"{disk.stem}.console.log").read_text(
+        errors="replace")
+
+
+def test_usr_slot_too_small_fails_cleanly(vm_env: dict[str, Path], tmp_path: Path,
+                                          build_system: Callable[[str, str], Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    build_system("vm", "amd64")  # fills the session cache, so this fails fast
+    work = vm_env["work"]
+    small = work / "images" / "vm.toml"
+    text = small.read_text().replace('format = "qcow2"', 'format = "qcow2"\nusr-slot-mib = 16')
+    tiny = work / "images" / "tiny.toml"
+    tiny.write_text(text)
+    out = tmp_path / "out"
+    old = Path.cwd()
+    os.chdir(work)
+    try:
+        capsys.readouterr()
+        rc = main(["build", "images/tiny.toml", "--arch", "amd64", "--out", str(out),
+                   "--cache", str(vm_env["cache"])])
+    finally:
+        os.chdir(old)
+        shutil.copy(work / "images" / "tiny.lock", tmp_path / "tiny.lock")
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "system.usr-slot-mib is 16: raise it" in err and "Traceback" not in err
+    assert not list(out.glob("*.qcow2")) and not list(out.glob(".tiny.*"))
