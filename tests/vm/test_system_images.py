@@ -69,3 +69,28 @@ def test_usr_slot_too_small_fails_cleanly(vm_env: dict[str, Path], tmp_path: Pat
     assert rc == 1
     assert "system.usr-slot-mib is 16: raise it" in err and "Traceback" not in err
     assert not list(out.glob("*.qcow2")) and not list(out.glob(".tiny.*"))
+
+
+@pytest.mark.parametrize("fmt, qemu_format", [("vhd", "vpc"), ("vhdx", "vhdx"), ("raw", "raw")])
+def test_disk_formats(fmt: str, qemu_format: str, vm_env: dict[str, Path],
+                      build_system: Callable[[str, str], Path], tmp_path: Path) -> None:
+    """Every --format gives a disk qemu-img reads, a whole number of MiB (Azure's rule)."""
+    import subprocess
+
+    build_system("edge", "amd64")  # fills the cache: this build only reassembles
+    old = Path.cwd()
+    os.chdir(vm_env["work"])
+    try:
+        rc = main(["build", "images/edge.toml", "--arch", "amd64", "--format", fmt,
+                   "--out", str(tmp_path), "--cache", str(vm_env["cache"])])
+    finally:
+        os.chdir(old)
+    assert rc == 0
+    disk = tmp_path / f"edge-amd64.{fmt}"
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(disk)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["format"] == qemu_format
+    assert info["virtual-size"] % (1024 * 1024) == 0
+    if fmt == "vhd":
+        # A fixed VHD: the file is the disk plus a 512-byte footer.
+        assert disk.stat().st_size == info["virtual-size"] + 512

@@ -75,7 +75,15 @@ def essential_closure(arch: str, locked: Sequence[LockedPackage], cache: Cache
             f"The lock for {arch} has no Essential packages, so it cannot make a system image "
             "(set image.kind = \"system\" and lock again)."
         )
-    names = {p.name for p in resolve(universe, essential)}
+    # A dependency the definition excluded is not in the lock: count it as met here too.
+    unmet = {
+        rel["name"]
+        for p in pkgs
+        for group in universe.relations(p)["depends"]
+        if not any(universe.candidates(r) for r in group)
+        for rel in group
+    }
+    names = {p.name for p in resolve(universe, essential, unmet)}
     first = [p for p in locked if p.name in names]
     rest = [p for p in locked if p.name not in names]
     return first, rest
