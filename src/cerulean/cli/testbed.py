@@ -23,9 +23,9 @@ in the VM is gone when QEMU stops.
 Quit with Ctrl-A X. Ctrl-A C switches between the console and the QEMU monitor.
 
 Examples:
-  cerulean boot out/base.amd64.raw
-  cerulean boot out/base.arm64.qcow2 --memory 4096 --cpus 4
-  cerulean boot out/base.amd64.raw --ssh-port 2222    then: ssh -p 2222 USER@127.0.0.1
+  cerulean boot out/vm-amd64.qcow2
+  cerulean boot out/vm-arm64.qcow2 --memory 4096 --cpus 4
+  cerulean boot out/vm-amd64.qcow2 --ssh-port 2222    then: ssh -p 2222 USER@127.0.0.1
 """
 
 _TEST_DESCRIPTION = """\
@@ -48,8 +48,8 @@ is 0 if every check passed, 1 otherwise. Under TCG (no working KVM) a boot
 takes about a minute.
 
 Examples:
-  cerulean test out/base.amd64.raw
-  cerulean test out/base.arm64.raw --timeout 900 --log-dir logs/ --json
+  cerulean test out/vm-amd64.qcow2
+  cerulean test out/vm-arm64.qcow2 --timeout 900 --log-dir logs/ --json
 """
 
 
