@@ -396,11 +396,15 @@ def test_write_identity(tmp_path: Path) -> None:
 
 def test_write_fstab(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
-    sysconfig.write_fstab(tmp_path)
+    sysconfig.write_fstab(tmp_path, "15b8e3f5-4e70-4123-ab55-5f650e6e46a9")
     entries = [line.split() for line in (tmp_path / "etc/fstab").read_text().splitlines()
                if line and not line.startswith("#")]
-    assert len(entries) == 1
+    assert len(entries) == 2
     device, mountpoint, fstype, options, *_ = entries[0]
+    assert (device, mountpoint, fstype) == (
+        "PARTUUID=15b8e3f5-4e70-4123-ab55-5f650e6e46a9", "/", "ext4")
+    assert "x-systemd.growfs" in options.split(",")
+    device, mountpoint, fstype, options, *_ = entries[1]
     assert (device, mountpoint, fstype) == ("tmpfs", "/tmp", "tmpfs")
     assert {"nosuid", "nodev"} <= set(options.split(","))
 

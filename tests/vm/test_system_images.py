@@ -36,12 +36,17 @@ def test_vm_arm64_boots(build_system: Callable[[str, str], Path], tmp_path: Path
 def test_cli_test_command_reports_json(build_system: Callable[[str, str], Path],
                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                        ) -> None:
+    """Booted on a 4 GiB disk, the root file system grows to fill it on first boot."""
     disk = build_system("vm", "amd64")
     capsys.readouterr()
-    rc = main(["test", str(disk), "--json", "--log-dir", str(tmp_path)])
+    rc = main(["test", str(disk), "--json", "--log-dir", str(tmp_path), "--disk-size", "4096"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0, out
     assert out["passed"] is True
+    log = (tmp_path / f"{disk.stem}.console.log").read_text(errors="replace")
+    root_line = next(line for line in log.splitlines() if line.startswith("root=/dev/"))
+    size = root_line.split()[-1]
+    assert size.endswith("G") and float(size[:-1]) > 3.0, root_line
     assert "boot=systemd-boot" in (tmp_path / f"{disk.stem}.console.log").read_text(
         errors="replace")
 

@@ -112,9 +112,12 @@ def strip_setuid(root: Path, allow: tuple[str, ...]) -> list[str]:
     return sorted(changed)
 
 
-def write_fstab(root: Path) -> None:
+def write_fstab(root: Path, root_partuuid: str) -> None:
+    # / is listed so that systemd grows its file system to the partition, which
+    # systemd-repart grows to the disk on first boot (x-systemd.growfs).
     (root / "etc/fstab").write_text(
-        "# / and /usr come from the kernel command line (root=, usrhash=, mount.usr=).\n"
+        "# /usr comes from the kernel command line (usrhash=, mount.usr=).\n"
+        f"PARTUUID={root_partuuid} / ext4 rw,x-systemd.growfs 0 1\n"
         "tmpfs /tmp tmpfs nosuid,nodev,mode=1777,size=50% 0 0\n"
     )
 

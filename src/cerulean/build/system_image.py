@@ -106,8 +106,7 @@ def cmdline(arch: disk.Arch, usr: disk.UsrImage, root_uuid: str, slot: str,
         f"systemd.verity_usr_data=PARTUUID={usr.data_uuid}",
         f"systemd.verity_usr_hash=PARTUUID={usr.hash_uuid}",
         "mount.usr=/dev/mapper/usr", "mount.usrfstype=erofs", "mount.usrflags=ro",
-        f"root=PARTUUID={root_uuid}", "rw", "rootflags=x-systemd.growfs",
-        "console=tty0", f"console={arch.console}",
+        f"root=PARTUUID={root_uuid}", "rw", "console=tty0", f"console={arch.console}",
         "apparmor=1", "security=apparmor", f"cerulean.slot={slot}", *extra,
     ])
 
@@ -146,7 +145,8 @@ def _build_disk(defn: ImageDefinition, lock: Lock, arch: disk.Arch, rootfs: Path
     sysconfig.write_identity(rootfs, defn, version)
     sysconfig.write_hardening(rootfs)
     sysconfig.write_services(rootfs)
-    sysconfig.write_fstab(rootfs)
+    root_uuid = disk.stable_uuid("root", defn.name, arch_name)
+    sysconfig.write_fstab(rootfs, root_uuid)
     sysconfig.enable_units(rootfs, defn)
     sysconfig.strip_setuid(rootfs, defn.system_setuid_allow)
     kver = sysconfig.kernel_version(rootfs)
@@ -167,7 +167,6 @@ def _build_disk(defn: ImageDefinition, lock: Lock, arch: disk.Arch, rootfs: Path
             f"/usr needs {usr.data.stat().st_size // disk.MIB} MiB but system.usr-slot-mib is "
             f"{defn.system_usr_slot_mib}: raise it."
         )
-    root_uuid = disk.stable_uuid("root", defn.name, arch_name)
     say(f"{arch_name}: building the UKI and the ESP")
     uki = work / "uki-A.efi"
     (rootfs / "boot").mkdir(exist_ok=True)

@@ -62,6 +62,9 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int, default=2, metavar="N",
                    help="guest CPUs (default: 2)")
     p.add_argument("--accel", default="auto", metavar="auto|kvm|tcg", help=_ACCEL_HELP)
+    p.add_argument("--disk-size", type=int, metavar="MIB",
+                   help="give the VM a larger disk than the image, as a cloud would (the "
+                        "image grows its root file system into it on first boot)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -91,7 +94,7 @@ def _config(args: argparse.Namespace, ssh_port: int | None = None) -> QemuConfig
     from cerulean.testbed.qemu import QemuConfig
 
     return QemuConfig(arch=args.arch, memory_mib=args.memory, cpus=args.cpus,
-                      accel=args.accel, ssh_port=ssh_port)
+                      accel=args.accel, ssh_port=ssh_port, disk_size_mib=args.disk_size)
 
 
 def run_boot(args: argparse.Namespace) -> int:

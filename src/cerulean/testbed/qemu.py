@@ -70,6 +70,7 @@ class QemuConfig:
     extra_args: tuple[str, ...] = ()
     network: bool = True  # user-mode networking (NAT, no root needed)
     ssh_port: int | None = None  # host port forwarded to the guest's port 22
+    disk_size_mib: int | None = None  # a larger virtual disk, as a cloud would give (overlay)
 
     def validate(self) -> None:
         if self.arch is not None:
@@ -196,11 +197,13 @@ def build_argv(*, qemu: str, prof: ArchProfile, accel: str, cfg: QemuConfig,
     return argv + list(cfg.extra_args)
 
 
-def create_overlay(disk: DiskInfo, overlay: Path) -> list[str]:
+def create_overlay(disk: DiskInfo, overlay: Path, size_mib: int | None = None) -> list[str]:
     """A qcow2 *overlay* backed by *disk*; returns the qemu-img command it ran."""
     qemu_img = require_tool("qemu-img", "qemu-utils")
     argv = [qemu_img, "create", "-q", "-f", "qcow2", "-b", str(disk.path), "-F", disk.format,
             str(overlay)]
+    if size_mib is not None:
+        argv.append(f"{size_mib}M")
     run(argv)
     return argv
 
@@ -222,7 +225,12 @@ def prepare(disk: Path, cfg: QemuConfig, workdir: Path, console: Path | None) ->
     code, vars_template = firmware(prof)
     accel = choose_accel(arch, cfg.accel)
     overlay, vars_copy = workdir / "overlay.qcow2", workdir / "efivars.fd"
-    overlay_argv = create_overlay(info, overlay)
+    if cfg.disk_size_mib is not None and cfg.disk_size_mib * 1024 * 1024 < info.virtual_size:
+        raise CeruleanError(
+            f"--disk-size {cfg.disk_size_mib} MiB is smaller than the image "
+            f"({info.virtual_size // 1048576} MiB)."
+        )
+    overlay_argv = create_overlay(info, overlay, cfg.disk_size_mib)
     shutil.copyfile(vars_template, vars_copy)
     argv = build_argv(qemu=qemu, prof=prof, accel=accel.accel, cfg=cfg, firmware_code=code,
                       vars_copy=vars_copy, overlay=overlay, console=console)
