@@ -92,9 +92,14 @@ def test_disk_formats(fmt: str, qemu_format: str, vm_env: dict[str, Path],
         os.chdir(old)
     assert rc == 0
     disk = tmp_path / f"edge-amd64.{fmt}"
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(disk)],
-                                     capture_output=True, text=True, check=True).stdout)
+    # A fixed VHD has only a footer, which qemu-img's format probe does not look for.
+    info = json.loads(subprocess.run(["qemu-img", "info", "-f", qemu_format, "--output=json",
+                                      str(disk)], capture_output=True, text=True,
+                                     check=True).stdout)
     assert info["format"] == qemu_format
+    from cerulean.testbed.disk import disk_info
+
+    assert disk_info(disk).format == qemu_format  # what cerulean test/boot would use
     assert info["virtual-size"] % (1024 * 1024) == 0
     if fmt == "vhd":
         # A fixed VHD: the file is the disk plus a 512-byte footer.

@@ -89,10 +89,26 @@ def disk_info(disk: Path) -> DiskInfo:
                             f"{lines[-1] if lines else 'qemu-img failed'}.")
     data = json.loads(proc.stdout)
     fmt = str(data.get("format", ""))
+    if fmt == "raw" and _is_fixed_vhd(path):
+        # A fixed VHD has no header, only a footer, so qemu-img's probe calls it raw;
+        # booted as raw, the guest would see the footer as a stray last sector.
+        proc = run([qemu_img, "info", "-U", "-f", "vpc", "--output=json", path])
+        data = json.loads(proc.stdout)
+        fmt = "vpc"
     if fmt not in FORMATS:
         raise CeruleanError(f"{disk} is a {fmt or 'unknown'} image; the testbed boots "
                             "raw, qcow2, vpc (VHD) and vhdx disk images.")
     return DiskInfo(path, fmt, int(data.get("virtual-size", 0)))
+
+
+def _is_fixed_vhd(path: Path) -> bool:
+    """True when the file ends with a VHD footer (cookie "conectix")."""
+    size = path.stat().st_size
+    if size < 512 or size % 512:
+        return False
+    with path.open("rb") as f:
+        f.seek(size - 512)
+        return f.read(8) == b"conectix"
 
 
 class DiskReader:
