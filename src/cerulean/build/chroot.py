@@ -59,8 +59,9 @@ def ensure_binfmt(arch: str) -> None:
             f"Running {arch} programs needs binfmt_misc with {name} enabled; it could not be "
             "enabled (try: update-binfmts --enable " + name + ")."
         )
-    if "flags: F" not in state and "flags: PF" not in state and "F" not in state.split(
-        "flags:", 1)[-1]:
+    flags = next((line.split(":", 1)[1] for line in state.splitlines()
+                  if line.startswith("flags:")), "")
+    if "F" not in flags:
         raise CeruleanError(
             f"The binfmt_misc entry {name} lacks the F flag, so it cannot run inside a chroot "
             "(use Debian's qemu-user-static, which registers it with F)."
