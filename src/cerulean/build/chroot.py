@@ -10,12 +10,12 @@ architecture, binfmt_misc with qemu-user-static runs the tree's binaries.
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from cerulean.arch import get, host_arch
 from cerulean.errors import CeruleanError
 from cerulean.run import require_tool
 
@@ -29,19 +29,11 @@ BASE_ENV = {
     "TERM": "dumb",
 }
 
-QEMU_USER = {"arm64": ("qemu-aarch64", "aarch64"), "amd64": ("qemu-x86_64", "x86_64")}
-
-
-def host_arch() -> str:
-    m = platform.machine()
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(m, m)
-
-
 def ensure_binfmt(arch: str) -> None:
     """Make *arch* binaries runnable on this host through qemu-user-static."""
     if arch == host_arch():
         return
-    name, _ = QEMU_USER[arch]
+    name = get(arch).qemu_user
     node = Path("/proc/sys/fs/binfmt_misc")
     if not (node / "status").exists():
         subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(node)],

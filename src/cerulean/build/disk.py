@@ -28,23 +28,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from cerulean.arch import Arch
 from cerulean.build.chroot import run_in
 from cerulean.errors import CeruleanError
-
-
-@dataclass(frozen=True)
-class Arch:
-    debian: str
-    efi: str  # x64 / aa64
-    gpt: str  # repart's architecture suffix
-    console: str
-    qemu: str
-
-
-ARCHES = {
-    "amd64": Arch("amd64", "x64", "x86-64", "ttyS0", "x86_64"),
-    "arm64": Arch("arm64", "aa64", "arm64", "ttyAMA0", "aarch64"),
-}
 
 ESP_MIB = 256
 MIB = 1024 * 1024

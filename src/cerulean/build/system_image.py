@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -20,8 +21,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cerulean import arch as arches
+from cerulean.arch import host_arch
 from cerulean.build import disk, sysconfig
-from cerulean.build.chroot import host_arch, run_in
+from cerulean.build.chroot import run_in
 from cerulean.build.definition import ImageDefinition, images_dir, load_definition
 from cerulean.build.image import lock_downloads
 from cerulean.build.plan import archive_for, ensure_lock
@@ -61,8 +64,9 @@ def tools_tree(cache: Cache, say: Callable[[str], None], offline: bool) -> Path:
     defn = load_definition(images_dir() / "tools.toml")
     lock = ensure_lock(defn, cache, offline=offline).lock
     arch = host_arch()
-    if arch not in lock.packages:
-        raise CeruleanError(f"The tools lock has no packages for this host ({arch}).")
+    if arch is None or arch not in lock.packages:
+        raise CeruleanError(
+            f"The tools lock has no packages for this host ({platform.machine()}).")
     fetch_all(cache, lock_downloads(archive_for(defn), lock, [arch]), offline=offline)
     say("preparing the tools tree")
     root, _ = cached_rootfs(arch, lock.packages[arch], cache, say)
@@ -99,7 +103,7 @@ def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition, cach
     return out
 
 
-def cmdline(arch: disk.Arch, usr: disk.UsrImage, root_uuid: str, slot: str,
+def cmdline(arch: arches.Arch, usr: disk.UsrImage, root_uuid: str, slot: str,
             extra: Sequence[str]) -> str:
     return " ".join([
         f"usrhash={usr.roothash}",
@@ -127,7 +131,7 @@ def _root_tree(rootfs: Path, dest: Path) -> None:
 def build_disk(defn: ImageDefinition, lock: Lock, arch_name: str, tools: Path, work: Path,
                cache: Cache, fmt: str, out: Path, say: Callable[[str], None]) -> DiskResult:
     started = time.monotonic()
-    arch = disk.ARCHES[arch_name]
+    arch = arches.get(arch_name)
     say(f"{arch_name}: composing the root file system")
     base, hit = cached_rootfs(arch_name, lock.packages[arch_name], cache, say)
     with overlay(base, work / "rootfs") as rootfs:
@@ -135,7 +139,7 @@ def build_disk(defn: ImageDefinition, lock: Lock, arch_name: str, tools: Path, w
                            started, hit)
 
 
-def _build_disk(defn: ImageDefinition, lock: Lock, arch: disk.Arch, rootfs: Path, tools: Path,
+def _build_disk(defn: ImageDefinition, lock: Lock, arch: arches.Arch, rootfs: Path, tools: Path,
                 work: Path, cache: Cache, fmt: str, out: Path, say: Callable[[str], None],
                 started: float, hit: bool) -> DiskResult:
     arch_name = arch.debian

@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cerulean.arch import host_arch
 from cerulean.errors import CeruleanError
 from cerulean.testbed import process
-from cerulean.testbed.arch import firmware, host_arch, machine_args, profile, qemu_binary, qemu_opt
+from cerulean.testbed.arch import firmware, machine_args, profile, qemu_binary, qemu_opt
 
 log = logging.getLogger("cerulean.testbed")
 
