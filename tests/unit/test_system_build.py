@@ -182,6 +182,22 @@ def test_repart_config_layout(tmp_path: Path, arch: str, gpt: str) -> None:
     assert conf["20-root"]["CopyFiles"] == "/src/root:/"
 
 
+def test_repart_config_read_only_root_has_a_var_partition(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    usr = fake_usr(tmp_path, 8192)
+    d = disk.repart_config(work, arches.get("arm64"), usr, 64 * MIB, "r", 100 * MIB,
+                           ("v-uuid", 80 * MIB))
+    names = sorted(p.name for p in d.iterdir())
+    assert names[-2:] == ["20-root.conf", "30-var.conf"]  # var last: it grows on first boot
+    root = parse_partition((d / "20-root.conf").read_text())
+    assert root["ReadOnly"] == "yes" and root["GrowFileSystem"] == "no"
+    conf = parse_partition((d / "30-var.conf").read_text())
+    assert conf == {"Type": "var", "Label": "var", "UUID": "v-uuid", "Format": "ext4",
+                    "CopyFiles": "/src/var:/", "SizeMinBytes": str(80 * MIB),
+                    "SizeMaxBytes": str(80 * MIB)}
+
+
 def test_repart_hash_partitions_sized_for_a_full_slot(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
@@ -395,19 +411,72 @@ def test_write_identity(tmp_path: Path) -> None:
     assert os.readlink(osr) == "../usr/lib/os-release"
 
 
+def _fstab(root: Path) -> dict[str, tuple[str, str, set[str]]]:
+    """mount point -> (device, type, options) of root/etc/fstab."""
+    out = {}
+    for line in (root / "etc/fstab").read_text().splitlines():
+        if line and not line.startswith("#"):
+            device, mountpoint, fstype, options, *_ = line.split()
+            out[mountpoint] = (device, fstype, set(options.split(",")))
+    return out
+
+
 def test_write_fstab(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     sysconfig.write_fstab(tmp_path, "15b8e3f5-4e70-4123-ab55-5f650e6e46a9")
-    entries = [line.split() for line in (tmp_path / "etc/fstab").read_text().splitlines()
-               if line and not line.startswith("#")]
-    assert len(entries) == 2
-    device, mountpoint, fstype, options, *_ = entries[0]
-    assert (device, mountpoint, fstype) == (
-        "PARTUUID=15b8e3f5-4e70-4123-ab55-5f650e6e46a9", "/", "ext4")
-    assert "x-systemd.growfs" in options.split(",")
-    device, mountpoint, fstype, options, *_ = entries[1]
-    assert (device, mountpoint, fstype) == ("tmpfs", "/tmp", "tmpfs")
-    assert {"nosuid", "nodev"} <= set(options.split(","))
+    fstab = _fstab(tmp_path)
+    assert sorted(fstab) == ["/", "/dev/shm", "/home", "/tmp", "/var/tmp"]
+    device, fstype, options = fstab["/"]
+    assert (device, fstype) == ("PARTUUID=15b8e3f5-4e70-4123-ab55-5f650e6e46a9", "ext4")
+    assert {"rw", "x-systemd.growfs"} <= options
+    for world_writable in ("/tmp", "/dev/shm", "/var/tmp"):
+        assert {"nosuid", "nodev", "noexec"} <= fstab[world_writable][2], world_writable
+    assert fstab["/var/tmp"][:2] == ("/var/tmp", "none") and "bind" in fstab["/var/tmp"][2]
+    assert {"bind", "nosuid", "nodev"} <= fstab["/home"][2]
+
+
+def test_write_fstab_read_only_root(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    sysconfig.write_fstab(tmp_path, "r-uuid", "v-uuid")
+    fstab = _fstab(tmp_path)
+    assert fstab["/"] == ("PARTUUID=r-uuid", "ext4", {"ro"})
+    device, fstype, options = fstab["/var"]
+    assert (device, fstype) == ("PARTUUID=v-uuid", "ext4")
+    assert {"rw", "nosuid", "nodev", "x-systemd.growfs", "x-initrd.mount"} <= options
+    # /var is mounted before the /var/tmp bind mount on it.
+    lines = (tmp_path / "etc/fstab").read_text().splitlines()
+    assert lines.index(next(x for x in lines if " /var " in x)) < lines.index(
+        next(x for x in lines if x.startswith("/var/tmp")))
+
+
+def test_write_services_grows_the_writable_partition(tmp_path: Path) -> None:
+    for read_only, grown in ((False, "50-root.conf"), (True, "50-var.conf")):
+        root = tmp_path / str(read_only)
+        (root / "usr/lib/systemd/system").mkdir(parents=True)
+        sysconfig.write_services(root, read_only=read_only)
+        assert [p.name for p in (root / "usr/lib/repart.d").iterdir()] == [grown]
+        text = (root / "usr/lib/repart.d" / grown).read_text()
+        conf = parse_partition("".join(x + "\n" for x in text.splitlines()
+                                       if not x.startswith("#")))
+        assert conf == {"Type": grown[3:-5], "GrowFileSystem": "yes"}
+
+
+@pytest.mark.parametrize(("tries", "name"), [(3, "cerulean_1.20261125-A+3.efi"),
+                                             (0, "cerulean_1.20261125-A.efi")])
+def test_uki_name_carries_the_boot_count(tries: int, name: str) -> None:
+    assert system_image.uki_name("1.20261125", "A", tries) == name
+
+
+def test_boot_tries_is_bounded(tmp_path: Path) -> None:
+    p = tmp_path / "img.toml"
+    head = '[image]\nkind = "system"\n[packages]\ninclude = ["systemd"]\n[system]\n'
+    p.write_text(head + "boot-tries = 12\n")
+    with pytest.raises(DefinitionError) as e:
+        load_definition(p)
+    assert str(e.value) == f"{p}: 'system.boot-tries': must be at most 9."
+    p.write_text(head + "read-only = true\n")
+    d = load_definition(p)
+    assert d.system_read_only is True and d.system_boot_tries == 3
 
 
 def test_kernel_version(tmp_path: Path) -> None:
@@ -557,8 +626,9 @@ def test_unknown_system_key_and_kind(tmp_path: Path) -> None:
     with pytest.raises(DefinitionError) as e:
         system_defn(tmp_path, 'host-name = "x"')
     assert str(e.value) == (
-        f"{tmp_path / 'img.toml'}: unknown key 'system.host-name'; valid in [system]: disable, "
-        "enable, format, hostname, initrd-modules, kernel-cmdline, setuid-allow, usr-slot-mib.")
+        f"{tmp_path / 'img.toml'}: unknown key 'system.host-name'; valid in [system]: "
+        "boot-tries, disable, enable, format, hostname, initrd-modules, kernel-cmdline, "
+        "read-only, setuid-allow, usr-slot-mib.")
     with pytest.raises(DefinitionError) as e:
         system_defn(tmp_path, kind="vm")
     assert str(e.value) == (

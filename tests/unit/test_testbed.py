@@ -54,6 +54,7 @@ READY = (
     "slot=A\r\n"
     "boot=systemd-boot 257\r\n"
     "kernel=6.12.118+deb13-cloud-amd64\r\n"
+    "bless=good\r\n"
     "CERULEAN-READY-END\r\n"
 )
 
@@ -83,7 +84,7 @@ def test_ready_block_is_parsed_and_keeps_unknown_keys() -> None:
     assert s.report is not None
     assert s.events == []
     assert list(s.report.values) == ["uptime", "state", "failed", "usr", "verity", "slot",
-                                     "boot", "kernel"]
+                                     "boot", "kernel", "bless"]
     assert s.report.uptime == 30.2
     assert s.report.failed_units == []
     assert s.report.get("boot") == "systemd-boot 257"
@@ -185,6 +186,10 @@ def test_healthy_boot_passes_every_check() -> None:
     ({"usr": "/dev/dm-0 erofs ro,relatime"}, set(), ""),
     ({"usr": "/dev/mapper/usr erofs errors=ro"}, {checks.USR_READ_ONLY}, "errors=ro"),
     ({"usr": None}, {checks.USR_READ_ONLY, checks.USR_DM}, "no 'usr' key"),
+    ({"bless": "clean"}, set(), ""),
+    ({"bless": "indeterminate"}, {checks.BOOT_GOOD}, "boot-complete.target was not reached"),
+    ({"bless": "bad"}, {checks.BOOT_GOOD}, "bless='bad'"),
+    ({"bless": None}, {checks.BOOT_GOOD}, "no 'bless' key"),
 ])
 def test_report_checks(changes: dict[str, str | None], failing: set[str], words: str) -> None:
     result = by_name(evaluate(Outcome.READY, report(**changes), [], timeout_s=600,
@@ -681,7 +686,7 @@ def test_cli_test_prints_checks(fake_boot: Callable[..., qemu.TestResult],
     assert main(["test", "vm.raw"]) == 1
     err = capsys.readouterr().err
     assert "✓ no timeout" in err and "✗ /usr verity verified" in err
-    assert "Time to ready:" in err and "FAILED: 1 of 7 checks" in err
+    assert "Time to ready:" in err and "FAILED: 1 of 8 checks" in err
 
 
 def test_qemu_dies_with_cerulean(tmp_path: Path) -> None:

@@ -23,6 +23,10 @@ def test_builtin_system_image_boots(name: str, build_system: Callable[[str, str]
     res = run_test(disk, QemuConfig(), timeout_s=900, log_dir=tmp_path)
     failed = {c.name: c.detail for c in res.checks if not c.passed}
     assert not failed, f"{failed}; console log: {res.console_log}"
+    assert res.report is not None
+    root_options = (res.report.get("root-options") or "").split(",")
+    # edge's root is read-only (system.read-only); the others' is writable.
+    assert root_options[0] == ("ro" if name == "edge" else "rw"), res.report.values
 
 
 def test_vm_arm64_boots(build_system: Callable[[str, str], Path], tmp_path: Path) -> None:

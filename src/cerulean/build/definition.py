@@ -145,6 +145,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("system", "setuid-allow", "list[str]", [],
             "Programs that may keep a setuid/setgid bit; every other one loses it."),
     Setting("system", "initrd-modules", "list[str]", [], "Extra dracut modules."),
+    Setting("system", "boot-tries", "int", 3,
+            "Boots a new slot gets to reach boot-complete.target before systemd-boot falls "
+            "back to the other slot (boot counting); 0 turns counting off.",
+            check=lambda v: "must be at most 9" if v > 9 else None),
+    Setting("system", "read-only", "bool", False,
+            "Mount the root file system read-only; /var gets its own writable partition, "
+            "which grows to the disk on first boot."),
     Setting("output", "dpkg-database", "str", "status.d",
             "'status.d': one file per package for scanners (distroless style); "
             "'full': a real /var/lib/dpkg for images that run dpkg and apt.", choices=DPKG_DBS),
@@ -187,6 +194,8 @@ class ImageDefinition:
     system_disable: tuple[str, ...] = ()
     system_setuid_allow: tuple[str, ...] = ()
     system_initrd_modules: tuple[str, ...] = ()
+    system_boot_tries: int = 3
+    system_read_only: bool = False
 
     @property
     def is_system(self) -> bool:

@@ -11,7 +11,13 @@ Layout (Discoverable Partitions Specification types):
  4    usr-B         empty until the first update (same size as A)
  5    usr-B-verity  empty
  6    root          ext4 with /etc, /var, /home...; grown on first boot
+(7)   var           only when the root is read-only (system.read-only):
+                    ext4 with /var, grown on first boot instead of root
 ====  ============  ===================================================
+
+systemd-boot counts boots: a slot's UKI is installed as ``NAME+TRIES.efi``,
+each boot attempt lowers the count, and systemd-bless-boot renames it to
+``NAME.efi`` once ``boot-complete.target`` is reached.
 
 The verity root hash is the partitions' identity: the data partition's UUID
 is its first 128 bits and the hash partition's UUID its last 128 bits, and
@@ -140,7 +146,12 @@ def root_size(tree: Path) -> int:
 
 
 def repart_config(work: Path, arch: Arch, usr: UsrImage, slot_bytes: int, root_uuid: str,
-                  root_bytes: int) -> Path:
+                  root_bytes: int, var: tuple[str, int] | None = None) -> Path:
+    """systemd-repart definitions for the whole disk.
+
+    *var* is (partition UUID, bytes) for images whose root is read-only: /var then
+    gets its own partition, filled from /src/var, after the root partition.
+    """
     d = work / "repart.d"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir()
@@ -164,17 +175,26 @@ def repart_config(work: Path, arch: Arch, usr: UsrImage, slot_bytes: int, root_u
                    f"CopyFiles=/src/root:/\nSizeMinBytes={root_bytes}\n"
                    f"SizeMaxBytes={root_bytes}\n",
     }
+    if var is not None:
+        # The root partition is marked read-only and is not grown; /var is.
+        defs["20-root"] += "ReadOnly=yes\nGrowFileSystem=no\n"
+        var_uuid, var_bytes = var
+        defs["30-var"] = (f"Type=var\nLabel=var\nUUID={var_uuid}\nFormat=ext4\n"
+                          f"CopyFiles=/src/var:/\nSizeMinBytes={var_bytes}\n"
+                          f"SizeMaxBytes={var_bytes}\n")
     for name, body in defs.items():
         (d / f"{name}.conf").write_text("[Partition]\n" + body)
     return d
 
 
-def assemble(tools: Path, work: Path, root_tree: Path, seed: str, out: Path) -> None:
+def assemble(tools: Path, work: Path, root_tree: Path, seed: str, out: Path,
+             var_tree: Path | None = None) -> None:
     out.unlink(missing_ok=True)
+    trees = {root_tree: "/src/root", **({var_tree: "/src/var"} if var_tree else {})}
     run_in(tools, ["systemd-repart", "--empty=create", "--size=auto", "--offline=yes",
                    "--dry-run=no", f"--seed={seed}", "--definitions=/work/repart.d",
                    "--json=off", "--no-pager", f"/work/{out.name}"],
-           binds={work: "/work"}, ro_binds={root_tree: "/src/root"},
+           binds={work: "/work"}, ro_binds=trees,
            env={"SYSTEMD_LOG_LEVEL": "warning"}, what="Assembling the disk with systemd-repart")
 
 

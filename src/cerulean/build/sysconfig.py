@@ -29,7 +29,8 @@ DEFAULT_SETUID_ALLOW = ("/usr/bin/sudo", "/usr/bin/passwd", "/usr/bin/su",
 # Enabled for every system image: each one is listed with its reason in
 # docs/system-images.md.
 BASE_UNITS = ("cerulean-ready.service", "cerulean-ssh-keygen.service", "systemd-networkd.service",
-              "systemd-resolved.service", "systemd-timesyncd.service")
+              "systemd-resolved.service", "systemd-timesyncd.service",
+              "systemd-boot-check-no-failures.service")
 
 
 def files_digest() -> str:
@@ -71,11 +72,14 @@ def write_hardening(root: Path) -> None:
             for line in lines))
 
 
-def write_services(root: Path) -> None:
+def write_services(root: Path, read_only: bool = False) -> None:
     _install("ready-report", root / "usr/lib/cerulean/ready-report", 0o755)
     for unit in ("cerulean-ready.service", "cerulean-ssh-keygen.service"):
         _install(unit, root / f"usr/lib/systemd/system/{unit}")
-    _install("50-root.conf", root / "usr/lib/repart.d/50-root.conf")
+    # The last partition grows to the disk on first boot: root, or /var when the
+    # root is read-only.
+    grow = "50-var.conf" if read_only else "50-root.conf"
+    _install(grow, root / "usr/lib/repart.d" / grow)
     network = root / "etc/systemd/network/80-cerulean-dhcp.network"
     network.parent.mkdir(parents=True, exist_ok=True)
     network.write_text("[Match]\nType=ether\nKind=!*\n\n[Network]\nDHCP=yes\n")
@@ -112,14 +116,31 @@ def strip_setuid(root: Path, allow: tuple[str, ...]) -> list[str]:
     return sorted(changed)
 
 
-def write_fstab(root: Path, root_partuuid: str) -> None:
-    # / is listed so that systemd grows its file system to the partition, which
-    # systemd-repart grows to the disk on first boot (x-systemd.growfs).
+# Mount options beyond the defaults: no devices, setuid programs or (where
+# nothing needs it) executables on the world-writable and user-owned trees.
+HARDENED_MOUNTS = (
+    "tmpfs /tmp tmpfs nosuid,nodev,noexec,mode=1777,size=50% 0 0",
+    "tmpfs /dev/shm tmpfs nosuid,nodev,noexec,mode=1777 0 0",
+    "/var/tmp /var/tmp none bind,nosuid,nodev,noexec 0 0",
+    "/home /home none bind,nosuid,nodev 0 0",
+)
+
+
+def write_fstab(root: Path, root_partuuid: str, var_partuuid: str | None = None) -> None:
+    """/etc/fstab; with *var_partuuid* the root is read-only and /var is its own partition."""
+    if var_partuuid is None:
+        # / is listed so that systemd grows its file system to the partition, which
+        # systemd-repart grows to the disk on first boot (x-systemd.growfs).
+        mounts = [f"PARTUUID={root_partuuid} / ext4 rw,x-systemd.growfs 0 1"]
+    else:
+        # /var is mounted by the initrd, so early services that sandbox /var/tmp
+        # (systemd-resolved) find it in place.
+        mounts = [f"PARTUUID={root_partuuid} / ext4 ro 0 1",
+                  f"PARTUUID={var_partuuid} /var ext4 "
+                  "rw,nosuid,nodev,x-initrd.mount,x-systemd.growfs 0 2"]
     (root / "etc/fstab").write_text(
         "# /usr comes from the kernel command line (usrhash=, mount.usr=).\n"
-        f"PARTUUID={root_partuuid} / ext4 rw,x-systemd.growfs 0 1\n"
-        "tmpfs /tmp tmpfs nosuid,nodev,mode=1777,size=50% 0 0\n"
-    )
+        + "".join(m + "\n" for m in [*mounts, *HARDENED_MOUNTS]))
 
 
 def kernel_version(root: Path) -> str:

@@ -104,23 +104,29 @@ def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition, cach
 
 
 def cmdline(arch: arches.Arch, usr: disk.UsrImage, root_uuid: str, slot: str,
-            extra: Sequence[str]) -> str:
+            extra: Sequence[str], read_only: bool = False) -> str:
     return " ".join([
         f"usrhash={usr.roothash}",
         f"systemd.verity_usr_data=PARTUUID={usr.data_uuid}",
         f"systemd.verity_usr_hash=PARTUUID={usr.hash_uuid}",
         "mount.usr=/dev/mapper/usr", "mount.usrfstype=erofs", "mount.usrflags=ro",
-        f"root=PARTUUID={root_uuid}", "rw", "console=tty0", f"console={arch.console}",
+        f"root=PARTUUID={root_uuid}", "ro" if read_only else "rw",
+        "console=tty0", f"console={arch.console}",
         "apparmor=1", "security=apparmor", f"cerulean.slot={slot}", *extra,
     ])
 
 
-def _root_tree(rootfs: Path, dest: Path) -> None:
-    """Everything but /usr's contents: what goes on the writable root partition."""
+def uki_name(version: str, slot: str, tries: int) -> str:
+    """The slot's UKI file name on the ESP; ``+TRIES`` turns on systemd-boot's counting."""
+    return f"cerulean_{version}-{slot}" + (f"+{tries}" if tries else "") + ".efi"
+
+
+def _root_tree(rootfs: Path, dest: Path, separate: tuple[str, ...] = ()) -> None:
+    """Everything but /usr's contents (and *separate* trees, left as empty mount points)."""
     dest.mkdir()
     for item in sorted(rootfs.iterdir()):
-        if item.name == "usr":
-            (dest / "usr").mkdir(mode=0o755)
+        if item.name == "usr" or item.name in separate:
+            (dest / item.name).mkdir(mode=0o755)
             continue
         r = subprocess.run(["cp", "-a", str(item), str(dest / item.name)],
                            capture_output=True, text=True, check=False)
@@ -148,9 +154,11 @@ def _build_disk(defn: ImageDefinition, lock: Lock, arch: arches.Arch, rootfs: Pa
     say(f"{arch_name}: configuring")
     sysconfig.write_identity(rootfs, defn, version)
     sysconfig.write_hardening(rootfs)
-    sysconfig.write_services(rootfs)
+    ro = defn.system_read_only
+    sysconfig.write_services(rootfs, read_only=ro)
     root_uuid = disk.stable_uuid("root", defn.name, arch_name)
-    sysconfig.write_fstab(rootfs, root_uuid)
+    var_uuid = disk.stable_uuid("var", defn.name, arch_name) if ro else None
+    sysconfig.write_fstab(rootfs, root_uuid, var_uuid)
     sysconfig.enable_units(rootfs, defn)
     sysconfig.strip_setuid(rootfs, defn.system_setuid_allow)
     kver = sysconfig.kernel_version(rootfs)
@@ -174,16 +182,21 @@ def _build_disk(defn: ImageDefinition, lock: Lock, arch: arches.Arch, rootfs: Pa
     say(f"{arch_name}: building the UKI and the ESP")
     uki = work / "uki-A.efi"
     (rootfs / "boot").mkdir(exist_ok=True)
-    line = cmdline(arch, usr, root_uuid, "A", defn.system_kernel_cmdline)
+    line = cmdline(arch, usr, root_uuid, "A", defn.system_kernel_cmdline, ro)
     disk.make_uki(tools, rootfs, work, arch, kver, initrd, line, uki)
-    disk.make_esp(tools, rootfs, work, arch, {f"cerulean_{version}-A.efi": uki})
+    disk.make_esp(tools, rootfs, work, arch,
+                  {uki_name(version, "A", defn.system_boot_tries): uki})
     sysconfig.remove_boot_leftovers(rootfs)
     root_tree = work / "root"
-    _root_tree(rootfs, root_tree)
+    _root_tree(rootfs, root_tree, ("var",) if ro else ())
+    var = None
+    if var_uuid is not None:
+        var = (var_uuid, disk.root_size(rootfs / "var"))
     say(f"{arch_name}: assembling the disk")
-    disk.repart_config(work, arch, usr, slot, root_uuid, disk.root_size(root_tree))
+    disk.repart_config(work, arch, usr, slot, root_uuid, disk.root_size(root_tree), var)
     raw = work / "disk.raw"
-    disk.assemble(tools, work, root_tree, disk.stable_uuid("seed", defn.name, arch_name), raw)
+    disk.assemble(tools, work, root_tree, disk.stable_uuid("seed", defn.name, arch_name), raw,
+                  rootfs / "var" if ro else None)
     disk.align_to_mib(tools, work, raw)
     final = work / out.name
     disk.convert(tools, work, raw, fmt, final)

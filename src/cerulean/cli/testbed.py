@@ -42,6 +42,9 @@ emergency shell, or the timeout, then stops QEMU and checks:
   /usr read-only                     /usr is mounted ro
   /usr on device-mapper              /usr comes from /dev/mapper/* or /dev/dm-*
   /usr verity verified               /usr is a dm-verity device
+  boot marked good                   systemd-bless-boot marked the boot good
+                                     (boot-complete.target reached), so
+                                     systemd-boot's boot counting keeps the slot
 
 The console log is kept as DISK-STEM.console.log in --log-dir. Exit status
 is 0 if every check passed, 1 otherwise. Under TCG (no working KVM) a boot

@@ -19,8 +19,9 @@ CLEAN_CONSOLE = "no panic, oops or emergency shell"
 USR_READ_ONLY = "/usr read-only"
 USR_DM = "/usr on device-mapper"
 USR_VERITY = "/usr verity verified"
+BOOT_GOOD = "boot marked good"
 CHECK_NAMES = (NO_TIMEOUT, MULTI_USER, NO_FAILED_UNITS, CLEAN_CONSOLE, USR_READ_ONLY, USR_DM,
-               USR_VERITY)
+               USR_VERITY, BOOT_GOOD)
 
 _DM_PREFIXES = ("/dev/mapper/", "/dev/dm-")
 
@@ -55,7 +56,24 @@ def evaluate(outcome: Outcome, report: ReadyReport | None, events: list[ConsoleE
     else:
         checks.append(Check(CLEAN_CONSOLE, True, "none on the console"))
     checks.extend(_usr(report))
+    checks.append(_blessed(report))
     return checks
+
+
+def _blessed(report: ReadyReport | None) -> Check:
+    """systemd-boot's boot counting: the slot's entry must have been marked good."""
+    if report is None:
+        return Check(BOOT_GOOD, False, "unknown: no READY report")
+    state = report.get("bless")
+    if state == "good":
+        return Check(BOOT_GOOD, True, "systemd-bless-boot marked this boot good")
+    if state == "clean":
+        return Check(BOOT_GOOD, True, "boot counting is off for this entry (boot-tries = 0)")
+    if state is None:
+        return Check(BOOT_GOOD, False, "the READY report has no 'bless' key")
+    return Check(BOOT_GOOD, False,
+                 f"bless={state!r}: boot-complete.target was not reached, so systemd-boot "
+                 "will count this as a failed try")
 
 
 def _timeout(outcome: Outcome, timeout_s: float, elapsed_s: float) -> Check:
