@@ -108,3 +108,49 @@ def test_disk_formats(fmt: str, qemu_format: str, vm_env: dict[str, Path],
     if fmt == "vhd":
         # A fixed VHD: the file is the disk plus a 512-byte footer.
         assert disk.stat().st_size == info["virtual-size"] + 512
+
+
+INSIDE = r"""
+out=$1
+findmnt -n -o SOURCE,FSTYPE,OPTIONS /usr > "$out/findmnt-usr"
+dmsetup table --target verity > "$out/dm-verity" 2>&1
+bootctl status --no-pager > "$out/bootctl" 2>&1
+systemctl --failed --no-legend --plain > "$out/failed"
+sshd -T 2>/dev/null | grep -Ei '^(permitrootlogin|passwordauthentication) ' > "$out/sshd"
+for k in kernel.kptr_restrict kernel.dmesg_restrict kernel.unprivileged_bpf_disabled \
+         net.ipv4.conf.all.rp_filter net.ipv4.conf.all.accept_redirects; do
+  echo "$k=$(sysctl -n $k)"
+done > "$out/sysctl"
+find / \( -path /proc -o -path /sys -o -path /run -o -path /dev \) -prune -o \
+     -type f \( -perm -4000 -o -perm -2000 \) -print | sort > "$out/setuid"
+cat /sys/module/apparmor/parameters/enabled > "$out/apparmor"
+systemctl is-active auditd > "$out/auditd"
+cat /etc/machine-id > "$out/machine-id"
+"""
+
+
+def test_inside_the_booted_vm(build_system: Callable[[str, str], Path], tmp_path: Path) -> None:
+    """The issue's by-hand checks, run inside the booted vm image."""
+    from cerulean.testbed.guest import run_in_guest
+
+    disk = build_system("vm", "amd64")
+    run = run_in_guest(disk, INSIDE, out_dir=tmp_path / "guest", timeout_s=900)
+    assert run.returncode == 0, (run.text("stderr"), run.console_log)
+    source, fstype, options = run.text("findmnt-usr").split()
+    assert source == "/dev/mapper/usr" and fstype == "erofs" and "ro" in options.split(",")
+    assert " verity " in run.text("dm-verity"), run.text("dm-verity")
+    bootctl = run.text("bootctl")
+    assert "Product: systemd-boot" in bootctl and "Current Entry: cerulean_" in bootctl, bootctl
+    assert run.text("failed").strip() == ""
+    assert run.text("sshd").lower().split() == ["permitrootlogin", "no",
+                                                "passwordauthentication", "no"]
+    assert dict(x.split("=") for x in run.text("sysctl").split()) == {
+        "kernel.kptr_restrict": "2", "kernel.dmesg_restrict": "1",
+        "kernel.unprivileged_bpf_disabled": "1", "net.ipv4.conf.all.rp_filter": "1",
+        "net.ipv4.conf.all.accept_redirects": "0"}
+    allowed = {"/usr/bin/sudo", "/usr/bin/passwd", "/usr/bin/su", "/usr/lib/openssh/ssh-keysign"}
+    assert set(run.text("setuid").split()) <= allowed, run.text("setuid")
+    assert run.text("apparmor").strip() == "Y"
+    assert run.text("auditd").strip() == "active"
+    assert len(run.text("machine-id").strip()) == 32  # made on first boot
+    assert run.uptime_at_start_s is not None and run.uptime_at_start_s > 0
