@@ -58,11 +58,56 @@ for f in tcp tcp6 udp udp6; do
       { print p, $2 }' "/proc/net/$f"
 done | sort -u > "$out/listening"
 findmnt -rn -o TARGET,OPTIONS > "$out/mounts"
-cp lynis/etc/lynis/default.prf lynis/usr/share/lynis/ 2>/dev/null
+# Debian keeps Lynis' profile and plugins under /etc/lynis; Lynis also looks in ./
+cp lynis/etc/lynis/default.prf lynis/usr/share/lynis/
+cp -r lynis/etc/lynis/plugins lynis/usr/share/lynis/plugins
 cd lynis/usr/share/lynis && sh ../../sbin/lynis audit system --quick --no-colors \
     --logfile "$out/lynis.log" --report-file "$out/lynis-report.dat" > "$out/lynis.out" 2>&1
 echo "lynis rc=$?" >> "$out/lynis.out"
 """
+
+
+# In container-host: load Cerulean's python OCI image and start containers from it.
+PODMAN = r"""
+out=$1
+now() { date +%s.%N; }
+t0=$(now); podman load -q -i python.oci.tar > "$out/load" 2>&1; t1=$(now)
+echo "load_s=$(awk "BEGIN { print $t1 - $t0 }")" >> "$out/podman"
+image=$(sed -n 's/^Loaded image: //p' "$out/load" | head -1)
+for i in 1 2 3 4 5; do
+  t0=$(now)
+  podman run --rm --network=none "$image" -c 'print(1)' >> "$out/run" 2>&1
+  t1=$(now)
+  echo "run_s=$(awk "BEGIN { print $t1 - $t0 }")" >> "$out/podman"
+done
+podman --version >> "$out/podman"
+"""
+
+
+def podman_times(tmp: Path, timeout: float) -> dict[str, object]:
+    """Container start time inside the booted container-host image (TCG)."""
+    for image in ("container-host", "python"):
+        _, r = timed([str(CERULEAN), "build", str(ROOT / "images" / f"{image}.toml"),
+                      "--arch", "amd64", "--out", str(tmp / "podman")])
+        if r.returncode != 0:
+            raise SystemExit(f"cerulean build {image} failed: {r.stderr.strip()[-500:]}")
+    run = run_in_guest(tmp / "podman" / "container-host-amd64.qcow2", PODMAN,
+                       files={"python.oci.tar": tmp / "podman" / "python.oci.tar"},
+                       timeout_s=timeout, out_dir=tmp / "run-podman")
+    values: dict[str, list[float]] = {}
+    for line in run.text("podman").splitlines():
+        key, _, value = line.partition("=")
+        try:
+            values.setdefault(key, []).append(float(value))
+        except ValueError:
+            continue
+    runs = values.get("run_s", [])
+    printed = run.text("run").split().count("1")
+    if run.returncode != 0 or len(runs) != 5 or printed != 5:
+        raise SystemExit(f"podman in container-host failed: {run.text('load')} {run.text('run')} "
+                         f"{run.text('stderr')}")
+    return {"load_s": values["load_s"][0], "first_run_s": runs[0],
+            "median_run_s": sorted(runs)[2], "version": run.text("podman").splitlines()[-1]}
 
 
 def lynis_tree(url: str, dest: Path) -> Path:
@@ -141,6 +186,8 @@ def main() -> int:
     ap.add_argument("--cold", action="store_true", help="also build once with an empty cache")
     ap.add_argument("--debian-include", default="", help="extra packages for plain Debian")
     ap.add_argument("--timeout", type=float, default=2400, help="per guest run, seconds")
+    ap.add_argument("--skip-podman", action="store_true",
+                    help="skip container start times in container-host")
     args = ap.parse_args()
     os.chdir(ROOT)  # the tools tree's definition is found in ./images
     url = mirror()
@@ -181,8 +228,11 @@ def main() -> int:
             shutil.rmtree(keep, ignore_errors=True)
             shutil.copytree(run.out_dir, keep)
             counts = {k: v for k, v in result[name].items()  # type: ignore[attr-defined]
-                      if "list" not in k}
+                      if not k.endswith("_list")}
             print(f"{name}: {json.dumps(counts)}", file=sys.stderr)
+        if not args.skip_podman:
+            result["podman"] = podman_times(tmp, args.timeout)
+            print(f"podman: {result['podman']}", file=sys.stderr)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "system.json").write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
@@ -210,6 +260,12 @@ def markdown(r: dict[str, object]) -> str:
                f"{r['debian_build_s']} (mmdebstrap + UKI + disk) |")
     if "cerulean_cold_build_s" in r:
         out.append(f"| image build, empty cache (s) | {r['cerulean_cold_build_s']} | |")
+    if "podman" in r:
+        pm: dict[str, object] = r["podman"]  # type: ignore[assignment]
+        out += ["", f"In the booted `container-host` (TCG, {pm['version']}): "
+                f"`podman load` of the `python` OCI archive {pm['load_s']:.1f} s; "
+                f"`podman run --rm --network=none python -c 'print(1)'` first "
+                f"{pm['first_run_s']:.2f} s, median of 5 {pm['median_run_s']:.2f} s."]
     return "\n".join(out)
 
 

@@ -383,6 +383,32 @@ def test_write_hardening_without_sshd_or_shadow(tmp_path: Path) -> None:
     assert (tmp_path / "usr/lib/sysctl.d/90-cerulean-hardening.conf").is_file()
     assert not (tmp_path / "etc/ssh").exists()
     assert not (tmp_path / "etc/shadow").exists()
+    # Nothing for packages the image does not have.
+    assert not (tmp_path / "usr/lib/systemd/resolved.conf.d").exists()
+    assert not (tmp_path / "etc/audit").exists()
+    assert not (tmp_path / "etc/login.defs").exists()
+
+
+def test_write_hardening_resolved_audit_modules_login(tmp_path: Path) -> None:
+    root = tmp_path
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    (root / "usr/lib/systemd/systemd-resolved").write_text("")
+    (root / "etc/audit/rules.d").mkdir(parents=True)
+    (root / "etc/login.defs").write_text("# c\nUMASK\t\t022\nPASS_MAX_DAYS\t99999\nX 1\n")
+    sysconfig.write_hardening(root)
+    resolved = (root / "usr/lib/systemd/resolved.conf.d/50-cerulean.conf").read_text()
+    assert "LLMNR=no" in resolved.splitlines() and "MulticastDNS=no" in resolved.splitlines()
+    modprobe = (root / "usr/lib/modprobe.d/50-cerulean.conf").read_text().splitlines()
+    for proto in ("dccp", "sctp", "rds", "tipc"):
+        assert f"install {proto} /bin/false" in modprobe
+    rules = root / "etc/audit/rules.d/50-cerulean.rules"
+    assert "-w /etc/shadow -p wa -k identity" in rules.read_text().splitlines()
+    assert mode(rules) == 0o640
+    defs = [line.split() for line in (root / "etc/login.defs").read_text().splitlines()]
+    assert ["UMASK", "027"] in defs and ["PASS_MAX_DAYS", "365"] in defs
+    assert ["PASS_MIN_DAYS", "1"] in defs and ["X", "1"] in defs and ["UMASK", "022"] not in defs
+    assert "Authorized use only" in (root / "etc/issue.net").read_text()
+    assert (root / "etc/issue").read_text().startswith("Cerulean Linux \\n \\l\n")
 
 
 # --- sysconfig: identity, fstab, kernel -------------------------------------------------------

@@ -126,6 +126,7 @@ find / \( -path /proc -o -path /sys -o -path /run -o -path /dev \) -prune -o \
 cat /sys/module/apparmor/parameters/enabled > "$out/apparmor"
 systemctl is-active auditd > "$out/auditd"
 cat /etc/machine-id > "$out/machine-id"
+cat /proc/net/tcp /proc/net/tcp6 /proc/net/udp /proc/net/udp6 > "$out/sockets"
 """
 
 
@@ -153,4 +154,10 @@ def test_inside_the_booted_vm(build_system: Callable[[str, str], Path], tmp_path
     assert run.text("apparmor").strip() == "Y"
     assert run.text("auditd").strip() == "active"
     assert len(run.text("machine-id").strip()) == 32  # made on first boot
+    # No LLMNR (5355 = 0x14EB) or mDNS (5353 = 0x14E9) responder.
+    local = [line.split()[1] for line in run.text("sockets").splitlines()
+             if line.strip() and line.split()[0] != "sl"]
+    ports = {addr.rsplit(":", 1)[1] for addr in local}
+    assert "0016" in ports  # sshd on 22: the list is real
+    assert not ports & {"14EB", "14E9"}, ports
     assert run.uptime_at_start_s is not None and run.uptime_at_start_s > 0

@@ -63,6 +63,16 @@ def write_hardening(root: Path) -> None:
              root / "usr/lib/sysctl.d/95-cerulean-cloud-tuning.conf")
     if (root / "etc/ssh/sshd_config").exists():
         _install("sshd-cerulean.conf", root / "etc/ssh/sshd_config.d/50-cerulean.conf")
+    if (root / "usr/lib/systemd/systemd-resolved").exists():
+        _install("resolved-cerulean.conf",
+                 root / "usr/lib/systemd/resolved.conf.d/50-cerulean.conf")
+    _install("modprobe-cerulean.conf", root / "usr/lib/modprobe.d/50-cerulean.conf")
+    if (root / "etc/audit/rules.d").is_dir():
+        _install("audit-cerulean.rules", root / "etc/audit/rules.d/50-cerulean.rules", 0o640)
+    banner = (FILES / "issue-banner").read_text()
+    (root / "etc/issue").write_text(f"Cerulean Linux \\n \\l\n\n{banner}\n")
+    (root / "etc/issue.net").write_text(banner)
+    _login_defs(root / "etc/login.defs")
     # No password for root: console login is for the emergency target only.
     shadow = root / "etc/shadow"
     if shadow.exists():
@@ -70,6 +80,25 @@ def write_hardening(root: Path) -> None:
         shadow.write_text("".join(
             ("root:*:" + line.split(":", 2)[2] if line.startswith("root:") else line) + "\n"
             for line in lines))
+
+
+# login.defs: new files private to their group, and password ageing for the
+# accounts that have passwords at all.
+LOGIN_DEFS = {"UMASK": "027", "PASS_MAX_DAYS": "365", "PASS_MIN_DAYS": "1"}
+
+
+def _login_defs(path: Path) -> None:
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    seen: set[str] = set()
+    for i, line in enumerate(lines):
+        words = line.split()
+        if words and words[0] in LOGIN_DEFS:
+            lines[i] = f"{words[0]}\t\t{LOGIN_DEFS[words[0]]}"
+            seen.add(words[0])
+    lines += [f"{k}\t\t{v}" for k, v in LOGIN_DEFS.items() if k not in seen]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def write_services(root: Path, read_only: bool = False) -> None:
