@@ -12,7 +12,7 @@ APT_PACKAGES := gpgv gnupg zstd xz-utils binutils ca-certificates \
 	qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64 \
 	python3-venv python3-pip
 
-.PHONY: demo test setup apt venv lint bench clean
+.PHONY: demo test setup apt venv lint bench bench-system clean
 
 # The archive moves on (security updates, point releases): refresh the lock to
 # its newest state, then build exactly that lock for both architectures.
@@ -29,6 +29,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/build_bench.py
+
+bench-system: setup
+	$(BIN)/python benchmarks/system_bench.py
 
 setup: apt venv
 

@@ -106,6 +106,22 @@ def test_ready_block_survives_escapes_and_interleaved_kernel_lines() -> None:
     assert report.failed_units == ["foo.service", "bar.mount"]
 
 
+def test_ready_block_survives_a_getty_prompt() -> None:
+    # As seen under load: the serial getty's banner and prompt between report lines.
+    text = ("CERULEAN-READY-BEGIN\r\n"
+            "uptime=82.29\r\n"
+            "\r\r\n"
+            "Cerulean Linux cerulean ttyS0\r\n"
+            "\r\n"
+            "cerulean login: failed=\r\n"
+            "usr=/dev/mapper/usr erofs ro\r\n"
+            "CERULEAN-READY-END\r\n")
+    report = scan(text).report
+    assert report is not None
+    assert report.values == {"uptime": "82.29", "failed": "", "usr": "/dev/mapper/usr erofs ro"}
+    assert report.failed_units == []
+
+
 def test_console_fed_byte_by_byte() -> None:
     from cerulean.testbed.console import ConsoleScanner
 

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 
 READY_BEGIN = "CERULEAN-READY-BEGIN"
 READY_END = "CERULEAN-READY-END"
+# A serial getty prints its prompt on the same console; a report line can land
+# right after it ("cerulean login: failed=").
+_LOGIN_PROMPT = re.compile(r"^\S+ login:\s*")
 
 # CSI (ESC [ ... final, including private ones like ESC [ ? 7 h and ESC [ = 3 h),
 # OSC (ESC ] ... BEL or ST), charset designations (ESC ( B), other two-byte escapes.
@@ -139,7 +142,7 @@ class ConsoleScanner:
         elif self._block is not None:
             if READY_END in line:
                 self.report, self._block = ReadyReport(self._block), None
-            elif m := _KEY_VALUE.match(line):
+            elif m := _KEY_VALUE.match(_LOGIN_PROMPT.sub("", line)):
                 # Kernel messages can land between the report's lines; they are
                 # not key=value lines, so skipping them keeps the block intact.
                 self._block.setdefault(m.group(1), m.group(2).strip())
