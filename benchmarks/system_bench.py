@@ -93,6 +93,7 @@ def podman_times(tmp: Path, timeout: float) -> dict[str, object]:
             raise SystemExit(f"cerulean build {image} failed: {r.stderr.strip()[-500:]}")
     run = run_in_guest(tmp / "podman" / "container-host-amd64.qcow2", PODMAN,
                        files={"python.oci.tar": tmp / "podman" / "python.oci.tar"},
+                       cfg=QemuConfig(disk_size_mib=4096),  # room for container storage
                        timeout_s=timeout, out_dir=tmp / "run-podman")
     values: dict[str, list[float]] = {}
     for line in run.text("podman").splitlines():
@@ -230,6 +231,8 @@ def main() -> int:
             counts = {k: v for k, v in result[name].items()  # type: ignore[attr-defined]
                       if not k.endswith("_list")}
             print(f"{name}: {json.dumps(counts)}", file=sys.stderr)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "system.json").write_text(json.dumps(result, indent=2) + "\n")
         if not args.skip_podman:
             result["podman"] = podman_times(tmp, args.timeout)
             print(f"podman: {result['podman']}", file=sys.stderr)

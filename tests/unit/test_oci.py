@@ -539,7 +539,15 @@ def test_zstd_layout_with_skopeo_and_umoci(tmp_path: Path) -> None:
     """skopeo reads zstd layers; umoci 0.4.7 does not, but a skopeo re-compress fixes that."""
     skopeo, umoci = need("skopeo"), need("umoci")
     built = build(tmp_path / "z", Compression.ZSTD)
-    assert skopeo_config(f"oci-archive:{built.archive}:latest-arm64")["architecture"] == "arm64"
+    assert skopeo_config("--override-arch", "arm64",
+                         f"oci-archive:{built.archive}:latest")["architecture"] == "arm64"
+    # The archive names one image, so podman load takes it without asking.
+    with tarfile.open(built.archive) as tar:
+        member = tar.extractfile("index.json")
+        assert member is not None
+        entries = json.loads(member.read())["manifests"]
+    assert [e["annotations"]["org.opencontainers.image.ref.name"] for e in entries] == ["latest"]
+    assert entries[0]["mediaType"] == "application/vnd.oci.image.index.v1+json"
     # A copy to dir: reads and verifies every blob.
     run(skopeo, "copy", f"oci:{built.layout}:latest-arm64", f"dir:{tmp_path / 'dir'}")
     rootless = [] if os.geteuid() == 0 else ["--rootless"]

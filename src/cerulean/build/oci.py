@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import io
 import json
 import os
 import re
@@ -527,8 +528,28 @@ def _layout_members(layout: Path) -> list[tuple[str, Path]]:
     return sorted(names)
 
 
-def write_oci_archive(layout: Path, archive: Path, mtime: int = 0) -> None:
+def _archive_index(layout: Path, ref: str | None) -> bytes:
+    """The archive's index.json: only the entry named *ref*, when the layout has it.
+
+    ``podman load`` refuses an archive whose index lists more than one image
+    ("choose an image"); the per-architecture refs stay in the directory layout.
+    """
+    data = (layout / "index.json").read_bytes()
+    index = json.loads(data)
+    keep = [m for m in index.get("manifests", [])
+            if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref]
+    if ref is None or len(keep) != 1 or len(index["manifests"]) == 1:
+        return data
+    index["manifests"] = keep
+    return json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
+
+
+def write_oci_archive(layout: Path, archive: Path, mtime: int = 0,
+                      ref: str | None = "latest") -> None:
     """Pack *layout* into the ``oci-archive`` tar *archive*, deterministically.
+
+    The archive's index.json names only the image *ref* (the multi-architecture
+    index), so ``podman load -i`` takes it without asking which image to use.
 
     Entries are sorted, owned by 0:0 with no names, mode 0644 (0755 for
     directories), all with *mtime*. The tar is written next to *archive* and
@@ -556,6 +577,11 @@ def write_oci_archive(layout: Path, archive: Path, mtime: int = 0) -> None:
                     info.type = tarfile.DIRTYPE
                     info.mode = 0o755
                     tar.addfile(info)
+                elif name == "index.json":
+                    index = _archive_index(layout, ref)
+                    info.mode = 0o644
+                    info.size = len(index)
+                    tar.addfile(info, io.BytesIO(index))
                 elif stat.S_ISREG(st.st_mode):
                     info.mode = 0o644
                     info.size = st.st_size
