@@ -161,3 +161,71 @@ def test_inside_the_booted_vm(build_system: Callable[[str, str], Path], tmp_path
     assert "0016" in ports  # sshd on 22: the list is real
     assert not ports & {"14EB", "14E9"}, ports
     assert run.uptime_at_start_s is not None and run.uptime_at_start_s > 0
+
+
+USER_DATA = """#cloud-config
+users:
+  - name: ops
+    groups: [sudo]
+    shell: /bin/bash
+    sudo: "ALL=(ALL) NOPASSWD:ALL"
+    ssh_authorized_keys:
+      - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFtTnYrW3h9b3Pp2Vx0Y8s6cQ8lq1n1eKJd3mB0GZyAb ops@test
+write_files:
+  - path: /etc/cerulean-provisioned
+    content: "by NoCloud\\n"
+"""
+
+
+def _nocloud_seed(vm_env: dict[str, Path], dest: Path) -> None:
+    """A vfat seed labelled CIDATA, made with the tools tree (the host has no mkfs.vfat)."""
+    from cerulean.build.chroot import run_in
+    from cerulean.build.system import overlay
+    from cerulean.build.system_image import tools_tree
+    from cerulean.debian.cache import Cache
+
+    seed = dest.parent / "seed"
+    seed.mkdir()
+    (seed / "user-data").write_text(USER_DATA)
+    (seed / "meta-data").write_text("instance-id: cerulean-test-1\nlocal-hostname: web-1\n")
+    with dest.open("wb") as f:
+        f.truncate(4 * 1024 * 1024)
+    old = Path.cwd()
+    os.chdir(vm_env["work"])
+    try:
+        tree = tools_tree(Cache(vm_env["cache"]), lambda _m: None, offline=False)
+    finally:
+        os.chdir(old)
+    with overlay(tree, dest.parent / "tools") as tools:
+        run_in(tools, ["mkfs.vfat", "-n", "CIDATA", "/out/seed.img"], binds={dest.parent: "/out"})
+        run_in(tools, ["mcopy", "-i", "/out/seed.img", "/out/seed/user-data",
+                       "/out/seed/meta-data", "::/"], binds={dest.parent: "/out"},
+               env={"MTOOLS_SKIP_CHECK": "1"})
+
+
+def test_vm_is_provisioned_by_cloud_init_nocloud(vm_env: dict[str, Path],
+                                                 build_system: Callable[[str, str], Path],
+                                                 tmp_path: Path) -> None:
+    """cloud-init finds a NoCloud seed disk, creates the user with its key and sets the name."""
+    from cerulean.testbed.guest import run_in_guest
+    from cerulean.testbed.qemu import QemuConfig
+
+    disk = build_system("vm", "amd64")
+    seed = tmp_path / "seed.img"
+    _nocloud_seed(vm_env, seed)
+    cfg = QemuConfig(extra_args=("-drive", f"if=virtio,format=raw,readonly=on,file={seed}"))
+    script = r"""
+cloud-init status --wait --long > "$1/status" 2>&1
+getent passwd ops > "$1/passwd"
+cat /home/ops/.ssh/authorized_keys > "$1/keys"
+cat /etc/cerulean-provisioned > "$1/written"
+hostname > "$1/hostname"
+"""
+    run = run_in_guest(disk, script, cfg=cfg, out_dir=tmp_path / "guest", timeout_s=1200)
+    assert run.returncode == 0, (run.text("stderr"), run.text("status"), run.console_log)
+    assert "status: done" in run.text("status"), run.text("status")
+    assert run.text("passwd").startswith("ops:") and run.text("passwd").strip().endswith(
+        ":/home/ops:/bin/bash")
+    assert "ops@test" in run.text("keys")
+    assert run.text("written") == "by NoCloud\n"
+    assert run.text("hostname").strip() == "web-1"
