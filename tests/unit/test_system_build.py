@@ -246,14 +246,15 @@ def test_root_size_covers_content_and_grows_with_it(tmp_path: Path) -> None:
 def test_cmdline(arch: str, console: str) -> None:
     usr = disk.UsrImage(Path("/nonexistent/d"), Path("/nonexistent/h"), ROOTHASH)
     root_uuid = disk.stable_uuid("root", "img", arch)
-    line = system_image.cmdline(arches.get(arch), usr, root_uuid, "A",
+    line = system_image.cmdline(arches.get(arch), usr, root_uuid,
                                 ("quiet", "systemd.log_level=debug"))
     args = line.split(" ")
     assert args[0] == f"usrhash={ROOTHASH}"
     for expected in (f"systemd.verity_usr_data=PARTUUID={UUID_A}",
                      f"systemd.verity_usr_hash=PARTUUID={UUID_B}",
                      "mount.usr=/dev/mapper/usr", "mount.usrfstype=erofs", "mount.usrflags=ro",
-                     f"root=PARTUUID={root_uuid}", f"console={console}", "cerulean.slot=A"):
+                     f"root=PARTUUID={root_uuid}", f"console={console}", "panic=10",
+                     "rd.emergency=reboot"):
         assert args.count(expected) == 1, expected
     other = "ttyAMA0" if console == "ttyS0" else "ttyS0"
     assert f"console={other}" not in args
@@ -261,13 +262,14 @@ def test_cmdline(arch: str, console: str) -> None:
     consoles = [a for a in args if a.startswith("console=")]
     assert consoles == ["console=tty0", f"console={console}"]
     assert args[-2:] == ["quiet", "systemd.log_level=debug"]
-    assert args[-3] == "cerulean.slot=A"
+    # One UKI boots its /usr from either slot: the command line names no slot.
+    assert not [a for a in args if "slot" in a]
 
 
-def test_cmdline_without_extra_args_ends_with_the_slot() -> None:
+def test_cmdline_without_extra_args() -> None:
     usr = disk.UsrImage(Path("/nonexistent/d"), Path("/nonexistent/h"), ROOTHASH)
-    line = system_image.cmdline(arches.get("amd64"), usr, "r", "B", ())
-    assert line.endswith(" cerulean.slot=B")
+    line = system_image.cmdline(arches.get("amd64"), usr, "r", ())
+    assert line.endswith(" rd.emergency=reboot")
     assert "  " not in line
 
 
@@ -487,10 +489,15 @@ def test_write_services_grows_the_writable_partition(tmp_path: Path) -> None:
         assert conf == {"Type": grown[3:-5], "GrowFileSystem": "yes"}
 
 
-@pytest.mark.parametrize(("tries", "name"), [(3, "cerulean_1.20261125-A+3.efi"),
-                                             (0, "cerulean_1.20261125-A.efi")])
+@pytest.mark.parametrize(("tries", "name"), [(3, "cerulean_13.20261125.0+3.efi"),
+                                             (0, "cerulean_13.20261125.0.efi")])
 def test_uki_name_carries_the_boot_count(tries: int, name: str) -> None:
-    assert system_image.uki_name("1.20261125", "A", tries) == name
+    assert system_image.uki_name("13.20261125.0", tries) == name
+    # The updater on the host reads the same names.
+    from cerulean.agent.update.boot import ENTRY
+
+    m = ENTRY.match(name)
+    assert m is not None and m["version"] == "13.20261125.0"
 
 
 def test_boot_tries_is_bounded(tmp_path: Path) -> None:
@@ -653,7 +660,7 @@ def test_unknown_system_key_and_kind(tmp_path: Path) -> None:
         system_defn(tmp_path, 'host-name = "x"')
     assert str(e.value) == (
         f"{tmp_path / 'img.toml'}: unknown key 'system.host-name'; valid in [system]: "
-        "boot-tries, disable, enable, format, hostname, initrd-modules, kernel-cmdline, "
+        "agent, boot-tries, disable, enable, format, hostname, initrd-modules, kernel-cmdline, "
         "read-only, setuid-allow, usr-slot-mib.")
     with pytest.raises(DefinitionError) as e:
         system_defn(tmp_path, kind="vm")
@@ -669,8 +676,11 @@ def test_resolution_inputs_mark_system_images(tmp_path: Path) -> None:
     cont = system_defn(tmp_path, kind="container")
     assert sysd.resolution_inputs()["essential"] is True
     assert "essential" not in cont.resolution_inputs()
-    assert {k: v for k, v in sysd.resolution_inputs().items() if k != "essential"} == \
-        cont.resolution_inputs()
+    assert {k: v for k, v in sysd.resolution_inputs().items()
+            if k not in ("essential", "agent")} == cont.resolution_inputs()
+    # The agent's dependencies join a system image's lock unless it goes without one.
+    assert "python3-tuf" in sysd.resolution_inputs()["agent"]  # type: ignore[operator]
+    assert "agent" not in system_defn(tmp_path, "agent = false").resolution_inputs()
     # So switching kinds makes the old lock stale.
     assert inputs_hash(sysd.resolution_inputs()) != inputs_hash(cont.resolution_inputs())
     # Settings that do not change the packages leave the inputs alone.
@@ -712,6 +722,7 @@ exclude = {json.dumps(exclude or [])}
 mirror = "{archive.url}"
 security-mirror = "{archive.url}"
 suites = ["{archive.suite}"]
+{"[system]" + chr(10) + "agent = false" if kind == "system" else ""}
 """, name))
 
 

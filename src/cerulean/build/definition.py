@@ -56,6 +56,21 @@ DEFAULT_ACCOUNTS = (
 )
 
 
+# What the cerulean-agent package (on every system image) depends on; system image
+# locks always include it.
+AGENT_DEPENDS = ("python3", "python3-tuf", "python3-cryptography", "zstd", "fdisk")
+
+
+def _window_ok(value: Any) -> str | None:
+    from cerulean.protocol.window import WindowError, parse_window
+
+    try:
+        parse_window(value)
+    except WindowError as e:
+        return str(e).rstrip(".")
+    return None
+
+
 @dataclass(frozen=True)
 class Setting:
     section: str
@@ -152,6 +167,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("system", "read-only", "bool", False,
             "Mount the root file system read-only; /var gets its own writable partition, "
             "which grows to the disk on first boot."),
+    Setting("system", "agent", "bool", True,
+            "Install the cerulean-agent package (updates, health check); its dependencies "
+            "join the lock."),
+    Setting("update", "url", "str", "",
+            "Base URL of the TUF update repository the hosts poll (system images). Empty: "
+            "no automatic updates until /etc/cerulean/update.toml names one."),
+    Setting("update", "root", "str", "",
+            "The repository's root.json the image trusts (path relative to the definition); "
+            "needed with update.url."),
+    Setting("update", "channel", "str", "stable", "Release channel the hosts follow.",
+            choices=("stable", "lts", "preview")),
+    Setting("update", "window", "str", "",
+            "Maintenance window for reboots into an update, e.g. 'Sat 02:00-04:00' or "
+            "'daily 01:00-05:00' (UTC); empty: any time.", check=_window_ok),
+    Setting("update", "reboot", "bool", True,
+            "Reboot into a downloaded update inside the window; false: only stage it."),
     Setting("output", "dpkg-database", "str", "status.d",
             "'status.d': one file per package for scanners (distroless style); "
             "'full': a real /var/lib/dpkg for images that run dpkg and apt.", choices=DPKG_DBS),
@@ -196,10 +227,20 @@ class ImageDefinition:
     system_initrd_modules: tuple[str, ...] = ()
     system_boot_tries: int = 3
     system_read_only: bool = False
+    system_agent: bool = True
+    update_url: str = ""
+    update_root: str = ""
+    update_channel: str = "stable"
+    update_window: str = ""
+    update_reboot: bool = True
 
     @property
     def is_system(self) -> bool:
         return self.image_kind == "system"
+
+    @property
+    def wants_agent(self) -> bool:
+        return self.is_system and self.system_agent
 
     @property
     def name(self) -> str:
@@ -215,6 +256,10 @@ class ImageDefinition:
         return (self.path.parent / self.archive_keyring).resolve()
 
     @property
+    def update_root_path(self) -> Path | None:
+        return (self.path.parent / self.update_root).resolve() if self.update_root else None
+
+    @property
     def lock_path(self) -> Path:
         return self.path.with_suffix(".lock")
 
@@ -227,6 +272,7 @@ class ImageDefinition:
             "components": list(self.archive_components),
             "architectures": sorted(self.image_architectures),
             **({"essential": True} if self.is_system else {}),
+            **({"agent": list(AGENT_DEPENDS)} if self.wants_agent else {}),
         }
 
 
@@ -341,7 +387,7 @@ def load_definition(path: Path) -> ImageDefinition:
             problem = s.check(s.default)
             if problem:
                 raise DefinitionError(f"{where}: '{s.section}.{s.key}': {problem}.")
-            values[s.attr] = tuple(s.default)
+            values[s.attr] = tuple(s.default) if isinstance(s.default, list) else s.default
         else:
             d = s.default
             values[s.attr] = tuple(d) if isinstance(d, list) else d
@@ -351,7 +397,17 @@ def load_definition(path: Path) -> ImageDefinition:
             raise DefinitionError(f"{where}: the file name is not a valid image name.")
     if values["accounts_users"] is None:
         values["accounts_users"] = DEFAULT_ACCOUNTS
-    return ImageDefinition(path=path, **values)
+    defn = ImageDefinition(path=path, **values)
+    if defn.update_url and not defn.update_root:
+        raise DefinitionError(
+            f"{where}: 'update.url' needs 'update.root', the repository's root.json the "
+            "image trusts.")
+    root = defn.update_root_path
+    if root is not None and not root.is_file():
+        raise DefinitionError(f"{where}: 'update.root' names {root}, which does not exist.")
+    if (defn.update_url or defn.update_root) and not defn.is_system:
+        raise DefinitionError(f"{where}: [update] applies to system images only.")
+    return defn
 
 
 def settings_reference() -> str:

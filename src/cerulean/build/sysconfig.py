@@ -30,7 +30,8 @@ DEFAULT_SETUID_ALLOW = ("/usr/bin/sudo", "/usr/bin/passwd", "/usr/bin/su",
 # docs/system-images.md.
 BASE_UNITS = ("cerulean-ready.service", "cerulean-ssh-keygen.service", "systemd-networkd.service",
               "systemd-resolved.service", "systemd-timesyncd.service",
-              "systemd-boot-check-no-failures.service")
+              "systemd-boot-check-no-failures.service", "cerulean-update.timer",
+              "cerulean-health.service")
 
 
 def files_digest() -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from cerulean import arch as arches
 from cerulean.arch import host_arch
 from cerulean.build import disk, sysconfig
+from cerulean.build.agent import install_agent
 from cerulean.build.chroot import run_in
 from cerulean.build.definition import ImageDefinition, images_dir, load_definition
 from cerulean.build.image import lock_downloads
@@ -43,7 +44,7 @@ INITRD_DRIVERS = ("erofs dm-verity dm-mod virtio_blk virtio_scsi virtio_pci virt
 @dataclass
 class DiskResult:
     arch: str
-    path: Path
+    path: Path | None  # None when only the update payload was made
     size: int
     usr_bytes: int
     roothash: str
@@ -103,8 +104,14 @@ def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition, cach
     return out
 
 
-def cmdline(arch: arches.Arch, usr: disk.UsrImage, root_uuid: str, slot: str,
-            extra: Sequence[str], read_only: bool = False) -> str:
+def cmdline(arch: arches.Arch, usr: disk.UsrImage, root_uuid: str, extra: Sequence[str],
+            read_only: bool = False) -> str:
+    """The UKI's kernel command line. It names no slot: the slot's partition UUIDs are
+    derived from the verity root hash, so one UKI boots its /usr in either slot.
+
+    ``panic=10`` and ``rd.emergency=reboot`` turn a boot that cannot finish into a
+    reboot, so boot counting gets to try the other release instead of a hung host.
+    """
     return " ".join([
         f"usrhash={usr.roothash}",
         f"systemd.verity_usr_data=PARTUUID={usr.data_uuid}",
@@ -112,13 +119,19 @@ def cmdline(arch: arches.Arch, usr: disk.UsrImage, root_uuid: str, slot: str,
         "mount.usr=/dev/mapper/usr", "mount.usrfstype=erofs", "mount.usrflags=ro",
         f"root=PARTUUID={root_uuid}", "ro" if read_only else "rw",
         "console=tty0", f"console={arch.console}",
-        "apparmor=1", "security=apparmor", f"cerulean.slot={slot}", *extra,
+        "apparmor=1", "security=apparmor", "panic=10", "rd.shell=0", "rd.emergency=reboot",
+        *extra,
     ])
 
 
-def uki_name(version: str, slot: str, tries: int) -> str:
-    """The slot's UKI file name on the ESP; ``+TRIES`` turns on systemd-boot's counting."""
-    return f"cerulean_{version}-{slot}" + (f"+{tries}" if tries else "") + ".efi"
+def uki_name(version: str, tries: int) -> str:
+    """The release's UKI file name on the ESP; ``+TRIES`` turns on systemd-boot's counting."""
+    return f"cerulean_{version}" + (f"+{tries}" if tries else "") + ".efi"
+
+
+def default_version(defn: ImageDefinition, lock: Lock) -> str:
+    """MAJOR.YYYYMMDD.0, the date being the lock's archive snapshot."""
+    return f"{defn.image_version}.{datetime.fromtimestamp(lock.source_date_epoch, UTC):%Y%m%d}.0"
 
 
 def _root_tree(rootfs: Path, dest: Path, separate: tuple[str, ...] = ()) -> None:
@@ -134,28 +147,41 @@ def _root_tree(rootfs: Path, dest: Path, separate: tuple[str, ...] = ()) -> None
             raise CeruleanError(f"Copying {item} for the root partition failed: {r.stderr}")
 
 
+@dataclass(frozen=True)
+class DiskJob:
+    """One architecture's build: the disk image to write and/or where the payload goes."""
+
+    version: str
+    fmt: str
+    out: Path | None  # the disk image (None: payload only)
+    payload_dir: Path | None = None  # gets usr.erofs, usr.verity, uki.efi
+
+
 def build_disk(defn: ImageDefinition, lock: Lock, arch_name: str, tools: Path, work: Path,
-               cache: Cache, fmt: str, out: Path, say: Callable[[str], None]) -> DiskResult:
+               cache: Cache, job: DiskJob, say: Callable[[str], None]) -> DiskResult:
     started = time.monotonic()
     arch = arches.get(arch_name)
     say(f"{arch_name}: composing the root file system")
     base, hit = cached_rootfs(arch_name, lock.packages[arch_name], cache, say)
     with overlay(base, work / "rootfs") as rootfs:
-        return _build_disk(defn, lock, arch, rootfs, tools, work, cache, fmt, out, say,
+        return _build_disk(defn, lock, arch, rootfs, tools, work, cache, job, say,
                            started, hit)
 
 
 def _build_disk(defn: ImageDefinition, lock: Lock, arch: arches.Arch, rootfs: Path, tools: Path,
-                work: Path, cache: Cache, fmt: str, out: Path, say: Callable[[str], None],
+                work: Path, cache: Cache, job: DiskJob, say: Callable[[str], None],
                 started: float, hit: bool) -> DiskResult:
     arch_name = arch.debian
     epoch = lock.source_date_epoch
-    version = f"{defn.image_version}.{datetime.fromtimestamp(epoch, UTC):%Y%m%d}"
+    version = job.version
     say(f"{arch_name}: configuring")
     sysconfig.write_identity(rootfs, defn, version)
     sysconfig.write_hardening(rootfs)
     ro = defn.system_read_only
     sysconfig.write_services(rootfs, read_only=ro)
+    if defn.wants_agent:
+        say(f"{arch_name}: installing the cerulean-agent package")
+        install_agent(rootfs, defn, work)
     root_uuid = disk.stable_uuid("root", defn.name, arch_name)
     var_uuid = disk.stable_uuid("var", defn.name, arch_name) if ro else None
     sysconfig.write_fstab(rootfs, root_uuid, var_uuid)
@@ -182,10 +208,18 @@ def _build_disk(defn: ImageDefinition, lock: Lock, arch: arches.Arch, rootfs: Pa
     say(f"{arch_name}: building the UKI and the ESP")
     uki = work / "uki-A.efi"
     (rootfs / "boot").mkdir(exist_ok=True)
-    line = cmdline(arch, usr, root_uuid, "A", defn.system_kernel_cmdline, ro)
+    line = cmdline(arch, usr, root_uuid, defn.system_kernel_cmdline, ro)
     disk.make_uki(tools, rootfs, work, arch, kver, initrd, line, uki)
-    disk.make_esp(tools, rootfs, work, arch,
-                  {uki_name(version, "A", defn.system_boot_tries): uki})
+    if job.payload_dir is not None:
+        job.payload_dir.mkdir(parents=True, exist_ok=True)
+        for src, name in ((usr.data, "usr.erofs"), (usr.hash, "usr.verity"), (uki, "uki.efi")):
+            shutil.copyfile(src, job.payload_dir / name)
+        (job.payload_dir / "usrhash").write_text(usr.roothash + "\n")
+    if job.out is None:
+        return DiskResult(arch_name, None, 0, usr.data.stat().st_size, usr.roothash,
+                          time.monotonic() - started, hit)
+    out, fmt = job.out, job.fmt
+    disk.make_esp(tools, rootfs, work, arch, {uki_name(version, defn.system_boot_tries): uki})
     sysconfig.remove_boot_leftovers(rootfs)
     root_tree = work / "root"
     _root_tree(rootfs, root_tree, ("var",) if ro else ())
@@ -208,8 +242,13 @@ def _build_disk(defn: ImageDefinition, lock: Lock, arch: arches.Arch, rootfs: Pa
 def build_system_image(defn: ImageDefinition, lock: Lock, cfg: ArchiveConfig,
                        arches: Sequence[str], out_dir: Path, cache: Cache, *, fmt: str | None,
                        offline: bool = False, show_progress: bool = True,
-                       say: Callable[[str], None] | None = None) -> SystemBuildResult:
+                       say: Callable[[str], None] | None = None, version: str | None = None,
+                       payload_dir: Path | None = None,
+                       disk_image: bool = True) -> SystemBuildResult:
+    """Disk images into *out_dir*; with *payload_dir*, also each architecture's update
+    payload (``payload_dir/ARCH/``); *disk_image* False makes only the payload."""
     started = time.monotonic()
+    version = version or default_version(defn, lock)
     fmt = fmt or defn.system_format
     if fmt not in EXTENSIONS:
         raise CeruleanError(f"--format {fmt!r} is not one of {', '.join(EXTENSIONS)}.")
@@ -224,11 +263,10 @@ def build_system_image(defn: ImageDefinition, lock: Lock, cfg: ArchiveConfig,
             for arch in arches:
                 work = tmp / arch
                 work.mkdir()
-                out = out_dir / f"{defn.name}-{arch}.{EXTENSIONS[fmt]}"
-                result.disks.append(
-                    build_disk(defn, lock, arch, tools, work, cache, fmt, out, tell))
+                out = out_dir / f"{defn.name}-{arch}.{EXTENSIONS[fmt]}" if disk_image else None
+                job = DiskJob(version, fmt, out, payload_dir / arch if payload_dir else None)
+                result.disks.append(build_disk(defn, lock, arch, tools, work, cache, job, tell))
                 shutil.rmtree(work, ignore_errors=True)
-    stamp = datetime.fromtimestamp(lock.source_date_epoch, UTC)
-    result.version = f"{defn.image_version}.{stamp:%Y%m%d}"
+    result.version = version
     result.seconds = time.monotonic() - started
     return result

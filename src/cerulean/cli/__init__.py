@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from cerulean import __version__
-from cerulean.cli import build, images, lock, testbed
+from cerulean.cli import build, images, lock, release, testbed
 from cerulean.errors import CeruleanError
 
 DESCRIPTION = """\
@@ -25,6 +25,7 @@ Typical use:
   cerulean lock --refresh images/base.toml move the lock to the newest packages
   cerulean test out/base.amd64.raw         boot a disk image in QEMU and check it is healthy
   cerulean boot out/base.amd64.raw         boot a disk image with its console on this terminal
+  cerulean release --help                  releases, the signed update repository, rollouts
 """
 
 
@@ -46,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cerulean {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step and command")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (images, lock, build, testbed):
+    for module in (images, lock, build, release, testbed):
         module.register(sub)
     return p
 

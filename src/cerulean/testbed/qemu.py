@@ -163,8 +163,14 @@ def _round(value: float | None) -> float | None:
 
 def build_argv(*, qemu: str, prof: ArchProfile, accel: str, cfg: QemuConfig,
                firmware_code: Path, vars_copy: Path, overlay: Path,
-               console: Path | None) -> list[str]:
-    """The QEMU command line; *console* None means the serial console on stdio."""
+               console: Path | None, disk_format: str = "qcow2", cache: str = "unsafe",
+               reboot: bool = False) -> list[str]:
+    """The QEMU command line; *console* None means the serial console on stdio.
+
+    The disk is a throwaway *overlay* unless a caller boots a disk it owns
+    (*disk_format*, *cache* writeback); *reboot* lets the guest reboot in place
+    instead of ending QEMU.
+    """
     argv = [
         qemu, "-name", "cerulean-testbed",
         *machine_args(prof, accel),
@@ -174,7 +180,7 @@ def build_argv(*, qemu: str, prof: ArchProfile, accel: str, cfg: QemuConfig,
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={qemu_opt(firmware_code)}",
         "-drive", f"if=pflash,format=raw,unit=1,file={qemu_opt(vars_copy)}",
         # cache=unsafe: the overlay is thrown away, so flushes buy nothing.
-        "-drive", f"if=none,id=disk0,format=qcow2,cache=unsafe,discard=unmap,"
+        "-drive", f"if=none,id=disk0,format={disk_format},cache={cache},discard=unmap,"
                   f"file={qemu_opt(overlay)}",
         "-device", "virtio-blk-pci,drive=disk0,bootindex=0",
         # Early boot (random seeds, sshd keys) must not wait for entropy.
@@ -191,8 +197,10 @@ def build_argv(*, qemu: str, prof: ArchProfile, accel: str, cfg: QemuConfig,
         argv += ["-nographic", "-serial", "mon:stdio"]
     else:
         # A panic that reboots ends QEMU instead of booting again.
-        argv += ["-display", "none", "-no-reboot",
-                 "-chardev", f"file,id=console0,path={qemu_opt(console)}",
+        argv += ["-display", "none", *([] if reboot else ["-no-reboot"]),
+                 # A machine that is powered on again keeps its earlier console text.
+                 "-chardev", f"file,id=console0,path={qemu_opt(console)}"
+                             + (",append=on" if reboot else ""),
                  "-serial", "chardev:console0"]
     return argv + list(cfg.extra_args)
 

@@ -1,0 +1,5 @@
+import sys
+
+from cerulean.agent.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The on-host updater: A/B /usr slots, TUF downloads, boot counting and rollback."""

@@ -1,0 +1,144 @@
+"""Reading the update repository through TUF (python-tuf's ngclient).
+
+Every document and payload a host acts on comes through :class:`RepoClient`:
+ngclient walks the root chain from the root the image shipped with, checks
+signatures, thresholds, versions (no rollback) and expiry of timestamp,
+snapshot and targets, and checks each download's length and sha256 against
+the signed targets metadata. Any failure is raised as :class:`UpdateError`
+with one sentence, and the host's trusted metadata stays as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TypeVar
+
+from tuf.api import exceptions as tuf_errors
+from tuf.ngclient import Updater, UpdaterConfig
+
+from cerulean.errors import CeruleanError
+from cerulean.protocol.update import (
+    ChannelDoc,
+    Payload,
+    ProtocolError,
+    ReleaseDoc,
+    channel_path,
+    release_path,
+)
+
+T = TypeVar("T")
+
+
+class UpdateError(CeruleanError):
+    """The update could not go ahead; the host is unchanged."""
+
+
+def _explain(e: Exception, what: str) -> UpdateError:
+    if isinstance(e, tuf_errors.ExpiredMetadataError):
+        return UpdateError(f"The update repository's metadata has expired ({e}); refusing it.")
+    if isinstance(e, tuf_errors.BadVersionNumberError | tuf_errors.EqualVersionNumberError):
+        return UpdateError(
+            f"The update repository offered older metadata than this host already trusts "
+            f"(a rollback; {e}); refusing it.")
+    if isinstance(e, tuf_errors.UnsignedMetadataError):
+        return UpdateError(
+            f"The update repository's metadata is not signed by the keys this host trusts "
+            f"({e}); refusing it.")
+    if isinstance(e, tuf_errors.LengthOrHashMismatchError):
+        return UpdateError(
+            f"{what} does not match its signed length and hash ({e}); refusing it.")
+    if isinstance(e, tuf_errors.DownloadError):
+        return UpdateError(f"Downloading {what} from the update repository failed: {e}.")
+    if isinstance(e, tuf_errors.RepositoryError):
+        return UpdateError(f"The update repository is not trustworthy: {e}.")
+    return UpdateError(f"Reading {what} from the update repository failed: {e}.")
+
+
+class RepoClient:
+    """One repository URL, with trusted metadata kept in *state_dir*.
+
+    *trusted_root* (the ``root.json`` the image was built with) seeds
+    *state_dir* the first time; after that the newest verified root is used.
+    """
+
+    def __init__(self, url: str, state_dir: Path, trusted_root: Path) -> None:
+        self.url = url.rstrip("/") + "/"
+        self.meta_dir = state_dir / "metadata"
+        self.download_dir = state_dir / "downloads"
+        self.meta_dir.mkdir(parents=True, exist_ok=True)
+        self.download_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.meta_dir / "root.json").exists():
+            if not trusted_root.is_file():
+                raise UpdateError(
+                    f"This host has no trusted root for updates ({trusted_root} is missing).")
+            shutil.copyfile(trusted_root, self.meta_dir / "root.json")
+        self._updater: Updater | None = None
+
+    def refresh(self) -> None:
+        """Fetch and verify the top-level metadata (timestamp, snapshot, targets)."""
+        try:
+            up = Updater(str(self.meta_dir), self.url + "metadata/", str(self.download_dir),
+                         self.url + "targets/", config=UpdaterConfig(app_user_agent="cerulean"))
+            up.refresh()
+        except Exception as e:  # ngclient raises many kinds; each becomes one sentence
+            raise _explain(e, "the metadata") from e
+        self._updater = up
+
+    @property
+    def updater(self) -> Updater:
+        if self._updater is None:
+            self.refresh()
+        assert self._updater is not None
+        return self._updater
+
+    def fetch(self, target: str, dest: Path) -> Path:
+        """Download *target*, verified against the signed targets metadata, to *dest*."""
+        try:
+            info = self.updater.get_targetinfo(target)
+        except Exception as e:
+            raise _explain(e, target) from e
+        if info is None:
+            raise UpdateError(f"The update repository has no {target}.")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        try:
+            self.updater.download_target(info, str(partial))
+        except Exception as e:
+            partial.unlink(missing_ok=True)
+            raise _explain(e, target) from e
+        partial.replace(dest)
+        return dest
+
+    def _document(self, target: str, parse: type[T]) -> T:
+        path = self.fetch(target, self.download_dir / target.replace("/", "_"))
+        try:
+            data = json.loads(path.read_bytes())
+            return parse.from_json(data)  # type: ignore[attr-defined, no-any-return]
+        except (ValueError, ProtocolError) as e:
+            raise UpdateError(f"The repository's {target} is not valid: {e}") from e
+        finally:
+            path.unlink(missing_ok=True)
+
+    def has(self, target: str) -> bool:
+        try:
+            return self.updater.get_targetinfo(target) is not None
+        except Exception as e:
+            raise _explain(e, target) from e
+
+    def channel(self, name: str) -> ChannelDoc:
+        if not self.has(channel_path(name)):
+            raise UpdateError(f"The update repository has no channel {name!r}.")
+        return self._document(channel_path(name), ChannelDoc)
+
+    def release(self, image: str, version: str) -> ReleaseDoc:
+        doc = self._document(release_path(image, version), ReleaseDoc)
+        if doc.image != image or doc.version != version:
+            raise UpdateError(
+                f"The repository's release document for {image} {version} describes "
+                f"{doc.image} {doc.version}; refusing it.")
+        return doc
+
+    def payload(self, p: Payload, dest: Path) -> Path:
+        return self.fetch(p.path, dest)

@@ -1,0 +1,185 @@
+"""Where the updater finds things on a host, its configuration and its state.
+
+Configuration is TOML, read in this order, later files winning key by key:
+``/usr/lib/cerulean/update.toml`` (from the image definition's [update]),
+``/etc/cerulean/update.toml`` (the administrator's), and the systemd
+credential ``cerulean.update`` (handed in by a hypervisor or cloud). Keys:
+
+    url         base URL of the update repository ("" = updates off)
+    channel     stable | lts | preview
+    window      maintenance window for reboots (see cerulean.protocol.window)
+    reboot      true: reboot into a staged update inside the window
+    never       true: never download or apply anything
+    boot-tries  boot attempts a new release gets before it is given up (1..9)
+
+State lives in ``/var/lib/cerulean/update/state.json`` (shared by both slots).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cerulean.agent.update.client import UpdateError
+from cerulean.protocol.update import CHANNELS, is_version, utc_iso
+from cerulean.protocol.window import WindowError, parse_window
+
+KEYS = {"url": str, "channel": str, "window": str, "reboot": bool, "never": bool,
+        "boot-tries": int}
+
+
+@dataclass
+class Config:
+    url: str = ""
+    channel: str = "stable"
+    window: str = ""
+    reboot: bool = True
+    never: bool = False
+    boot_tries: int = 3
+    sources: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Host:
+    """Paths of one host; tests point *root* at a directory."""
+
+    root: Path = Path("/")
+
+    def p(self, path: str) -> Path:
+        return self.root / path.lstrip("/")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.p("/var/lib/cerulean/update")
+
+    @property
+    def trusted_root(self) -> Path:
+        return self.p("/usr/share/cerulean/update/root.json")
+
+    def config_files(self) -> list[Path]:
+        files = [self.p("/usr/lib/cerulean/update.toml"), self.p("/etc/cerulean/update.toml")]
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds:
+            files.append(Path(creds) / "cerulean.update")
+        return files
+
+    def os_release(self) -> dict[str, str]:
+        out = {}
+        try:
+            text = self.p("/usr/lib/os-release").read_text()
+        except OSError:
+            return {}
+        for line in text.splitlines():
+            k, sep, v = line.partition("=")
+            if sep:
+                out[k.strip()] = v.strip().strip('"')
+        return out
+
+    @property
+    def version(self) -> str:
+        v = self.os_release().get("IMAGE_VERSION", "")
+        if not is_version(v):
+            raise UpdateError(f"This host's IMAGE_VERSION {v!r} is not a release version.")
+        return v
+
+    @property
+    def image(self) -> str:
+        name = self.os_release().get("IMAGE_ID", "")
+        if not name:
+            raise UpdateError("This host's os-release has no IMAGE_ID.")
+        return name
+
+    def cmdline(self) -> str:
+        return self.p("/proc/cmdline").read_text()
+
+
+def load_config(host: Host) -> Config:
+    cfg = Config()
+    for path in host.config_files():
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise UpdateError(f"{path} is not valid TOML: {e}.") from e
+        for k, v in data.items():
+            if k not in KEYS:
+                raise UpdateError(f"{path}: unknown key {k!r}; valid: {', '.join(KEYS)}.")
+            if not isinstance(v, KEYS[k]) or (KEYS[k] is int and isinstance(v, bool)):
+                raise UpdateError(f"{path}: {k!r} must be a {KEYS[k].__name__}.")
+            setattr(cfg, k.replace("-", "_"), v)
+        cfg.sources.append(str(path))
+    if cfg.channel not in CHANNELS:
+        raise UpdateError(f"The update channel {cfg.channel!r} is not one of "
+                          f"{', '.join(CHANNELS)}.")
+    if not 1 <= cfg.boot_tries <= 9:
+        raise UpdateError("'boot-tries' must be between 1 and 9.")
+    try:
+        parse_window(cfg.window)
+    except WindowError as e:
+        raise UpdateError(f"The maintenance window is not valid: {e}") from e
+    return cfg
+
+
+@dataclass
+class State:
+    """What the updater remembers across boots."""
+
+    bad: dict[str, str] = field(default_factory=dict)  # version -> why
+    staged: dict[str, str] | None = None  # {"version", "slot", "from"}
+    last: dict[str, str] = field(default_factory=dict)  # {"time", "result", "message"}
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def record(self, result: str, message: str, now: datetime | None = None) -> None:
+        self.last = {"time": utc_iso(now or datetime.now(UTC)), "result": result,
+                     "message": message}
+        self.history = [*self.history, self.last][-50:]
+
+
+def load_state(host: Host) -> State:
+    path = host.state_dir / "state.json"
+    try:
+        d: Any = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return State()
+    except (OSError, ValueError) as e:
+        raise UpdateError(f"{path} cannot be read ({e}); move it away to start afresh.") from e
+    if not isinstance(d, dict):
+        raise UpdateError(f"{path} is not a JSON object; move it away to start afresh.")
+    staged = d.get("staged")
+    return State({str(k): str(v) for k, v in dict(d.get("bad", {})).items()},
+                 staged if isinstance(staged, dict) else None,
+                 dict(d.get("last", {})), list(d.get("history", [])))
+
+
+def save_state(host: Host, state: State) -> None:
+    host.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = host.state_dir / "state.json"
+    tmp = path.with_name(".state.json.tmp")
+    data = json.dumps({"bad": state.bad, "staged": state.staged, "last": state.last,
+                       "history": state.history}, indent=2, sort_keys=True).encode()
+    with tmp.open("wb") as f:
+        f.write(data + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def seed(host: Host) -> float:
+    """The host's place in rollout waves: random once, kept (machine IDs may be transient)."""
+    path = host.state_dir / "seed"
+    try:
+        text = path.read_text().strip()
+        value = int(text, 16)
+    except (OSError, ValueError):
+        host.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        text = secrets.token_hex(8)
+        path.write_text(text + "\n")
+        value = int(text, 16)
+    return value / 2**64

@@ -1,0 +1,394 @@
+"""Check, download, write, boot, judge: the update cycle of one host.
+
+Order of an apply, chosen so that a power cut at any point leaves a host that
+boots a good slot:
+
+1. Only from a boot that was marked good, and only a release that has not
+   failed here before.
+2. The inactive slot is invalidated first: boot entries of any other release
+   are removed from the ESP and the slot's partitions are labelled ``_empty``.
+3. The /usr image and its hash tree are written (from a delta against the
+   running slot when the repository has one, else the full payload), flushed
+   and read back against the signed hashes.
+4. The slot gets its identity (partition UUIDs from the verity root hash).
+5. The UKI is written under a name the boot loader ignores, checked, and
+   renamed to ``cerulean_VERSION+TRIES.efi``: from here on the next boot tries
+   the new release, and until here it cannot.
+6. Reboot inside the maintenance window, or stay staged.
+
+After the reboot the health check (part of ``boot-complete.target``) decides:
+healthy, and systemd-bless-boot marks the entry good; unhealthy, and the entry
+is marked bad and the host reboots into the previous release, which then
+remembers the failed release so that it is never applied again. A release
+that never reaches the health check (a kernel that does not boot, a corrupt
+/usr) uses up its tries and systemd-boot falls back by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import platform
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cerulean.agent.update import boot, disk
+from cerulean.agent.update.client import RepoClient, UpdateError
+from cerulean.agent.update.host import Config, Host, State, load_config, load_state, save_state
+from cerulean.agent.update.host import seed as host_seed
+from cerulean.protocol.update import ArchRelease, Part, ReleaseDoc, choose
+from cerulean.protocol.window import in_window, next_opening
+
+ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+CHUNK = 1 << 20
+
+
+def _zstd_stream(args: list[str]) -> Iterator[bytes]:
+    proc = subprocess.Popen(["zstd", "-d", "-q", "-c", "--long=31", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        while chunk := proc.stdout.read(CHUNK):
+            yield chunk
+    finally:
+        proc.stdout.close()
+        err = proc.stderr.read().decode(errors="replace").strip()
+        proc.stderr.close()
+        rc = proc.wait()
+    if rc != 0:
+        raise UpdateError(f"Decompressing the update failed: {err or f'zstd exited {rc}'}.")
+
+
+@dataclass
+class Outcome:
+    result: str  # up-to-date, staged, rebooting, refused, disabled, ...
+    message: str
+    version: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Updater:
+    host: Host = field(default_factory=Host)
+    say: Callable[[str], None] = print
+    url: str | None = None  # overrides the configured repository
+    disk_path: str | None = None  # the whole disk (found from the booted partition)
+    esp_path: Path | None = None
+    arch: str | None = None
+    now: Callable[[], datetime] = lambda: datetime.now(UTC)
+    bless_status: Callable[[], str] = boot.bless_status
+    bless_cmd: Callable[[str], None] = boot.bless
+    reboot_cmd: Callable[[], object] = lambda: subprocess.run(["systemctl", "reboot"],
+                                                              check=False)
+    config: Config = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.config = load_config(self.host)
+        if self.arch is None:
+            self.arch = ARCH.get(platform.machine(), platform.machine())
+
+    # -- where things are ------------------------------------------------------------
+
+    def esp(self) -> Path:
+        if self.esp_path is None:
+            self.esp_path = boot.find_esp()
+        return self.esp_path
+
+    def layout(self) -> disk.Layout:
+        cmdline = self.host.cmdline()
+        if self.disk_path is None:
+            self.disk_path = disk.find_disk(disk.booted_usr_uuid(cmdline))
+        assert self.arch is not None
+        return disk.layout(self.disk_path, self.arch, cmdline)
+
+    def client(self) -> RepoClient:
+        url = self.url or self.config.url
+        if not url:
+            raise UpdateError(
+                "No update repository is configured: set url in /etc/cerulean/update.toml.")
+        return RepoClient(url, self.host.state_dir, self.host.trusted_root)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[State]:
+        self.host.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.host.state_dir / ".lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UpdateError("Another update run is in progress.") from None
+            state = load_state(self.host)
+            try:
+                yield state
+            finally:
+                save_state(self.host, state)
+
+    # -- after a boot: what happened to the staged release? ---------------------------
+
+    def reconcile(self, state: State) -> None:
+        current = self.host.version
+        ents = boot.entries(self.esp())
+        staged = state.staged
+        if staged and staged.get("version") == current:
+            if self.bless_status() in ("good", "clean"):
+                state.record("updated", f"Running {current}, updated from "
+                             f"{staged.get('from', '?')}.", self.now())
+                state.staged = None
+        elif staged:
+            v = staged.get("version", "")
+            mine = [e for e in ents if e.version == v]
+            if not mine or mine[0].exhausted:
+                why = state.bad.get(v) or "it did not come up healthy within its boot tries"
+                state.bad.setdefault(v, why)
+                state.record("rolled-back", f"{v} was given up ({why}); running {current} "
+                             "again.", self.now())
+                state.staged = None
+        for e in ents:
+            if e.exhausted and e.version != current:
+                state.bad.setdefault(e.version, "it used up its boot tries")
+                boot.remove(e.path)
+                self.say(f"Removed the failed boot entry {e.path.name}.")
+
+    # -- commands --------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        state = load_state(self.host)
+        out: dict[str, Any] = {
+            "image": self.host.image, "version": self.host.version,
+            "channel": self.config.channel, "url": self.url or self.config.url or None,
+            "window": self.config.window or "any time", "reboot": self.config.reboot,
+            "never": self.config.never, "staged": state.staged, "last": state.last or None,
+            "failed_releases": state.bad,
+        }
+        try:
+            lay = self.layout()
+            out["slot"] = lay.booted.name
+            out["slots"] = {s.name: {"label": s.data.label, "partuuid": s.data.uuid}
+                            for s in lay.slots}
+        except UpdateError as e:
+            out["slot"] = None
+            out["slot_error"] = str(e)
+        try:
+            out["boot_entries"] = [e.path.name for e in boot.entries(self.esp())]
+            out["boot"] = self.bless_status()
+        except UpdateError as e:
+            out["boot_error"] = str(e)
+        return out
+
+    def check(self) -> Outcome:
+        """What the repository offers this host now (changes nothing on disk)."""
+        with self.locked() as state:
+            self.reconcile(state)
+            return self._offer(state)[0]
+
+    def _offer(self, state: State) -> tuple[Outcome, RepoClient | None, ReleaseDoc | None]:
+        if self.config.never:
+            return Outcome("disabled", "Updates are switched off (never = true)."), None, None
+        client = self.client()
+        current, image = self.host.version, self.host.image
+        doc = client.channel(self.config.channel)
+        offer = choose(doc, image, current, host_seed(self.host), self.now(),
+                       skip=frozenset(state.bad))
+        if offer.entry is None:
+            return Outcome("up-to-date", f"Nothing to do: {offer.reason}."), client, None
+        rel = client.release(image, offer.entry.version)
+        assert self.arch is not None
+        if self.arch not in rel.arches:
+            return (Outcome("up-to-date", f"{rel.version} has no {self.arch} build."),
+                    client, None)
+        notes = f" It fixes {len(rel.cves)} CVEs." if rel.cves else ""
+        return (Outcome("available", f"{rel.version} is available (running {current}).{notes}",
+                        rel.version, {"cves": rel.cves}), client, rel)
+
+    def run(self, *, apply: bool = True, reboot: bool | None = None,
+            ignore_window: bool = False) -> Outcome:
+        """The timer's job: reconcile, reboot into a staged release in the window, or apply."""
+        with self.locked() as state:
+            self.reconcile(state)
+            if state.staged:
+                return self._maybe_reboot(state, reboot, ignore_window)
+            outcome, client, rel = self._offer(state)
+            if rel is None or client is None or not apply:
+                if outcome.result in ("up-to-date", "disabled"):
+                    state.record(outcome.result, outcome.message, self.now())
+                return outcome
+            blessed = self.bless_status()
+            if blessed not in ("good", "clean"):
+                return Outcome("waiting", f"This boot is not marked good yet ({blessed}); "
+                               "updates wait until it is.")
+            try:
+                self._apply(state, client, rel)
+            except (UpdateError, OSError) as e:
+                msg = str(e) if isinstance(e, UpdateError) else \
+                    f"Installing {rel.version} failed: {e.strerror or e}."
+                state.record("failed", msg, self.now())
+                raise UpdateError(msg) from e
+            return self._maybe_reboot(state, reboot, ignore_window)
+
+    def _maybe_reboot(self, state: State, reboot: bool | None, ignore_window: bool) -> Outcome:
+        assert state.staged is not None
+        v = state.staged["version"]
+        want = self.config.reboot if reboot is None else reboot
+        if not want:
+            return Outcome("staged", f"{v} is staged; it boots at the next reboot.", v)
+        if not ignore_window and not in_window(self.config.window, self.now()):
+            nxt = next_opening(self.config.window, self.now())
+            when = f" at {nxt:%a %H:%M} UTC" if nxt else ""
+            return Outcome("staged", f"{v} is staged; the maintenance window opens{when}.", v)
+        state.record("rebooting", f"Rebooting into {v}.", self.now())
+        save_state(self.host, state)
+        self.say(f"Rebooting into {v}.")
+        self.reboot_cmd()
+        return Outcome("rebooting", f"Rebooting into {v}.", v)
+
+    # -- writing a release -----------------------------------------------------------
+
+    def _apply(self, state: State, client: RepoClient, rel: ReleaseDoc) -> None:
+        assert self.arch is not None
+        ar = rel.arches[self.arch]
+        current = self.host.version
+        lay = self.layout()
+        target = lay.other
+        esp = self.esp()
+        disk_path = lay.disk
+        self.say(f"Installing {rel.version} into slot {target.name} "
+                 f"(running {current} from slot {lay.booted.name}).")
+        # 2. Invalidate the slot and every boot entry but the running release's.
+        for e in boot.entries(esp):
+            if e.version != current:
+                boot.remove(e.path)
+        boot.clean_partials(esp)
+        disk.set_partition(disk_path, target.data, label=disk.EMPTY)
+        disk.set_partition(disk_path, target.hash, label=disk.EMPTY)
+        work = self.host.state_dir / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            # 3. The slot's contents.
+            for name, booted_part, dest in (("usr", lay.booted.data, target.data),
+                                            ("verity", lay.booted.hash, target.hash)):
+                part = ar.parts[name]
+
+                def base(size: int, path: Path, src: disk.Partition = booted_part) -> str:
+                    return disk.read_bytes_to(disk_path, src, size, path)
+
+                def write(chunks: Iterator[bytes], p: Part = part,
+                          d: disk.Partition = dest) -> None:
+                    disk.write_stream(disk_path, d, chunks, p.size, p.sha256)
+
+                self._write(client, name, part, current, work, base, write)
+            # 4. Its identity.
+            data_uuid, hash_uuid = disk.slot_uuids(ar.roothash)
+            disk.set_partition(disk_path, target.data, part_uuid=data_uuid,
+                               label=f"usr-{target.name}")
+            disk.set_partition(disk_path, target.hash, part_uuid=hash_uuid,
+                               label=f"usr-{target.name}-verity")
+            # 5. The boot entry, last.
+            self._install_uki(client, ar, rel.version, current, esp, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        state.staged = {"version": rel.version, "slot": target.name, "from": current}
+        state.record("staged", f"{rel.version} is written to slot {target.name} and verified.",
+                     self.now())
+
+    def _install_uki(self, client: RepoClient, ar: ArchRelease, version: str, current: str,
+                     esp: Path, work: Path) -> None:
+        part = ar.parts["uki"]
+        running = [e for e in boot.entries(esp) if e.version == current]
+
+        def base(size: int, path: Path) -> str:
+            if not running:
+                raise UpdateError("the running release's UKI is not on the ESP")
+            shutil.copyfile(running[0].path, path)
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+
+        def check(path: Path) -> None:
+            data = path.read_bytes()
+            if len(data) != part.size or hashlib.sha256(data).hexdigest() != part.sha256:
+                raise UpdateError("The new UKI does not match its signed hash.")
+
+        def write(chunks: Iterator[bytes]) -> None:
+            boot.install(esp, version, self.config.boot_tries, chunks, check)
+
+        self._write(client, "uki", part, current, work, base, write)
+
+    def _write(self, client: RepoClient, name: str, part: Part, current: str, work: Path,
+               base: Callable[[int, Path], str],
+               write: Callable[[Iterator[bytes]], None]) -> None:
+        """Write one part from the delta against *current* if there is one, else in full."""
+        delta = part.deltas.get(current)
+        free = shutil.disk_usage(work).free
+        if delta is not None and free < delta.base_size + delta.payload.size + 16 * CHUNK:
+            self.say(f"{name}: not enough free space in {work} for the delta; using the full "
+                     "payload.")
+            delta = None
+        if delta is not None:
+            base_path = work / f"{name}.base"
+            try:
+                got = base(delta.base_size, base_path)
+                if got != delta.base_sha256:
+                    raise UpdateError(f"the running {name} is not the delta's base")
+                patch = client.payload(delta.payload, work / f"{name}.delta.zst")
+                self.say(f"{name}: applying a {delta.payload.size / 1048576:.1f} MiB delta "
+                         f"(full: {part.full.size / 1048576:.1f} MiB)")
+                write(_zstd_stream([f"--patch-from={base_path}", str(patch)]))
+                return
+            except UpdateError as e:
+                self.say(f"{name}: the delta could not be used ({e}); using the full payload.")
+            finally:
+                base_path.unlink(missing_ok=True)
+                (work / f"{name}.delta.zst").unlink(missing_ok=True)
+        if free < 2 * part.full.size + 16 * CHUNK:
+            raise UpdateError(
+                f"Installing needs {(2 * part.full.size) // CHUNK + 16} MiB free in {work}; "
+                f"there are {free // CHUNK} MiB.")
+        full = client.payload(part.full, work / f"{name}.zst")
+        self.say(f"{name}: writing the full payload ({part.full.size / 1048576:.1f} MiB)")
+        try:
+            write(_zstd_stream([str(full)]))
+        finally:
+            full.unlink(missing_ok=True)
+
+    # -- going back ------------------------------------------------------------------
+
+    def rollback(self, *, reboot: bool = True) -> Outcome:
+        """Give up the running release for the other slot's (it is remembered as failed)."""
+        with self.locked() as state:
+            current = self.host.version
+            ents = boot.entries(self.esp())
+            others = [e for e in ents if e.version != current and not e.exhausted]
+            if not others:
+                raise UpdateError("There is no other release on this host to roll back to.")
+            mine = [e for e in ents if e.version == current]
+            for e in mine:
+                boot.mark_bad(e)
+            state.bad[current] = "rolled back by an administrator"
+            state.record("rolling-back", f"Rolling back from {current} to "
+                         f"{others[0].version}.", self.now())
+        if reboot:
+            self.say(f"Rebooting into {others[0].version}.")
+            self.reboot_cmd()
+        return Outcome("rolling-back", f"{others[0].version} boots next.", others[0].version)
+
+    def health_failed(self, problems: list[str]) -> Outcome:
+        """The health check failed: on a counted boot, mark it bad and reboot."""
+        current = self.host.version
+        status = self.bless_status()
+        with self.locked() as state:
+            why = "its health check failed: " + "; ".join(problems)
+            if status != "indeterminate":
+                state.record("unhealthy", f"{current} is unhealthy ({'; '.join(problems)}); "
+                             f"this boot is {status}, so it stays.", self.now())
+                return Outcome("unhealthy", "The running release is unhealthy but was already "
+                               "marked good; nothing to fall back to automatically.")
+            state.bad[current] = why
+            state.record("unhealthy", f"{current}: {why}; falling back.", self.now())
+        self.bless_cmd("bad")
+        self.say(f"{current} is unhealthy; rebooting into the previous release.")
+        self.reboot_cmd()
+        return Outcome("rebooting", "Falling back to the previous release.")

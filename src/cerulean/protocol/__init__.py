@@ -1,0 +1,1 @@
+"""Documents shared by the parts that talk to each other (standard library only)."""

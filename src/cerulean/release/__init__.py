@@ -1,0 +1,1 @@
+"""Releases and the TUF update repository they are published to."""

@@ -1,0 +1,141 @@
+"""A test machine that keeps its disk: boots, reboots in place, and can lose power.
+
+:func:`cerulean.testbed.qemu.run_test` boots a throwaway overlay once; update
+tests need the opposite: one disk that lives through many boots (an update
+writes the other slot, reboots, falls back...), a guest that reboots itself
+without ending QEMU, a console to wait on, and a way to cut the power
+(SIGKILL to QEMU: what the guest had not flushed is lost, as on real
+hardware). The EFI variable store is kept next to the disk, like a real
+machine's NVRAM.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cerulean.errors import CeruleanError
+from cerulean.testbed import process
+from cerulean.testbed.accel import choose_accel
+from cerulean.testbed.arch import firmware, profile, qemu_binary
+from cerulean.testbed.console import ConsoleScanner, ReadyReport, strip_ansi
+from cerulean.testbed.disk import inspect_disk
+from cerulean.testbed.guest import credential_args
+from cerulean.testbed.qemu import QemuConfig, build_argv
+
+
+@dataclass
+class Machine:
+    """*disk* (raw or qcow2) is booted read-write; *credentials* go in over SMBIOS."""
+
+    disk: Path
+    workdir: Path
+    cfg: QemuConfig = field(default_factory=QemuConfig)
+    credentials: dict[str, str] = field(default_factory=dict)
+    console_log: Path = field(init=False)
+    proc: subprocess.Popen[bytes] | None = field(init=False, default=None)
+    _pos: int = field(init=False, default=0)
+    boots: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.console_log = self.workdir / "console.log"
+
+    def start(self) -> None:
+        """Power on (a new console log section starts; earlier text stays in the file)."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise CeruleanError("The machine is already running.")
+        info, _, detected = inspect_disk(self.disk)
+        arch = self.cfg.arch or detected
+        if arch is None:
+            raise CeruleanError(f"Cannot tell the architecture of {self.disk}.")
+        prof = profile(arch)
+        code, vars_template = firmware(prof)
+        nvram = self.workdir / "efivars.fd"
+        if not nvram.exists():
+            shutil.copyfile(vars_template, nvram)
+        extra: list[str] = []
+        for name, value in sorted(self.credentials.items()):
+            extra += credential_args(name, value)
+        cfg = QemuConfig(**{**self.cfg.__dict__, "extra_args": (*self.cfg.extra_args, *extra)})
+        argv = build_argv(qemu=qemu_binary(prof), prof=prof,
+                          accel=choose_accel(arch, cfg.accel).accel, cfg=cfg,
+                          firmware_code=code, vars_copy=nvram, overlay=self.disk,
+                          console=self.console_log, disk_format=info.format,
+                          cache="writeback", reboot=True)
+        with self.console_log.open("ab") as f:
+            f.write(f"\n===== power on {time.strftime('%H:%M:%S')} =====\n".encode())
+        self._pos = self.console_log.stat().st_size
+        self.proc = process.start(argv, stderr=self.workdir / "qemu.stderr")
+        self.boots += 1
+
+    def text(self, since: int = 0) -> str:
+        return strip_ansi(self.console_log.read_bytes()[since:].decode("utf-8", "replace"))
+
+    def mark(self) -> int:
+        """A position in the console log; later waits look only after it."""
+        self._pos = self.console_log.stat().st_size
+        return self._pos
+
+    def expect(self, pattern: str, timeout: float) -> re.Match[str]:
+        """Wait until *pattern* (a regex) shows on the console after the last mark."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text(self._pos)
+            m = rx.search(text)
+            if m:
+                self._advance_past(m.group(0))  # the next wait starts after it
+                return m
+            if self.proc is None or self.proc.poll() is not None:
+                raise CeruleanError(f"QEMU stopped before {pattern!r} showed on the console.")
+            if time.monotonic() > deadline:
+                raise CeruleanError(f"{pattern!r} did not show on the console within "
+                                    f"{timeout:.0f} s (log: {self.console_log}).")
+            time.sleep(0.25)
+
+    def _advance_past(self, matched: str) -> None:
+        raw = self.console_log.read_bytes()
+        key = matched.encode()
+        i = raw.find(key, self._pos)
+        self._pos = i + len(key) if i >= 0 else len(raw)
+
+    def ready(self, timeout: float) -> ReadyReport:
+        """The next READY report on the console (one per boot)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            raw = self.console_log.read_bytes()
+            scanner = ConsoleScanner()
+            scanner.feed(raw[self._pos:])
+            if scanner.report is not None:
+                end = raw.find(b"CERULEAN-READY-END", self._pos)
+                self._pos = end + len(b"CERULEAN-READY-END") if end >= 0 else len(raw)
+                return scanner.report
+            if self.proc is None or self.proc.poll() is not None:
+                raise CeruleanError("QEMU stopped before the next READY report.")
+            if time.monotonic() > deadline:
+                raise CeruleanError(f"No READY report within {timeout:.0f} s "
+                                    f"(log: {self.console_log}).")
+            time.sleep(0.25)
+
+    def kill(self) -> None:
+        """Cut the power: SIGKILL, no shutdown, no flush inside the guest."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            process.stop(self.proc)
+            self.proc = None
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

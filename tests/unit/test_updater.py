@@ -1,0 +1,285 @@
+"""The on-host updater against a real GPT disk file, a real TUF repository over HTTP
+and a directory standing in for the ESP (the QEMU tests do the same on a booted host)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from cerulean.agent.update import boot, disk
+from cerulean.agent.update.client import UpdateError
+from cerulean.agent.update.host import Host, load_state
+from cerulean.agent.update.updater import Updater
+from cerulean.protocol.update import ReleaseDoc
+from cerulean.release.build import pack_payload
+from cerulean.release.publish import publish
+from cerulean.release.repo import Repository
+from cerulean.release.serve import serving
+
+MIB = 1 << 20
+USR, VERITY = disk.USR_TYPES["amd64"]
+V1, V2, V3 = "13.20261125.0", "13.20261126.0", "13.20261127.0"
+
+
+def roothash(version: str) -> str:
+    return hashlib.sha256(version.encode()).hexdigest()
+
+
+def make_disk(path: Path, v1_usr: bytes, v1_verity: bytes) -> None:
+    a_data, a_hash = disk.slot_uuids(roothash(V1))
+    script = (
+        "label: gpt\n"
+        "size=1MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=ESP\n"
+        f"size=8MiB, type={USR}, uuid={a_data}, name=usr-A\n"
+        f"size=1MiB, type={VERITY}, uuid={a_hash}, name=usr-A-verity\n"
+        f"size=8MiB, type={USR}, name=_empty\n"
+        f"size=1MiB, type={VERITY}, name=_empty\n"
+        "size=2MiB, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name=root\n"
+    )
+    with path.open("wb") as f:
+        f.truncate(24 * MIB)
+    subprocess.run(["sfdisk", "-q", str(path)], input=script, text=True, check=True)
+    parts = {p.label: p for p in disk.read_table(str(path))}
+    with path.open("r+b") as f:
+        f.seek(parts["usr-A"].start)
+        f.write(v1_usr)
+        f.seek(parts["usr-A-verity"].start)
+        f.write(v1_verity)
+
+
+def release_dir(tmp: Path, version: str, usr: bytes, verity: bytes, uki: bytes) -> Path:
+    src = tmp / f"src-{version}"
+    src.mkdir()
+    (src / "usr.erofs").write_bytes(usr)
+    (src / "usr.verity").write_bytes(verity)
+    (src / "uki.efi").write_bytes(uki)
+    (src / "usrhash").write_text(roothash(version))
+    out = tmp / "releases" / version
+    ar = pack_payload(src, out / "amd64", "vm", version, "amd64")
+    doc = ReleaseDoc("vm", version, "2026-11-26T00:00:00Z", None, {"amd64": ar})
+    (out / "release.json").write_text(json.dumps(doc.to_json()))
+    return out
+
+
+@dataclass
+class World:
+    tmp: Path
+    repo: Repository
+    url: str
+    host: Host
+    disk: Path
+    esp: Path
+    content: dict[str, tuple[bytes, bytes, bytes]]
+    reboots: list[str] = field(default_factory=list)
+    blessed: list[str] = field(default_factory=list)
+    status: str = "good"
+    messages: list[str] = field(default_factory=list)
+
+    def updater(self, **kw: object) -> Updater:
+        return Updater(host=self.host, url=self.url, disk_path=str(self.disk), esp_path=self.esp,
+                       arch="amd64", say=self.messages.append,
+                       bless_status=lambda: self.status, bless_cmd=self.blessed.append,
+                       reboot_cmd=lambda: self.reboots.append("reboot"), **kw)  # type: ignore[arg-type]
+
+    def publish(self, version: str, channel: str = "stable") -> None:
+        usr, verity, uki = self.content[version]
+        publish(self.repo, release_dir(self.tmp, version, usr, verity, uki), channel, [(0, 1.0)])
+
+    def boot_into(self, version: str) -> None:
+        """What a reboot does: the other slot's /usr, the entry's count goes down."""
+        (self.host.root / "usr/lib/os-release").write_text(
+            f'IMAGE_ID="vm"\nIMAGE_VERSION="{version}"\n')
+        data_uuid, _ = disk.slot_uuids(roothash(version))
+        (self.host.root / "proc/cmdline").write_text(
+            f"usrhash={roothash(version)} systemd.verity_usr_data=PARTUUID={data_uuid} rw\n")
+        for e in boot.entries(self.esp):
+            if e.version == version and e.left is not None:
+                new = e.path.with_name(f"cerulean_{version}+{e.left - 1}-{e.done + 1}.efi")
+                e.path.rename(new)
+
+    def slot(self, name: str) -> disk.Slot:
+        lay = disk.layout(str(self.disk), "amd64", (self.host.root / "proc/cmdline").read_text())
+        return next(s for s in lay.slots if s.name == name)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    rng = random.Random(7)
+    usr1 = bytes(rng.getrandbits(8) for _ in range(3 * MIB))
+    ver1 = bytes(rng.getrandbits(8) for _ in range(64 * 1024))
+    uki1 = b"UKI-1" * 20000
+    # v2 changes a little of /usr (a delta is much smaller); v3 changes it more.
+    usr2 = usr1[:MIB] + b"new package" * 1000 + usr1[MIB + 11000:]
+    usr3 = usr2[: 2 * MIB] + bytes(rng.getrandbits(8) for _ in range(MIB))
+    content = {
+        V1: (usr1, ver1, uki1),
+        V2: (usr2, bytes(rng.getrandbits(8) for _ in range(64 * 1024)), b"UKI-2" * 20000),
+        V3: (usr3, bytes(rng.getrandbits(8) for _ in range(64 * 1024)), b"UKI-3" * 20000),
+    }
+    repo = Repository.create(tmp_path / "repo", tmp_path / "keys")
+    host = Host(tmp_path / "host")
+    (host.root / "proc").mkdir(parents=True)
+    (host.root / "usr/lib").mkdir(parents=True)
+    host.trusted_root.parent.mkdir(parents=True)
+    host.trusted_root.write_bytes((repo.meta / "1.root.json").read_bytes())
+    esp = tmp_path / "esp"
+    (esp / "EFI/Linux").mkdir(parents=True)
+    (esp / "EFI/Linux" / f"cerulean_{V1}.efi").write_bytes(uki1)
+    d = tmp_path / "disk.raw"
+    make_disk(d, usr1, ver1)
+    with serving(repo.path) as url:
+        w = World(tmp_path, repo, url, host, d, esp, content)
+        w.boot_into(V1)
+        w.publish(V1)
+        yield w
+
+
+def read_slot(w: World, name: str, version: str) -> tuple[bytes, bytes]:
+    s = w.slot(name)
+    usr, verity, _ = w.content[version]
+    with w.disk.open("rb") as f:
+        f.seek(s.data.start)
+        a = f.read(len(usr))
+        f.seek(s.hash.start)
+        b = f.read(len(verity))
+    return a, b
+
+
+def test_update_writes_the_other_slot_then_the_boot_entry(world: World) -> None:
+    world.publish(V2)
+    up = world.updater()
+    assert up.check().result == "available"
+    out = up.run()
+    assert out.result == "rebooting" and world.reboots == ["reboot"]
+    assert read_slot(world, "B", V2) == world.content[V2][:2]
+    b = world.slot("B")
+    assert (b.data.uuid, b.hash.uuid) == disk.slot_uuids(roothash(V2))
+    assert (b.data.label, b.hash.label) == ("usr-B", "usr-B-verity")
+    names = sorted(p.name for p in (world.esp / "EFI/Linux").iterdir())
+    assert names == [f"cerulean_{V1}.efi", f"cerulean_{V2}+3.efi"]
+    assert (world.esp / "EFI/Linux" / f"cerulean_{V2}+3.efi").read_bytes() == world.content[V2][2]
+    # Only the deltas were downloaded: the repository had v1 when v2 was published.
+    assert any("applying a" in m and "delta" in m for m in world.messages), world.messages
+    assert load_state(world.host).staged == {"version": V2, "slot": "B", "from": V1}
+
+    # The reboot: v2 boots from slot B, its health check passes, it is marked good.
+    world.boot_into(V2)
+    assert world.slot("B").data.uuid == disk.booted_usr_uuid(
+        (world.host.root / "proc/cmdline").read_text())
+    out = world.updater().run()
+    assert out.result == "up-to-date"
+    st = load_state(world.host)
+    assert st.staged is None and any(h["result"] == "updated" for h in st.history)
+
+
+def test_a_release_that_fails_is_never_applied_again(world: World) -> None:
+    world.publish(V2)
+    world.updater().run()
+    world.boot_into(V2)
+    world.updater().run()
+    world.publish(V3)
+    assert world.updater().run().result == "rebooting"
+    # v3 uses up its tries (say its kernel never comes up); systemd-boot falls back to v2.
+    entry = next(e for e in boot.entries(world.esp) if e.version == V3)
+    entry.path.rename(entry.path.with_name(f"cerulean_{V3}+0-3.efi"))
+    world.boot_into(V2)
+    out = world.updater().run()
+    assert out.result == "up-to-date" and "failed on this host before" in out.message
+    st = load_state(world.host)
+    assert V3 in st.bad and st.staged is None
+    assert any(h["result"] == "rolled-back" for h in st.history)
+    assert [e.version for e in boot.entries(world.esp)] == [V2]
+
+
+def test_health_failure_marks_the_boot_bad_and_reboots(world: World) -> None:
+    world.publish(V2)
+    world.updater().run()
+    world.boot_into(V2)
+    world.status = "indeterminate"  # a counted boot, not yet blessed
+    out = world.updater().health_failed(["failed units: app.service"])
+    assert out.result == "rebooting" and world.blessed == ["bad"] and world.reboots
+    assert "app.service" in load_state(world.host).bad[V2]
+
+
+def test_health_failure_on_a_good_boot_does_not_reboot(world: World) -> None:
+    out = world.updater().health_failed(["no default route"])
+    assert out.result == "unhealthy" and not world.blessed and not world.reboots
+
+
+def test_a_tampered_payload_leaves_the_host_bootable_as_it_was(world: World) -> None:
+    world.publish(V2)
+    doc = ReleaseDoc.from_json(json.loads(world.repo.read_target(
+        f"releases/vm/{V2}/release.json")))
+    for part in doc.arches["amd64"].parts.values():
+        for p in [part.full, *(d.payload for d in part.deltas.values())]:
+            f = world.repo.target_file(p.path)
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 1
+            f.write_bytes(bytes(data))
+    with pytest.raises(UpdateError, match="does not match its signed length and hash"):
+        world.updater().run()
+    assert [p.name for p in (world.esp / "EFI/Linux").iterdir()] == [f"cerulean_{V1}.efi"]
+    assert world.slot("B").data.label == "_empty"
+    assert read_slot(world, "A", V1) == world.content[V1][:2]
+    assert not world.reboots
+
+
+def test_a_delta_whose_base_differs_falls_back_to_the_full_payload(world: World) -> None:
+    world.publish(V2)
+    a = world.slot("A")
+    with world.disk.open("r+b") as f:  # slot A no longer holds exactly v1 (say, a bit rot)
+        f.seek(a.data.start + 5)
+        f.write(b"X")
+    world.updater().run()
+    assert any("delta could not be used" in m for m in world.messages), world.messages
+    assert read_slot(world, "B", V2) == world.content[V2][:2]
+
+
+def test_nothing_happens_from_an_unblessed_boot_or_when_switched_off(world: World) -> None:
+    world.publish(V2)
+    world.status = "indeterminate"
+    assert world.updater().run().result == "waiting"
+    world.status = "good"
+    conf = world.host.root / "etc/cerulean/update.toml"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("never = true\n")
+    assert world.updater().run().result == "disabled"
+    conf.write_text("window = \"Sat 02:00-03:00\"\nnever = false\n")
+    saturday_noon = datetime(2026, 11, 28, 12, tzinfo=UTC)
+    out = world.updater(now=lambda: saturday_noon).run()
+    assert out.result == "staged" and "window opens at Sat 02:00" in out.message
+    assert not world.reboots
+    conf.write_text("chanel = \"lts\"\n")
+    with pytest.raises(UpdateError, match="unknown key 'chanel'"):
+        world.updater()
+
+
+def test_rollback_boots_the_other_release_and_skips_this_one(world: World) -> None:
+    world.publish(V2)
+    world.updater().run()
+    world.boot_into(V2)
+    world.updater().run()
+    out = world.updater().rollback()
+    assert out.version == V1 and world.reboots == ["reboot", "reboot"]
+    names = sorted(p.name for p in (world.esp / "EFI/Linux").iterdir())
+    assert names == [f"cerulean_{V1}.efi", f"cerulean_{V2}+0-1.efi"]
+    assert V2 in load_state(world.host).bad
+
+
+def test_waves_keep_a_late_host_waiting(world: World) -> None:
+    world.publish(V2)
+    chan = world.repo.channel("stable")
+    chan.find("vm", V2).waves = [(0, 0.0), (3600, 1.0)]  # type: ignore[union-attr]
+    world.repo.save_channel(chan)
+    out = world.updater().run()
+    assert out.result == "up-to-date" and "wave" in out.message
+    assert os.listdir(world.esp / "EFI/Linux") == [f"cerulean_{V1}.efi"]
