@@ -12,7 +12,7 @@ APT_PACKAGES := gpgv gnupg zstd xz-utils binutils ca-certificates \
 	qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64 \
 	python3-venv python3-pip fdisk
 
-.PHONY: demo test setup apt venv lint bench bench-system clean
+.PHONY: demo test setup apt venv lint bench bench-system bench-update clean
 
 # The archive moves on (security updates, point releases): refresh the lock to
 # its newest state, then build exactly that lock for both architectures.
@@ -25,13 +25,16 @@ demo: setup
 	$(BIN)/cerulean test $(OUT)/vm-amd64.qcow2
 
 test: setup
-	$(BIN)/python -m pytest -p no:cacheprovider tests
+	$(BIN)/python -m pytest -p no:cacheprovider --durations=30 tests
 
 bench: setup
 	$(BIN)/python benchmarks/build_bench.py
 
 bench-system: setup
 	$(BIN)/python benchmarks/system_bench.py
+
+bench-update: setup
+	$(BIN)/python benchmarks/update_bench.py
 
 setup: apt venv
 

@@ -13,7 +13,6 @@ from cerulean.protocol.update import (
     ProtocolError,
     ReleaseDoc,
     choose,
-    host_seed,
     parse_version,
     utc_iso,
     version_key,
@@ -43,14 +42,6 @@ def test_waves_widen_with_time() -> None:
     assert e.fraction(NOW + timedelta(hours=30)) == 0.25
     assert e.fraction(NOW + timedelta(days=3)) == 1.0
     assert entry("13.20261126.1", state="paused").fraction(NOW + timedelta(days=9)) == 0.0
-
-
-def test_host_seeds_are_stable_and_spread() -> None:
-    seeds = [host_seed(f"{i:032x}") for i in range(2000)]
-    assert host_seed("0" * 32) == seeds[0]
-    assert all(0 <= s < 1 for s in seeds)
-    # About 5 % of hosts fall in the 5 % wave.
-    assert 60 <= sum(s < 0.05 for s in seeds) <= 140
 
 
 def test_choose_takes_the_newest_eligible_release() -> None:

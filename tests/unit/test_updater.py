@@ -168,7 +168,7 @@ def test_update_writes_the_other_slot_then_the_boot_entry(world: World) -> None:
     assert names == [f"cerulean_{V1}.efi", f"cerulean_{V2}+3.efi"]
     assert (world.esp / "EFI/Linux" / f"cerulean_{V2}+3.efi").read_bytes() == world.content[V2][2]
     # Only the deltas were downloaded: the repository had v1 when v2 was published.
-    assert any("applying a" in m and "delta" in m for m in world.messages), world.messages
+    assert any(m.startswith("usr: a ") and "delta" in m for m in world.messages), world.messages
     assert load_state(world.host).staged == {"version": V2, "slot": "B", "from": V1}
 
     # The reboot: v2 boots from slot B, its health check passes, it is marked good.
@@ -217,6 +217,10 @@ def test_health_failure_on_a_good_boot_does_not_reboot(world: World) -> None:
 
 def test_a_tampered_payload_leaves_the_host_bootable_as_it_was(world: World) -> None:
     world.publish(V2)
+    # The other slot holds a good earlier release that must stay bootable.
+    (world.esp / "EFI/Linux" / "cerulean_13.20261101.0.efi").write_bytes(b"older")
+    b = world.slot("B")
+    disk.set_partition(str(world.disk), b.data, label="usr-B")
     doc = ReleaseDoc.from_json(json.loads(world.repo.read_target(
         f"releases/vm/{V2}/release.json")))
     for part in doc.arches["amd64"].parts.values():
@@ -227,8 +231,9 @@ def test_a_tampered_payload_leaves_the_host_bootable_as_it_was(world: World) -> 
             f.write_bytes(bytes(data))
     with pytest.raises(UpdateError, match="does not match its signed length and hash"):
         world.updater().run()
-    assert [p.name for p in (world.esp / "EFI/Linux").iterdir()] == [f"cerulean_{V1}.efi"]
-    assert world.slot("B").data.label == "_empty"
+    assert sorted(p.name for p in (world.esp / "EFI/Linux").iterdir()) == [
+        "cerulean_13.20261101.0.efi", f"cerulean_{V1}.efi"]
+    assert world.slot("B").data.label == "usr-B"
     assert read_slot(world, "A", V1) == world.content[V1][:2]
     assert not world.reboots
 
@@ -283,3 +288,25 @@ def test_waves_keep_a_late_host_waiting(world: World) -> None:
     out = world.updater().run()
     assert out.result == "up-to-date" and "wave" in out.message
     assert os.listdir(world.esp / "EFI/Linux") == [f"cerulean_{V1}.efi"]
+
+
+def test_wave_seed_is_drawn_once_and_kept(tmp_path: Path) -> None:
+    from cerulean.agent.update.host import seed
+
+    host = Host(tmp_path)
+    first = seed(host)
+    assert 0 <= first < 1 and seed(host) == first
+    assert (host.state_dir / "seed").read_text().strip()
+
+
+def test_host_cli_errors_are_one_sentence() -> None:
+    import sys
+
+    # This machine is not a Cerulean host: the command says so, without a traceback.
+    r = subprocess.run([sys.executable, "-m", "cerulean.agent", "update", "status"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([sys.executable, "-m", "cerulean.agent", "update", "--help"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and "rollback" in r.stdout

@@ -1,8 +1,7 @@
-"""Real boots in QEMU: the vm image comes up healthy, and a timeout leaves nothing running.
+"""Real boots in QEMU: a timeout leaves nothing running (healthy boots: test_system_images).
 
 The disk is the amd64 `vm` image built by the session fixture (or
-CERULEAN_TEST_DISK if set). Under TCG a boot takes about a minute.
-"""
+CERULEAN_TEST_DISK if set). """
 
 from __future__ import annotations
 
@@ -22,20 +21,6 @@ pytestmark = pytest.mark.vm
 def disk(build_system: Callable[[str, str], Path]) -> Path:
     env = os.environ.get("CERULEAN_TEST_DISK")
     return Path(env) if env else build_system("vm", "amd64")
-
-
-def test_disk_boots_healthy(disk: Path, tmp_path: Path) -> None:
-    before = disk.stat()
-    res = run_test(disk, QemuConfig(), timeout_s=600, log_dir=tmp_path)
-    failed = {c.name: c.detail for c in res.checks if not c.passed}
-    assert not failed, f"{failed}; console log: {res.console_log}"
-    assert res.outcome is Outcome.READY
-    assert res.time_to_ready_s is not None and res.guest_uptime_s is not None
-    assert res.console_log == tmp_path / f"{disk.stem}.console.log"
-    assert "CERULEAN-READY-END" in res.console_log.read_text(errors="replace")
-    assert res.qemu_returncode is not None and not Path(f"/proc/{res.qemu_pid}").exists()
-    after = disk.stat()
-    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
 
 
 def test_timeout_stops_qemu(disk: Path, tmp_path: Path) -> None:

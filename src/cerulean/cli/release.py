@@ -72,6 +72,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="count versions already published there when choosing the next one")
     a.add_argument("--locked", action="store_true",
                    help="build exactly the lock; fail if it is missing or outdated")
+    a.add_argument("--level", type=int, default=19, choices=range(1, 20), metavar="1-19",
+                   help="zstd level of the payloads (default 19: smallest downloads)")
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     add_cache_options(a)
     a.set_defaults(func=run_build)
@@ -86,6 +88,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="'default' (1%%, 5%% after 4 h, 25%% after a day, 50%% after two, "
                         "all after three), 'now', or HOURS:FRACTION pairs like '0:0.1,24:1'")
     a.add_argument("--no-delta", action="store_true", help="publish full payloads only")
+    a.add_argument("--level", type=int, default=19, choices=range(1, 20), metavar="1-19",
+                   help="zstd level of the deltas (default 19)")
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.set_defaults(func=run_publish)
 
@@ -172,7 +176,8 @@ def run_build(args: argparse.Namespace) -> int:
 
     res = build_release(defn, lr.lock, archive_for(defn), list(arches), args.out, cache,
                         version=args.version, known_versions=known, disk_format=args.disk,
-                        offline=args.offline, show_progress=not args.json, say=say)
+                        offline=args.offline, show_progress=not args.json, say=say,
+                        level=args.level)
     if args.json:
         print(json.dumps({"release": str(res.path), "version": res.doc.version,
                           "previous": res.doc.previous, "cves": res.doc.cves,
@@ -201,7 +206,8 @@ def run_publish(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo, args.keys)
     con = _console()
     doc = publish(repo, args.release, args.channel, waves, deltas=not args.no_delta,
-                  say=lambda m: None if args.json else con.print(f"[dim]{m}[/]"))
+                  say=lambda m: None if args.json else con.print(f"[dim]{m}[/]"),
+                  level=args.level)
     deltas = {a: {n: sorted(p.deltas) for n, p in ar.parts.items()}
               for a, ar in doc.arches.items()}
     if args.json:

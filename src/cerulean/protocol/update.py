@@ -18,7 +18,6 @@ Versions are ``MAJOR.YYYYMMDD.N`` and compare as tuples of integers.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -305,12 +304,6 @@ class ChannelDoc:
         entries = [ChannelEntry.from_json(e, f"channel {name} release #{i + 1}")
                    for i, e in enumerate(_get(d, "releases", list, "The channel document"))]
         return cls(name, entries)
-
-
-def host_seed(machine_id: str) -> float:
-    """A host's place in the waves, in [0, 1): stable per host, uniform over hosts."""
-    digest = hashlib.sha256(b"cerulean-wave\0" + machine_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 @dataclass(frozen=True)

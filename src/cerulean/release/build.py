@@ -31,6 +31,7 @@ from cerulean.build.definition import ImageDefinition
 from cerulean.build.system_image import build_system_image
 from cerulean.debian.archive import ArchiveConfig
 from cerulean.debian.cache import Cache
+from cerulean.debian.changelog import package_changes
 from cerulean.debian.lock import Lock, LockedPackage
 from cerulean.errors import CeruleanError
 from cerulean.protocol.update import (
@@ -44,7 +45,7 @@ from cerulean.protocol.update import (
     utc_iso,
     version_key,
 )
-from cerulean.release.notes import notes_markdown, package_changes
+from cerulean.release.notes import notes_markdown
 
 FULL_LEVEL = 19
 PART_FILES = {"usr": "usr.erofs", "verity": "usr.verity", "uki": "uki.efi"}
@@ -97,15 +98,16 @@ def _previous_packages(prev_dir: Path | None) -> dict[str, dict[str, LockedPacka
             for arch, pkgs in raw.items()}
 
 
-def compress(src: Path, dest: Path) -> None:
-    r = subprocess.run(["zstd", "-q", "-f", f"-{FULL_LEVEL}", "--long=31", "-T0", str(src),
+def compress(src: Path, dest: Path, level: int = FULL_LEVEL) -> None:
+    r = subprocess.run(["zstd", "-q", "-f", f"-{level}", "--long=31", "-T0", str(src),
                         "-o", str(dest)], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise CeruleanError(f"Compressing {src.name} failed: {r.stderr.strip()}")
 
 
 def pack_payload(src: Path, dest: Path, image: str, version: str, arch: str,
-                 say: Callable[[str], None] = lambda _m: None) -> ArchRelease:
+                 say: Callable[[str], None] = lambda _m: None,
+                 level: int = FULL_LEVEL) -> ArchRelease:
     """Compress one architecture's parts (usr.erofs, usr.verity, uki.efi, usrhash in *src*)
     into *dest* as full payloads, and describe them."""
     parts = {}
@@ -114,7 +116,7 @@ def pack_payload(src: Path, dest: Path, image: str, version: str, arch: str,
         raw = src / fname
         packed = dest / f"{fname}.zst"
         say(f"{arch}: compressing {fname}")
-        compress(raw, packed)
+        compress(raw, packed, level)
         parts[part] = Part(raw.stat().st_size, _sha256(raw), Payload(
             f"releases/{image}/{version}/{arch}/{fname}.zst", packed.stat().st_size,
             _sha256(packed)))
@@ -125,7 +127,8 @@ def build_release(defn: ImageDefinition, lock: Lock, cfg: ArchiveConfig, arches:
                   out_root: Path, cache: Cache, *, version: str | None = None,
                   known_versions: Sequence[str] = (), disk_format: str | None = None,
                   offline: bool = False, show_progress: bool = True,
-                  say: Callable[[str], None] = lambda _m: None) -> ReleaseBuild:
+                  say: Callable[[str], None] = lambda _m: None,
+                  level: int = FULL_LEVEL) -> ReleaseBuild:
     if not defn.is_system:
         raise CeruleanError(f"{defn.path} is not a system image: only those have releases.")
     started = datetime.now(UTC)
@@ -152,7 +155,7 @@ def build_release(defn: ImageDefinition, lock: Lock, cfg: ArchiveConfig, arches:
                                  version=version, payload_dir=payload,
                                  disk_image=disk_format is not None)
         arch_docs = {arch: pack_payload(payload / arch, stage / arch, defn.name, version, arch,
-                                        say) for arch in arches}
+                                        say, level) for arch in arches}
         old_pkgs = _previous_packages(prev_dir)
         changes: dict[str, list[PackageChange]] = {}
         for arch in arches:

@@ -102,7 +102,8 @@ def published_releases(repo: Repository, image: str) -> list[ReleaseDoc]:
 
 
 def make_deltas(repo: Repository, doc: ReleaseDoc, release_dir: Path, work: Path,
-                say: Callable[[str], None]) -> tuple[ReleaseDoc, dict[str, Path]]:
+                say: Callable[[str], None],
+                level: int = DELTA_LEVEL) -> tuple[ReleaseDoc, dict[str, Path]]:
     """Delta payloads from the newest earlier releases; returns the new doc and its files."""
     files: dict[str, Path] = {}
     earlier = [d for d in published_releases(repo, doc.image)
@@ -123,7 +124,7 @@ def make_deltas(repo: Repository, doc: ReleaseDoc, release_dir: Path, work: Path
                        "-o", str(new)], f"Unpacking the {name} payload")
                 out = work / f"{arch}-{name}.from-{prev.version}.zst"
                 say(f"{arch}: delta of {name} from {prev.version}")
-                _zstd([f"-{DELTA_LEVEL}", f"--long={ZSTD_WINDOW}", "-T0",
+                _zstd([f"-{level}", f"--long={ZSTD_WINDOW}", "-T0",
                        f"--patch-from={base}", str(new), "-o", str(out)],
                       f"Making the {name} delta from {prev.version}")
                 base.unlink()
@@ -155,7 +156,8 @@ def _sha256(path: Path) -> str:
 
 def publish(repo: Repository, release_dir: Path, channel: str, waves: list[tuple[int, float]],
             *, deltas: bool = True, now: datetime | None = None,
-            say: Callable[[str], None] = lambda _m: None) -> ReleaseDoc:
+            say: Callable[[str], None] = lambda _m: None,
+            level: int = DELTA_LEVEL) -> ReleaseDoc:
     if channel not in CHANNELS:
         raise CeruleanError(f"--channel {channel!r} is not one of {', '.join(CHANNELS)}.")
     now = now or datetime.now(UTC).replace(microsecond=0)
@@ -177,7 +179,7 @@ def publish(repo: Repository, release_dir: Path, channel: str, waves: list[tuple
                 files[part.full.path] = src
         with tempfile.TemporaryDirectory(prefix=".publish.", dir=repo.path) as tmp:
             if deltas:
-                doc, delta_files = make_deltas(repo, doc, release_dir, Path(tmp), say)
+                doc, delta_files = make_deltas(repo, doc, release_dir, Path(tmp), say, level)
                 files.update(delta_files)
             files[rpath] = json.dumps(doc.to_json(), indent=2).encode() + b"\n"
             return _commit(repo, doc, chan, channel, waves, files, now)

@@ -40,6 +40,7 @@ class Machine:
     proc: subprocess.Popen[bytes] | None = field(init=False, default=None)
     _pos: int = field(init=False, default=0)
     boots: int = field(init=False, default=0)
+    restart_pos: int = field(init=False, default=0)  # where the last power-on began
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ class Machine:
                           cache="writeback", reboot=True)
         with self.console_log.open("ab") as f:
             f.write(f"\n===== power on {time.strftime('%H:%M:%S')} =====\n".encode())
-        self._pos = self.console_log.stat().st_size
+        self._pos = self.restart_pos = self.console_log.stat().st_size
         self.proc = process.start(argv, stderr=self.workdir / "qemu.stderr")
         self.boots += 1
 

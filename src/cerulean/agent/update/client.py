@@ -36,6 +36,8 @@ class UpdateError(CeruleanError):
 
 
 def _explain(e: Exception, what: str) -> UpdateError:
+    if isinstance(e, UpdateError):
+        return e  # already explained (by refresh, say)
     if isinstance(e, tuf_errors.ExpiredMetadataError):
         return UpdateError(f"The update repository's metadata has expired ({e}); refusing it.")
     if isinstance(e, tuf_errors.BadVersionNumberError | tuf_errors.EqualVersionNumberError):
@@ -53,7 +55,8 @@ def _explain(e: Exception, what: str) -> UpdateError:
         return UpdateError(f"Downloading {what} from the update repository failed: {e}.")
     if isinstance(e, tuf_errors.RepositoryError):
         return UpdateError(f"The update repository is not trustworthy: {e}.")
-    return UpdateError(f"Reading {what} from the update repository failed: {e}.")
+    return UpdateError(f"Reading {what} from the update repository failed: "
+                       f"{str(e).rstrip('.')}.")
 
 
 class RepoClient:

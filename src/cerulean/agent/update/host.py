@@ -64,9 +64,10 @@ class Host:
 
     def config_files(self) -> list[Path]:
         files = [self.p("/usr/lib/cerulean/update.toml"), self.p("/etc/cerulean/update.toml")]
+        # The credential as the service sees it, or (from a shell) as the system got it.
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
-        if creds:
-            files.append(Path(creds) / "cerulean.update")
+        files.append(Path(creds) / "cerulean.update" if creds
+                     else self.p("/run/credentials/@system/cerulean.update"))
         return files
 
     def os_release(self) -> dict[str, str]:

@@ -42,7 +42,7 @@ from cerulean.agent.update import boot, disk
 from cerulean.agent.update.client import RepoClient, UpdateError
 from cerulean.agent.update.host import Config, Host, State, load_config, load_state, save_state
 from cerulean.agent.update.host import seed as host_seed
-from cerulean.protocol.update import ArchRelease, Part, ReleaseDoc, choose
+from cerulean.protocol.update import Part, ReleaseDoc, choose
 from cerulean.protocol.window import in_window, next_opening
 
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
@@ -136,8 +136,9 @@ class Updater:
         staged = state.staged
         if staged and staged.get("version") == current:
             if self.bless_status() in ("good", "clean"):
-                state.record("updated", f"Running {current}, updated from "
-                             f"{staged.get('from', '?')}.", self.now())
+                msg = f"Running {current}, updated from {staged.get('from', '?')}."
+                state.record("updated", msg, self.now())
+                self.say(msg)
                 state.staged = None
         elif staged:
             v = staged.get("version", "")
@@ -145,8 +146,9 @@ class Updater:
             if not mine or mine[0].exhausted:
                 why = state.bad.get(v) or "it did not come up healthy within its boot tries"
                 state.bad.setdefault(v, why)
-                state.record("rolled-back", f"{v} was given up ({why}); running {current} "
-                             "again.", self.now())
+                msg = f"{v} was given up ({why}); running {current} again."
+                state.record("rolled-back", msg, self.now())
+                self.say(msg)
                 state.staged = None
         for e in ents:
             if e.exhausted and e.version != current:
@@ -258,30 +260,43 @@ class Updater:
         disk_path = lay.disk
         self.say(f"Installing {rel.version} into slot {target.name} "
                  f"(running {current} from slot {lay.booted.name}).")
-        # 2. Invalidate the slot and every boot entry but the running release's.
-        for e in boot.entries(esp):
-            if e.version != current:
-                boot.remove(e.path)
-        boot.clean_partials(esp)
-        disk.set_partition(disk_path, target.data, label=disk.EMPTY)
-        disk.set_partition(disk_path, target.hash, label=disk.EMPTY)
         work = self.host.state_dir / "work"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
+        running_uki = [e for e in boot.entries(esp) if e.version == current]
+
+        def from_partition(src: disk.Partition) -> Callable[[int, Path], str]:
+            return lambda size, path: disk.read_bytes_to(disk_path, src, size, path)
+
+        def from_esp(size: int, path: Path) -> str:
+            if not running_uki:
+                raise UpdateError("the running release's UKI is not on the ESP")
+            shutil.copyfile(running_uki[0].path, path)
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+
         try:
-            # 3. The slot's contents.
-            for name, booted_part, dest in (("usr", lay.booted.data, target.data),
-                                            ("verity", lay.booted.hash, target.hash)):
+            # 1. Every part downloaded, verified by TUF, and unpacked once to check that
+            #    it gives exactly the signed bytes: nothing on disk changes before this.
+            sources = {
+                "usr": self._prepare(client, "usr", ar.parts["usr"], current, work,
+                                     from_partition(lay.booted.data)),
+                "verity": self._prepare(client, "verity", ar.parts["verity"], current, work,
+                                        from_partition(lay.booted.hash)),
+                "uki": self._prepare(client, "uki", ar.parts["uki"], current, work, from_esp),
+            }
+            # 2. Invalidate the slot and every boot entry but the running release's.
+            for e in boot.entries(esp):
+                if e.version != current:
+                    boot.remove(e.path)
+            boot.clean_partials(esp)
+            disk.set_partition(disk_path, target.data, label=disk.EMPTY)
+            disk.set_partition(disk_path, target.hash, label=disk.EMPTY)
+            # 3. The slot's contents, read back against the signed hashes.
+            for name, dest in (("usr", target.data), ("verity", target.hash)):
                 part = ar.parts[name]
-
-                def base(size: int, path: Path, src: disk.Partition = booted_part) -> str:
-                    return disk.read_bytes_to(disk_path, src, size, path)
-
-                def write(chunks: Iterator[bytes], p: Part = part,
-                          d: disk.Partition = dest) -> None:
-                    disk.write_stream(disk_path, d, chunks, p.size, p.sha256)
-
-                self._write(client, name, part, current, work, base, write)
+                self.say(f"{name}: writing {part.size / 1048576:.1f} MiB to {dest.node}")
+                disk.write_stream(disk_path, dest, _zstd_stream(sources[name]), part.size,
+                                  part.sha256)
             # 4. Its identity.
             data_uuid, hash_uuid = disk.slot_uuids(ar.roothash)
             disk.set_partition(disk_path, target.data, part_uuid=data_uuid,
@@ -289,38 +304,25 @@ class Updater:
             disk.set_partition(disk_path, target.hash, part_uuid=hash_uuid,
                                label=f"usr-{target.name}-verity")
             # 5. The boot entry, last.
-            self._install_uki(client, ar, rel.version, current, esp, work)
+            uki = ar.parts["uki"]
+
+            def check(path: Path) -> None:
+                data = path.read_bytes()
+                if len(data) != uki.size or hashlib.sha256(data).hexdigest() != uki.sha256:
+                    raise UpdateError("The new UKI does not match its signed hash.")
+
+            boot.install(esp, rel.version, self.config.boot_tries, _zstd_stream(sources["uki"]),
+                         check)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         state.staged = {"version": rel.version, "slot": target.name, "from": current}
         state.record("staged", f"{rel.version} is written to slot {target.name} and verified.",
                      self.now())
 
-    def _install_uki(self, client: RepoClient, ar: ArchRelease, version: str, current: str,
-                     esp: Path, work: Path) -> None:
-        part = ar.parts["uki"]
-        running = [e for e in boot.entries(esp) if e.version == current]
-
-        def base(size: int, path: Path) -> str:
-            if not running:
-                raise UpdateError("the running release's UKI is not on the ESP")
-            shutil.copyfile(running[0].path, path)
-            return hashlib.sha256(path.read_bytes()).hexdigest()
-
-        def check(path: Path) -> None:
-            data = path.read_bytes()
-            if len(data) != part.size or hashlib.sha256(data).hexdigest() != part.sha256:
-                raise UpdateError("The new UKI does not match its signed hash.")
-
-        def write(chunks: Iterator[bytes]) -> None:
-            boot.install(esp, version, self.config.boot_tries, chunks, check)
-
-        self._write(client, "uki", part, current, work, base, write)
-
-    def _write(self, client: RepoClient, name: str, part: Part, current: str, work: Path,
-               base: Callable[[int, Path], str],
-               write: Callable[[Iterator[bytes]], None]) -> None:
-        """Write one part from the delta against *current* if there is one, else in full."""
+    def _prepare(self, client: RepoClient, name: str, part: Part, current: str, work: Path,
+                 base: Callable[[int, Path], str]) -> list[str]:
+        """Download one part (the delta against *current* if there is one, else in full)
+        and check it unpacks to the signed bytes; returns zstd's arguments to unpack it."""
         delta = part.deltas.get(current)
         free = shutil.disk_usage(work).free
         if delta is not None and free < delta.base_size + delta.payload.size + 16 * CHUNK:
@@ -329,30 +331,37 @@ class Updater:
             delta = None
         if delta is not None:
             base_path = work / f"{name}.base"
+            patch_path = work / f"{name}.delta.zst"
             try:
-                got = base(delta.base_size, base_path)
-                if got != delta.base_sha256:
+                if base(delta.base_size, base_path) != delta.base_sha256:
                     raise UpdateError(f"the running {name} is not the delta's base")
-                patch = client.payload(delta.payload, work / f"{name}.delta.zst")
-                self.say(f"{name}: applying a {delta.payload.size / 1048576:.1f} MiB delta "
-                         f"(full: {part.full.size / 1048576:.1f} MiB)")
-                write(_zstd_stream([f"--patch-from={base_path}", str(patch)]))
-                return
+                client.payload(delta.payload, patch_path)
+                args = [f"--patch-from={base_path}", str(patch_path)]
+                self._check_unpacks(name, args, part)
+                self.say(f"{name}: a {delta.payload.size / 1048576:.1f} MiB delta "
+                         f"(full: {part.full.size / 1048576:.1f} MiB), verified")
+                return args
             except UpdateError as e:
                 self.say(f"{name}: the delta could not be used ({e}); using the full payload.")
-            finally:
                 base_path.unlink(missing_ok=True)
-                (work / f"{name}.delta.zst").unlink(missing_ok=True)
+                patch_path.unlink(missing_ok=True)
         if free < 2 * part.full.size + 16 * CHUNK:
             raise UpdateError(
                 f"Installing needs {(2 * part.full.size) // CHUNK + 16} MiB free in {work}; "
                 f"there are {free // CHUNK} MiB.")
         full = client.payload(part.full, work / f"{name}.zst")
-        self.say(f"{name}: writing the full payload ({part.full.size / 1048576:.1f} MiB)")
-        try:
-            write(_zstd_stream([str(full)]))
-        finally:
-            full.unlink(missing_ok=True)
+        self._check_unpacks(name, [str(full)], part)
+        self.say(f"{name}: the full payload ({part.full.size / 1048576:.1f} MiB), verified")
+        return [str(full)]
+
+    def _check_unpacks(self, name: str, args: list[str], part: Part) -> None:
+        h = hashlib.sha256()
+        size = 0
+        for chunk in _zstd_stream(args):
+            h.update(chunk)
+            size += len(chunk)
+        if size != part.size or h.hexdigest() != part.sha256:
+            raise UpdateError(f"the {name} payload does not unpack to its signed hash")
 
     # -- going back ------------------------------------------------------------------
 

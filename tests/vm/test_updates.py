@@ -1,0 +1,252 @@
+"""Updates end to end: a host booted in QEMU updates itself from a TUF repository
+served on the host's loopback, and falls back by itself from a broken release.
+
+The machine keeps its disk across reboots (cerulean.testbed.machine); the guest
+reaches the repository at 10.0.2.2 (QEMU's user network maps it to the host's
+127.0.0.1). Credentials make the updater's timer fire quickly and copy the
+agent's output to the console, where the test reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from cerulean.cli import main
+from cerulean.protocol.update import ReleaseDoc
+from cerulean.release.publish import publish
+from cerulean.release.repo import Repository, load_signer
+from cerulean.release.serve import serving
+from cerulean.testbed.console import ReadyReport
+from cerulean.testbed.machine import Machine
+from cerulean.testbed.qemu import QemuConfig
+
+pytestmark = pytest.mark.vm
+
+IMAGE = "upd-edge"
+VERITY_TYPES = {"77ff5f63-e7b6-4633-acf4-1565b864c0e6", "6e11a4e7-fbca-4ded-b9e9-e1a512bb664e"}
+CONSOLE = "[Service]\nStandardOutput=journal+console\nStandardError=journal+console\n"
+
+
+def credentials(url: str) -> dict[str, str]:
+    return {
+        # Two tries for a new release (instead of 3) keep the failing boots of (e) short.
+        "cerulean.update": f'url = "{url}"\nboot-tries = 2\n',
+        # Check 15 s after the timer starts, then 20 s after each run, no jitter.
+        "systemd.unit-dropin.cerulean-update.timer":
+            "[Timer]\nOnBootSec=\nOnActiveSec=15s\nOnUnitInactiveSec=20s\nRandomizedDelaySec=0\n",
+        "systemd.unit-dropin.cerulean-update.service": CONSOLE,
+        "systemd.unit-dropin.cerulean-health.service": CONSOLE,
+    }
+
+
+@dataclass
+class Releases:
+    work: Path
+    cache: Path
+    out: Path
+    repo: Repository
+
+    def definition(self, base: str, *, cmdline: tuple[str, ...] = (), name: str = IMAGE) -> str:
+        """An edge image that trusts the test repository (and a kernel command line)."""
+        text = (self.work / "images" / f"{base}.toml").read_text()
+        text = text.replace("[image]\n", f'[image]\nname = "{IMAGE}"\n', 1)
+        if cmdline:
+            quoted = ", ".join(f'"{c}"' for c in cmdline)
+            text = text.replace("[system]\n", f"[system]\nkernel-cmdline = [{quoted}]\n", 1)
+        text += f'\n[update]\nroot = "{self.repo.meta / "1.root.json"}"\n'
+        (self.work / "images" / f"{name}.toml").write_text(text)
+        return f"images/{name}.toml"
+
+    def build(self, definition: str, version: str, arch: str, disk: bool = False) -> Path:
+        old = Path.cwd()
+        os.chdir(self.work)
+        try:
+            rc = main(["release", "build", definition, "--arch", arch, "--out", str(self.out),
+                       "--version", version, "--level", "3", "--cache", str(self.cache),
+                       *(["--disk", "raw"] if disk else [])])
+        finally:
+            os.chdir(old)
+        assert rc == 0, f"building {definition} {version} failed"
+        return self.out / IMAGE / version
+
+    def publish(self, release: Path) -> None:
+        publish(self.repo, release, "stable", [(0, 1.0)], level=3)
+
+
+@pytest.fixture
+def releases(vm_env: dict[str, Path], tmp_path: Path) -> Iterator[Releases]:
+    repo = Repository.create(tmp_path / "repo", tmp_path / "keys")
+    yield Releases(vm_env["work"], vm_env["cache"], tmp_path / "releases", repo)
+
+
+def host_disk(release: Path, arch: str, dest: Path) -> Path:
+    """A copy of the release's disk, grown as a cloud grows a VM's disk."""
+    shutil.copyfile(release / f"{IMAGE}-{arch}.raw", dest)
+    subprocess.run(["qemu-img", "resize", "-q", "-f", "raw", str(dest), "2G"], check=True)
+    return dest
+
+
+def next_ready(m: Machine, version: str, timeout: float) -> ReadyReport:
+    """READY reports until one from *version* (a failed release may print its own first)."""
+    while True:
+        r = m.ready(timeout)
+        if r.get("version") == version:
+            return r
+        assert r.get("bless") != "good", f"{r.get('version')} was marked good: {r.values}"
+
+
+def corrupt_hash_tree(disk: Path, slot: int) -> None:
+    """Overwrite the hash tree (not the superblock) of slot *slot*'s verity partition."""
+    out = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True,
+                         check=True).stdout
+    table = json.loads(out)["partitiontable"]
+    verity = sorted((p for p in table["partitions"] if p["type"].lower() in VERITY_TYPES),
+                    key=lambda p: p["start"])
+    start = verity[slot]["start"] * table.get("sectorsize", 512)
+    with disk.open("r+b") as f:
+        f.seek(start + 4096)
+        f.write(random.Random(4).randbytes(256 * 1024))
+
+
+class Served:
+    """What the test's web server serves: a symlink switched between repository states."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.link = tmp / "served"
+        self.tmp = tmp
+
+    def show(self, repo_dir: Path) -> None:
+        new = self.tmp / ".served-new"
+        new.unlink(missing_ok=True)
+        new.symlink_to(repo_dir.resolve())
+        os.replace(new, self.link)
+
+
+def copy_repo(repo: Repository, dest: Path) -> Repository:
+    shutil.copytree(repo.path, dest / "repo", symlinks=True)
+    shutil.copytree(repo.keys, dest / "keys")
+    return Repository(dest / "repo", dest / "keys")
+
+
+def attack_variants(repo: Repository, v4: str, tmp: Path) -> dict[str, Path]:
+    """Repository states an attacker (or a broken mirror) could serve, from the real one
+    that has just published v4 with a rotated targets key."""
+    tampered = copy_repo(repo, tmp / "tampered")
+    doc = ReleaseDoc.from_json(json.loads(tampered.read_target(f"releases/{IMAGE}/{v4}/"
+                                                               "release.json")))
+    for ar in doc.arches.values():
+        part = ar.parts["usr"]
+        for p in [part.full, *(d.payload for d in part.deltas.values())]:
+            f = tampered.target_file(p.path)
+            data = bytearray(f.read_bytes())
+            data[len(data) // 3] ^= 0x40
+            f.write_bytes(bytes(data))
+    expired = copy_repo(repo, tmp / "expired")
+    expired.refresh(now=datetime.now(UTC).replace(microsecond=0) - timedelta(days=3))
+    revoked = copy_repo(repo, tmp / "revoked")
+    retired = next((revoked.keys / "retired").glob("targets-*.pem"))
+    md = revoked.load("targets")
+    md.signed.version += 1
+    md.signed.expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
+    root = revoked.load("root").signed
+    revoked._write("targets", md, [load_signer(retired)])
+    revoked._commit({r: revoked.signers(r, root) for r in ("snapshot", "timestamp")},
+                    datetime.now(UTC).replace(microsecond=0), md.signed.version)
+    return {"tampered": tampered.path, "expired": expired.path, "revoked": revoked.path}
+
+
+@pytest.mark.parametrize("arch", ["amd64"])
+def test_host_updates_itself_and_falls_back_from_a_broken_release(
+        releases: Releases, tmp_path: Path, arch: str) -> None:
+    good = releases.definition("edge")
+    # v3 is broken the way a bad release can be: its updater never starts, so the
+    # health check fails.
+    broken = releases.definition("edge", cmdline=("systemd.mask=cerulean-update.timer",),
+                                 name="upd-edge-broken")
+    v1, v2, v3, v4 = "13.20261126.1", "13.20261126.2", "13.20261126.3", "13.20261126.4"
+    r1 = releases.build(good, v1, arch, disk=True)
+    r2 = releases.build(good, v2, arch)
+    r3 = releases.build(broken, v3, arch)
+    r4 = releases.build(good, v4, arch)
+    repo = releases.repo
+    releases.publish(r1)
+    releases.publish(r2)
+    old_state = copy_repo(repo, tmp_path / "old-state")  # for the rollback attack
+    disk = host_disk(r1, arch, tmp_path / "host.raw")
+    timeout = 900 if arch == "amd64" else 2400
+    served = Served(tmp_path)
+    served.show(repo.path)
+    with serving(served.link) as url:
+        port = url.rsplit(":", 1)[1]
+        m = Machine(disk, tmp_path / "machine", QemuConfig(arch=arch),
+                    credentials(f"http://10.0.2.2:{port}"))
+        with m:
+            m.start()
+            # (a) v1 boots, finds v2, installs it into slot B and reboots into it.
+            first = m.ready(timeout)
+            assert (first.get("version"), first.get("slot"), first.get("bless")) == \
+                (v1, "A", "good"), first.values
+            assert first.failed_units == [] and first.get("verity") == "verified", first.values
+            m.expect(rf"Rebooting into {v2}", timeout)
+            second = next_ready(m, v2, timeout)
+            assert (second.get("slot"), second.get("verity"), second.get("bless")) == \
+                ("B", "verified", "good"), second.values
+            assert (second.get("root-options") or "").startswith("ro"), second.values
+
+            # (b) v3 is installed, fails its health check, and the host comes back to
+            # v2 by itself and does not try v3 again.
+            releases.publish(r3)
+            m.expect(rf"Rebooting into {v3}", timeout)
+            m.expect(r"unhealthy: the updater \(cerulean-update.timer\) is not active", timeout)
+            back = next_ready(m, v2, timeout)
+            # "clean": v2's entry was marked good on its first boot and is not counted now.
+            assert (back.get("slot"), back.get("bless")) == ("B", "clean"), back.values
+            m.expect(rf"{v3} failed on this host before", timeout)
+            assert m.text().count(f"]: Rebooting into {v3}") == 1, m.console_log
+
+            # (c) What an attacker or a broken mirror serves is refused, the host stays.
+            served.show(copy_repo(repo, tmp_path / "frozen").path)
+            repo.rotate_key("targets")
+            releases.publish(r4)
+            attacks = attack_variants(repo, v4, tmp_path / "attacks")
+            attacks["rollback"] = old_state.path
+            # The real repository moves past every version the attacks showed the host.
+            repo.refresh(all_roles=True)
+            repo.refresh(all_roles=True)
+            refusals = {
+                "tampered": r"does not match its signed length and hash",
+                "expired": r"metadata has expired",
+                "rollback": r"older metadata than this host already trusts",
+                "revoked": r"not signed by the keys this host trusts",
+            }
+            for name, pattern in refusals.items():
+                served.show(attacks[name])
+                m.mark()
+                m.expect(pattern, 300)
+            assert f"Rebooting into {v4}" not in m.text(), "an attack got through"
+
+            # (e) The real v4 installs; its hash tree is then corrupted on disk before it
+            # boots: its boots fail (the initrd reboots), and after its two tries the host
+            # is back on v2.
+            served.show(repo.path)
+            m.mark()
+            m.expect(rf"Rebooting into {v4}", timeout)
+            m.kill()
+            corrupt_hash_tree(disk, 0)  # v4 went into slot A (v2 runs from B)
+            m.start()
+            back = next_ready(m, v2, 3 * timeout)
+            assert (back.get("slot"), back.get("bless")) == ("B", "clean"), back.values
+            since_restart = m.text(m.restart_pos)
+            assert since_restart.count("Linux version") >= 3, "v4 was not tried twice"
+            assert f"version={v4}" not in since_restart
+            m.expect(rf"{v4} was given up", timeout)
