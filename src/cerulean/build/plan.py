@@ -184,7 +184,7 @@ def refresh_security(defn: ImageDefinition, cache: Cache, *, offline: bool = Fal
         raise CeruleanError(
             f"The security updates cannot be applied to this lock alone ({e}) Run "
             f"`cerulean lock --refresh {defn.path}` for a full refresh.") from e
-    fetch_all(cache, lock_downloads_of(cache, defn, new), offline=offline,
+    fetch_all(cache, lock_downloads_of(defn, new), offline=offline,
               show_progress=show_progress)
     changes = {arch: package_changes({p.name: p for p in old.packages[arch]},
                                      new.packages[arch], cache) for arch in new.packages}
@@ -194,7 +194,7 @@ def refresh_security(defn: ImageDefinition, cache: Cache, *, offline: bool = Fal
     return SecurityRefresh(new if written else old, old, changes, written)
 
 
-def lock_downloads_of(cache: Cache, defn: ImageDefinition, lock: Lock) -> list[Download]:
+def lock_downloads_of(defn: ImageDefinition, lock: Lock) -> list[Download]:
     from cerulean.build.image import lock_downloads
 
     return lock_downloads(archive_for(defn), lock, list(lock.packages))

@@ -18,7 +18,6 @@ newer than the last one found in OUT (or in the repository, when given).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 from cerulean.build.definition import ImageDefinition
 from cerulean.build.system_image import build_system_image
 from cerulean.debian.archive import ArchiveConfig
-from cerulean.debian.cache import Cache
+from cerulean.debian.cache import Cache, sha256_file
 from cerulean.debian.changelog import package_changes
 from cerulean.debian.lock import Lock, LockedPackage
 from cerulean.errors import CeruleanError
@@ -57,14 +56,6 @@ class ReleaseBuild:
     doc: ReleaseDoc
     disks: list[Path]
     seconds: float
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def existing_versions(out_root: Path, image: str) -> list[str]:
@@ -117,9 +108,9 @@ def pack_payload(src: Path, dest: Path, image: str, version: str, arch: str,
         packed = dest / f"{fname}.zst"
         say(f"{arch}: compressing {fname}")
         compress(raw, packed, level)
-        parts[part] = Part(raw.stat().st_size, _sha256(raw), Payload(
+        parts[part] = Part(raw.stat().st_size, sha256_file(raw), Payload(
             f"releases/{image}/{version}/{arch}/{fname}.zst", packed.stat().st_size,
-            _sha256(packed)))
+            sha256_file(packed)))
     return ArchRelease((src / "usrhash").read_text().strip(), parts)
 
 

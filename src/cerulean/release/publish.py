@@ -10,7 +10,6 @@ channel with its wave schedule, all in one commit of the repository.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import tempfile
@@ -19,6 +18,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cerulean.debian.cache import sha256_file
 from cerulean.errors import CeruleanError
 from cerulean.protocol.update import (
     CHANNELS,
@@ -137,21 +137,13 @@ def make_deltas(repo: Repository, doc: ReleaseDoc, release_dir: Path, work: Path
                     continue
                 target = (f"releases/{doc.image}/{doc.version}/{arch}/"
                           f"{name}.from-{prev.version}.zst")
-                sha = _sha256(out)
+                sha = sha256_file(out)
                 deltas = {**parts[name].deltas,
                           prev.version: Delta(Payload(target, size, sha), old.size, old.sha256)}
                 parts[name] = Part(part.size, part.sha256, part.full, deltas)
                 files[target] = out
             arches[arch] = replace(arches[arch], parts=parts)
     return replace(doc, arches=arches), files
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def publish(repo: Repository, release_dir: Path, channel: str, waves: list[tuple[int, float]],

@@ -176,37 +176,35 @@ def write_stream(disk: str, p: Partition, chunks: Iterator[bytes], size: int, sh
         raise UpdateError(f"{p.node} does not read back what was written to it.")
 
 
-def read_hash(disk: str, p: Partition, size: int) -> str:
-    h = hashlib.sha256()
+def _read(disk: str, p: Partition, size: int, *, from_media: bool = False) -> Iterator[bytes]:
+    """The first *size* bytes of *p* in chunks; *from_media*: not from the page cache."""
     fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.posix_fadvise(fd, p.start, size, os.POSIX_FADV_DONTNEED)
+        if from_media:
+            os.posix_fadvise(fd, p.start, size, os.POSIX_FADV_DONTNEED)
         done = 0
         while done < size:
             chunk = os.pread(fd, min(CHUNK, size - done), p.start + done)
             if not chunk:
                 break
-            h.update(chunk)
+            yield chunk
             done += len(chunk)
     finally:
         os.close(fd)
+
+
+def read_hash(disk: str, p: Partition, size: int) -> str:
+    h = hashlib.sha256()
+    for chunk in _read(disk, p, size, from_media=True):
+        h.update(chunk)
     return h.hexdigest()
 
 
 def read_bytes_to(disk: str, p: Partition, size: int, dest: Path) -> str:
     """Copy the first *size* bytes of *p* to *dest*; returns their sha256."""
     h = hashlib.sha256()
-    fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with dest.open("wb") as out:
-            done = 0
-            while done < size:
-                chunk = os.pread(fd, min(CHUNK, size - done), p.start + done)
-                if not chunk:
-                    break
-                out.write(chunk)
-                h.update(chunk)
-                done += len(chunk)
-    finally:
-        os.close(fd)
+    with dest.open("wb") as out:
+        for chunk in _read(disk, p, size):
+            out.write(chunk)
+            h.update(chunk)
     return h.hexdigest()
