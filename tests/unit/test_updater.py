@@ -19,7 +19,7 @@ from cerulean.agent.update import boot, disk
 from cerulean.agent.update.client import UpdateError
 from cerulean.agent.update.host import Host, load_state
 from cerulean.agent.update.updater import Updater
-from cerulean.protocol.update import ReleaseDoc
+from cerulean.protocol.update import ReleaseDoc, verity_uuids
 from cerulean.release.build import pack_payload
 from cerulean.release.publish import publish
 from cerulean.release.repo import Repository
@@ -35,7 +35,7 @@ def roothash(version: str) -> str:
 
 
 def make_disk(path: Path, v1_usr: bytes, v1_verity: bytes) -> None:
-    a_data, a_hash = disk.slot_uuids(roothash(V1))
+    a_data, a_hash = verity_uuids(roothash(V1))
     script = (
         "label: gpt\n"
         "size=1MiB, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=ESP\n"
@@ -98,7 +98,7 @@ class World:
         """What a reboot does: the other slot's /usr, the entry's count goes down."""
         (self.host.root / "usr/lib/os-release").write_text(
             f'IMAGE_ID="vm"\nIMAGE_VERSION="{version}"\n')
-        data_uuid, _ = disk.slot_uuids(roothash(version))
+        data_uuid, _ = verity_uuids(roothash(version))
         (self.host.root / "proc/cmdline").write_text(
             f"usrhash={roothash(version)} systemd.verity_usr_data=PARTUUID={data_uuid} rw\n")
         for e in boot.entries(self.esp):
@@ -162,23 +162,47 @@ def test_update_writes_the_other_slot_then_the_boot_entry(world: World) -> None:
     assert out.result == "rebooting" and world.reboots == ["reboot"]
     assert read_slot(world, "B", V2) == world.content[V2][:2]
     b = world.slot("B")
-    assert (b.data.uuid, b.hash.uuid) == disk.slot_uuids(roothash(V2))
+    assert (b.data.uuid, b.hash.uuid) == verity_uuids(roothash(V2))
     assert (b.data.label, b.hash.label) == ("usr-B", "usr-B-verity")
     names = sorted(p.name for p in (world.esp / "EFI/Linux").iterdir())
     assert names == [f"cerulean_{V1}.efi", f"cerulean_{V2}+3.efi"]
     assert (world.esp / "EFI/Linux" / f"cerulean_{V2}+3.efi").read_bytes() == world.content[V2][2]
     # Only the deltas were downloaded: the repository had v1 when v2 was published.
     assert any(m.startswith("usr: a ") and "delta" in m for m in world.messages), world.messages
-    assert load_state(world.host).staged == {"version": V2, "slot": "B", "from": V1}
+    uki = world.content[V2][2]
+    assert load_state(world.host).staged == {
+        "version": V2, "slot": "B", "from": V1, "uki_size": str(len(uki)),
+        "uki_sha256": hashlib.sha256(uki).hexdigest()}
 
-    # The reboot: v2 boots from slot B, its health check passes, it is marked good.
+    # The reboot: v2 boots from slot B. The timer may fire before its health check has
+    # passed: nothing happens then (a reboot would spend one of v2's tries).
     world.boot_into(V2)
+    world.status = "indeterminate"
+    assert world.updater().run().result == "waiting"
+    assert world.reboots == ["reboot"] and load_state(world.host).staged is not None
+    # Its health check passes, it is marked good.
+    world.status = "good"
     assert world.slot("B").data.uuid == disk.booted_usr_uuid(
         (world.host.root / "proc/cmdline").read_text())
     out = world.updater().run()
     assert out.result == "up-to-date"
     st = load_state(world.host)
     assert st.staged is None and any(h["result"] == "updated" for h in st.history)
+
+
+def test_a_boot_entry_emptied_by_a_power_cut_is_installed_again(world: World) -> None:
+    # FAT without the file's own sync: the renamed entry is there, but empty.
+    world.publish(V2)
+    assert world.updater().run(reboot=False).result == "staged"
+    entry = world.esp / "EFI/Linux" / f"cerulean_{V2}+3.efi"
+    entry.write_bytes(b"")
+    # The boot loader could not use it, so v1 came up again: the entry goes, and the
+    # next run installs v2 afresh instead of rebooting into nothing forever.
+    out = world.updater().run(reboot=False)
+    assert any("was damaged" in m for m in world.messages), world.messages
+    assert out.result == "staged"
+    assert entry.read_bytes() == world.content[V2][2]
+    assert V2 not in load_state(world.host).bad
 
 
 def test_a_release_that_fails_is_never_applied_again(world: World) -> None:

@@ -137,39 +137,6 @@ cat /proc/net/tcp /proc/net/tcp6 /proc/net/udp /proc/net/udp6 > "$out/sockets"
 """
 
 
-def test_inside_the_booted_vm(build_system: Callable[[str, str], Path], tmp_path: Path) -> None:
-    """The issue's by-hand checks, run inside the booted vm image."""
-    from cerulean.testbed.guest import run_in_guest
-
-    disk = build_system("vm", "amd64")
-    run = run_in_guest(disk, INSIDE, out_dir=tmp_path / "guest", timeout_s=900)
-    assert run.returncode == 0, (run.text("stderr"), run.console_log)
-    source, fstype, options = run.text("findmnt-usr").split()
-    assert source == "/dev/mapper/usr" and fstype == "erofs" and "ro" in options.split(",")
-    assert " verity " in run.text("dm-verity"), run.text("dm-verity")
-    bootctl = run.text("bootctl")
-    assert "Product: systemd-boot" in bootctl and "Current Entry: cerulean_" in bootctl, bootctl
-    assert run.text("failed").strip() == ""
-    assert run.text("sshd").lower().split() == ["permitrootlogin", "no",
-                                                "passwordauthentication", "no"]
-    assert dict(x.split("=") for x in run.text("sysctl").split()) == {
-        "kernel.kptr_restrict": "2", "kernel.dmesg_restrict": "1",
-        "kernel.unprivileged_bpf_disabled": "1", "net.ipv4.conf.all.rp_filter": "1",
-        "net.ipv4.conf.all.accept_redirects": "0"}
-    allowed = {"/usr/bin/sudo", "/usr/bin/passwd", "/usr/bin/su", "/usr/lib/openssh/ssh-keysign"}
-    assert set(run.text("setuid").split()) <= allowed, run.text("setuid")
-    assert run.text("apparmor").strip() == "Y"
-    assert run.text("auditd").strip() == "active"
-    assert len(run.text("machine-id").strip()) == 32  # made on first boot
-    # No LLMNR (5355 = 0x14EB) or mDNS (5353 = 0x14E9) responder.
-    local = [line.split()[1] for line in run.text("sockets").splitlines()
-             if line.strip() and line.split()[0] != "sl"]
-    ports = {addr.rsplit(":", 1)[1] for addr in local}
-    assert "0016" in ports  # sshd on 22: the list is real
-    assert not ports & {"14EB", "14E9"}, ports
-    assert run.uptime_at_start_s is not None and run.uptime_at_start_s > 0
-
-
 USER_DATA = """#cloud-config
 users:
   - name: ops
@@ -210,10 +177,19 @@ def _nocloud_seed(vm_env: dict[str, Path], dest: Path) -> None:
                env={"MTOOLS_SKIP_CHECK": "1"})
 
 
-def test_vm_is_provisioned_by_cloud_init_nocloud(vm_env: dict[str, Path],
-                                                 build_system: Callable[[str, str], Path],
-                                                 tmp_path: Path) -> None:
-    """cloud-init finds a NoCloud seed disk, creates the user with its key and sets the name."""
+CLOUD_INIT = r"""
+cloud-init status --wait --long > "$1/status" 2>&1
+getent passwd ops > "$1/passwd"
+cat /home/ops/.ssh/authorized_keys > "$1/keys"
+cat /etc/cerulean-provisioned > "$1/written"
+hostname > "$1/hostname"
+"""
+
+
+def test_inside_the_booted_vm(vm_env: dict[str, Path],
+                              build_system: Callable[[str, str], Path], tmp_path: Path) -> None:
+    """The issue's by-hand checks inside the booted vm image, provisioned on this boot by
+    cloud-init from a NoCloud seed disk (user, key, file, host name)."""
     from cerulean.testbed.guest import run_in_guest
     from cerulean.testbed.qemu import QemuConfig
 
@@ -221,18 +197,38 @@ def test_vm_is_provisioned_by_cloud_init_nocloud(vm_env: dict[str, Path],
     seed = tmp_path / "seed.img"
     _nocloud_seed(vm_env, seed)
     cfg = QemuConfig(extra_args=("-drive", f"if=virtio,format=raw,readonly=on,file={seed}"))
-    script = r"""
-cloud-init status --wait --long > "$1/status" 2>&1
-getent passwd ops > "$1/passwd"
-cat /home/ops/.ssh/authorized_keys > "$1/keys"
-cat /etc/cerulean-provisioned > "$1/written"
-hostname > "$1/hostname"
-"""
-    run = run_in_guest(disk, script, cfg=cfg, out_dir=tmp_path / "guest", timeout_s=1200)
+    run = run_in_guest(disk, INSIDE + CLOUD_INIT, cfg=cfg, out_dir=tmp_path / "guest",
+                       timeout_s=1200)
     assert run.returncode == 0, (run.text("stderr"), run.text("status"), run.console_log)
+    # cloud-init
     assert "status: done" in run.text("status"), run.text("status")
     assert run.text("passwd").startswith("ops:") and run.text("passwd").strip().endswith(
         ":/home/ops:/bin/bash")
     assert "ops@test" in run.text("keys")
     assert run.text("written") == "by NoCloud\n"
     assert run.text("hostname").strip() == "web-1"
+    # the image's own settings
+    source, fstype, options = run.text("findmnt-usr").split()
+    assert source == "/dev/mapper/usr" and fstype == "erofs" and "ro" in options.split(",")
+    assert " verity " in run.text("dm-verity"), run.text("dm-verity")
+    bootctl = run.text("bootctl")
+    assert "Product: systemd-boot" in bootctl and "Current Entry: cerulean_" in bootctl, bootctl
+    assert run.text("failed").strip() == ""
+    assert run.text("sshd").lower().split() == ["permitrootlogin", "no",
+                                                "passwordauthentication", "no"]
+    assert dict(x.split("=") for x in run.text("sysctl").split()) == {
+        "kernel.kptr_restrict": "2", "kernel.dmesg_restrict": "1",
+        "kernel.unprivileged_bpf_disabled": "1", "net.ipv4.conf.all.rp_filter": "1",
+        "net.ipv4.conf.all.accept_redirects": "0"}
+    allowed = {"/usr/bin/sudo", "/usr/bin/passwd", "/usr/bin/su", "/usr/lib/openssh/ssh-keysign"}
+    assert set(run.text("setuid").split()) <= allowed, run.text("setuid")
+    assert run.text("apparmor").strip() == "Y"
+    assert run.text("auditd").strip() == "active"
+    assert len(run.text("machine-id").strip()) == 32  # made on first boot
+    # No LLMNR (5355 = 0x14EB) or mDNS (5353 = 0x14E9) responder.
+    local = [line.split()[1] for line in run.text("sockets").splitlines()
+             if line.strip() and line.split()[0] != "sl"]
+    ports = {addr.rsplit(":", 1)[1] for addr in local}
+    assert "0016" in ports  # sshd on 22: the list is real
+    assert not ports & {"14EB", "14E9"}, ports
+    assert run.uptime_at_start_s is not None and run.uptime_at_start_s > 0

@@ -37,6 +37,7 @@ from pathlib import Path
 from cerulean.arch import Arch
 from cerulean.build.chroot import run_in
 from cerulean.errors import CeruleanError
+from cerulean.protocol.update import verity_uuids
 
 ESP_MIB = 256
 MIB = 1024 * 1024
@@ -45,10 +46,6 @@ MIB = 1024 * 1024
 def stable_uuid(*parts: str) -> str:
     """A UUID derived from *parts*, so rebuilds get the same identifiers."""
     return str(uuid.UUID(bytes=hashlib.sha256("\0".join(parts).encode()).digest()[:16], version=4))
-
-
-def verity_uuids(roothash: str) -> tuple[str, str]:
-    return str(uuid.UUID(roothash[:32])), str(uuid.UUID(roothash[32:64]))
 
 
 @dataclass(frozen=True)

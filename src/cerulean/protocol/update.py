@@ -19,6 +19,7 @@ Versions are ``MAJOR.YYYYMMDD.N`` and compare as tuples of integers.
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -215,6 +216,12 @@ class ReleaseDoc:
             tuple(PackageChange.from_json(c) for c in d.get("changes", [])
                   if isinstance(c, dict)),
         )
+
+
+def verity_uuids(roothash: str) -> tuple[str, str]:
+    """The partition UUIDs of a /usr slot: the first and the last 128 bits of its verity
+    root hash (data, hash tree), as systemd's usrhash= finds them."""
+    return str(uuid.UUID(roothash[:32])), str(uuid.UUID(roothash[32:64]))
 
 
 def release_path(image: str, version: str) -> str:

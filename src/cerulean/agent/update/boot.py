@@ -65,12 +65,29 @@ def find_esp() -> Path:
     return Path(path)
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    """Rename *src* to *dst* so that a power cut leaves one or the other, whole.
+
+    On FAT a rename writes a new directory entry with no size and no first
+    cluster; the file's own metadata fills them in only when the file itself is
+    written back. Syncing the directory alone can therefore leave an empty file
+    under the new name, so the file is synced after the rename as well.
+    """
+    os.replace(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(dst.parent)
 
 
 def install(esp: Path, version: str, tries: int, chunks: Iterator[bytes],
@@ -90,14 +107,13 @@ def install(esp: Path, version: str, tries: int, chunks: Iterator[bytes],
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, final)
-    _fsync_dir(d)
+    _rename(tmp, final)
     return final
 
 
 def remove(entry_path: Path) -> None:
     entry_path.unlink(missing_ok=True)
-    _fsync_dir(entry_path.parent)
+    fsync_dir(entry_path.parent)
 
 
 def clean_partials(esp: Path) -> None:
@@ -110,8 +126,7 @@ def mark_bad(e: Entry) -> Path:
     """Leave *e* no tries, so systemd-boot prefers any other entry."""
     # As systemd-bless-boot does: no tries left, the count of tries made kept.
     new = e.path.with_name(f"cerulean_{e.version}+0" + (f"-{e.done}" if e.done else "") + ".efi")
-    os.replace(e.path, new)
-    _fsync_dir(new.parent)
+    _rename(e.path, new)
     return new
 
 

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +31,6 @@ USR_TYPES = {
 }
 EMPTY = "_empty"
 CHUNK = 4 << 20
-
-
-def slot_uuids(roothash: str) -> tuple[str, str]:
-    return str(uuid.UUID(roothash[:32])), str(uuid.UUID(roothash[32:64]))
 
 
 @dataclass(frozen=True)

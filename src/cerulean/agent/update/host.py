@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cerulean.agent.update.boot import fsync_dir
 from cerulean.agent.update.client import UpdateError
 from cerulean.protocol.update import CHANNELS, is_version, utc_iso
 from cerulean.protocol.window import WindowError, parse_window
@@ -133,7 +134,7 @@ class State:
     """What the updater remembers across boots."""
 
     bad: dict[str, str] = field(default_factory=dict)  # version -> why
-    staged: dict[str, str] | None = None  # {"version", "slot", "from"}
+    staged: dict[str, str] | None = None  # version, slot, from, uki_size, uki_sha256
     last: dict[str, str] = field(default_factory=dict)  # {"time", "result", "message"}
     history: list[dict[str, str]] = field(default_factory=list)
 
@@ -170,6 +171,7 @@ def save_state(host: Host, state: State) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def seed(host: Host) -> float:

@@ -42,7 +42,7 @@ from cerulean.agent.update import boot, disk
 from cerulean.agent.update.client import RepoClient, UpdateError
 from cerulean.agent.update.host import Config, Host, State, load_config, load_state, save_state
 from cerulean.agent.update.host import seed as host_seed
-from cerulean.protocol.update import Part, ReleaseDoc, choose
+from cerulean.protocol.update import Part, ReleaseDoc, choose, verity_uuids
 from cerulean.protocol.window import in_window, next_opening
 
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
@@ -63,6 +63,23 @@ def _zstd_stream(args: list[str]) -> Iterator[bytes]:
         rc = proc.wait()
     if rc != 0:
         raise UpdateError(f"Decompressing the update failed: {err or f'zstd exited {rc}'}.")
+
+
+def _entry_intact(path: Path, staged: dict[str, str]) -> bool:
+    """Whether a staged boot entry still holds the UKI that was installed."""
+    size, digest = staged.get("uki_size"), staged.get("uki_sha256")
+    if size is None or digest is None:
+        return True  # staged by an older agent: nothing to compare with
+    try:
+        if path.stat().st_size != int(size):
+            return False
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+    except OSError:
+        return False
+    return h.hexdigest() == digest
 
 
 @dataclass
@@ -143,7 +160,15 @@ class Updater:
         elif staged:
             v = staged.get("version", "")
             mine = [e for e in ents if e.version == v]
-            if not mine or mine[0].exhausted:
+            if mine and not mine[0].exhausted and not _entry_intact(mine[0].path, staged):
+                # A power cut at the wrong moment on a file system without journal:
+                # the entry cannot boot, so the release is installed again.
+                boot.remove(mine[0].path)
+                state.staged = None
+                msg = f"The boot entry of {v} was damaged; it will be installed again."
+                state.record("damaged", msg, self.now())
+                self.say(msg)
+            elif not mine or mine[0].exhausted:
                 why = state.bad.get(v) or "it did not come up healthy within its boot tries"
                 state.bad.setdefault(v, why)
                 msg = f"{v} was given up ({why}); running {current} again."
@@ -212,6 +237,12 @@ class Updater:
         """The timer's job: reconcile, reboot into a staged release in the window, or apply."""
         with self.locked() as state:
             self.reconcile(state)
+            if state.staged and state.staged.get("version") == self.host.version:
+                # Booted into the staged release, which is not marked good yet: its
+                # health check decides, a reboot now would only spend one of its tries.
+                return Outcome("waiting", f"{self.host.version} runs from slot "
+                               f"{state.staged.get('slot', '?')} and waits for its health "
+                               "check.", self.host.version)
             if state.staged:
                 return self._maybe_reboot(state, reboot, ignore_window)
             outcome, client, rel = self._offer(state)
@@ -298,7 +329,7 @@ class Updater:
                 disk.write_stream(disk_path, dest, _zstd_stream(sources[name]), part.size,
                                   part.sha256)
             # 4. Its identity.
-            data_uuid, hash_uuid = disk.slot_uuids(ar.roothash)
+            data_uuid, hash_uuid = verity_uuids(ar.roothash)
             disk.set_partition(disk_path, target.data, part_uuid=data_uuid,
                                label=f"usr-{target.name}")
             disk.set_partition(disk_path, target.hash, part_uuid=hash_uuid,
@@ -315,7 +346,8 @@ class Updater:
                          check)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        state.staged = {"version": rel.version, "slot": target.name, "from": current}
+        state.staged = {"version": rel.version, "slot": target.name, "from": current,
+                        "uki_size": str(uki.size), "uki_sha256": uki.sha256}
         state.record("staged", f"{rel.version} is written to slot {target.name} and verified.",
                      self.now())
 
