@@ -30,14 +30,6 @@ def test_builtin_system_image_boots(name: str, build_system: Callable[[str, str]
     assert root_options[0] == "rw", res.report.values
 
 
-def test_vm_arm64_boots(build_system: Callable[[str, str], Path], tmp_path: Path) -> None:
-    disk = build_system("vm", "arm64")
-    res = run_test(disk, QemuConfig(), timeout_s=1200, log_dir=tmp_path)
-    failed = {c.name: c.detail for c in res.checks if not c.passed}
-    assert not failed, f"{failed}; console log: {res.console_log}"
-    assert res.report is not None and res.report.get("slot") == "A"
-
-
 def test_cli_test_command_reports_json(build_system: Callable[[str, str], Path],
                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                        ) -> None:

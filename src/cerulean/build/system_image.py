@@ -74,12 +74,18 @@ def tools_tree(cache: Cache, say: Callable[[str], None], offline: bool) -> Path:
     return root
 
 
-INITRD_FORMAT = 1  # bump when what goes into the initrd changes
+INITRD_FORMAT = 2  # bump when what goes into the initrd changes
 
 
 def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition, cache: Cache,
-                rootfs_id: str, version: str) -> Path:
-    """The initrd, built by dracut inside the image (cached: dracut takes ~10 s)."""
+                rootfs_id: str) -> Path:
+    """The initrd, built by dracut inside the image (cached: dracut takes ~10 s, minutes
+    under emulation).
+
+    It does not depend on the release version: dracut copies os-release into the
+    initrd, so it runs on one without IMAGE_VERSION, and the releases of one package
+    set share an initrd. (The UKI's own os-release section names the version.)
+    """
     modules = " ".join(["systemd", "systemd-initrd", "systemd-veritysetup", "systemd-repart", "dm",
                         *defn.system_initrd_modules])
     argv = ["dracut", "--force", "--no-hostonly", "--reproducible", "--add", modules,
@@ -89,15 +95,22 @@ def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition, cach
     # Cerulean adds to the image, and the image's identity (os-release, host name).
     key = hashlib.sha256("\0".join([
         f"initrd-v{INITRD_FORMAT}", rootfs_id, *argv, sysconfig.files_digest(), defn.name,
-        version, defn.system_hostname,
+        defn.image_version, defn.system_hostname,
     ]).encode()).hexdigest()[:32]
     cached = cache.subdir("initrd") / key
     out = work / "initrd.img"
     if cached.is_file():
         shutil.copy(cached, out)
         return out
-    run_in(rootfs, argv, binds={work: "/work"}, env={"SOURCE_DATE_EPOCH": "0"},
-           what="Building the initrd with dracut", timeout=3600)
+    osr = rootfs / "usr/lib/os-release"
+    release = osr.read_bytes()
+    osr.write_bytes(b"".join(line for line in release.splitlines(keepends=True)
+                             if not line.startswith(b"IMAGE_VERSION=")))
+    try:
+        run_in(rootfs, argv, binds={work: "/work"}, env={"SOURCE_DATE_EPOCH": "0"},
+               what="Building the initrd with dracut", timeout=3600)
+    finally:
+        osr.write_bytes(release)
     tmp = cached.with_name(f".{key}.{os.getpid()}")
     shutil.copy(out, tmp)
     tmp.replace(cached)
@@ -190,7 +203,7 @@ def _build_disk(defn: ImageDefinition, lock: Lock, arch: arches.Arch, rootfs: Pa
     kver = sysconfig.kernel_version(rootfs)
     say(f"{arch_name}: building the initrd (kernel {kver})")
     initrd = make_initrd(rootfs, work, kver, defn, cache,
-                         rootfs_key(arch_name, lock.packages[arch_name]), version)
+                         rootfs_key(arch_name, lock.packages[arch_name]))
     kernel = work / "vmlinuz"
     shutil.copy(rootfs / f"boot/vmlinuz-{kver}", kernel)
     say(f"{arch_name}: making the /usr image and its verity hash tree")

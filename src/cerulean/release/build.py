@@ -19,7 +19,6 @@ newer than the last one found in OUT (or in the repository, when given).
 from __future__ import annotations
 
 import json
-import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from cerulean.protocol.update import (
     version_key,
 )
 from cerulean.release.notes import notes_markdown
+from cerulean.release.publish import ZSTD_WINDOW, run_zstd
 
 FULL_LEVEL = 19
 PART_FILES = {"usr": "usr.erofs", "verity": "usr.verity", "uki": "uki.efi"}
@@ -90,10 +90,8 @@ def _previous_packages(prev_dir: Path | None) -> dict[str, dict[str, LockedPacka
 
 
 def compress(src: Path, dest: Path, level: int = FULL_LEVEL) -> None:
-    r = subprocess.run(["zstd", "-q", "-f", f"-{level}", "--long=31", "-T0", str(src),
-                        "-o", str(dest)], capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise CeruleanError(f"Compressing {src.name} failed: {r.stderr.strip()}")
+    run_zstd([f"-{level}", f"--long={ZSTD_WINDOW}", "-T0", str(src), "-o", str(dest)],
+             f"Compressing {src.name}")
 
 
 def pack_payload(src: Path, dest: Path, image: str, version: str, arch: str,

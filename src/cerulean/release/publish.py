@@ -86,7 +86,8 @@ def local_payload(release_dir: Path, p: Payload) -> Path:
     return release_dir / arch_name
 
 
-def _zstd(args: list[str], what: str) -> None:
+def run_zstd(args: list[str], what: str) -> None:
+    """zstd with *args* (quiet, overwriting); a failure is one sentence about *what*."""
     r = subprocess.run(["zstd", "-q", "-f", *args], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise CeruleanError(f"{what} failed: {r.stderr.strip()}")
@@ -118,13 +119,13 @@ def make_deltas(repo: Repository, doc: ReleaseDoc, release_dir: Path, work: Path
                 old = prev.arches[arch].parts[name]
                 base = work / f"{arch}-{name}-{prev.version}"
                 new = work / f"{arch}-{name}-new"
-                _zstd(["-d", f"--long={ZSTD_WINDOW}", str(repo.target_file(old.full.path)),
+                run_zstd(["-d", f"--long={ZSTD_WINDOW}", str(repo.target_file(old.full.path)),
                        "-o", str(base)], f"Unpacking {prev.version}'s {name}")
-                _zstd(["-d", f"--long={ZSTD_WINDOW}", str(local_payload(release_dir, part.full)),
+                run_zstd(["-d", f"--long={ZSTD_WINDOW}", str(local_payload(release_dir, part.full)),
                        "-o", str(new)], f"Unpacking the {name} payload")
                 out = work / f"{arch}-{name}.from-{prev.version}.zst"
                 say(f"{arch}: delta of {name} from {prev.version}")
-                _zstd([f"-{level}", f"--long={ZSTD_WINDOW}", "-T0",
+                run_zstd([f"-{level}", f"--long={ZSTD_WINDOW}", "-T0",
                        f"--patch-from={base}", str(new), "-o", str(out)],
                       f"Making the {name} delta from {prev.version}")
                 base.unlink()

@@ -82,16 +82,6 @@ class Machine:
         self._pos = self.console_log.stat().st_size
         return self._pos
 
-    def wait_for(self, pattern: str, seconds: float) -> bool:
-        """Wait up to *seconds* for *pattern*; whether it showed (no error if not)."""
-        try:
-            self.expect(pattern, seconds)
-        except CeruleanError:
-            if self.proc is None or self.proc.poll() is not None:
-                raise
-            return False
-        return True
-
     def expect(self, pattern: str, timeout: float) -> re.Match[str]:
         """Wait until *pattern* (a regex) shows on the console after the last mark."""
         rx = re.compile(pattern)
