@@ -1,9 +1,11 @@
 """Package changes between two locks, and the CVEs each change fixes.
 
 The CVE IDs come from the Debian changelogs of the new packages (the
-``changelog.Debian.gz`` every binary package carries, or that of another
-binary of the same source when its doc directory is shared): every entry
-newer than the old version is searched for ``CVE-YYYY-NNNN``.
+``changelog.Debian.gz`` every binary package carries, ``changelog.gz`` for a
+native package, or that of another binary of the same source when its doc
+directory is shared): every entry newer than the old version is searched for
+``CVE-YYYY-NNNN``. The signed kernels are native packages (linux-signed-amd64)
+whose changelog repeats the kernel's own entries, CVE IDs included.
 """
 
 from __future__ import annotations
@@ -32,18 +34,21 @@ def changelog_of(pkg: LockedPackage, cache: Cache) -> str | None:
         deb = read_deb(data, pkg.label)
     except (DebError, OSError):
         return None
-    wanted = {f"./usr/share/doc/{pkg.name}/changelog.Debian.gz",
-              f"usr/share/doc/{pkg.name}/changelog.Debian.gz"}
+    doc = f"usr/share/doc/{pkg.name}/"
+    found: dict[str, bytes] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(deb.data_tar)) as tf:
             for m in tf:
-                if m.name in wanted and m.isfile():
+                name = m.name.removeprefix("./")
+                if name in (doc + "changelog.Debian.gz", doc + "changelog.gz") and m.isfile():
                     f = tf.extractfile(m)
                     if f is not None:
-                        return gzip.decompress(f.read()).decode("utf-8", errors="replace")
+                        found[name.rsplit("/", 1)[1]] = f.read()
+        # A non-native package's changelog.gz is the upstream one: Debian's comes first.
+        data = found.get("changelog.Debian.gz") or found.get("changelog.gz")
+        return gzip.decompress(data).decode("utf-8", errors="replace") if data else None
     except (tarfile.TarError, OSError, EOFError):
         return None
-    return None
 
 
 def cves_between(changelog: str, old: str, new: str) -> list[str]:
