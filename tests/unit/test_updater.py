@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cerulean.agent.update import boot, disk
+from cerulean.agent.update import boot, disk, health
 from cerulean.agent.update.client import UpdateError
 from cerulean.agent.update.host import Host, load_state
 from cerulean.agent.update.updater import Updater
@@ -83,6 +83,7 @@ class World:
     blessed: list[str] = field(default_factory=list)
     status: str = "good"
     messages: list[str] = field(default_factory=list)
+    network: bool = True  # whether the host has a default route
 
     def updater(self, **kw: object) -> Updater:
         return Updater(host=self.host, url=self.url, disk_path=str(self.disk), esp_path=self.esp,
@@ -112,7 +113,7 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     rng = random.Random(7)
     usr1 = bytes(rng.getrandbits(8) for _ in range(3 * MIB))
     ver1 = bytes(rng.getrandbits(8) for _ in range(64 * 1024))
@@ -138,6 +139,7 @@ def world(tmp_path: Path) -> Iterator[World]:
     make_disk(d, usr1, ver1)
     with serving(repo.path) as url:
         w = World(tmp_path, repo, url, host, d, esp, content)
+        monkeypatch.setattr(health, "default_route", lambda: w.network)
         w.boot_into(V1)
         w.publish(V1)
         yield w
@@ -172,13 +174,16 @@ def test_update_writes_the_other_slot_then_the_boot_entry(world: World) -> None:
     uki = world.content[V2][2]
     assert load_state(world.host).staged == {
         "version": V2, "slot": "B", "from": V1, "uki_size": str(len(uki)),
-        "uki_sha256": hashlib.sha256(uki).hexdigest()}
+        "uki_sha256": hashlib.sha256(uki).hexdigest(), "network": "yes"}
+    assert not world.updater().network_expected()  # v1's boots do not judge v2
 
     # The reboot: v2 boots from slot B. The timer may fire before its health check has
     # passed: nothing happens then (a reboot would spend one of v2's tries).
     world.boot_into(V2)
     world.status = "indeterminate"
     assert world.updater().run().result == "waiting"
+    # v1 had a network, so v2's health check requires one.
+    assert world.updater().network_expected()
     assert world.reboots == ["reboot"] and load_state(world.host).staged is not None
     # Its health check passes, it is marked good.
     world.status = "good"
@@ -188,6 +193,7 @@ def test_update_writes_the_other_slot_then_the_boot_entry(world: World) -> None:
     assert out.result == "up-to-date"
     st = load_state(world.host)
     assert st.staged is None and any(h["result"] == "updated" for h in st.history)
+    assert not world.updater().network_expected()
 
 
 def test_a_boot_entry_emptied_by_a_power_cut_is_installed_again(world: World) -> None:
@@ -334,3 +340,28 @@ def test_host_cli_errors_are_one_sentence() -> None:
     r = subprocess.run([sys.executable, "-m", "cerulean.agent", "update", "--help"],
                        capture_output=True, text=True, check=False)
     assert r.returncode == 0 and "rollback" in r.stdout
+
+
+def test_a_host_without_network_is_not_judged_by_it(world: World,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An isolated host (no default route when it installs an update) keeps a release
+    that comes up without one; a networked host's new release must bring it up."""
+    world.network = False
+    world.publish(V2)
+    assert world.updater().run().result == "rebooting"
+    assert load_state(world.host).staged["network"] == "no"  # type: ignore[index]
+    world.boot_into(V2)
+    world.status = "indeterminate"
+    assert not world.updater().network_expected()
+
+    active = {"systemctl is-active --quiet cerulean-update.timer": 0}
+
+    def run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, active.get(" ".join(argv), 0), "", "")
+
+    monkeypatch.setattr(health, "_run", run)
+    said: list[str] = []
+    assert health.check(world.host, network=False, network_wait=0, say=said.append) == []
+    problems = health.check(world.host, network=True, network_wait=0, say=said.append)
+    assert problems == ["no default route (the network is not up)"], problems
+    assert said == ["unhealthy: no default route (the network is not up)"]

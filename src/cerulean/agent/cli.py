@@ -76,7 +76,7 @@ def run_update(args: argparse.Namespace) -> int:
         _print(up.status(), args.json)
         return 0
     if args.action == "health":
-        problems = health.check(up.host, say=say)
+        problems = health.check(up.host, network=up.network_expected(), say=say)
         if problems and args.fallback:
             out = up.health_failed(problems)
             _print(vars(out), args.json)

@@ -11,6 +11,7 @@ boots instead.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -63,6 +64,23 @@ def find_esp() -> Path:
     if r.returncode != 0 or not path:
         raise UpdateError(f"The EFI system partition cannot be found: {r.stderr.strip()}")
     return Path(path)
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file, read in chunks (a UKI is tens of MiB)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def matches(path: Path, size: int, sha256: str) -> bool:
+    """Whether *path* holds exactly *size* bytes with this *sha256* (False if unreadable)."""
+    try:
+        return path.stat().st_size == size and sha256_of(path) == sha256
+    except OSError:
+        return False
 
 
 def fsync_dir(d: Path) -> None:

@@ -1,7 +1,9 @@
 """The health check that decides whether a boot is kept (part of boot-complete.target).
 
-Healthy means: no failed units, a default route (the network is up), the
-updater's timer is active (the agent runs), and every hook script exits 0.
+Healthy means: no failed units, the updater's timer is active (the agent
+runs), every hook script exits 0, and, on the boots that judge a new release
+of a host that had a network when it installed it, a default route (see
+:meth:`cerulean.agent.update.updater.Updater.network_expected`).
 Hooks are executables in ``/usr/lib/cerulean/health.d/`` (from the image) and
 ``/etc/cerulean/health.d/`` (the administrator's; a file of the same name
 replaces the image's, an empty one turns it off). Each gets 60 seconds.
@@ -49,15 +51,16 @@ def hooks(host: Host) -> list[Path]:
             if by_name[n].stat().st_size > 0 and os.access(by_name[n], os.X_OK)]
 
 
-def check(host: Host, *, network_wait: float = 90,
+def check(host: Host, *, network: bool = True, network_wait: float = 90,
           say: Callable[[str], None] = print) -> list[str]:
-    """Every problem found (empty: healthy)."""
+    """Every problem found (empty: healthy); *network*: a default route is required."""
     problems = []
-    deadline = time.monotonic() + network_wait
-    while not default_route() and time.monotonic() < deadline:
-        time.sleep(2)
-    if not default_route():
-        problems.append("no default route (the network is not up)")
+    if network:
+        deadline = time.monotonic() + network_wait
+        while not default_route() and time.monotonic() < deadline:
+            time.sleep(2)
+        if not default_route():
+            problems.append("no default route (the network is not up)")
     if _run(["systemctl", "is-active", "--quiet", "cerulean-update.timer"]).returncode != 0:
         problems.append("the updater (cerulean-update.timer) is not active")
     for hook in hooks(host):

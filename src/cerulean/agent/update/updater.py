@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cerulean.agent.update import boot, disk
+from cerulean.agent.update import boot, disk, health
 from cerulean.agent.update.client import RepoClient, UpdateError
 from cerulean.agent.update.host import Config, Host, State, load_config, load_state, save_state
 from cerulean.agent.update.host import seed as host_seed
@@ -63,23 +63,6 @@ def _zstd_stream(args: list[str]) -> Iterator[bytes]:
         rc = proc.wait()
     if rc != 0:
         raise UpdateError(f"Decompressing the update failed: {err or f'zstd exited {rc}'}.")
-
-
-def _entry_intact(path: Path, staged: dict[str, str]) -> bool:
-    """Whether a staged boot entry still holds the UKI that was installed."""
-    size, digest = staged.get("uki_size"), staged.get("uki_sha256")
-    if size is None or digest is None:
-        return True  # staged by an older agent: nothing to compare with
-    try:
-        if path.stat().st_size != int(size):
-            return False
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-    except OSError:
-        return False
-    return h.hexdigest() == digest
 
 
 @dataclass
@@ -160,7 +143,9 @@ class Updater:
         elif staged:
             v = staged.get("version", "")
             mine = [e for e in ents if e.version == v]
-            if mine and not mine[0].exhausted and not _entry_intact(mine[0].path, staged):
+            if mine and not mine[0].exhausted and not boot.matches(
+                    mine[0].path, int(staged.get("uki_size") or -1),
+                    staged.get("uki_sha256", "")):
                 # A power cut at the wrong moment on a file system without journal:
                 # the entry cannot boot, so the release is installed again.
                 boot.remove(mine[0].path)
@@ -303,7 +288,7 @@ class Updater:
             if not running_uki:
                 raise UpdateError("the running release's UKI is not on the ESP")
             shutil.copyfile(running_uki[0].path, path)
-            return hashlib.sha256(path.read_bytes()).hexdigest()
+            return boot.sha256_of(path)
 
         try:
             # 1. Every part downloaded, verified by TUF, and unpacked once to check that
@@ -338,16 +323,18 @@ class Updater:
             uki = ar.parts["uki"]
 
             def check(path: Path) -> None:
-                data = path.read_bytes()
-                if len(data) != uki.size or hashlib.sha256(data).hexdigest() != uki.sha256:
+                if not boot.matches(path, uki.size, uki.sha256):
                     raise UpdateError("The new UKI does not match its signed hash.")
 
             boot.install(esp, rel.version, self.config.boot_tries, _zstd_stream(sources["uki"]),
                          check)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        # Whether the host had a network: the new release must then bring it up too.
+        network = "yes" if health.default_route() else "no"
         state.staged = {"version": rel.version, "slot": target.name, "from": current,
-                        "uki_size": str(uki.size), "uki_sha256": uki.sha256}
+                        "uki_size": str(uki.size), "uki_sha256": uki.sha256,
+                        "network": network}
         state.record("staged", f"{rel.version} is written to slot {target.name} and verified.",
                      self.now())
 
@@ -415,6 +402,18 @@ class Updater:
             self.say(f"Rebooting into {others[0].version}.")
             self.reboot_cmd()
         return Outcome("rolling-back", f"{others[0].version} boots next.", others[0].version)
+
+    def network_expected(self) -> bool:
+        """Whether this boot's health check requires the network (a default route).
+
+        Only the boots that judge a new release do, and only if the host had a
+        default route when it installed it: a release that loses the network of
+        a networked host is given up, while a host without one (an isolated
+        site, an image on its first boot) is not judged by it.
+        """
+        staged = load_state(self.host).staged
+        return bool(staged and staged.get("version") == self.host.version
+                    and staged.get("network") == "yes")
 
     def health_failed(self, problems: list[str]) -> Outcome:
         """The health check failed: on a counted boot, mark it bad and reboot."""
