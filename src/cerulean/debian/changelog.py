@@ -45,8 +45,8 @@ def changelog_of(pkg: LockedPackage, cache: Cache) -> str | None:
                     if f is not None:
                         found[name.rsplit("/", 1)[1]] = f.read()
         # A non-native package's changelog.gz is the upstream one: Debian's comes first.
-        data = found.get("changelog.Debian.gz") or found.get("changelog.gz")
-        return gzip.decompress(data).decode("utf-8", errors="replace") if data else None
+        log = found.get("changelog.Debian.gz") or found.get("changelog.gz")
+        return gzip.decompress(log).decode("utf-8", errors="replace") if log else None
     except (tarfile.TarError, OSError, EOFError):
         return None
 
