@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cerulean.agent.audit import AuditLog
 from cerulean.agent.update import boot, disk, health
 from cerulean.agent.update.client import UpdateError
 from cerulean.agent.update.host import Host, load_state
@@ -194,6 +195,11 @@ def test_update_writes_the_other_slot_then_the_boot_entry(world: World) -> None:
     st = load_state(world.host)
     assert st.staged is None and any(h["result"] == "updated" for h in st.history)
     assert not world.updater().network_expected()
+    # Every result went into the audit trail too, chained.
+    trail = AuditLog(world.host.audit_log)
+    assert trail.verify().ok
+    actions = [e["action"] for e in trail.entries()]
+    assert actions[0] == "update.staged" and actions[-1] == "update.updated", actions
 
 
 def test_a_boot_entry_emptied_by_a_power_cut_is_installed_again(world: World) -> None:
@@ -266,6 +272,12 @@ def test_a_tampered_payload_leaves_the_host_bootable_as_it_was(world: World) -> 
     assert world.slot("B").data.label == "usr-B"
     assert read_slot(world, "A", V1) == world.content[V1][:2]
     assert not world.reboots
+    # The refusal is in the audit trail once, however often the timer meets it again.
+    with pytest.raises(UpdateError):
+        world.updater().run()
+    trail = [e for e in AuditLog(world.host.audit_log).entries()]
+    assert [e["action"] for e in trail] == ["update.failed"], trail
+    assert "does not match its signed length and hash" in trail[0]["detail"]["message"]
 
 
 def test_a_delta_whose_base_differs_falls_back_to_the_full_payload(world: World) -> None:

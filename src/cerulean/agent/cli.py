@@ -18,6 +18,9 @@ Cerulean host agent.
   cerulean update apply       download and install the offered release, then reboot
                               inside the maintenance window (--no-reboot: only stage it)
   cerulean update rollback    go back to the other slot's release and never re-apply this one
+  cerulean audit verify       check that no entry of the audit trail was edited, removed
+                              or moved (exit 1 names the first that was)
+  cerulean audit show         the audit trail's last entries
 """
 
 
@@ -61,7 +64,57 @@ def parser() -> argparse.ArgumentParser:
         if name == "health":
             a.add_argument("--fallback", action="store_true",
                            help="on failure during a counted boot, mark it bad and reboot")
+    au = sub.add_parser("audit", help="the agent's hash-chained audit trail",
+                        description="The agent's audit trail: every action it took, each "
+                        "entry chained to the one before by its sha256.")
+    asub = au.add_subparsers(dest="action", metavar="ACTION")
+    v = asub.add_parser("verify", help="check every entry and the chain",
+                        description="Check every entry and the chain; exit 1 and name the "
+                        "first entry that was edited, removed, inserted or moved.")
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    sh = asub.add_parser("show", help="print the last entries",
+                         description="Print the audit trail's last entries (not verified: "
+                         "run verify for that).")
+    sh.add_argument("-n", "--last", type=int, default=20, metavar="N",
+                    help="how many entries (default: 20; 0: all)")
+    sh.add_argument("--json", action="store_true", help="print the entries as JSON lines")
     return p
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from cerulean.agent.audit import AuditLog
+    from cerulean.agent.update.host import Host
+
+    log = AuditLog(Host().audit_log)
+    if args.action == "verify":
+        verdict = log.verify()
+        if args.json:
+            print(json.dumps(verdict.to_json(), indent=2, sort_keys=True))
+        elif verdict.ok:
+            print(f"The audit trail is intact: {verdict.entries} entries, last hash "
+                  f"{verdict.head[:16]}.")
+        else:
+            for prob in verdict.problems:
+                print(f"error: {prob.message}", file=sys.stderr)
+            n = verdict.entries
+            print("No entry before it is intact." if n == 0 else
+                  f"Entry 1 before it is intact (hash {verdict.head[:16]})." if n == 1 else
+                  f"Entries 1..{n} before it are intact (last hash {verdict.head[:16]}).",
+                  file=sys.stderr)
+        return 0 if verdict.ok else 1
+    if args.last < 0:
+        raise CeruleanError("--last must be 0 (all) or more.")
+    entries = list(log.entries())
+    for e in entries[-args.last:] if args.last else entries:
+        if args.json:
+            print(json.dumps(e, sort_keys=True))
+        else:
+            raw = e.get("detail")
+            detail: dict[str, Any] = raw if isinstance(raw, dict) else {}
+            text = detail.get("message") or ", ".join(f"{k}={v}" for k, v in detail.items())
+            print(f"{e.get('seq', '?'):>6}  {e.get('time', '?')}  {e.get('actor', '?')}: "
+                  f"{e.get('action', '?')}  {text}")
+    return 0
 
 
 def run_update(args: argparse.Namespace) -> int:
@@ -98,11 +151,11 @@ def run_update(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.group != "update" or not getattr(args, "action", None):
+    if args.group not in ("update", "audit") or not getattr(args, "action", None):
         p.print_help()
         return 2
     try:
-        return run_update(args)
+        return run_audit(args) if args.group == "audit" else run_update(args)
     except CeruleanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

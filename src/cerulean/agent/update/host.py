@@ -12,7 +12,9 @@ credential ``cerulean.update`` (handed in by a hypervisor or cloud). Keys:
     never       true: never download or apply anything
     boot-tries  boot attempts a new release gets before it is given up (1..9)
 
-State lives in ``/var/lib/cerulean/update/state.json`` (shared by both slots).
+State lives in ``/var/lib/cerulean/update/state.json`` (shared by both slots);
+every result the updater records also goes into the audit trail
+(:mod:`cerulean.agent.audit`, ``/var/lib/cerulean/audit/audit.jsonl``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class Host:
     @property
     def state_dir(self) -> Path:
         return self.p("/var/lib/cerulean/update")
+
+    @property
+    def audit_log(self) -> Path:
+        return self.p("/var/lib/cerulean/audit/audit.jsonl")
 
     @property
     def trusted_root(self) -> Path:
@@ -137,11 +143,13 @@ class State:
     staged: dict[str, str] | None = None  # version, slot, from, uki_size, uki_sha256
     last: dict[str, str] = field(default_factory=dict)  # {"time", "result", "message"}
     history: list[dict[str, str]] = field(default_factory=list)
+    recorded: list[dict[str, str]] = field(default_factory=list)  # this run's (not saved)
 
     def record(self, result: str, message: str, now: datetime | None = None) -> None:
         self.last = {"time": utc_iso(now or datetime.now(UTC)), "result": result,
                      "message": message}
         self.history = [*self.history, self.last][-50:]
+        self.recorded.append(self.last)
 
 
 def load_state(host: Host) -> State:

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cerulean.agent.audit import AuditLog
 from cerulean.agent.update import boot, disk, health
 from cerulean.agent.update.client import RepoClient, UpdateError
 from cerulean.agent.update.host import Config, Host, State, load_config, load_state, save_state
@@ -63,6 +64,10 @@ def _zstd_stream(args: list[str]) -> Iterator[bytes]:
         rc = proc.wait()
     if rc != 0:
         raise UpdateError(f"Decompressing the update failed: {err or f'zstd exited {rc}'}.")
+
+
+# Results that change nothing on the host and are not written to the audit trail.
+QUIET = ("up-to-date", "disabled")
 
 
 @dataclass
@@ -123,10 +128,28 @@ class Updater:
             except BlockingIOError:
                 raise UpdateError("Another update run is in progress.") from None
             state = load_state(self.host)
+            before = dict(state.last)
             try:
                 yield state
             finally:
                 save_state(self.host, state)
+                self._audit(before, state.recorded)
+
+    def _audit(self, before: dict[str, str], records: list[dict[str, str]]) -> None:
+        """This run's results into the audit trail: what changed something or was
+        refused, once (the same refusal on every run is written the first time).
+        A full disk does not stop an update: it is said, and state.json has the result."""
+        log = AuditLog(self.host.audit_log)
+        last = (before.get("result"), before.get("message"))
+        for r in records:
+            if r["result"] in QUIET or (r["result"], r["message"]) == last:
+                continue
+            last = (r["result"], r["message"])
+            try:
+                log.append("updater", f"update.{r['result']}", {"message": r["message"]})
+            except OSError as e:
+                self.say(f"warning: the audit trail could not be written: {e}")
+                return
 
     # -- after a boot: what happened to the staged release? ---------------------------
 

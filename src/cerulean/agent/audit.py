@@ -1,0 +1,181 @@
+"""The agent's audit trail: an append-only log in which every entry names the one before.
+
+Every action of the agent (an update staged, applied or given up, a fix applied,
+an alert, a policy change) is appended to ``/var/lib/cerulean/audit/audit.jsonl``
+as one line of canonical JSON::
+
+    {"action": "update.staged", "actor": "updater", "detail": {...},
+     "hash": "…", "prev": "…", "seq": 7, "time": "2026-11-26T22:00:00Z"}
+
+``hash`` is the sha256 of the entry without its ``hash`` key (canonical JSON:
+sorted keys, no spaces), and ``prev`` is the hash of the entry before it (64
+zeros for the first). ``audit.head`` beside the log holds the sequence number
+and hash of the last entry, so that cutting entries off the end is found too.
+
+:func:`verify` reads the whole log and names the first entry that was edited,
+removed, inserted or moved. A hash chain on the host itself stops everyone
+who is not root and catches every careless edit; against root, who could
+rewrite the whole chain, the head hash has to live somewhere else as well:
+the agent reports it to the fleet, which keeps the heads it has seen.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+GENESIS = "0" * 64
+KEYS = {"seq", "time", "actor", "action", "detail", "prev", "hash"}
+
+
+def canonical(entry: Mapping[str, Any]) -> bytes:
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+
+
+def entry_hash(entry: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int  # 1-based line of the log (0: the head file)
+    message: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    entries: int
+    head: str  # hash of the last good entry
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "entries": self.entries, "head": self.head,
+                "problems": [{"line": p.line, "message": p.message} for p in self.problems]}
+
+
+class AuditLog:
+    """The log at *path* (its head file is *path* with the suffix ``.head``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.head_path = path.with_suffix(".head")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.path.with_suffix(".lock"), "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _head(self) -> tuple[int, str]:
+        try:
+            d = json.loads(self.head_path.read_bytes())
+            return int(d["seq"]), str(d["hash"])
+        except FileNotFoundError:
+            return 0, GENESIS
+
+    def append(self, actor: str, action: str, detail: Mapping[str, Any] | None = None,
+               now: datetime | None = None) -> dict[str, Any]:
+        """Append one entry (durably: the log and then the head are synced)."""
+        with self._locked():
+            seq, prev = self._head()
+            entry: dict[str, Any] = {
+                "seq": seq + 1,
+                "time": (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "actor": actor, "action": action, "detail": dict(detail or {}), "prev": prev,
+            }
+            entry["hash"] = entry_hash(entry)
+            with open(self.path, "ab") as f:
+                f.write(canonical(entry) + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            tmp = self.head_path.with_name(self.head_path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(canonical({"seq": entry["seq"], "hash": entry["hash"]}) + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.head_path)
+            return entry
+
+    def _lines(self) -> list[bytes]:
+        try:
+            return self.path.read_bytes().splitlines(keepends=True)
+        except FileNotFoundError:
+            return []
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        """The entries as written (unchecked; see :meth:`verify`)."""
+        for raw in self._lines():
+            try:
+                d = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(d, dict):
+                yield d
+
+    def verify(self) -> Verdict:
+        """Check every entry and the chain; stops at the first broken link."""
+        problems: list[Problem] = []
+        prev, seq = GENESIS, 0
+        for line, raw in enumerate(self._lines(), start=1):
+            p = _check_line(raw, line, seq, prev)
+            if p is not None:
+                problems.append(p)
+                break
+            d = json.loads(raw)
+            prev, seq = d["hash"], d["seq"]
+        if not problems:
+            try:
+                head_seq, head_hash = self._head()
+            except (OSError, ValueError, KeyError, TypeError):
+                problems.append(Problem(0, f"The head file {self.head_path} is unreadable."))
+            else:
+                if (head_seq, head_hash) != (seq, prev):
+                    if head_seq > seq:
+                        msg = (f"The log ends at entry {seq}, but entry {head_seq} was "
+                               "written: entries were removed from its end.")
+                    else:
+                        msg = (f"The head file records entry {head_seq}, but the log goes "
+                               f"on to entry {seq}: entries were added by hand or the "
+                               "head file was changed.")
+                    problems.append(Problem(0, msg))
+        return Verdict(seq, prev, tuple(problems))
+
+
+def _check_line(raw: bytes, line: int, seq: int, prev: str) -> Problem | None:
+    try:
+        d = json.loads(raw)
+    except ValueError:
+        return Problem(line, f"Line {line} is not a valid entry (it was edited or cut).")
+    if not isinstance(d, dict) or set(d) != KEYS:
+        return Problem(line, f"Line {line} is not a valid entry (its fields were changed).")
+    if canonical(d) + b"\n" != raw:
+        return Problem(line, f"Entry {d.get('seq')} (line {line}) was edited: it is not "
+                       "written as the agent writes it.")
+    if d["hash"] != entry_hash(d):
+        return Problem(line, f"Entry {d['seq']} (line {line}) was edited: its contents do "
+                       "not match its hash.")
+    if d["seq"] != seq + 1:
+        if isinstance(d["seq"], int) and d["seq"] > seq + 1:
+            what = (f"entries {seq + 1}..{d['seq'] - 1} are missing" if d["seq"] > seq + 2
+                    else f"entry {seq + 1} is missing")
+            return Problem(line, f"Line {line} holds entry {d['seq']}: {what}.")
+        return Problem(line, f"Line {line} holds entry {d['seq']} after entry {seq}: "
+                       "entries were moved or repeated.")
+    if d["prev"] != prev:
+        return Problem(line, f"Entry {d['seq']} (line {line}) does not follow entry {seq}: "
+                       "an entry before it was replaced or moved.")
+    return None
