@@ -1,0 +1,245 @@
+"""Host metrics in the Prometheus text exposition format (version 0.0.4).
+
+Names, labels and units follow node_exporter's conventions (``node_*``, base
+units: seconds and bytes, ``_total`` for counters), so existing dashboards and
+alert rules work unchanged; Cerulean's own state is under ``cerulean_*``.
+Everything is read from ``/proc``, ``statvfs`` and ``systemctl`` on each
+scrape: the agent keeps no copy, and a scrape costs a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+USER_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+MEMINFO = {  # /proc/meminfo field -> metric (the value is in kB)
+    "MemTotal": "node_memory_MemTotal_bytes",
+    "MemFree": "node_memory_MemFree_bytes",
+    "MemAvailable": "node_memory_MemAvailable_bytes",
+    "Buffers": "node_memory_Buffers_bytes",
+    "Cached": "node_memory_Cached_bytes",
+    "SwapTotal": "node_memory_SwapTotal_bytes",
+    "SwapFree": "node_memory_SwapFree_bytes",
+}
+# File systems that hold data (not proc, sysfs, cgroups, ...).
+REAL_FS = {"ext4", "ext3", "ext2", "xfs", "btrfs", "vfat", "erofs", "squashfs", "tmpfs",
+           "f2fs", "zfs", "overlay"}
+UNIT_STATES = ("active", "inactive", "failed", "activating", "deactivating")
+
+
+@dataclass
+class Family:
+    """One metric family: its samples are (labels, value)."""
+
+    name: str
+    kind: str  # counter | gauge
+    help: str
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+
+    def add(self, value: float, **labels: str) -> None:
+        self.samples.append((labels, value))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(v: float) -> str:
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return str(int(v)) if float(v).is_integer() and abs(v) < 2**53 else repr(float(v))
+
+
+def render(families: Iterable[Family]) -> str:
+    """The text exposition of *families* (families without samples are left out)."""
+    out: list[str] = []
+    for f in families:
+        if not f.samples:
+            continue
+        out.append(f"# HELP {f.name} {f.help.replace(chr(92), chr(92) * 2)}")
+        out.append(f"# TYPE {f.name} {f.kind}")
+        for labels, value in f.samples:
+            lab = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
+            out.append(f"{f.name}{{{lab}}} {_number(value)}" if lab
+                       else f"{f.name} {_number(value)}")
+    return "\n".join(out) + "\n"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def cpu(proc: Path) -> list[Family]:
+    seconds = Family("node_cpu_seconds_total", "counter",
+                     "Seconds the CPUs spent in each mode.")
+    boot = Family("node_boot_time_seconds", "gauge", "Node boot time, in unixtime.")
+    ctxt = Family("node_context_switches_total", "counter", "Total number of context switches.")
+    for line in _read(proc / "stat").splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if parts[0].startswith("cpu") and parts[0] != "cpu":
+            for mode, ticks in zip(CPU_MODES, parts[1:], strict=False):
+                seconds.add(int(ticks) / USER_HZ, cpu=parts[0][3:], mode=mode)
+        elif parts[0] == "btime":
+            boot.add(int(parts[1]))
+        elif parts[0] == "ctxt":
+            ctxt.add(int(parts[1]))
+    load = []
+    fields = _read(proc / "loadavg").split()
+    for i, name in enumerate(("node_load1", "node_load5", "node_load15")):
+        f = Family(name, "gauge", f"{name[9:]}m load average.")
+        if len(fields) > i:
+            f.add(float(fields[i]))
+        load.append(f)
+    return [seconds, boot, ctxt, *load]
+
+
+def memory(proc: Path) -> list[Family]:
+    fams = {k: Family(v, "gauge", f"Memory information field {k}_bytes.")
+            for k, v in MEMINFO.items()}
+    for line in _read(proc / "meminfo").splitlines():
+        key, _, rest = line.partition(":")
+        if key in fams:
+            number = rest.split()
+            if number:
+                fams[key].add(int(number[0]) * 1024)
+    return list(fams.values())
+
+
+def network(proc: Path) -> list[Family]:
+    names = (("receive_bytes", 0), ("receive_packets", 1), ("receive_errs", 2),
+             ("receive_drop", 3), ("transmit_bytes", 8), ("transmit_packets", 9),
+             ("transmit_errs", 10), ("transmit_drop", 11))
+    fams = [Family(f"node_network_{n}_total", "counter",
+                   f"Network device statistic {n}.") for n, _ in names]
+    for line in _read(proc / "net/dev").splitlines()[2:]:
+        dev, _, rest = line.partition(":")
+        values = rest.split()
+        if len(values) < 16:
+            continue
+        for fam, (_, i) in zip(fams, names, strict=True):
+            fam.add(int(values[i]), device=dev.strip())
+    return fams
+
+
+def filesystems(proc: Path, statvfs: Callable[[str], os.statvfs_result] = os.statvfs
+                ) -> list[Family]:
+    size = Family("node_filesystem_size_bytes", "gauge", "Filesystem size in bytes.")
+    free = Family("node_filesystem_free_bytes", "gauge", "Filesystem free space in bytes.")
+    avail = Family("node_filesystem_avail_bytes", "gauge",
+                   "Filesystem space available to non-root users in bytes.")
+    ro = Family("node_filesystem_readonly", "gauge", "Filesystem read-only status.")
+    seen: set[str] = set()
+    for line in _read(proc / "mounts").splitlines():
+        parts = line.split()
+        if len(parts) < 4 or parts[2] not in REAL_FS:
+            continue
+        device, mountpoint, fstype, options = parts[:4]
+        mountpoint = mountpoint.replace("\\040", " ")
+        if mountpoint in seen:
+            continue
+        seen.add(mountpoint)
+        try:
+            st = statvfs(mountpoint)
+        except OSError:
+            continue
+        labels = {"device": device, "mountpoint": mountpoint, "fstype": fstype}
+        size.add(st.f_blocks * st.f_frsize, **labels)
+        free.add(st.f_bfree * st.f_frsize, **labels)
+        avail.add(st.f_bavail * st.f_frsize, **labels)
+        ro.add(1 if "ro" in options.split(",") else 0, **labels)
+    return [size, free, avail, ro]
+
+
+def systemd_units(list_units: Callable[[], list[dict[str, str]]] | None = None
+                  ) -> list[Family]:
+    """node_systemd_unit_state, one sample per unit and state (1 for the unit's own)."""
+    fam = Family("node_systemd_unit_state", "gauge", "Systemd unit state.")
+    failed = Family("cerulean_systemd_units_failed", "gauge", "Units in the failed state.")
+    units = (list_units or _list_units)()
+    for u in units:
+        name, state = u.get("unit", ""), u.get("active", "")
+        if not name.endswith((".service", ".socket", ".timer", ".mount", ".target")):
+            continue
+        for s in UNIT_STATES:
+            fam.add(1 if s == state else 0, name=name, state=s)
+    if units:
+        failed.add(sum(1 for u in units if u.get("active") == "failed"))
+    return [fam, failed]
+
+
+def _list_units() -> list[dict[str, str]]:
+    try:
+        r = subprocess.run(["systemctl", "list-units", "--all", "--output=json", "--no-pager"],
+                           capture_output=True, text=True, timeout=10, check=False)
+        data = json.loads(r.stdout) if r.returncode == 0 else []
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return []
+    return [u for u in data if isinstance(u, dict)]
+
+
+def collect(root: Path = Path("/"), extra: Iterable[Family] = (),
+            list_units: Callable[[], list[dict[str, str]]] | None = None) -> list[Family]:
+    """Every family, read now (*root* is the host's / ; tests point it elsewhere)."""
+    proc = root / "proc"
+    now = Family("node_time_seconds", "gauge", "System time in seconds since epoch (1970).")
+    now.add(time.time())
+    return [*cpu(proc), *memory(proc), *network(proc), *filesystems(proc), now,
+            *systemd_units(list_units), *extra]
+
+
+def cerulean_state(root: Path = Path("/"), slot: str = "") -> list[Family]:
+    """The update slots and the audit trail: cerulean_update_*, cerulean_audit_entries.
+    *slot* is the booted slot (found once per boot by the caller: it reads the disk)."""
+    from datetime import datetime
+
+    from cerulean.agent.audit import AuditLog
+    from cerulean.agent.update.host import Host, load_state
+    from cerulean.errors import CeruleanError
+
+    host = Host(root)
+    info = Family("cerulean_update_info", "gauge",
+                  "The running release (value 1; the labels say which).")
+    staged = Family("cerulean_update_staged", "gauge",
+                    "1 when a release is written to the other slot and waits to boot.")
+    last = Family("cerulean_update_last_run_timestamp_seconds", "gauge",
+                  "When the updater last recorded a result, by result.")
+    bad = Family("cerulean_update_failed_releases", "gauge",
+                 "Releases that failed on this host and will not be applied again.")
+    audit = Family("cerulean_audit_entries", "gauge", "Entries in the audit trail.")
+    osr = host.os_release()
+    if osr.get("IMAGE_VERSION"):
+        info.add(1, version=osr["IMAGE_VERSION"], image=osr.get("IMAGE_ID", ""), slot=slot)
+    try:
+        state = load_state(host)
+    except (CeruleanError, OSError):
+        state = None
+    if state is not None:
+        staged.add(1 if state.staged else 0)
+        bad.add(len(state.bad))
+        if state.last.get("time") and state.last.get("result"):
+            try:
+                t = datetime.fromisoformat(state.last["time"].replace("Z", "+00:00"))
+                last.add(t.timestamp(), result=state.last["result"])
+            except ValueError:
+                pass
+    head = AuditLog(host.audit_log).head_path
+    if head.exists():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            audit.add(json.loads(head.read_bytes())["seq"])
+    return [info, staged, last, bad, audit]

@@ -1,0 +1,151 @@
+"""Host metrics in the Prometheus text format (cerulean.agent.metrics)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from cerulean.agent import metrics
+from cerulean.agent.audit import AuditLog
+from cerulean.agent.update.host import Host, State, save_state
+
+STAT = """cpu  100 0 50 1000 5 0 1 0 0 0
+cpu0 60 0 30 500 3 0 1 0 0 0
+cpu1 40 0 20 500 2 0 0 0 0 0
+intr 12345
+ctxt 987654
+btime 1764194400
+processes 4242
+"""
+MEMINFO = """MemTotal:        2014256 kB
+MemFree:          812344 kB
+MemAvailable:    1500000 kB
+Buffers:           10240 kB
+Cached:           400000 kB
+SwapTotal:             0 kB
+SwapFree:              0 kB
+Shmem:              1234 kB
+"""
+NETDEV = (
+    "Inter-|   Receive                                                |  Transmit\n"
+    " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs "
+    "drop fifo colls carrier compressed\n"
+    "    lo:    1000      10    0    0    0     0          0         0     1000      10    0"
+    "    0    0     0       0          0\n"
+    "enp0s3: 5242880    4000    1    2    0     0          0         0   123456     900    0"
+    "    3    0     0       0          0\n"
+)
+MOUNTS = """/dev/mapper/usr /usr erofs ro,relatime 0 0
+/dev/vda6 / ext4 ro,relatime 0 0
+/dev/vda7 /var ext4 rw,relatime 0 0
+proc /proc proc rw 0 0
+/dev/vda7 /var ext4 rw,relatime 0 0
+/dev/vdb /mnt/with\\040space ext4 rw 0 0
+"""
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    proc = tmp_path / "proc"
+    (proc / "net").mkdir(parents=True)
+    (proc / "stat").write_text(STAT)
+    (proc / "meminfo").write_text(MEMINFO)
+    (proc / "net/dev").write_text(NETDEV)
+    (proc / "mounts").write_text(MOUNTS)
+    (proc / "loadavg").write_text("0.52 0.58 0.59 1/123 4567\n")
+    return tmp_path
+
+
+def statvfs(path: str) -> os.statvfs_result:
+    if path == "/mnt/with space":
+        raise PermissionError(path)
+    blocks = {"/usr": 30000, "/": 16000, "/var": 300000}[path]
+    # f_bsize f_frsize f_blocks f_bfree f_bavail f_files f_ffree f_favail f_flag f_namemax
+    return os.statvfs_result((4096, 4096, blocks, blocks // 2, blocks // 4, 0, 0, 0, 0, 255))
+
+
+def units() -> list[dict[str, str]]:
+    return [{"unit": "ssh.service", "active": "active"},
+            {"unit": "broken.service", "active": "failed"},
+            {"unit": "dev-vda.device", "active": "active"}]
+
+
+def samples(text: str) -> dict[str, float]:
+    """name{labels} -> value, checking every line is valid exposition syntax."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.fullmatch(r"# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* .+", line), line
+            continue
+        m = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (\S+)', line)
+        assert m, line
+        out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def test_node_metrics_from_proc(root: Path) -> None:
+    fams = [*metrics.cpu(root / "proc"), *metrics.memory(root / "proc"),
+            *metrics.network(root / "proc"), *metrics.filesystems(root / "proc", statvfs),
+            *metrics.systemd_units(units)]
+    s = samples(metrics.render(fams))
+    hz = metrics.USER_HZ
+    assert s['node_cpu_seconds_total{cpu="0",mode="user"}'] == 60 / hz
+    assert s['node_cpu_seconds_total{cpu="1",mode="idle"}'] == 500 / hz
+    assert 'node_cpu_seconds_total{cpu="",mode="user"}' not in s  # the "cpu" total line
+    assert s["node_boot_time_seconds"] == 1764194400
+    assert s["node_context_switches_total"] == 987654
+    assert s["node_load1"] == 0.52 and s["node_load15"] == 0.59
+    assert s["node_memory_MemTotal_bytes"] == 2014256 * 1024
+    assert s["node_memory_MemAvailable_bytes"] == 1500000 * 1024
+    assert s['node_network_receive_bytes_total{device="enp0s3"}'] == 5242880
+    assert s['node_network_transmit_drop_total{device="enp0s3"}'] == 3
+    assert s['node_filesystem_size_bytes{device="/dev/vda7",fstype="ext4",mountpoint="/var"}'] \
+        == 300000 * 4096
+    assert s['node_filesystem_readonly{device="/dev/mapper/usr",fstype="erofs",'
+             'mountpoint="/usr"}'] == 1
+    assert not any("proc" in k or "space" in k for k in s)  # pseudo fs; unreadable mount
+    assert s['node_systemd_unit_state{name="broken.service",state="failed"}'] == 1
+    assert s['node_systemd_unit_state{name="broken.service",state="active"}'] == 0
+    assert s["cerulean_systemd_units_failed"] == 1
+    assert not any("dev-vda.device" in k for k in s)
+
+
+def test_render_escapes_labels_and_skips_empty_families() -> None:
+    f = metrics.Family("x_info", "gauge", "Help with a \\ backslash.")
+    f.add(1, path='a "quoted"\\path\nnext')
+    empty = metrics.Family("y", "gauge", "Never sampled.")
+    text = metrics.render([f, empty])
+    assert text == ('# HELP x_info Help with a \\\\ backslash.\n# TYPE x_info gauge\n'
+                    'x_info{path="a \\"quoted\\"\\\\path\\nnext"} 1\n')
+    assert metrics.render([metrics.Family("z", "gauge", "h", [({}, 0.25)])]).endswith("z 0.25\n")
+
+
+def test_cerulean_state(tmp_path: Path) -> None:
+    host = Host(tmp_path)
+    (tmp_path / "usr/lib").mkdir(parents=True)
+    (tmp_path / "usr/lib/os-release").write_text(
+        'IMAGE_ID="edge"\nIMAGE_VERSION="13.20261126.2"\n')
+    state = State(bad={"13.20261126.3": "its health check failed"},
+                  staged={"version": "13.20261126.4", "slot": "A"})
+    state.record("staged", "13.20261126.4 is written to slot A and verified.")
+    save_state(host, state)
+    for _ in range(3):
+        AuditLog(host.audit_log).append("updater", "update.staged")
+    s = samples(metrics.render(metrics.cerulean_state(tmp_path, slot="B")))
+    assert s['cerulean_update_info{image="edge",slot="B",version="13.20261126.2"}'] == 1
+    assert s["cerulean_update_staged"] == 1 and s["cerulean_update_failed_releases"] == 1
+    assert s["cerulean_audit_entries"] == 3
+    (when,) = [v for k, v in s.items() if k.startswith("cerulean_update_last_run")]
+    assert when > 1.7e9
+
+
+def test_collect_on_this_machine() -> None:
+    """The real /proc of the machine running the tests parses, and says sensible things."""
+    s = samples(metrics.render(metrics.collect(list_units=lambda: [])))
+    assert s["node_memory_MemTotal_bytes"] > 64 * 1024 * 1024
+    assert any(k.startswith("node_cpu_seconds_total{") for k in s)
+    assert any(k.startswith('node_filesystem_size_bytes{') for k in s)
+    assert s["node_time_seconds"] > s["node_boot_time_seconds"] > 1e9
