@@ -116,3 +116,51 @@ def test_cli_verify_and_show(log: AuditLog, monkeypatch: pytest.MonkeyPatch,
     assert doc["ok"] is False and doc["entries"] == 2 and doc["problems"][0]["line"] == 3
     assert cli.main(["audit", "show", "-n", "-1"]) == 1
     assert capsys.readouterr().err.startswith("error: --last must be")
+
+
+def test_a_power_cut_in_the_middle_of_an_entry_is_recovered(log: AuditLog) -> None:
+    """The entry being written when the power went is cut off by the next write, which
+    says so in the trail; until then verify calls it a note, not a problem."""
+    whole = log.path.read_bytes()
+    with log.path.open("ab") as f:
+        f.write(b'{"action":"fix.applied","actor":"pol')  # no newline: torn
+    verdict = log.verify()
+    assert verdict.ok and verdict.entries == 5, verdict
+    assert "cut short by a power cut" in verdict.notes[0]
+    log.append("policy", "fix.applied", {"check": "cis-6"})
+    assert log.path.read_bytes().startswith(whole)
+    entries = list(log.entries())
+    assert [e["action"] for e in entries[5:]] == ["audit.recovered", "fix.applied"]
+    assert "a torn last entry (36 bytes) was cut off" in entries[5]["detail"]["message"]
+    verdict = log.verify()
+    assert verdict.ok and not verdict.notes and verdict.entries == 7
+
+
+def test_a_power_cut_between_an_entry_and_its_head_is_recovered(log: AuditLog) -> None:
+    old_head = log.head_path.read_bytes()
+    log.append("policy", "fix.applied", {"check": "cis-6"})
+    log.head_path.write_bytes(old_head)  # the entry was synced, the head was not
+    verdict = log.verify()
+    assert verdict.ok and verdict.entries == 6
+    assert "written just before a power cut" in verdict.notes[0]
+    log.append("policy", "fix.applied", {"check": "cis-7"})
+    entries = list(log.entries())
+    assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert entries[6]["action"] == "audit.recovered"
+    assert "the head moved on to entry 6" in entries[6]["detail"]["message"]
+    assert log.verify().ok and not log.verify().notes
+
+
+def test_what_a_power_cut_cannot_leave_is_still_a_problem(log: AuditLog) -> None:
+    # A torn line that the head already names: the entry had been written whole.
+    data = log.path.read_bytes()
+    log.path.write_bytes(data[:-10])
+    verdict = log.verify()
+    assert not verdict.ok and verdict.problems[0].line == 5
+    # A valid-looking entry two ahead of the head.
+    log.path.write_bytes(data)
+    old_head = log.head_path.read_bytes()
+    log.append("x", "y")
+    log.append("x", "z")
+    log.head_path.write_bytes(old_head)
+    assert not log.verify().ok

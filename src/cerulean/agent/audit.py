@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 GENESIS = "0" * 64
+TAIL = 1 << 16  # how much of the log's end a recovery reads
 KEYS = {"seq", "time", "actor", "action", "detail", "prev", "hash"}
 
 
@@ -56,6 +57,7 @@ class Verdict:
     entries: int
     head: str  # hash of the last good entry
     problems: tuple[Problem, ...]
+    notes: tuple[str, ...] = ()  # what a power cut left (not a problem)
 
     @property
     def ok(self) -> bool:
@@ -63,7 +65,8 @@ class Verdict:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "entries": self.entries, "head": self.head,
-                "problems": [{"line": p.line, "message": p.message} for p in self.problems]}
+                "problems": [{"line": p.line, "message": p.message} for p in self.problems],
+                "notes": list(self.notes)}
 
 
 class AuditLog:
@@ -91,24 +94,74 @@ class AuditLog:
                now: datetime | None = None) -> dict[str, Any]:
         """Append one entry (durably: the log and then the head are synced)."""
         with self._locked():
-            seq, prev = self._head()
-            entry: dict[str, Any] = {
-                "seq": seq + 1,
-                "time": (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "actor": actor, "action": action, "detail": dict(detail or {}), "prev": prev,
-            }
-            entry["hash"] = entry_hash(entry)
-            with open(self.path, "ab") as f:
-                f.write(canonical(entry) + b"\n")
+            recovered = self._recover()
+            if recovered:
+                self._append("audit", "audit.recovered", {"message": recovered}, now)
+            return self._append(actor, action, detail, now)
+
+    def _recover(self) -> str:
+        """Finish what a power cut interrupted; says what it did ("" if nothing).
+
+        The log is synced before the head, so a cut can leave a torn last line
+        (the entry was never complete: it is cut off) or a whole last entry the
+        head does not name yet (the head moves on to it). Anything else is left
+        for :meth:`verify` to report.
+        """
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return ""
+        with open(self.path, "r+b") as f:
+            f.seek(max(0, size - TAIL))
+            tail = f.read()
+            done = []
+            if tail and not tail.endswith(b"\n"):
+                keep = tail.rfind(b"\n") + 1
+                if keep == 0 and size > TAIL:
+                    return ""  # a line longer than TAIL: not ours to judge
+                f.truncate(size - (len(tail) - keep))
                 f.flush()
                 os.fsync(f.fileno())
-            tmp = self.head_path.with_name(self.head_path.name + ".tmp")
-            with open(tmp, "wb") as f:
-                f.write(canonical({"seq": entry["seq"], "hash": entry["hash"]}) + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.head_path)
-            return entry
+                done.append(f"a torn last entry ({len(tail) - keep} bytes) was cut off")
+                tail = tail[:keep]
+        lines = tail.splitlines(keepends=True)
+        seq, prev = self._head()
+        if lines:
+            try:
+                last = json.loads(lines[-1])
+            except ValueError:
+                last = None
+            if (isinstance(last, dict) and last.get("seq") == seq + 1
+                    and last.get("prev") == prev and _check_line(lines[-1], 0, seq, prev)
+                    is None):
+                self._write_head(last["seq"], last["hash"])
+                done.append(f"the head moved on to entry {last['seq']}, written before "
+                            "the cut")
+        return "; ".join(done)
+
+    def _write_head(self, seq: int, digest: str) -> None:
+        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(canonical({"seq": seq, "hash": digest}) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.head_path)
+
+    def _append(self, actor: str, action: str, detail: Mapping[str, Any] | None,
+                now: datetime | None) -> dict[str, Any]:
+        seq, prev = self._head()
+        entry: dict[str, Any] = {
+            "seq": seq + 1,
+            "time": (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "actor": actor, "action": action, "detail": dict(detail or {}), "prev": prev,
+        }
+        entry["hash"] = entry_hash(entry)
+        with open(self.path, "ab") as f:
+            f.write(canonical(entry) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._write_head(entry["seq"], entry["hash"])
+        return entry
 
     def _lines(self) -> list[bytes]:
         try:
@@ -127,32 +180,46 @@ class AuditLog:
                 yield d
 
     def verify(self) -> Verdict:
-        """Check every entry and the chain; stops at the first broken link."""
+        """Check every entry and the chain; stops at the first broken link.
+
+        What a power cut leaves (see :meth:`_recover`) is not a problem but a note:
+        a last line without its newline that the head does not name, or a whole
+        last entry written just before the head could move on to it.
+        """
         problems: list[Problem] = []
-        prev, seq = GENESIS, 0
-        for line, raw in enumerate(self._lines(), start=1):
+        notes: list[str] = []
+        lines = self._lines()
+        prev, seq, before = GENESIS, 0, GENESIS
+        try:
+            head: tuple[int, str] | None = self._head()
+        except (OSError, ValueError, KeyError, TypeError):
+            head = None
+            problems.append(Problem(0, f"The head file {self.head_path} is unreadable."))
+        for line, raw in enumerate(lines, start=1):
             p = _check_line(raw, line, seq, prev)
             if p is not None:
-                problems.append(p)
+                if line == len(lines) and not raw.endswith(b"\n") and head == (seq, prev):
+                    notes.append(f"Line {line} is an entry cut short by a power cut; the "
+                                 "agent drops it when it next writes.")
+                else:
+                    problems.append(p)
                 break
             d = json.loads(raw)
-            prev, seq = d["hash"], d["seq"]
-        if not problems:
-            try:
-                head_seq, head_hash = self._head()
-            except (OSError, ValueError, KeyError, TypeError):
-                problems.append(Problem(0, f"The head file {self.head_path} is unreadable."))
+            before, prev, seq = prev, d["hash"], d["seq"]
+        if not problems and head is not None and head != (seq, prev):
+            head_seq, _ = head
+            if head == (seq - 1, before):
+                notes.append(f"Entry {seq} was written just before a power cut; the head "
+                             "moves on to it when the agent next writes.")
+            elif head_seq > seq:
+                problems.append(Problem(0, f"The log ends at entry {seq}, but entry "
+                                        f"{head_seq} was written: entries were removed "
+                                        "from its end."))
             else:
-                if (head_seq, head_hash) != (seq, prev):
-                    if head_seq > seq:
-                        msg = (f"The log ends at entry {seq}, but entry {head_seq} was "
-                               "written: entries were removed from its end.")
-                    else:
-                        msg = (f"The head file records entry {head_seq}, but the log goes "
-                               f"on to entry {seq}: entries were added by hand or the "
-                               "head file was changed.")
-                    problems.append(Problem(0, msg))
-        return Verdict(seq, prev, tuple(problems))
+                problems.append(Problem(0, f"The head file records entry {head_seq}, but "
+                                        f"the log goes on to entry {seq}: entries were "
+                                        "added by hand or the head file was changed."))
+        return Verdict(seq, prev, tuple(problems), tuple(notes))
 
 
 def _check_line(raw: bytes, line: int, seq: int, prev: str) -> Problem | None:

@@ -93,6 +93,8 @@ def run_audit(args: argparse.Namespace) -> int:
         elif verdict.ok:
             print(f"The audit trail is intact: {verdict.entries} entries, last hash "
                   f"{verdict.head[:16]}.")
+            for note in verdict.notes:
+                print(f"note: {note}")
         else:
             for prob in verdict.problems:
                 print(f"error: {prob.message}", file=sys.stderr)

@@ -92,6 +92,8 @@ class Updater:
     reboot_cmd: Callable[[], object] = lambda: subprocess.run(["systemctl", "reboot"],
                                                               check=False)
     config: Config = field(init=False)
+    # The last result written to (or already in) the audit trail: (result, message).
+    _audited: tuple[str | None, str | None] = field(init=False, default=(None, None))
 
     def __post_init__(self) -> None:
         self.config = load_config(self.host)
@@ -128,23 +130,23 @@ class Updater:
             except BlockingIOError:
                 raise UpdateError("Another update run is in progress.") from None
             state = load_state(self.host)
-            before = dict(state.last)
+            self._audited = (state.last.get("result"), state.last.get("message"))
             try:
                 yield state
             finally:
                 save_state(self.host, state)
-                self._audit(before, state.recorded)
+                self._audit(state)
 
-    def _audit(self, before: dict[str, str], records: list[dict[str, str]]) -> None:
+    def _audit(self, state: State) -> None:
         """This run's results into the audit trail: what changed something or was
         refused, once (the same refusal on every run is written the first time).
         A full disk does not stop an update: it is said, and state.json has the result."""
         log = AuditLog(self.host.audit_log)
-        last = (before.get("result"), before.get("message"))
+        records, state.recorded = state.recorded, []
         for r in records:
-            if r["result"] in QUIET or (r["result"], r["message"]) == last:
+            if r["result"] in QUIET or (r["result"], r["message"]) == self._audited:
                 continue
-            last = (r["result"], r["message"])
+            self._audited = (r["result"], r["message"])
             try:
                 log.append("updater", f"update.{r['result']}", {"message": r["message"]})
             except OSError as e:
@@ -283,6 +285,7 @@ class Updater:
             return Outcome("staged", f"{v} is staged; the maintenance window opens{when}.", v)
         state.record("rebooting", f"Rebooting into {v}.", self.now())
         save_state(self.host, state)
+        self._audit(state)  # now: the shutdown may stop this process
         self.say(f"Rebooting into {v}.")
         self.reboot_cmd()
         return Outcome("rebooting", f"Rebooting into {v}.", v)
