@@ -15,30 +15,54 @@ def project_root() -> Path:
 
 
 # With `make test` the suite runs on two pytest-xdist workers (--dist loadgroup,
-# --no-loadscope-reorder). Tests that share expensive session fixtures (built images,
-# package caches) stay on one worker as a group; the longest groups go first, one per
-# worker, so that the arm64 track (package scripts under emulation, slow boots) runs
-# next to the amd64 one instead of after it.
-GROUPS = ("vm-arm64", "vm-amd64", "integration", "vm-power-cuts")
+# --no-loadscope-reorder), one per CPU. The QEMU tests are nearly all of its time,
+# so they are split by hand into two tracks of about equal length, one per worker
+# (xdist hands the first group to the first worker, the second to the second).
+# Tests that share a session fixture (a built image) stay in one track; the vm
+# image cache is shared between the workers (tests/vm/conftest.py). Everything
+# else runs after the tracks, on whichever worker is free.
+TRACKS: dict[str, tuple[str, ...]] = {
+    # arm64: package scripts under emulation, the slowest boots; then the boots of
+    # the built-in system images (and the checks inside the vm).
+    "track-1": ("test_updates.py::test_host_updates_itself_and_falls_back_from_a_broken_"
+                "release[arm64]", "tests/vm/test_system_images.py",
+                "tests/vm/test_testbed_boot.py", "tests/integration/"),
+    # amd64 updates: the power cuts, then scenarios (a), (b), (c) and (e); and one
+    # system image's boot, for balance.
+    "track-2": ("test_updates.py::test_power_cuts", "test_updates.py::test_host_updates_"
+                "itself_and_falls_back_from_a_broken_release[amd64]",
+                "test_system_images.py::test_builtin_system_image_boots[container-host]"),
+}
 
 
-def _group(item: pytest.Item) -> str | None:
-    path = item.path.as_posix()
-    if "/tests/vm/" in path:
-        if "arm64" in item.name:
-            return "vm-arm64"
-        if "power_cuts" in item.name:
-            return "vm-power-cuts"
-        return "vm-amd64"
-    if "/tests/integration/" in path:
-        return "integration"
-    return None
+def _where(item: pytest.Item) -> str:
+    return f"{item.path.as_posix()}::{item.name}"
+
+
+def _place(item: pytest.Item) -> tuple[str, int] | None:
+    """The item's track and its rank in it: the longest entry that names it wins."""
+    where = _where(item)
+    found = [(len(part), track, rank) for track, parts in TRACKS.items()
+             for rank, part in enumerate(parts) if part in where]
+    if not found:
+        if "/tests/vm/" in where or "/tests/integration/" in where:
+            raise pytest.UsageError(f"{where} is in no track of tests/conftest.py")
+        return None
+    _, track, rank = max(found)
+    return track, rank
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    order = {g: i for i, g in enumerate(GROUPS)}
+    order = {t: i for i, t in enumerate(TRACKS)}
+    places = {id(it): _place(it) for it in items}
     for item in items:
-        group = _group(item)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda it: order.get(_group(it) or "", len(GROUPS)))
+        place = places[id(item)]
+        if place is not None:
+            item.add_marker(pytest.mark.xdist_group(place[0]))
+
+    # Tracks first, in order; within a track, the order of its entries above.
+    def key(it: pytest.Item) -> tuple[int, int]:
+        place = places[id(it)]
+        return (len(TRACKS), 0) if place is None else (order[place[0]], place[1])
+
+    items.sort(key=key)

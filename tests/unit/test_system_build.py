@@ -876,3 +876,38 @@ def test_ensure_binfmt_is_a_no_op_for_the_host(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr("cerulean.build.chroot.subprocess.run", boom)
     chroot.ensure_binfmt("amd64")
+
+
+def test_two_builds_of_one_package_set_compose_it_once(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second build on the same cache waits for the first's composition and uses it
+    (before, it could delete the tree the first was building on)."""
+    import threading
+    import time
+
+    composed: list[Path] = []
+
+    def install(root: Path, arch: str, locked: object, cache: object,
+                progress: object = None) -> None:
+        time.sleep(0.5)
+        (root / "marker").write_text("composed")
+        composed.append(root)
+
+    monkeypatch.setattr(system, "install_rootfs", install)
+    cache = Cache(tmp_path / "cache")
+    pkgs = [locked("base-files")]
+    results: dict[str, tuple[Path, bool]] = {}
+    said: list[str] = []
+
+    def build(name: str) -> None:
+        results[name] = system.cached_rootfs("amd64", pkgs, cache, said.append)
+
+    first = threading.Thread(target=build, args=("first",))
+    first.start()
+    time.sleep(0.1)
+    build("second")
+    first.join()
+    assert len(composed) == 1
+    assert results["first"] == (results["second"][0], False) and results["second"][1]
+    assert (results["second"][0] / "marker").read_text() == "composed"
+    assert said == ["waiting for another build that composes the same packages"]

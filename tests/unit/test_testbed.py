@@ -358,7 +358,7 @@ def test_arm64_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     argv = argv_for("arm64", tmp_path, None, cfg)
     assert argv[0] == "qemu-system-aarch64"
     assert option(argv, "-machine")[0].split(",")[0] == "virt"
-    assert option(argv, "-cpu") == ["max"]
+    assert option(argv, "-cpu") == ["max,pauth=off"]
     assert option(argv, "-accel") == ["tcg,thread=multi"]
     drives = option(argv, "-drive")
     assert any(d.endswith("file=/usr/share/AAVMF/AAVMF_CODE.fd") and "readonly=on" in d

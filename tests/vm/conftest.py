@@ -2,7 +2,9 @@
 
 Definitions are copied into a temporary directory and locked afresh (the
 archive moves on; committed locks may name versions it has dropped). The
-cache is the session's own, as on a fresh CI machine.
+cache is the run's own, as on a fresh CI machine; with pytest-xdist the workers
+share it (downloads, the tools tree, composed trees, initrds), and a worker that
+needs a tree another is composing waits for it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ def vm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (work / "images").mkdir()
     for p in (ROOT / "images").glob("*.toml"):
         shutil.copy(p, work / "images" / p.name)
-    return {"work": work, "cache": tmp_path_factory.mktemp("vm-cache"),
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # The workers' base directories are popen-gwN inside this run's own directory.
+        cache = tmp_path_factory.getbasetemp().parent / "vm-cache"
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = tmp_path_factory.mktemp("vm-cache")
+    return {"work": work, "cache": cache,
             "out": tmp_path_factory.mktemp("vm-out")}
 
 

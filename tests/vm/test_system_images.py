@@ -11,47 +11,36 @@ from pathlib import Path
 import pytest
 
 from cerulean.cli import main
-from cerulean.testbed.qemu import QemuConfig, run_test
+from cerulean.testbed.qemu import QemuConfig
 
 pytestmark = pytest.mark.vm
 
 
-# edge boots many times in test_updates.py.
+# edge boots many times in test_updates.py, vm in test_inside_the_booted_vm.
 @pytest.mark.parametrize("name", ["container-host", "metal"])
 def test_builtin_system_image_boots(name: str, build_system: Callable[[str, str], Path],
-                                    tmp_path: Path) -> None:
+                                    tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cerulean test --json` as a user runs it, on a 4 GiB disk: every check passes, the
+    root file system grows to fill the disk on first boot, the image is untouched."""
     disk = build_system(name, "amd64")
-    res = run_test(disk, QemuConfig(), timeout_s=900, log_dir=tmp_path)
-    failed = {c.name: c.detail for c in res.checks if not c.passed}
-    assert not failed, f"{failed}; console log: {res.console_log}"
-    assert res.report is not None
-    root_options = (res.report.get("root-options") or "").split(",")
-    # Writable roots here; edge's read-only root is checked in test_updates.py.
-    assert root_options[0] == "rw", res.report.values
-
-
-def test_cli_test_command_reports_json(build_system: Callable[[str, str], Path],
-                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                       ) -> None:
-    """Booted on a 4 GiB disk, the root file system grows to fill it on first boot."""
-    disk = build_system("vm", "amd64")
     before = disk.stat()
     capsys.readouterr()
-    rc = main(["test", str(disk), "--json", "--log-dir", str(tmp_path), "--disk-size", "4096"])
+    rc = main(["test", str(disk), "--json", "--log-dir", str(tmp_path), "--disk-size", "4096",
+               "--timeout", "900"])
     out = json.loads(capsys.readouterr().out)
-    assert rc == 0, out
-    assert out["passed"] is True
-    assert "CERULEAN-READY-END" in (tmp_path / f"{disk.stem}.console.log").read_text(
-        errors="replace")
+    failed = {c["name"]: c["detail"] for c in out["checks"] if not c["passed"]}
+    assert rc == 0 and out["passed"] is True, f"{failed}; console log: {out['console_log']}"
     # The boot ran on a throwaway overlay: the image itself is untouched.
     after = disk.stat()
     assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
     log = (tmp_path / f"{disk.stem}.console.log").read_text(errors="replace")
+    assert "CERULEAN-READY-END" in log and "boot=systemd-boot" in log
     root_line = next(line for line in log.splitlines() if line.startswith("root=/dev/"))
     size = root_line.split()[-1]
     assert size.endswith("G") and float(size[:-1]) > 3.0, root_line
-    assert "boot=systemd-boot" in (tmp_path / f"{disk.stem}.console.log").read_text(
-        errors="replace")
+    # Writable roots here; edge's read-only root is checked in test_updates.py.
+    options = next(line for line in log.splitlines() if line.startswith("root-options="))
+    assert options.removeprefix("root-options=").split(",")[0] == "rw", options
 
 
 def test_usr_slot_too_small_fails_cleanly(vm_env: dict[str, Path], tmp_path: Path,
@@ -183,7 +172,6 @@ def test_inside_the_booted_vm(vm_env: dict[str, Path],
     """The issue's by-hand checks inside the booted vm image, provisioned on this boot by
     cloud-init from a NoCloud seed disk (user, key, file, host name)."""
     from cerulean.testbed.guest import run_in_guest
-    from cerulean.testbed.qemu import QemuConfig
 
     disk = build_system("vm", "amd64")
     seed = tmp_path / "seed.img"

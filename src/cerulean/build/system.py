@@ -18,6 +18,7 @@ instead of installing again.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -175,19 +176,29 @@ def cached_rootfs(arch: str, locked: Sequence[LockedPackage], cache: Cache,
     key = rootfs_key(arch, locked)
     store = cache.subdir("systems")
     entry = store / key
-    hit = (entry / "complete").is_file()
-    if not hit:
-        tmp = store / f".{key}.{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rootfs").mkdir(parents=True)
+    # One composition per key at a time: a second build of the same packages (another
+    # process on this cache) waits for the first and then uses its tree.
+    with (store / f".{key}.lock").open("w") as guard:
         try:
-            install_rootfs(tmp / "rootfs", arch, locked, cache, progress)
-            (tmp / "complete").write_text(json.dumps({"arch": arch, "packages": len(locked)}))
-            shutil.rmtree(entry, ignore_errors=True)
-            tmp.rename(entry)
-        except BaseException:
+            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                progress("waiting for another build that composes the same packages")
+            fcntl.flock(guard, fcntl.LOCK_EX)
+        hit = (entry / "complete").is_file()
+        if not hit:
+            tmp = store / f".{key}.{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            (tmp / "rootfs").mkdir(parents=True)
+            try:
+                install_rootfs(tmp / "rootfs", arch, locked, cache, progress)
+                (tmp / "complete").write_text(json.dumps({"arch": arch,
+                                                          "packages": len(locked)}))
+                shutil.rmtree(entry, ignore_errors=True)  # an incomplete one
+                tmp.rename(entry)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     return entry / "rootfs", hit
 
 

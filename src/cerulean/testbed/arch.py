@@ -43,7 +43,7 @@ def machine_args(prof: ArchProfile, accel: str) -> list[str]:
         return ["-machine", prof.machine, "-accel", "kvm", "-cpu", "host"]
     # Multi-threaded TCG runs one host thread per vCPU; "max" enables every
     # feature TCG can emulate, which modern distribution kernels expect.
-    return ["-machine", prof.machine, "-accel", "tcg,thread=multi", "-cpu", "max"]
+    return ["-machine", prof.machine, "-accel", "tcg,thread=multi", "-cpu", prof.tcg_cpu]
 
 
 def qemu_opt(value: str | Path) -> str:

@@ -84,6 +84,14 @@ class Machine:
 
     def expect(self, pattern: str, timeout: float) -> re.Match[str]:
         """Wait until *pattern* (a regex) shows on the console after the last mark."""
+        m = self.wait_for(pattern, timeout)
+        if m is None:
+            raise CeruleanError(f"{pattern!r} did not show on the console within "
+                                f"{timeout:.0f} s (log: {self.console_log}).")
+        return m
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str] | None:
+        """Like :meth:`expect`, but None if *pattern* has not shown within *timeout*."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
@@ -94,10 +102,9 @@ class Machine:
                 return m
             if self.proc is None or self.proc.poll() is not None:
                 raise CeruleanError(f"QEMU stopped before {pattern!r} showed on the console.")
-            if time.monotonic() > deadline:
-                raise CeruleanError(f"{pattern!r} did not show on the console within "
-                                    f"{timeout:.0f} s (log: {self.console_log}).")
-            time.sleep(0.25)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
     def _advance_past(self, matched: str) -> None:
         raw = self.console_log.read_bytes()
