@@ -21,6 +21,8 @@ Cerulean host agent.
   cerulean audit verify       check that no entry of the audit trail was edited, removed
                               or moved (exit 1 names the first that was)
   cerulean audit show         the audit trail's last entries
+  cerulean agent metrics      this host's metrics, as the agent serves them to Prometheus
+  cerulean agent run          the agent itself (what cerulean-agent.service runs)
 """
 
 
@@ -78,7 +80,25 @@ def parser() -> argparse.ArgumentParser:
     sh.add_argument("-n", "--last", type=int, default=20, metavar="N",
                     help="how many entries (default: 20; 0: all)")
     sh.add_argument("--json", action="store_true", help="print the entries as JSON lines")
+    ag = sub.add_parser("agent", help="the long-running host agent",
+                        description="The long-running host agent (cerulean-agent.service).")
+    gsub = ag.add_subparsers(dest="action", metavar="ACTION")
+    gsub.add_parser("run", help="run the agent until SIGTERM",
+                    description="Run the agent until SIGTERM: it serves this host's metrics "
+                    "on metrics-listen (default 127.0.0.1:9477; /etc/cerulean/agent.toml).")
+    gsub.add_parser("metrics", help="print this host's metrics once",
+                    description="Print this host's metrics once, in the Prometheus text "
+                    "format the agent serves on /metrics.")
     return p
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from cerulean.agent import daemon
+
+    if args.action == "metrics":
+        sys.stdout.write(daemon.exposition(slot=daemon.booted_slot()).decode())
+        return 0
+    return daemon.run(say=lambda m: print(m, flush=True), slot=daemon.booted_slot())
 
 
 def run_audit(args: argparse.Namespace) -> int:
@@ -153,10 +173,12 @@ def run_update(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.group not in ("update", "audit") or not getattr(args, "action", None):
+    if args.group not in ("update", "audit", "agent") or not getattr(args, "action", None):
         p.print_help()
         return 2
     try:
+        if args.group == "agent":
+            return run_agent(args)
         return run_audit(args) if args.group == "audit" else run_update(args)
     except CeruleanError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,8 +23,10 @@ from cerulean.build.definition import AGENT_DEPENDS, ImageDefinition
 PACKAGE = "cerulean-agent"
 SRC = Path(cerulean.__file__).resolve().parent
 PY_DEST = "usr/lib/python3/dist-packages/cerulean"
-UNITS = ("cerulean-update.service", "cerulean-update.timer", "cerulean-health.service")
-# Enabled in every system image.
+UNITS = ("cerulean-update.service", "cerulean-update.timer", "cerulean-health.service",
+         "cerulean-agent.service")
+# Enabled in every system image (cerulean-agent.service is shipped, not enabled yet:
+# it serves metrics only, until the watching modules join it).
 ENABLE = ("cerulean-update.timer", "cerulean-health.service")
 MTIME = 1700000000
 
@@ -117,9 +119,11 @@ def build_deb(out_dir: Path) -> AgentDeb:
         f"Maintainer: Cerulean Linux <security@cerulean-linux.invalid>\n"
         f"Installed-Size: {installed}\nDepends: {', '.join(AGENT_DEPENDS)}\n"
         "Section: admin\nPriority: optional\n"
-        "Description: Cerulean host agent: signed A/B updates with automatic rollback\n"
+        "Description: Cerulean host agent: signed A/B updates, audit trail, metrics\n"
         " Polls a TUF-signed update repository, writes the inactive /usr slot,\n"
         " installs its UKI with boot counting and rolls back on a failed health check.\n"
+        " Keeps a hash-chained audit trail of its actions and serves the host's\n"
+        " metrics in the Prometheus text format.\n"
     ).encode()
     md5 = "".join(f"{hashlib.md5(d).hexdigest()}  {p}\n"  # dpkg md5sums format
                   for p, (d, _) in sorted(files.items())).encode()

@@ -1,0 +1,163 @@
+"""``cerulean agent run``: the long-running host agent (the ``cerulean-agent`` service).
+
+Today it serves the host's metrics (:mod:`cerulean.agent.metrics`) in the
+Prometheus text format on a local port; the watching modules join it here.
+It tells systemd when it is ready (``Type=notify``) and stops cleanly on
+SIGTERM or SIGINT.
+
+Configuration is TOML, ``/usr/lib/cerulean/agent.toml`` then
+``/etc/cerulean/agent.toml`` (later files win key by key)::
+
+    metrics-listen = "127.0.0.1:9477"   # host:port, "" to turn the endpoint off
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType
+
+from cerulean.agent import metrics
+from cerulean.errors import CeruleanError
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+KEYS = {"metrics-listen": str}
+
+
+class AgentError(CeruleanError):
+    pass
+
+
+@dataclass
+class AgentConfig:
+    metrics_listen: str = "127.0.0.1:9477"
+    sources: list[str] = field(default_factory=list)
+
+
+def load_agent_config(root: Path = Path("/")) -> AgentConfig:
+    cfg = AgentConfig()
+    for path in (root / "usr/lib/cerulean/agent.toml", root / "etc/cerulean/agent.toml"):
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise AgentError(f"{path} is not valid TOML: {e}.") from e
+        for k, v in data.items():
+            if k not in KEYS:
+                raise AgentError(f"{path}: unknown key {k!r}; valid: {', '.join(KEYS)}.")
+            if not isinstance(v, KEYS[k]):
+                raise AgentError(f"{path}: {k!r} must be a {KEYS[k].__name__}.")
+            setattr(cfg, k.replace("-", "_"), v)
+        cfg.sources.append(str(path))
+    if cfg.metrics_listen:
+        parse_listen(cfg.metrics_listen)
+    return cfg
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise AgentError(f"'metrics-listen' must be HOST:PORT (such as 127.0.0.1:9477), "
+                         f"not {value!r}.")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def exposition(root: Path = Path("/"), slot: str = "") -> bytes:
+    return metrics.render([*metrics.collect(root), *metrics.cerulean_state(root, slot)]).encode()
+
+
+def _handler(scrape: Callable[[], bytes]) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "cerulean-agent"
+        sys_version = ""
+
+        def _reply(self, body: bool) -> None:
+            if self.path.split("?", 1)[0] != "/metrics":
+                self.send_error(404, "Only /metrics is served here.")
+                return
+            data = scrape()
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            self._reply(True)
+
+        def do_HEAD(self) -> None:
+            self._reply(False)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # one line per scrape would flood the journal
+
+    return Handler
+
+
+def metrics_server(listen: str, scrape: Callable[[], bytes]) -> ThreadingHTTPServer:
+    host, port = parse_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_cls = type("Server", (ThreadingHTTPServer,), {"address_family": family,
+                                                          "daemon_threads": True})
+    try:
+        return server_cls((host, port), _handler(scrape))  # type: ignore[no-any-return]
+    except OSError as e:
+        raise AgentError(f"Cannot listen on {listen} for metrics: {e.strerror or e}.") from e
+
+
+def notify(state: str) -> None:
+    """Tell systemd (sd_notify), when it started us with Type=notify."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(state.encode())
+
+
+def booted_slot() -> str:
+    """The A/B slot this boot runs from ("" when the host has no such layout)."""
+    from cerulean.agent.update.updater import Updater
+
+    try:
+        return Updater(say=lambda _m: None).layout().booted.name
+    except (CeruleanError, OSError):
+        return ""
+
+
+def run(root: Path = Path("/"), say: Callable[[str], None] = print,
+        stop: threading.Event | None = None, slot: str = "") -> int:
+    """Serve until SIGTERM/SIGINT (or until *stop* is set, in tests)."""
+    cfg = load_agent_config(root)
+    stop = stop or threading.Event()
+    server = None
+    if cfg.metrics_listen:
+        server = metrics_server(cfg.metrics_listen, lambda: exposition(root, slot))
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        say(f"Serving metrics on http://{cfg.metrics_listen}/metrics")
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    notify("READY=1\nSTATUS=Serving metrics" if server else "READY=1")
+    stop.wait()
+    notify("STOPPING=1")
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+    say("Stopped.")
+    return 0
