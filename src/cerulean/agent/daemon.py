@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import threading
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +24,7 @@ from pathlib import Path
 from types import FrameType
 
 from cerulean.agent import metrics
+from cerulean.agent.settings import read_layers
 from cerulean.errors import CeruleanError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -43,20 +43,11 @@ class AgentConfig:
 
 def load_agent_config(root: Path = Path("/")) -> AgentConfig:
     cfg = AgentConfig()
-    for path in (root / "usr/lib/cerulean/agent.toml", root / "etc/cerulean/agent.toml"):
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            continue
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise AgentError(f"{path} is not valid TOML: {e}.") from e
-        for k, v in data.items():
-            if k not in KEYS:
-                raise AgentError(f"{path}: unknown key {k!r}; valid: {', '.join(KEYS)}.")
-            if not isinstance(v, KEYS[k]):
-                raise AgentError(f"{path}: {k!r} must be a {KEYS[k].__name__}.")
-            setattr(cfg, k.replace("-", "_"), v)
-        cfg.sources.append(str(path))
+    values, cfg.sources = read_layers(
+        [root / "usr/lib/cerulean/agent.toml", root / "etc/cerulean/agent.toml"], KEYS,
+        AgentError)
+    for k, v in values.items():
+        setattr(cfg, k.replace("-", "_"), v)
     if cfg.metrics_listen:
         parse_listen(cfg.metrics_listen)
     return cfg

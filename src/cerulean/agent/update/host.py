@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cerulean.agent.settings import read_layers
 from cerulean.agent.update.boot import fsync_dir
 from cerulean.agent.update.client import UpdateError
 from cerulean.protocol.update import CHANNELS, is_version, utc_iso
@@ -109,20 +109,9 @@ class Host:
 
 def load_config(host: Host) -> Config:
     cfg = Config()
-    for path in host.config_files():
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            continue
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise UpdateError(f"{path} is not valid TOML: {e}.") from e
-        for k, v in data.items():
-            if k not in KEYS:
-                raise UpdateError(f"{path}: unknown key {k!r}; valid: {', '.join(KEYS)}.")
-            if not isinstance(v, KEYS[k]) or (KEYS[k] is int and isinstance(v, bool)):
-                raise UpdateError(f"{path}: {k!r} must be a {KEYS[k].__name__}.")
-            setattr(cfg, k.replace("-", "_"), v)
-        cfg.sources.append(str(path))
+    values, cfg.sources = read_layers(host.config_files(), KEYS, UpdateError)
+    for k, v in values.items():
+        setattr(cfg, k.replace("-", "_"), v)
     if cfg.channel not in CHANNELS:
         raise UpdateError(f"The update channel {cfg.channel!r} is not one of "
                           f"{', '.join(CHANNELS)}.")
