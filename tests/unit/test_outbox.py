@@ -1,0 +1,106 @@
+"""The agent's outbox (cerulean.agent.outbox): at-least-once delivery, bounded on disk."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from cerulean.agent.outbox import Message, Outbox, OutboxError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_764_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def box(tmp_path: Path, clock: Clock, limit: int = 1 << 20) -> Outbox:
+    return Outbox(tmp_path / "agent/outbox.db", "host-1", limit=limit, clock=clock,
+                  rng=random.Random(3))
+
+
+def test_reports_survive_a_restart_and_are_sent_in_order(tmp_path: Path, clock: Clock) -> None:
+    ob = box(tmp_path, clock)
+    for i in range(5):
+        ob.put("alert", {"rule": "setuid-in-tmp", "n": i})
+    epoch = ob.epoch
+    ob.close()
+    ob = box(tmp_path, clock)  # the agent restarted
+    assert ob.epoch == epoch and ob.pending() == 5
+    seen: list[Message] = []
+
+    def send(msgs: list[Message], dropped: int) -> set[str]:
+        seen.extend(msgs)
+        return {m.id for m in msgs}
+
+    assert ob.deliver(send, batch=2) == (5, 0)
+    assert [m.body["n"] for m in seen] == [0, 1, 2, 3, 4]
+    assert [m.id for m in seen][:2] == [f"host-1:{epoch}:1", f"host-1:{epoch}:2"]
+    assert ob.pending() == 0 and ob.deliver(send) == (0, 0)
+    # Sequence numbers are never reused, so IDs stay unique.
+    ob.put("alert", {"n": 5})
+    assert ob.due()[0].id == f"host-1:{epoch}:6"
+
+
+def test_what_the_server_did_not_acknowledge_is_sent_again_later(tmp_path: Path,
+                                                                 clock: Clock) -> None:
+    ob = box(tmp_path, clock)
+    for i in range(4):
+        ob.put("inventory", {"n": i})
+
+    def half(msgs: list[Message], dropped: int) -> set[str]:
+        return {m.id for m in msgs if m.body["n"] % 2 == 0}
+
+    assert ob.deliver(half) == (2, 2)
+    assert ob.due() == []  # backing off
+    clock.now += 5
+    assert [m.body["n"] for m in ob.due()] == [1, 3]
+    assert all(m.attempts == 1 for m in ob.due())
+
+    def down(msgs: list[Message], dropped: int) -> set[str]:
+        raise ConnectionRefusedError("the fleet server is down")
+
+    delays = []
+    for _ in range(10):
+        clock.now += 1000
+        assert ob.deliver(down) == (0, 2)
+        waits = ob.db.execute("SELECT next_try FROM message").fetchall()
+        delays.append(min(w[0] for w in waits) - clock.now)
+    assert delays[0] < delays[2] and max(delays) <= 600
+    clock.now += 1000
+    assert ob.deliver(lambda msgs, dropped: {m.id for m in msgs}) == (2, 0)
+
+
+def test_the_size_limit_drops_the_least_important_first_and_counts_it(tmp_path: Path,
+                                                                      clock: Clock) -> None:
+    ob = box(tmp_path, clock, limit=4000)
+    ob.put("alert", {"pad": "a" * 300})
+    for i in range(20):
+        ob.put("metrics", {"i": i, "pad": "m" * 300})
+    assert ob.used_bytes() <= 4000
+    kinds = [m.kind for m in ob.due(1000)]
+    assert kinds[0] == "alert"  # kept: metrics went first
+    kept = [m.body["i"] for m in ob.due(1000) if m.kind == "metrics"]
+    assert kept == list(range(20 - len(kept), 20))  # the newest metrics stay
+    assert ob.dropped() == 20 - len(kept) > 0
+    counts: list[int] = []
+    ob.deliver(lambda msgs, dropped: counts.append(dropped) or {m.id for m in msgs})
+    assert counts == [ob.dropped()]
+
+
+def test_bad_reports_are_refused(tmp_path: Path, clock: Clock) -> None:
+    ob = box(tmp_path, clock, limit=4000)
+    with pytest.raises(OutboxError, match="Unknown report kind 'gossip'"):
+        ob.put("gossip", {})
+    with pytest.raises(OutboxError, match="larger than a quarter"):
+        ob.put("inventory", {"pad": "x" * 2000})
+    assert ob.pending() == 0
