@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from cerulean.errors import CeruleanError
@@ -21,6 +22,9 @@ Cerulean host agent.
   cerulean audit verify       check that no entry of the audit trail was edited, removed
                               or moved (exit 1 names the first that was)
   cerulean audit show         the audit trail's last entries
+  cerulean cve report --tracker FILE
+                              the CVEs that affect this host's packages (Debian Security
+                              Tracker JSON), worst first
   cerulean agent metrics      this host's metrics, as the agent serves them to Prometheus
   cerulean agent run          the agent itself (what cerulean-agent.service runs)
 """
@@ -80,6 +84,19 @@ def parser() -> argparse.ArgumentParser:
     sh.add_argument("-n", "--last", type=int, default=20, metavar="N",
                     help="how many entries (default: 20; 0: all)")
     sh.add_argument("--json", action="store_true", help="print the entries as JSON lines")
+    cv = sub.add_parser("cve", help="CVEs that affect this host",
+                        description="CVEs that affect this host's installed packages.")
+    csub = cv.add_subparsers(dest="action", metavar="ACTION")
+    rep = csub.add_parser("report", help="list the CVEs that affect this host, worst first",
+                          description="List the CVEs that affect this host's installed "
+                          "packages (dpkg's status), from the Debian Security Tracker's JSON "
+                          "(a copy of security-tracker.debian.org/tracker/data/json), worst "
+                          "first: a fix is available, Debian has no fix yet, or undetermined.")
+    rep.add_argument("--tracker", required=True, type=Path, metavar="FILE",
+                     help="the Security Tracker's JSON")
+    rep.add_argument("--release", default=None,
+                     help="the Debian release to read (default: this host's VERSION_CODENAME)")
+    rep.add_argument("--json", action="store_true", help="print the findings as JSON")
     ag = sub.add_parser("agent", help="the long-running host agent",
                         description="The long-running host agent (cerulean-agent.service).")
     gsub = ag.add_subparsers(dest="action", metavar="ACTION")
@@ -99,6 +116,37 @@ def run_agent(args: argparse.Namespace) -> int:
         sys.stdout.write(daemon.exposition(slot=daemon.booted_slot()).decode())
         return 0
     return daemon.run(say=lambda m: print(m, flush=True), slot=daemon.booted_slot())
+
+
+def run_cve(args: argparse.Namespace) -> int:
+    from cerulean.agent import cves
+    from cerulean.agent.update.host import Host
+
+    release = args.release or Host().os_release().get("VERSION_CODENAME") or "trixie"
+    try:
+        tracker = cves.load_tracker(args.tracker)
+    except FileNotFoundError:
+        raise CeruleanError(f"The tracker file {args.tracker} does not exist.") from None
+    except ValueError as e:
+        raise CeruleanError(f"{args.tracker} is not the Security Tracker's JSON: "
+                            f"{str(e).rstrip('.')}.") from None
+    packages = cves.installed_packages()
+    found = cves.affecting(packages, tracker, release)
+    if args.json:
+        print(json.dumps({"release": release, "packages": len(packages),
+                          "findings": [f.to_json() for f in found]}, indent=2))
+        return 0
+    for f in found:
+        fix = f"fixed in {f.fixed_version}" if f.fixed_version else f.status
+        print(f"{f.cve:<16} {f.severity:<17} {f.source} {f.installed}: {fix}")
+    counts = {s: sum(1 for f in found if f.status == s)
+              for s in ("fix-available", "no-fix-yet", "undetermined")}
+    n = len(found)
+    print(f"{n} CVE{' affects' if n == 1 else 's affect'} {len(packages)} installed packages "
+          f"on {release}: "
+          f"{counts['fix-available']} with a fix available, {counts['no-fix-yet']} without "
+          f"a fix yet, {counts['undetermined']} undetermined.")
+    return 0
 
 
 def run_audit(args: argparse.Namespace) -> int:
@@ -173,12 +221,15 @@ def run_update(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.group not in ("update", "audit", "agent") or not getattr(args, "action", None):
+    if args.group not in ("update", "audit", "agent", "cve") or \
+            not getattr(args, "action", None):
         p.print_help()
         return 2
     try:
         if args.group == "agent":
             return run_agent(args)
+        if args.group == "cve":
+            return run_cve(args)
         return run_audit(args) if args.group == "audit" else run_update(args)
     except CeruleanError as e:
         print(f"error: {e}", file=sys.stderr)

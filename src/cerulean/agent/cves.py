@@ -1,0 +1,184 @@
+"""Which CVEs affect this host: its installed packages against the Debian Security Tracker.
+
+The tracker's JSON (``https://security-tracker.debian.org/tracker/data/json``,
+or a copy of it) maps each *source* package to its CVEs, and each CVE to its
+state per Debian release::
+
+    {"openssl": {"CVE-2025-1234": {"description": "...",
+        "releases": {"trixie": {"status": "resolved", "fixed_version": "3.5.1-1",
+                                "urgency": "medium", "repositories": {...}}}}}}
+
+A CVE affects the host when an installed package comes from that source and
+its source version is older than ``fixed_version`` (status ``resolved``), or
+when Debian has no fix yet (``open``, ``undetermined``). ``fixed_version`` 0
+means the release was never affected. Versions are compared the way dpkg
+compares them (:func:`compare_versions`); the agent carries its own copy of
+that algorithm because it runs with the standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SEVERITY = {"unimportant": 0, "not yet assigned": 1, "end-of-life": 1, "low": 2, "medium": 3,
+            "high": 4}
+
+
+def _order(c: str) -> int:
+    if c == "~":
+        return -1
+    if c.isdigit():
+        return 0
+    if c.isalpha():
+        return ord(c)
+    return ord(c) + 256
+
+
+def _compare_part(a: str, b: str) -> int:
+    """dpkg's verrevcmp: non-digit runs by character order (~ first), digit runs as
+    numbers."""
+    i = j = 0
+    while i < len(a) or j < len(b):
+        first_diff = 0
+        while (i < len(a) and not a[i].isdigit()) or (j < len(b) and not b[j].isdigit()):
+            ac = _order(a[i]) if i < len(a) and not a[i].isdigit() else 0
+            bc = _order(b[j]) if j < len(b) and not b[j].isdigit() else 0
+            if ac != bc:
+                return -1 if ac < bc else 1
+            i += 1
+            j += 1
+        while i < len(a) and a[i] == "0":
+            i += 1
+        while j < len(b) and b[j] == "0":
+            j += 1
+        while i < len(a) and a[i].isdigit() and j < len(b) and b[j].isdigit():
+            if not first_diff:
+                first_diff = (a[i] > b[j]) - (a[i] < b[j])
+            i += 1
+            j += 1
+        if i < len(a) and a[i].isdigit():
+            return 1
+        if j < len(b) and b[j].isdigit():
+            return -1
+        if first_diff:
+            return first_diff
+    return 0
+
+
+def _split(v: str) -> tuple[int, str, str]:
+    epoch, _, rest = v.partition(":") if ":" in v else ("0", "", v)
+    upstream, _, revision = rest.rpartition("-") if "-" in rest else (rest, "", "")
+    return int(epoch or 0), upstream, revision
+
+
+def compare_versions(a: str, b: str) -> int:
+    """-1, 0 or 1 as Debian version *a* is older than, equal to or newer than *b*."""
+    ea, ua, ra = _split(a.strip())
+    eb, ub, rb = _split(b.strip())
+    if ea != eb:
+        return -1 if ea < eb else 1
+    return _compare_part(ua, ub) or _compare_part(ra, rb)
+
+
+@dataclass(frozen=True)
+class Installed:
+    name: str
+    version: str
+    arch: str
+    source: str
+    source_version: str
+
+
+def installed_packages(root: Path = Path("/")) -> list[Installed]:
+    """The installed packages in dpkg's status file (the distroless status.d too)."""
+    texts = []
+    status = root / "var/lib/dpkg/status"
+    if status.is_file():
+        texts.append(status.read_text(errors="replace"))
+    status_d = root / "var/lib/dpkg/status.d"
+    if status_d.is_dir():
+        texts += [f.read_text(errors="replace") for f in sorted(status_d.iterdir())
+                  if f.is_file() and not f.name.endswith(".md5sums")]
+    out = []
+    for text in texts:
+        for para in re.split(r"\n\s*\n", text):
+            fields: dict[str, str] = {}
+            for line in para.splitlines():
+                if line[:1] in (" ", "\t") or ":" not in line:
+                    continue
+                k, _, v = line.partition(":")
+                fields[k.strip().lower()] = v.strip()
+            if "package" not in fields or "version" not in fields:
+                continue
+            if fields.get("status", "install ok installed").split()[-1] != "installed":
+                continue
+            src, _, src_ver = fields.get("source", fields["package"]).partition(" ")
+            out.append(Installed(fields["package"], fields["version"],
+                                 fields.get("architecture", ""), src,
+                                 src_ver.strip("()") or fields["version"]))
+    return sorted(out, key=lambda p: (p.name, p.arch))
+
+
+@dataclass(frozen=True)
+class Finding:
+    cve: str
+    source: str
+    packages: tuple[str, ...]  # the installed binaries from that source
+    installed: str  # the installed source version
+    status: str  # fix-available | no-fix-yet | undetermined
+    fixed_version: str | None
+    severity: str  # the tracker's urgency
+    description: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cve": self.cve, "source": self.source, "packages": list(self.packages),
+                "installed": self.installed, "status": self.status,
+                "fixed_version": self.fixed_version, "severity": self.severity,
+                "description": self.description}
+
+
+def load_tracker(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_bytes())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not the Security Tracker's JSON (not an object).")
+    return data
+
+
+def affecting(packages: Iterable[Installed], tracker: Mapping[str, Any],
+              release: str = "trixie") -> list[Finding]:
+    """The CVEs that affect *packages* on *release*, worst first."""
+    by_source: dict[tuple[str, str], list[str]] = {}
+    for p in packages:
+        by_source.setdefault((p.source, p.source_version), []).append(p.name)
+    out = []
+    for (source, version), names in sorted(by_source.items()):
+        cves = tracker.get(source)
+        if not isinstance(cves, dict):
+            continue
+        for cve, entry in cves.items():
+            rel = (entry.get("releases") or {}).get(release) if isinstance(entry, dict) else None
+            if not isinstance(rel, dict):
+                continue
+            status, fixed = rel.get("status"), rel.get("fixed_version")
+            if status == "resolved":
+                if not fixed or fixed == "0" or compare_versions(version, fixed) >= 0:
+                    continue
+                state = "fix-available"
+            elif status == "open":
+                state = "no-fix-yet"
+            elif status == "undetermined":
+                state = "undetermined"
+            else:
+                continue
+            out.append(Finding(cve, source, tuple(sorted(names)), version, state,
+                               fixed if state == "fix-available" else None,
+                               str(rel.get("urgency", "not yet assigned")),
+                               str(entry.get("description", ""))[:300]))
+    out.sort(key=lambda f: (-SEVERITY.get(f.severity.rstrip("*"), 1), f.status != "fix-available",
+                            f.source, f.cve))
+    return out
