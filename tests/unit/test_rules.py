@@ -1,0 +1,124 @@
+"""Policy rules (cerulean.agent.rules): the grammar, each rule type and its evidence."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from cerulean.agent.rules import Host, RuleError, evaluate, parse_rule
+
+SSHD = """\
+# PermitRootLogin yes
+PermitRootLogin no
+MaxAuthTries 6
+Protocol 2
+"""
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    (tmp_path / "etc/ssh").mkdir(parents=True)
+    (tmp_path / "etc/ssh/sshd_config").write_text(SSHD)
+    (tmp_path / "etc/cron.d").mkdir()
+    (tmp_path / "etc/cron.d/e2scrub_all").write_text("30 3 * * 0 root test -e /run/x\n")
+    (tmp_path / "etc/cron.d/backup").write_text("0 1 * * * root /usr/bin/backup --all\n")
+    (tmp_path / "proc/sys/net/ipv4").mkdir(parents=True)
+    (tmp_path / "proc/sys/net/ipv4/ip_forward").write_text("0\n")
+    (tmp_path / "proc/mounts").write_text(
+        "/dev/vda6 / ext4 rw,relatime 0 0\ntmpfs /tmp tmpfs rw,nosuid,nodev,noexec 0 0\n")
+    for pid, comm, argv in (("1", "systemd", b"/sbin/init\0splash\0"),
+                            ("612", "sshd", b"sshd: /usr/sbin/sshd -D [listener]\0")):
+        (tmp_path / "proc" / pid).mkdir()
+        (tmp_path / "proc" / pid / "comm").write_text(comm + "\n")
+        (tmp_path / "proc" / pid / "cmdline").write_bytes(argv)
+    (tmp_path / "var/lib/dpkg").mkdir(parents=True)
+    (tmp_path / "var/lib/dpkg/status").write_text(
+        "Package: openssh-server\nStatus: install ok installed\nVersion: 1:10.0p1-7\n\n"
+        "Package: telnetd\nStatus: deinstall ok config-files\nVersion: 0.17-1\n")
+
+    def run(argv: Sequence[str]) -> tuple[int, str]:
+        table = {
+            ("systemctl", "is-enabled", "ssh.service"): (0, "enabled\n"),
+            ("systemctl", "is-active", "ssh.service"): (0, "active\n"),
+            ("systemctl", "is-enabled", "rsync.service"): (1, "disabled\n"),
+            ("systemctl", "is-active", "rsync.service"): (3, "inactive\n"),
+            ("systemctl", "is-enabled", "nope.service"): (
+                1, "Failed to get unit file state for nope.service: No such file or directory\n"),
+            ("systemctl", "is-active", "nope.service"): (4, "inactive\n"),
+            ("stat", "-c", "%a %U", "/etc/shadow"): (0, "640 root\n"),
+        }
+        return table.get(tuple(argv), (127, f"{argv[0]}: command not found"))
+
+    return Host(tmp_path, run)
+
+
+@pytest.mark.parametrize(("rule", "passed", "evidence"), [
+    ("f:/etc/ssh/sshd_config", True, "/etc/ssh/sshd_config exists"),
+    ("f:/etc/ssh/missing", False, "/etc/ssh/missing does not exist"),
+    ("not f:/etc/hosts.equiv", True, "does not exist"),
+    (r"f:/etc/ssh/sshd_config -> r:^\s*PermitRootLogin\s+no", True,
+     "/etc/ssh/sshd_config line 2: 'PermitRootLogin no'"),
+    (r"f:/etc/ssh/sshd_config -> !r:^\s*# && r:PermitRootLogin\s+yes", False,
+     r"no line of /etc/ssh/sshd_config passes !r:^\s*# && r:PermitRootLogin\s+yes"),
+    (r"f:/etc/ssh/sshd_config -> n:^\s*MaxAuthTries\s+(\d+) compare <= 4", False,
+     "no line of"),
+    (r"f:/etc/ssh/sshd_config -> n:^\s*MaxAuthTries\s+(\d+) compare <= 6", True, "line 3"),
+    ("f:/etc/ssh/sshd_config -> Protocol 2", True, "line 4: 'Protocol 2'"),
+    (r"not f:/etc/ssh/sshd_config -> r:^PermitRootLogin\s+yes", True, "no line"),
+    (r"not f:/etc/ssh/sshd_config -> r:^PermitRootLogin\s+no", False, "not: "),
+    ("d:/etc/cron.d", True, "/etc/cron.d exists"),
+    ("d:/etc/cron.d -> r:^backup$", True, "/etc/cron.d line 1: 'backup'"),
+    ("d:/etc/cron.d -> r:. -> r:--all", True, "/etc/cron.d/backup line 1"),
+    ("d:/etc/cron.d -> r:^e2 -> r:--all", False, "no line of /etc/cron.d passes r:--all"),
+    ("p:sshd", True, "process sshd exists"),
+    ("p:sshd -> r:-D", True, "process sshd line 1: 'sshd: /usr/sbin/sshd -D [listener]'"),
+    ("not p:telnetd", True, "process telnetd does not exist"),
+    ("c:stat -c '%a %U' /etc/shadow -> r:^6[0-4]0 root$", True, "line 1: '640 root'"),
+    ("c:missing-tool --version", False, "'missing-tool --version' (exit 127) failed"),
+    (r"sysctl:net.ipv4.ip_forward -> r:^0$", True, "net.ipv4.ip_forward line 1: '0'"),
+    ("sysctl:net.ipv4.nope", False, "net.ipv4.nope does not exist"),
+    ("service:ssh.service -> r:active=active", True, "enabled=enabled active=active"),
+    ("service:rsync.service -> r:enabled=enabled", False, "no line of rsync.service"),
+    ("service:rsync.service", True, "rsync.service: enabled=disabled active=inactive"),
+    ("not service:nope.service", True, "nope.service does not exist"),
+    ("package:openssh-server -> n:^1:(\\d+)\\. compare >= 9", True, "'1:10.0p1-7'"),
+    ("not package:telnetd", True, "package telnetd does not exist"),
+    ("mount:/tmp -> r:\\bnoexec\\b", True, "mount /tmp line 1: 'tmpfs tmpfs rw,nosuid"),
+    ("mount:/var/tmp", False, "mount /var/tmp does not exist"),
+])
+def test_rules(host: Host, rule: str, passed: bool, evidence: str) -> None:
+    out = evaluate(parse_rule(rule), host)
+    assert out.passed is passed, out
+    assert evidence in out.evidence, out.evidence
+
+
+@pytest.mark.parametrize(("rule", "words"), [
+    ("x:/etc/passwd", "must start with one of f:, d:, p:"),
+    ("f:", "and a target"),
+    ("f:/etc/a -> r:(unclosed", "is not a valid regex"),
+    ("f:/etc/a -> n:^x compare <= 3", "needs a group around the number"),
+    ("f:/etc/a -> n:^x(\\d+) compare about 3", "must read 'n:REGEX compare OP NUMBER'"),
+    ("d:/etc -> name -> r:x", "matched with r:REGEX"),
+    ("c:echo 'unbalanced", "cannot be split"),
+])
+def test_bad_rules_are_one_clear_sentence(host: Host, rule: str, words: str) -> None:
+    with pytest.raises(RuleError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        evaluate(parse_rule(rule), host)
+
+
+def test_an_unreadable_file_is_an_error_not_a_pass(host: Host,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file the agent may not read does not make "not f:... -> r:..." pass."""
+    real = Path.read_text
+
+    def read_text(self: Path, *a: object, **k: object) -> str:
+        if self.name == "secret":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)  # type: ignore[arg-type]
+
+    (host.root / "etc/secret").write_text("x")
+    monkeypatch.setattr(Path, "read_text", read_text)
+    with pytest.raises(RuleError, match=r"cannot be read \(permission denied\)"):
+        evaluate(parse_rule("not f:/etc/secret -> r:x"), host)
