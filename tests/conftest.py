@@ -52,6 +52,9 @@ def _place(item: pytest.Item) -> tuple[str, int] | None:
     return track, rank
 
 
+# tryfirst: xdist's own hook turns the marks into group names on the workers, and this
+# file is loaded before xdist's hook is registered, so it would otherwise run after it.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     order = {t: i for i, t in enumerate(TRACKS)}
     places = {id(it): _place(it) for it in items}

@@ -37,7 +37,8 @@ def test_builtin_system_image_boots(name: str, build_system: Callable[[str, str]
     assert "CERULEAN-READY-END" in log and "boot=systemd-boot" in log
     root_line = next(line for line in log.splitlines() if line.startswith("root=/dev/"))
     size = root_line.split()[-1]
-    assert size.endswith("G") and float(size[:-1]) > 3.0, root_line
+    # It shipped at well under 1 GiB; the rest of the 4 GiB disk holds the /usr slots.
+    assert size.endswith("G") and float(size[:-1]) >= 2.5, root_line
     # Writable roots here; edge's read-only root is checked in test_updates.py.
     options = next(line for line in log.splitlines() if line.startswith("root-options="))
     assert options.removeprefix("root-options=").split(",")[0] == "rw", options
