@@ -1,0 +1,360 @@
+"""Compliance policies: checks made of rules (:mod:`cerulean.agent.rules`), a score, and
+machine-runnable fixes.
+
+A policy is data (the agent reads it from YAML files; here it is already a
+mapping)::
+
+    policy: {id: cerulean-baseline, name: ..., description: ...}
+    checks:
+      - id: ssh-no-root-login
+        title: SSH does not accept root logins
+        rationale: ...
+        compliance: {cis-debian: ["5.1.20"]}
+        condition: all            # all | any | none of the rules hold
+        rules:
+          - 'f:/etc/ssh/sshd_config -> r:^\\s*PermitRootLogin\\s+no'
+        fix:
+          - set-line: {file: /etc/ssh/sshd_config, match: '^\\s*#?\\s*PermitRootLogin\\b',
+                       line: PermitRootLogin no}
+          - command: [systemctl, reload, ssh.service]
+
+Fixes are a short list of structured actions, never shell text:
+
+- ``set-line``: ``file``, ``match`` (regex), ``line``: the first matching line
+  becomes ``line`` and the other matches go; with none, ``line`` is appended;
+- ``remove-line``: ``file``, ``match``: removes every matching line;
+- ``sysctl``: ``key``, ``value``: writes ``/etc/sysctl.d/60-cerulean-policy.conf``
+  and sets it now;
+- ``mode``: ``path``, ``mode`` (an octal string), optional ``owner``, ``group``;
+- ``service``: ``unit``, ``enabled`` and/or ``active`` (true or false):
+  systemctl enable or disable, start or stop;
+- ``command``: a list, the program and its arguments: runs it (no shell, 60 s).
+
+Modes: ``audit`` only checks; ``enforce`` fixes what fails once and then only
+reports drift; ``autocorrect`` fixes whatever fails, every time.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cerulean.agent.rules import Host, Rule, RuleError, evaluate, parse_rule
+from cerulean.errors import CeruleanError
+
+MODES = ("audit", "enforce", "autocorrect")
+CONDITIONS = ("all", "any", "none")
+SYSCTL_FILE = "/etc/sysctl.d/60-cerulean-policy.conf"
+ACTIONS: dict[str, dict[str, type]] = {
+    "set-line": {"file": str, "match": str, "line": str},
+    "remove-line": {"file": str, "match": str},
+    "sysctl": {"key": str, "value": str},
+    "mode": {"path": str, "mode": str, "owner": str, "group": str},
+    "service": {"unit": str, "enabled": bool, "active": bool},
+}
+REQUIRED = {"set-line": ("file", "match", "line"), "remove-line": ("file", "match"),
+            "sysctl": ("key", "value"), "mode": ("path", "mode"), "service": ("unit",)}
+
+
+class PolicyError(CeruleanError):
+    pass
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str
+    args: Mapping[str, Any]
+
+    def describe(self) -> str:
+        if self.kind == "command":
+            return "run " + " ".join(self.args["argv"])
+        return self.kind + " " + ", ".join(f"{k}={v}" for k, v in self.args.items())
+
+
+@dataclass(frozen=True)
+class PolicyCheck:
+    id: str
+    title: str
+    condition: str
+    rules: tuple[Rule, ...]
+    fix: tuple[Action, ...] = ()
+    rationale: str = ""
+    remediation: str = ""
+    compliance: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Policy:
+    id: str
+    name: str
+    description: str
+    checks: tuple[PolicyCheck, ...]
+
+
+def _action(raw: Any, where: str) -> Action:
+    if not isinstance(raw, Mapping) or len(raw) != 1:
+        raise PolicyError(f"{where}: a fix step is a mapping with one action, such as "
+                          "'set-line: {...}'.")
+    ((kind, args),) = raw.items()
+    if kind == "command":
+        if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+            raise PolicyError(f"{where}: 'command' takes a list of strings (the program and "
+                              "its arguments).")
+        return Action("command", {"argv": tuple(args)})
+    if kind not in ACTIONS:
+        raise PolicyError(f"{where}: unknown fix action {kind!r}; known: "
+                          f"{', '.join([*ACTIONS, 'command'])}.")
+    if not isinstance(args, Mapping):
+        raise PolicyError(f"{where}: '{kind}' takes a mapping of arguments.")
+    for k, v in args.items():
+        if k not in ACTIONS[kind]:
+            raise PolicyError(f"{where}: '{kind}' has no argument {k!r}; valid: "
+                              f"{', '.join(ACTIONS[kind])}.")
+        if not isinstance(v, ACTIONS[kind][k]):
+            raise PolicyError(f"{where}: '{kind}.{k}' must be a {ACTIONS[kind][k].__name__}.")
+    missing = [k for k in REQUIRED[kind] if k not in args]
+    if missing:
+        raise PolicyError(f"{where}: '{kind}' needs {', '.join(missing)}.")
+    if kind == "service" and "enabled" not in args and "active" not in args:
+        raise PolicyError(f"{where}: 'service' needs 'enabled' or 'active'.")
+    if kind in ("set-line", "remove-line"):
+        try:
+            re.compile(args["match"])
+        except re.error as e:
+            raise PolicyError(f"{where}: '{kind}.match' is not a valid regex ({e}).") from None
+    if kind == "mode" and not re.fullmatch(r"[0-7]{3,4}", args["mode"]):
+        raise PolicyError(f"{where}: 'mode.mode' must be an octal mode such as \"0640\".")
+    return Action(kind, dict(args))
+
+
+def load_policy(data: Any, source: str = "the policy") -> Policy:
+    """A validated :class:`Policy` from its parsed YAML, or one PolicyError sentence."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("policy"), Mapping):
+        raise PolicyError(f"{source}: a policy needs a 'policy' mapping (id, name).")
+    head = data["policy"]
+    pid = head.get("id")
+    if not isinstance(pid, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", pid):
+        raise PolicyError(f"{source}: 'policy.id' must be lower-case letters, digits, '.', "
+                          "'_' or '-'.")
+    raw_checks = data.get("checks")
+    if not isinstance(raw_checks, list) or not raw_checks:
+        raise PolicyError(f"{source}: 'checks' must be a non-empty list.")
+    checks, seen = [], set()
+    for i, c in enumerate(raw_checks, start=1):
+        where = f"{source}, check {i}"
+        if not isinstance(c, Mapping):
+            raise PolicyError(f"{where}: a check is a mapping.")
+        cid = c.get("id")
+        if not isinstance(cid, (str, int)) or str(cid) in seen:
+            raise PolicyError(f"{where}: every check needs its own 'id'.")
+        seen.add(str(cid))
+        where = f"{source}, check {cid}"
+        if not isinstance(c.get("title"), str):
+            raise PolicyError(f"{where}: 'title' is missing.")
+        condition = c.get("condition", "all")
+        if condition not in CONDITIONS:
+            raise PolicyError(f"{where}: 'condition' must be one of {', '.join(CONDITIONS)}.")
+        rules = c.get("rules")
+        if not isinstance(rules, list) or not rules or not all(isinstance(r, str) for r in rules):
+            raise PolicyError(f"{where}: 'rules' must be a non-empty list of rule lines.")
+        try:
+            parsed = tuple(parse_rule(r) for r in rules)
+        except RuleError as e:
+            raise PolicyError(f"{where}: {e}") from None
+        fixes = c.get("fix") or []
+        if not isinstance(fixes, list):
+            raise PolicyError(f"{where}: 'fix' must be a list of actions.")
+        compliance = c.get("compliance") or {}
+        if not isinstance(compliance, Mapping) or not all(
+                isinstance(v, list) for v in compliance.values()):
+            raise PolicyError(f"{where}: 'compliance' maps a standard to a list of IDs.")
+        checks.append(PolicyCheck(
+            str(cid), c["title"], condition, parsed,
+            tuple(_action(f, f"{where}, fix {n}") for n, f in enumerate(fixes, start=1)),
+            str(c.get("rationale", "")), str(c.get("remediation", "")),
+            {str(k): tuple(str(x) for x in v) for k, v in compliance.items()}))
+    return Policy(pid, str(head.get("name", pid)), str(head.get("description", "")),
+                  tuple(checks))
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    rule: str
+    held: bool
+    evidence: str
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    id: str
+    title: str
+    result: str  # passed | failed | error
+    rules: tuple[RuleResult, ...]
+    compliance: Mapping[str, tuple[str, ...]]
+    message: str = ""  # for errors
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "result": self.result,
+                "compliance": {k: list(v) for k, v in self.compliance.items()},
+                "message": self.message,
+                "rules": [{"rule": r.rule, "held": r.held, "evidence": r.evidence}
+                          for r in self.rules]}
+
+
+@dataclass(frozen=True)
+class Report:
+    policy: str
+    results: tuple[CheckResult, ...]
+
+    def count(self, result: str) -> int:
+        return sum(1 for r in self.results if r.result == result)
+
+    @property
+    def score(self) -> float:
+        """Passed checks as a percentage of those that passed or failed."""
+        judged = self.count("passed") + self.count("failed")
+        return round(100 * self.count("passed") / judged, 1) if judged else 100.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"policy": self.policy, "score": self.score, "passed": self.count("passed"),
+                "failed": self.count("failed"), "errors": self.count("error"),
+                "checks": [r.to_json() for r in self.results]}
+
+
+def check(c: PolicyCheck, host: Host) -> CheckResult:
+    outcomes = []
+    try:
+        for rule in c.rules:
+            o = evaluate(rule, host)
+            outcomes.append(RuleResult(rule.text, o.passed, o.evidence))
+    except RuleError as e:
+        return CheckResult(c.id, c.title, "error", tuple(outcomes), c.compliance, str(e))
+    held = [o.held for o in outcomes]
+    ok = all(held) if c.condition == "all" else any(held) if c.condition == "any" \
+        else not any(held)
+    return CheckResult(c.id, c.title, "passed" if ok else "failed", tuple(outcomes),
+                       c.compliance)
+
+
+def run_policy(policy: Policy, host: Host) -> Report:
+    return Report(policy.id, tuple(check(c, host) for c in policy.checks))
+
+
+@dataclass
+class Fixer:
+    """Carries out fix actions on *host* (its root; commands run on the real system)."""
+
+    host: Host
+    run: Callable[[Sequence[str]], tuple[int, str]] | None = None
+
+    def _cmd(self, argv: Sequence[str]) -> None:
+        if self.run is not None:
+            rc, out = self.run(argv)
+        else:
+            try:
+                r = subprocess.run(list(argv), capture_output=True, text=True, timeout=60,
+                                   check=False, errors="replace")
+                rc, out = r.returncode, r.stdout + r.stderr
+            except (OSError, subprocess.TimeoutExpired) as e:
+                rc, out = 127, str(e)
+        if rc != 0:
+            tail = (out.strip().splitlines() or [f"exit {rc}"])[-1]
+            raise PolicyError(f"{' '.join(argv)} failed: {tail}")
+
+    def _rewrite(self, path: str, change: Callable[[list[str]], list[str]]) -> None:
+        real = self.host.path(path)
+        try:
+            old = real.read_text()
+            st = real.stat()
+        except FileNotFoundError:
+            old, st = "", None
+        lines = change(old.splitlines())
+        new = "\n".join(lines) + ("\n" if lines else "")
+        if new == old:
+            return
+        real.parent.mkdir(parents=True, exist_ok=True)
+        tmp = real.with_name(f".{real.name}.cerulean-fix")
+        tmp.write_text(new)
+        if st is not None:
+            os.chmod(tmp, st.st_mode & 0o7777)
+            os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, real)
+
+    def apply(self, action: Action) -> None:
+        a = action.args
+        if action.kind == "set-line":
+            rx = re.compile(a["match"])
+
+            def set_line(lines: list[str]) -> list[str]:
+                hits = [i for i, line in enumerate(lines) if rx.search(line)]
+                if not hits:
+                    return [*lines, a["line"]]
+                others = set(hits[1:])
+                return [a["line"] if i == hits[0] else line for i, line in enumerate(lines)
+                        if i not in others]
+
+            self._rewrite(a["file"], set_line)
+        elif action.kind == "remove-line":
+            rx = re.compile(a["match"])
+            self._rewrite(a["file"], lambda lines: [x for x in lines if not rx.search(x)])
+        elif action.kind == "sysctl":
+            key = a["key"]
+            line = f"{key} = {a['value']}"
+            self._rewrite(SYSCTL_FILE, lambda lines: [
+                *[x for x in lines if x.split("=")[0].strip() != key], line])
+            self._cmd(["sysctl", "-q", "-w", f"{key}={a['value']}"])
+        elif action.kind == "mode":
+            real = self.host.path(a["path"])
+            os.chmod(real, int(a["mode"], 8))
+            if "owner" in a or "group" in a:
+                uid = pwd.getpwnam(a["owner"]).pw_uid if "owner" in a else -1
+                gid = grp.getgrnam(a["group"]).gr_gid if "group" in a else -1
+                os.chown(real, uid, gid)
+        elif action.kind == "service":
+            if "enabled" in a:
+                self._cmd(["systemctl", "enable" if a["enabled"] else "disable", a["unit"]])
+            if "active" in a:
+                self._cmd(["systemctl", "start" if a["active"] else "stop", a["unit"]])
+        else:
+            self._cmd(a["argv"])
+
+
+@dataclass(frozen=True)
+class FixResult:
+    check: str
+    actions: tuple[str, ...]
+    error: str = ""
+
+
+def fix(policy: Policy, report: Report, fixer: Fixer, mode: str,
+        fixed_before: set[str] | frozenset[str] = frozenset()) -> list[FixResult]:
+    """Fix the failed checks that *mode* allows: none in audit, each once in enforce (not
+    those in *fixed_before*), all of them in autocorrect. Checks without a fix are left."""
+    if mode not in MODES:
+        raise PolicyError(f"The mode {mode!r} is not one of {', '.join(MODES)}.")
+    if mode == "audit":
+        return []
+    by_id = {c.id: c for c in policy.checks}
+    out = []
+    for r in report.results:
+        c = by_id[r.id]
+        if r.result != "failed" or not c.fix:
+            continue
+        if mode == "enforce" and c.id in fixed_before:
+            continue
+        done: list[str] = []
+        try:
+            for action in c.fix:
+                fixer.apply(action)
+                done.append(action.describe())
+        except (PolicyError, OSError, KeyError) as e:
+            out.append(FixResult(c.id, tuple(done), str(e)))
+            continue
+        out.append(FixResult(c.id, tuple(done)))
+    return out
