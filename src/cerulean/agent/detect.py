@@ -1,0 +1,312 @@
+"""Detection rules: conditions over host events, in the spirit of Falco's rules.
+
+A rule (the agent reads them from YAML; here they are already mappings)::
+
+    - rule: setuid-file-in-tmp
+      desc: A set-user-ID file appeared where anyone can write
+      event: file                         # which events it looks at
+      condition: >
+        file.setuid and (file.path startswith "/tmp/" or file.path startswith "/dev/shm/")
+      output: "setuid file %file.path (owner %file.uid, mode %file.mode)"
+      priority: critical                  # info notice warning error critical
+      tags: [mitre_privilege_escalation, T1548.001]
+      threshold: {count: 5, within: 60, by: [source.ip]}   # optional: bursts only
+
+Events are flat mappings of dotted field names (``file.path``, ``proc.exe``,
+``user.uid``...). Conditions combine comparisons with ``and``, ``or``, ``not``
+and parentheses:
+
+    =  !=  <  <=  >  >=  startswith  endswith  contains  glob  matches (regex)  in (a, b)
+
+A field alone is true when it is set and not false, zero or empty; a field the
+event does not have makes every comparison on it false. Every alert carries
+the event's fields as its evidence.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cerulean.errors import CeruleanError
+
+PRIORITIES = ("info", "notice", "warning", "error", "critical")
+EVENTS = ("file", "process", "account", "socket", "module", "auth")
+OPERATORS = ("=", "!=", "<=", ">=", "<", ">", "startswith", "endswith", "contains", "glob",
+             "matches", "in")
+TOKEN = re.compile(r"""
+    \s*(?:
+      (?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+    | (?P<op><=|>=|!=|=|<|>)
+    | (?P<paren>[(),])
+    | (?P<word>[A-Za-z0-9_./:*?\[\]~+-]+)
+    )""", re.VERBOSE)
+FIELD = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
+
+Node = Callable[[Mapping[str, Any]], bool]
+
+
+class DetectError(CeruleanError):
+    pass
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    out, pos = [], 0
+    text = text.strip()
+    while pos < len(text):
+        m = TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise DetectError(f"Cannot read the condition at {text[pos:pos + 20]!r}.")
+        kind = m.lastgroup or ""
+        value = m.group(kind)
+        if kind == "str":
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        out.append((kind, value))
+        pos = m.end()
+    return out
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.toks = _tokens(text)
+        self.i = 0
+        self.fields: set[str] = set()
+
+    def peek(self) -> tuple[str, str] | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self) -> tuple[str, str]:
+        tok = self.peek()
+        if tok is None:
+            raise DetectError(f"The condition {self.text!r} ends too early.")
+        self.i += 1
+        return tok
+
+    def word(self, w: str) -> bool:
+        tok = self.peek()
+        if tok == ("word", w):
+            self.i += 1
+            return True
+        return False
+
+    def parse(self) -> Node:
+        node = self.or_()
+        if self.peek() is not None:
+            raise DetectError(f"Unexpected {self.peek()[1]!r} in the condition "  # type: ignore[index]
+                              f"{self.text!r}.")
+        return node
+
+    def or_(self) -> Node:
+        parts = [self.and_()]
+        while self.word("or"):
+            parts.append(self.and_())
+        return parts[0] if len(parts) == 1 else (lambda e: any(p(e) for p in parts))
+
+    def and_(self) -> Node:
+        parts = [self.not_()]
+        while self.word("and"):
+            parts.append(self.not_())
+        return parts[0] if len(parts) == 1 else (lambda e: all(p(e) for p in parts))
+
+    def not_(self) -> Node:
+        if self.word("not"):
+            inner = self.not_()
+            return lambda e: not inner(e)
+        return self.atom()
+
+    def atom(self) -> Node:
+        kind, value = self.take()
+        if (kind, value) == ("paren", "("):
+            node = self.or_()
+            if self.peek() != ("paren", ")"):
+                raise DetectError(f"A '(' is not closed in the condition {self.text!r}.")
+            self.take()
+            return node
+        if kind != "word" or not FIELD.fullmatch(value):
+            raise DetectError(f"Expected a field such as file.path, not {value!r}, in the "
+                              f"condition {self.text!r}.")
+        name = value
+        self.fields.add(name)
+        tok = self.peek()
+        if tok is None or tok[0] not in ("op", "word") or tok[1] not in OPERATORS:
+            return lambda e: bool(e.get(name))
+        op = self.take()[1]
+        if op == "in":
+            if self.take() != ("paren", "("):
+                raise DetectError(f"'in' takes a list in parentheses: {self.text!r}.")
+            values = [self.value()]
+            while self.peek() == ("paren", ","):
+                self.take()
+                values.append(self.value())
+            if self.take() != ("paren", ")"):
+                raise DetectError(f"The list after 'in' is not closed: {self.text!r}.")
+            return lambda e: name in e and any(_equal(e[name], v) for v in values)
+        return _compare(name, op, self.value(), self.text)
+
+    def value(self) -> str:
+        kind, value = self.take()
+        if kind not in ("str", "word"):
+            raise DetectError(f"Expected a value, not {value!r}, in the condition "
+                              f"{self.text!r}.")
+        return value
+
+
+def _equal(actual: Any, want: str) -> bool:
+    if isinstance(actual, bool):
+        return want.lower() == str(actual).lower()
+    if isinstance(actual, (int, float)):
+        try:
+            return float(want) == float(actual)
+        except ValueError:
+            return False
+    return str(actual) == want
+
+
+def _compare(name: str, op: str, want: str, text: str) -> Node:
+    if op in ("=", "!="):
+        neg = op == "!="
+        return lambda e: name in e and _equal(e[name], want) != neg
+    if op in ("<", "<=", ">", ">="):
+        try:
+            number = float(want)
+        except ValueError:
+            raise DetectError(f"{op} needs a number, not {want!r}: {text!r}.") from None
+
+        def cmp(e: Mapping[str, Any]) -> bool:
+            try:
+                v = float(e[name])
+            except (KeyError, TypeError, ValueError):
+                return False
+            return {"<": v < number, "<=": v <= number, ">": v > number,
+                    ">=": v >= number}[op]
+        return cmp
+    if op == "matches":
+        try:
+            rx = re.compile(want)
+        except re.error as err:
+            raise DetectError(f"{want!r} is not a valid regex ({err}): {text!r}.") from None
+        return lambda e: name in e and rx.search(str(e[name])) is not None
+    tests: dict[str, Callable[[str], bool]] = {
+        "startswith": lambda s: s.startswith(want), "endswith": lambda s: s.endswith(want),
+        "contains": lambda s: want in s, "glob": lambda s: fnmatch.fnmatchcase(s, want)}
+    test = tests[op]
+    return lambda e: name in e and test(str(e[name]))
+
+
+def compile_condition(text: str) -> tuple[Node, frozenset[str]]:
+    """The condition as a predicate over events, and the fields it reads."""
+    p = _Parser(text)
+    node = p.parse()
+    return node, frozenset(p.fields)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    count: int
+    within: float
+    by: tuple[str, ...] = ()
+
+
+@dataclass
+class DetectionRule:
+    name: str
+    desc: str
+    event: str
+    condition: str
+    output: str
+    priority: str
+    tags: tuple[str, ...]
+    threshold: Threshold | None
+    test: Node = field(repr=False)
+    fields: frozenset[str] = frozenset()
+    _seen: dict[tuple[Any, ...], deque[float]] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class Alert:
+    rule: str
+    priority: str
+    tags: tuple[str, ...]
+    message: str
+    time: float
+    evidence: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rule": self.rule, "priority": self.priority, "tags": list(self.tags),
+                "message": self.message, "time": self.time, "evidence": dict(self.evidence)}
+
+
+def load_rules(items: Any, source: str = "the rules") -> list[DetectionRule]:
+    if not isinstance(items, list):
+        raise DetectError(f"{source}: the rules are a list.")
+    out, names = [], set()
+    for i, r in enumerate(items, start=1):
+        where = f"{source}, rule {i}"
+        if not isinstance(r, Mapping) or not isinstance(r.get("rule"), str):
+            raise DetectError(f"{where}: each rule is a mapping with a 'rule' name.")
+        name = r["rule"]
+        if name in names:
+            raise DetectError(f"{where}: the name {name!r} is used twice.")
+        names.add(name)
+        where = f"{source}, rule {name}"
+        if r.get("enabled", True) is False:
+            continue
+        event = r.get("event")
+        if event not in EVENTS:
+            raise DetectError(f"{where}: 'event' must be one of {', '.join(EVENTS)}.")
+        priority = r.get("priority", "warning")
+        if priority not in PRIORITIES:
+            raise DetectError(f"{where}: 'priority' must be one of {', '.join(PRIORITIES)}.")
+        if not isinstance(r.get("condition"), str):
+            raise DetectError(f"{where}: 'condition' is missing.")
+        try:
+            test, fields = compile_condition(r["condition"])
+        except DetectError as e:
+            raise DetectError(f"{where}: {e}") from None
+        tags = r.get("tags", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise DetectError(f"{where}: 'tags' is a list of words.")
+        th = r.get("threshold")
+        threshold = None
+        if th is not None:
+            if not isinstance(th, Mapping) or not isinstance(th.get("count"), int) or \
+                    th["count"] < 1 or not isinstance(th.get("within"), (int, float)):
+                raise DetectError(f"{where}: 'threshold' needs a count (1 or more) and "
+                                  "'within' seconds.")
+            threshold = Threshold(th["count"], float(th["within"]), tuple(th.get("by", [])))
+        out.append(DetectionRule(name, str(r.get("desc", "")), event, r["condition"],
+                                 str(r.get("output", name)), priority, tuple(tags), threshold,
+                                 test, fields))
+    return out
+
+
+def _render(template: str, event: Mapping[str, Any]) -> str:
+    return re.sub(r"%([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+)",
+                  lambda m: str(event.get(m.group(1), "<unknown>")), template)
+
+
+def match(rules: list[DetectionRule], kind: str, event: Mapping[str, Any],
+          now: float) -> list[Alert]:
+    """The alerts *event* (of *kind*) raises; threshold rules count it in their window."""
+    alerts = []
+    for rule in rules:
+        if rule.event != kind or not rule.test(event):
+            continue
+        th = rule.threshold
+        if th is not None:
+            key = tuple(event.get(f) for f in th.by)
+            window = rule._seen.setdefault(key, deque())
+            window.append(now)
+            while window and window[0] <= now - th.within:
+                window.popleft()
+            if len(window) < th.count:
+                continue
+            window.clear()  # one alert per burst
+        alerts.append(Alert(rule.name, rule.priority, rule.tags, _render(rule.output, event),
+                            now, dict(event)))
+    return alerts
