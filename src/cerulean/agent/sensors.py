@@ -1,0 +1,156 @@
+"""Where detection events come from: snapshots of /proc and /etc, and sshd's log lines.
+
+Each sensor returns events as flat mappings (the fields detection rules read).
+:class:`NewOnly` turns repeated snapshots into events for what is new since
+the last one (a new listening socket, a module loaded, an account added), so a
+rule fires once per thing, not once per scan.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Event = dict[str, Any]
+TCP_LISTEN = "0A"
+SSHD = [
+    (re.compile(r"^Failed (?P<method>\S+) for (?:invalid user )?(?P<user>\S+) from "
+                r"(?P<ip>\S+) port (?P<port>\d+)"), "failed"),
+    (re.compile(r"^Invalid user (?P<user>\S*) from (?P<ip>\S+)(?: port (?P<port>\d+))?"),
+     "invalid-user"),
+    (re.compile(r"^Accepted (?P<method>\S+) for (?P<user>\S+) from (?P<ip>\S+) port "
+                r"(?P<port>\d+)"), "accepted"),
+]
+
+
+def processes(root: Path = Path("/")) -> list[Event]:
+    """Running processes: their executable (and whether it was deleted), command line,
+    user and working directory. Kernel threads (no executable) are left out."""
+    proc = root / "proc"
+    out = []
+    for pid in sorted((p for p in os.listdir(proc) if p.isdigit()), key=int):
+        d = proc / pid
+        try:
+            exe = os.readlink(d / "exe")
+            cmdline = (d / "cmdline").read_bytes()
+            status = (d / "status").read_text()
+            comm = (d / "comm").read_text().strip()
+        except OSError:
+            continue
+        deleted = exe.endswith(" (deleted)")
+        exe = exe.removesuffix(" (deleted)")
+        uid = next((int(line.split()[1]) for line in status.splitlines()
+                    if line.startswith("Uid:")), -1)
+        try:
+            cwd = os.readlink(d / "cwd")
+        except OSError:
+            cwd = ""
+        out.append({"proc.pid": int(pid), "proc.name": comm, "proc.exe": exe,
+                    "proc.exe_deleted": deleted, "proc.uid": uid, "proc.cwd": cwd,
+                    "proc.cmdline": cmdline.replace(b"\0", b" ").decode(errors="replace")
+                    .strip()})
+    return out
+
+
+def accounts(root: Path = Path("/")) -> list[Event]:
+    """Accounts in /etc/passwd."""
+    out: list[Event] = []
+    try:
+        lines = (root / "etc/passwd").read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split(":")
+        if len(parts) < 7 or not parts[2].lstrip("-").isdigit():
+            continue
+        out.append({"user.name": parts[0], "user.uid": int(parts[2]),
+                    "user.gid": int(parts[3]) if parts[3].isdigit() else -1,
+                    "user.home": parts[5], "user.shell": parts[6]})
+    return out
+
+
+def _address(hex_addr: str) -> tuple[str, int]:
+    """/proc/net's address: the IP in host byte order (32-bit words), then the port."""
+    host, port = hex_addr.split(":")
+    raw = bytes.fromhex(host)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.IPv4Address(words) if len(raw) == 4 else ipaddress.IPv6Address(words)
+    return str(ip), int(port, 16)
+
+
+def listening(root: Path = Path("/")) -> list[Event]:
+    """Listening TCP sockets and bound UDP sockets, from /proc/net."""
+    out: list[Event] = []
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            lines = (root / "proc/net" / proto).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 10:
+                continue
+            if proto.startswith("tcp") and parts[3] != TCP_LISTEN:
+                continue
+            ip, port = _address(parts[1])
+            if proto.startswith("udp") and port == 0:
+                continue
+            out.append({"sock.proto": proto.rstrip("6"), "sock.family":
+                        "ipv6" if proto.endswith("6") else "ipv4", "sock.addr": ip,
+                        "sock.port": port, "sock.uid": int(parts[7]),
+                        "sock.inode": int(parts[9])})
+    return out
+
+
+def modules(root: Path = Path("/")) -> list[Event]:
+    """Loaded kernel modules, from /proc/modules."""
+    out: list[Event] = []
+    try:
+        lines = (root / "proc/modules").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 5:
+            out.append({"module.name": parts[0], "module.size": int(parts[1]),
+                        "module.state": parts[4]})
+    return out
+
+
+def sshd_event(message: str, fields: Mapping[str, str] | None = None) -> Event | None:
+    """An auth event from one sshd log message (None when it is not about a login)."""
+    for rx, result in SSHD:
+        m = rx.search(message)
+        if m:
+            d = m.groupdict()
+            return {"auth.service": "sshd", "auth.result": result,
+                    "auth.user": d.get("user") or "", "auth.method": d.get("method") or "",
+                    "source.ip": d["ip"], "source.port": int(d["port"] or 0),
+                    "auth.message": message, **({"proc.pid": int(fields["_PID"])}
+                                                 if fields and fields.get("_PID", "").isdigit()
+                                                 else {})}
+    return None
+
+
+@dataclass
+class NewOnly:
+    """Events for the items of a snapshot not seen in the previous one (the first
+    snapshot only sets the baseline, unless *report_first*)."""
+
+    sense: Callable[[], Iterable[Event]]
+    key: Callable[[Event], Any]
+    report_first: bool = False
+    _seen: set[Any] | None = field(default=None, repr=False)
+
+    def poll(self) -> list[Event]:
+        items = list(self.sense())
+        keys = {self.key(e) for e in items}
+        seen, self._seen = self._seen, keys
+        if seen is None:
+            return items if self.report_first else []
+        return [e for e in items if self.key(e) not in seen]
