@@ -28,8 +28,9 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cerulean.errors import CeruleanError
@@ -310,3 +311,22 @@ def match(rules: list[DetectionRule], kind: str, event: Mapping[str, Any],
         alerts.append(Alert(rule.name, rule.priority, rule.tags, _render(rule.output, event),
                             now, dict(event)))
     return alerts
+
+
+RULE_DIRS = (Path("/usr/lib/cerulean/rules.d"), Path("/etc/cerulean/rules.d"))
+
+
+def load_rule_files(dirs: Sequence[Path] = RULE_DIRS) -> list[DetectionRule]:
+    """The rules of the YAML files in *dirs* (see :func:`cerulean.agent.yamlfile.layered`);
+    a name used in two files is an error."""
+    from cerulean.agent import yamlfile
+
+    out: list[DetectionRule] = []
+    where: dict[str, Path] = {}
+    for f in yamlfile.layered(list(dirs)):
+        for rule in load_rules(yamlfile.load(f), str(f)):
+            if rule.name in where:
+                raise DetectError(f"{f}: the rule {rule.name!r} is also in {where[rule.name]}.")
+            where[rule.name] = f
+            out.append(rule)
+    return out

@@ -57,6 +57,9 @@ def contents() -> dict[str, tuple[bytes, int]]:
     for unit in UNITS:
         files[f"usr/lib/systemd/system/{unit}"] = ((SRC / "agent/units" / unit).read_bytes(),
                                                    0o644)
+    for data in sorted((SRC / "agent/data").rglob("*.yaml")):
+        files[f"usr/lib/cerulean/{data.relative_to(SRC / 'agent/data')}"] = (data.read_bytes(),
+                                                                             0o644)
     files["usr/bin/cerulean"] = (LAUNCHER, 0o755)
     files["usr/lib/cerulean/health.d/README"] = (
         b"Executables here (and in /etc/cerulean/health.d/) run in the boot health check;\n"

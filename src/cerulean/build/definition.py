@@ -58,7 +58,7 @@ DEFAULT_ACCOUNTS = (
 
 # What the cerulean-agent package (on every system image) depends on; system image
 # locks always include it.
-AGENT_DEPENDS = ("python3", "python3-tuf", "python3-cryptography", "zstd", "fdisk")
+AGENT_DEPENDS = ("python3", "python3-tuf", "python3-cryptography", "python3-yaml", "zstd", "fdisk")
 
 
 def _window_ok(value: Any) -> str | None:
