@@ -70,7 +70,7 @@ def test_each_track_runs_on_one_worker(tmp_path: Path) -> None:
     log = tmp_path / "log"
     r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2",
                         "--dist", "loadgroup", "--no-loadscope-reorder", "-q", "tests",
-                        "--rootdir", str(tmp_path)],
+                        "--rootdir", str(tmp_path), "--basetemp", str(tmp_path / "basetemp")],
                        cwd=tmp_path, capture_output=True, text=True, check=False,
                        env={"PATH": "/usr/bin:/bin", "TRACK_LOG": str(log)})
     assert r.returncode == 0, r.stdout + r.stderr
