@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import threading
 import time
@@ -10,8 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_shipped_rules import SHIPPED
 
 from cerulean.agent import cli, daemon
+from cerulean.agent.audit import AuditLog
 
 
 def free_port() -> int:
@@ -42,9 +46,14 @@ def test_config_layers_and_errors(tmp_path: Path) -> None:
 def test_serves_metrics_until_stopped(tmp_path: Path) -> None:
     port = free_port()
     (tmp_path / "etc/cerulean").mkdir(parents=True)
-    (tmp_path / "etc/cerulean/agent.toml").write_text(f'metrics-listen = "127.0.0.1:{port}"\n')
+    (tmp_path / "etc/cerulean/agent.toml").write_text(
+        f'metrics-listen = "127.0.0.1:{port}"\nwatch = ["/tmp"]\nscan-interval = 1\n')
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/meminfo").write_text("MemTotal:  1024 kB\n")
+    (tmp_path / "tmp").mkdir()
+    rules = tmp_path / "usr/lib/cerulean/rules.d"
+    rules.mkdir(parents=True)
+    shutil.copy(SHIPPED / "cerulean.yaml", rules)
     said: list[str] = []
     stop = threading.Event()
     t = threading.Thread(target=daemon.run, kwargs={"root": tmp_path, "say": said.append,
@@ -61,6 +70,16 @@ def test_serves_metrics_until_stopped(tmp_path: Path) -> None:
         except (urllib.error.URLError, ConnectionError):
             assert time.monotonic() < deadline, "the metrics endpoint never answered"
             time.sleep(0.05)
+    # A set-user-ID file in the watched /tmp: the alert lands in the audit trail.
+    f = tmp_path / "tmp/backdoor"
+    f.write_bytes(b"#!/bin/sh\n")
+    os.chmod(f, 0o6755)
+    trail = AuditLog(tmp_path / "var/lib/cerulean/audit/audit.jsonl")
+    deadline = time.monotonic() + 10
+    while not any(e["action"] == "alert.setuid-or-setgid-file" for e in trail.entries()):
+        assert time.monotonic() < deadline, f"no alert in the audit trail: {said}"
+        time.sleep(0.1)
+    assert trail.verify().ok
     assert ctype == daemon.CONTENT_TYPE
     assert "node_memory_MemTotal_bytes 1048576\n" in body
     assert "# TYPE node_time_seconds gauge" in body
@@ -69,8 +88,11 @@ def test_serves_metrics_until_stopped(tmp_path: Path) -> None:
     assert e.value.code == 404
     stop.set()
     t.join(10)
-    assert not t.is_alive() and said == [f"Serving metrics on http://127.0.0.1:{port}/metrics",
-                                         "Stopped."]
+    assert not t.is_alive() and said[:2] == [
+        f"Serving metrics on http://127.0.0.1:{port}/metrics",
+        "Detecting with 10 rules, watching /tmp"] and said[-1] == "Stopped."
+    assert any(line.startswith("alert [critical] setuid-or-setgid-file: set-ID file "
+                               f"{f}") for line in said), said
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{url}/metrics", timeout=2)
 

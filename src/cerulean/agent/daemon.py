@@ -1,14 +1,18 @@
 """``cerulean agent run``: the long-running host agent (the ``cerulean-agent`` service).
 
-Today it serves the host's metrics (:mod:`cerulean.agent.metrics`) in the
-Prometheus text format on a local port; the watching modules join it here.
-It tells systemd when it is ready (``Type=notify``) and stops cleanly on
-SIGTERM or SIGINT.
+It serves the host's metrics (:mod:`cerulean.agent.metrics`) in the Prometheus
+text format on a local port, and runs the detection loop
+(:mod:`cerulean.agent.guard`) with the rules of ``/usr/lib/cerulean/rules.d``
+and ``/etc/cerulean/rules.d``. It tells systemd when it is ready
+(``Type=notify``) and stops cleanly on SIGTERM or SIGINT.
 
 Configuration is TOML, ``/usr/lib/cerulean/agent.toml`` then
 ``/etc/cerulean/agent.toml`` (later files win key by key)::
 
     metrics-listen = "127.0.0.1:9477"   # host:port, "" to turn the endpoint off
+    detect = true                       # run the detection rules
+    watch = ["/etc", "/boot", "/root", "/home", "/tmp", "/var/tmp", "/dev/shm"]
+    scan-interval = 10                  # seconds between process/socket/... snapshots
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from pathlib import Path
 from types import FrameType
 
 from cerulean.agent import metrics
+from cerulean.agent.audit import AuditLog
+from cerulean.agent.guard import WATCH, Guard
 from cerulean.agent.settings import read_layers
 from cerulean.errors import CeruleanError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-KEYS = {"metrics-listen": str}
+KEYS = {"metrics-listen": str, "detect": bool, "watch": list, "scan-interval": int}
 
 
 class AgentError(CeruleanError):
@@ -38,6 +44,9 @@ class AgentError(CeruleanError):
 @dataclass
 class AgentConfig:
     metrics_listen: str = "127.0.0.1:9477"
+    detect: bool = True
+    watch: list[str] = field(default_factory=lambda: list(WATCH))
+    scan_interval: int = 10
     sources: list[str] = field(default_factory=list)
 
 
@@ -50,6 +59,10 @@ def load_agent_config(root: Path = Path("/")) -> AgentConfig:
         setattr(cfg, k.replace("-", "_"), v)
     if cfg.metrics_listen:
         parse_listen(cfg.metrics_listen)
+    if not all(isinstance(w, str) and w.startswith("/") for w in cfg.watch):
+        raise AgentError("'watch' must be a list of absolute paths.")
+    if not 1 <= cfg.scan_interval <= 3600:
+        raise AgentError("'scan-interval' must be between 1 and 3600 seconds.")
     return cfg
 
 
@@ -138,17 +151,43 @@ def run(root: Path = Path("/"), say: Callable[[str], None] = print,
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         say(f"Serving metrics on http://{cfg.metrics_listen}/metrics")
 
+    guard = None
+    if cfg.detect:
+        from cerulean.agent.detect import load_rule_files
+
+        rules = load_rule_files([root / "usr/lib/cerulean/rules.d",
+                                 root / "etc/cerulean/rules.d"])
+        guard = Guard(rules, AuditLog(root / "var/lib/cerulean/audit/audit.jsonl"), root,
+                      cfg.watch, float(cfg.scan_interval), say)
+        guard.start()
+
+        def watch() -> None:
+            assert guard is not None
+            while not stop.is_set():
+                try:
+                    guard.step(wait=1.0)
+                except Exception as e:  # one bad round must not end detection
+                    say(f"error: detection: {e}")
+                    stop.wait(5)
+
+        watcher_thread = threading.Thread(target=watch, name="guard", daemon=True)
+        watcher_thread.start()
+        say(f"Detecting with {len(rules)} rules, watching {', '.join(cfg.watch)}")
+
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    notify("READY=1\nSTATUS=Serving metrics" if server else "READY=1")
+    notify("READY=1")
     stop.wait()
     notify("STOPPING=1")
     if server is not None:
         server.shutdown()
         server.server_close()
+    if guard is not None:
+        watcher_thread.join(10)
+        guard.close()
     say("Stopped.")
     return 0

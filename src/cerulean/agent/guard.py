@@ -1,0 +1,82 @@
+"""The agent's detection loop: file events as they happen, snapshots on a schedule, rules,
+and every alert into the audit trail.
+
+:class:`Guard` watches its directories (:mod:`cerulean.agent.watch`), takes
+snapshots of processes, accounts, listening sockets and kernel modules every
+*interval* seconds (:mod:`cerulean.agent.sensors`; only what is new counts, and
+the first snapshot of accounts, sockets and modules is the baseline, while every
+process already running is checked once), matches all of it against the rules
+(:mod:`cerulean.agent.detect`), and appends each alert to the audit trail.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cerulean.agent import sensors
+from cerulean.agent.audit import AuditLog
+from cerulean.agent.detect import Alert, DetectionRule, match
+from cerulean.agent.watch import Watcher
+
+WATCH = ("/etc", "/boot", "/root", "/home", "/tmp", "/var/tmp", "/dev/shm")
+
+
+@dataclass
+class Guard:
+    rules: list[DetectionRule]
+    audit: AuditLog
+    root: Path = Path("/")
+    watch: Sequence[str] = WATCH
+    interval: float = 10.0
+    say: Callable[[str], None] = print
+    clock: Callable[[], float] = time.time
+    alerts: int = 0
+    _watcher: Watcher | None = field(default=None, repr=False)
+    _snapshots: list[tuple[str, sensors.NewOnly]] = field(default_factory=list, repr=False)
+    _next_poll: float = field(default=0.0, repr=False)
+
+    def start(self) -> None:
+        kinds = {r.event for r in self.rules}
+        if "file" in kinds:
+            self._watcher = Watcher([self.root / w.lstrip("/") for w in self.watch])
+        root = self.root
+        table: list[tuple[str, Callable[[], list[dict[str, Any]]], Callable[[Any], Any], bool]] = [
+            ("process", lambda: sensors.processes(root),
+             lambda e: (e["proc.pid"], e["proc.exe"]), True),
+            ("account", lambda: sensors.accounts(root), lambda e: (e["user.name"], e["user.uid"]),
+             False),
+            ("socket", lambda: sensors.listening(root),
+             lambda e: (e["sock.proto"], e["sock.addr"], e["sock.port"]), False),
+            ("module", lambda: sensors.modules(root), lambda e: e["module.name"], False),
+        ]
+        self._snapshots = [(kind, sensors.NewOnly(sense, key, report_first=first))
+                           for kind, sense, key, first in table if kind in kinds]
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+
+    def step(self, wait: float = 0.0) -> list[Alert]:
+        """One round: file events (waiting up to *wait* s for them), then the snapshots
+        when their time has come. Returns the alerts it raised (and wrote)."""
+        events: list[tuple[str, dict[str, Any]]] = []
+        if self._watcher is not None:
+            events += [("file", e) for e in self._watcher.read(wait)]
+        now = self.clock()
+        if now >= self._next_poll:
+            self._next_poll = now + self.interval
+            for kind, snap in self._snapshots:
+                events += [(kind, e) for e in snap.poll()]
+        raised = [a for kind, e in events for a in match(self.rules, kind, e, now)]
+        for a in raised:
+            self.alerts += 1
+            self.say(f"alert [{a.priority}] {a.rule}: {a.message}")
+            try:
+                self.audit.append("guard", f"alert.{a.rule}", a.to_json())
+            except OSError as e:
+                self.say(f"warning: the audit trail could not be written: {e}")
+        return raised
