@@ -31,6 +31,7 @@ from cerulean.agent import metrics
 from cerulean.agent.audit import AuditLog
 from cerulean.agent.guard import WATCH, Guard
 from cerulean.agent.settings import read_layers
+from cerulean.agent.update.host import Host
 from cerulean.errors import CeruleanError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -157,8 +158,8 @@ def run(root: Path = Path("/"), say: Callable[[str], None] = print,
 
         rules = load_rule_files([root / "usr/lib/cerulean/rules.d",
                                  root / "etc/cerulean/rules.d"])
-        guard = Guard(rules, AuditLog(root / "var/lib/cerulean/audit/audit.jsonl"), root,
-                      cfg.watch, float(cfg.scan_interval), say)
+        guard = Guard(rules, AuditLog(Host(root).audit_log), root, cfg.watch,
+                      float(cfg.scan_interval), say)
         guard.start()
 
         def watch() -> None:
