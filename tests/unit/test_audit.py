@@ -164,3 +164,27 @@ def test_what_a_power_cut_cannot_leave_is_still_a_problem(log: AuditLog) -> None
     log.append("x", "z")
     log.head_path.write_bytes(old_head)
     assert not log.verify().ok
+
+
+def test_file_names_that_are_not_utf8_are_written_and_verified(tmp_path: Path) -> None:
+    import os
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    name = os.fsdecode(b"/tmp/\xff\xfe-evil\nforged line")
+    log.append("guard", "alert.setuid-or-setgid-file", {"evidence": {"file.path": name}})
+    log.append("guard", "alert.x", {})
+    assert log.verify().ok
+    (first, _) = list(log.entries())
+    assert first["detail"]["evidence"]["file.path"] == name
+    assert log.path.read_bytes().count(b"\n") == 2  # the newline in the name stays escaped
+
+
+def test_a_damaged_head_is_one_sentence(tmp_path: Path) -> None:
+    from cerulean.agent.audit import AuditError
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("x", "y")
+    log.head_path.write_text("{not json")
+    with pytest.raises(AuditError, match=r"head file .* is damaged; run cerulean audit verify"):
+        log.append("x", "z")
+    assert not log.verify().ok

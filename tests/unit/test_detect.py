@@ -114,3 +114,29 @@ def test_bad_rules_are_one_clear_sentence(change: Any, words: str) -> None:
     with pytest.raises(DetectError) as e:
         load_rules(rules, "rules.yaml")
     assert words in str(e.value) and str(e.value).startswith("rules.yaml")
+
+
+def test_regex_backslashes_survive_quoting() -> None:
+    test, _ = compile_condition(r'proc.cmdline matches "\d+" and proc.name = "a\"b"')
+    assert test({"proc.cmdline": "x 123", "proc.name": 'a"b'})
+    assert not test({"proc.cmdline": "dd", "proc.name": 'a"b'})
+
+
+def test_threshold_by_must_be_a_list() -> None:
+    import copy
+
+    rules = copy.deepcopy(RULES)
+    rules[3]["threshold"]["by"] = "source.ip"
+    with pytest.raises(DetectError, match=r"'threshold\.by' is a list of field names"):
+        load_rules(rules)
+
+
+def test_quiet_sources_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cerulean.agent import detect
+
+    monkeypatch.setattr(detect, "MAX_KEYS", 50)
+    rules = load_rules(RULES)
+    for i in range(200):
+        match(rules, "auth", {"auth.service": "sshd", "auth.result": "failed",
+                              "source.ip": f"10.0.{i}.1"}, now=float(i * 100))
+    assert len(rules[3]._seen) <= 51

@@ -49,3 +49,13 @@ def test_alerts_from_files_processes_and_accounts_land_in_the_audit_trail(
     assert entry["actor"] == "guard" and entry["detail"]["evidence"]["user.name"] == "toor"
     assert any(s.startswith("alert [critical] new-uid-0-account: new account toor") for s in said)
     assert guard.alerts == len(actions)
+
+
+def test_without_file_rules_a_step_waits_instead_of_spinning(tmp_path: Path) -> None:
+    rules = [r for r in load_rule_files([SHIPPED]) if r.event != "file"]
+    guard = Guard(rules, AuditLog(tmp_path / "a.jsonl"), tmp_path, interval=60, say=lambda m: None)
+    guard.start()
+    started = time.monotonic()
+    for _ in range(3):
+        guard.step(wait=0.1)
+    assert time.monotonic() - started >= 0.3

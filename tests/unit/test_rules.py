@@ -122,3 +122,12 @@ def test_an_unreadable_file_is_an_error_not_a_pass(host: Host,
     monkeypatch.setattr(Path, "read_text", read_text)
     with pytest.raises(RuleError, match=r"cannot be read \(permission denied\)"):
         evaluate(parse_rule("not f:/etc/secret -> r:x"), host)
+
+
+def test_an_optional_number_group_and_half_installed_packages(host: Host) -> None:
+    rule = parse_rule(r"f:/etc/ssh/sshd_config -> n:^Port\s*(\d+)? compare == 22")
+    assert not evaluate(rule, host).passed  # no Port line: no crash either
+    status = host.root / "var/lib/dpkg/status"
+    status.write_text(status.read_text() + "\nPackage: nis\nStatus: install reinstreq "
+                      "half-installed\nVersion: 4.17\n")
+    assert evaluate(parse_rule("not package:nis"), host).passed

@@ -116,3 +116,12 @@ def test_new_things_fire_rules_once(tmp_path: Path) -> None:
     raised += [a.message for e in socks.poll() for a in match(rules, "socket", e, 1)]
     assert raised == ["new UID 0 account toor", "tcp 0.0.0.0:4444 is now listening"]
     assert accounts.poll() == [] and socks.poll() == [] and procs.poll() == []
+
+
+def test_a_user_name_cannot_choose_the_source_address() -> None:
+    e = sensors.sshd_event("Invalid user admin from 10.9.9.9 from 203.0.113.5 port 4444")
+    assert e is not None and e["source.ip"] == "203.0.113.5"
+    assert e["auth.user"] == "admin from 10.9.9.9"
+    e = sensors.sshd_event("Failed password for invalid user x from 10.9.9.9 port 1 from "
+                           "198.51.100.2 port 2222 ssh2")
+    assert e is not None and (e["source.ip"], e["source.port"]) == ("198.51.100.2", 2222)

@@ -32,18 +32,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cerulean.errors import CeruleanError
+
 GENESIS = "0" * 64
 TAIL = 1 << 16  # how much of the log's end a recovery reads
 KEYS = {"seq", "time", "actor", "action", "detail", "prev", "hash"}
 
 
 def canonical(entry: Mapping[str, Any]) -> bytes:
+    # A file name that is not UTF-8 arrives surrogate-escaped; backslashreplace writes it
+    # as a JSON \\udcXX escape, which reads back to the same text (and the same bytes).
     return json.dumps(entry, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode()
+                      ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
+
+
+class AuditError(CeruleanError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,9 @@ class AuditLog:
             return int(d["seq"]), str(d["hash"])
         except FileNotFoundError:
             return 0, GENESIS
+        except (ValueError, KeyError, TypeError):
+            raise AuditError(f"The audit trail's head file {self.head_path} is damaged; "
+                             "run cerulean audit verify.") from None
 
     def append(self, actor: str, action: str, detail: Mapping[str, Any] | None = None,
                now: datetime | None = None) -> dict[str, Any]:
@@ -192,7 +203,7 @@ class AuditLog:
         prev, seq, before = GENESIS, 0, GENESIS
         try:
             head: tuple[int, str] | None = self._head()
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, AuditError):
             head = None
             problems.append(Problem(0, f"The head file {self.head_path} is unreadable."))
         for line, raw in enumerate(lines, start=1):

@@ -189,6 +189,7 @@ def run(root: Path = Path("/"), say: Callable[[str], None] = print,
         server.server_close()
     if guard is not None:
         watcher_thread.join(10)
-        guard.close()
+        if not watcher_thread.is_alive():  # else the process exit closes it
+            guard.close()
     say("Stopped.")
     return 0

@@ -46,6 +46,7 @@ TOKEN = re.compile(r"""
     | (?P<paren>[(),])
     | (?P<word>[A-Za-z0-9_./:*?\[\]~+-]+)
     )""", re.VERBOSE)
+MAX_KEYS = 10_000  # sources a threshold rule counts at once before forgetting quiet ones
 FIELD = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
 
 Node = Callable[[Mapping[str, Any]], bool]
@@ -65,7 +66,8 @@ def _tokens(text: str) -> list[tuple[str, str]]:
         kind = m.lastgroup or ""
         value = m.group(kind)
         if kind == "str":
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            # Only quotes and backslashes are escapes: "\d+" stays a regex.
+            value = re.sub(r"\\([\\\"'])", r"\1", value[1:-1])
         out.append((kind, value))
         pos = m.end()
     return out
@@ -279,7 +281,10 @@ def load_rules(items: Any, source: str = "the rules") -> list[DetectionRule]:
                     th["count"] < 1 or not isinstance(th.get("within"), (int, float)):
                 raise DetectError(f"{where}: 'threshold' needs a count (1 or more) and "
                                   "'within' seconds.")
-            threshold = Threshold(th["count"], float(th["within"]), tuple(th.get("by", [])))
+            by = th.get("by", [])
+            if not isinstance(by, list) or not all(isinstance(f, str) for f in by):
+                raise DetectError(f"{where}: 'threshold.by' is a list of field names.")
+            threshold = Threshold(th["count"], float(th["within"]), tuple(by))
         out.append(DetectionRule(name, str(r.get("desc", "")), event, r["condition"],
                                  str(r.get("output", name)), priority, tuple(tags), threshold,
                                  test, fields))
@@ -305,6 +310,9 @@ def match(rules: list[DetectionRule], kind: str, event: Mapping[str, Any],
             window.append(now)
             while window and window[0] <= now - th.within:
                 window.popleft()
+            if len(rule._seen) > MAX_KEYS:  # keys are the attacker's: forget quiet ones
+                for k in [k for k, w in rule._seen.items() if not w or w[-1] <= now - th.within]:
+                    del rule._seen[k]
             if len(window) < th.count:
                 continue
             window.clear()  # one alert per burst

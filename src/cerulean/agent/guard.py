@@ -21,6 +21,7 @@ from cerulean.agent import sensors
 from cerulean.agent.audit import AuditLog
 from cerulean.agent.detect import Alert, DetectionRule, match
 from cerulean.agent.watch import Watcher
+from cerulean.errors import CeruleanError
 
 WATCH = ("/etc", "/boot", "/root", "/home", "/tmp", "/var/tmp", "/dev/shm")
 
@@ -66,6 +67,8 @@ class Guard:
         events: list[tuple[str, dict[str, Any]]] = []
         if self._watcher is not None:
             events += [("file", e) for e in self._watcher.read(wait)]
+        elif wait:
+            time.sleep(wait)  # nothing to wait on: do not spin
         now = self.clock()
         if now >= self._next_poll:
             self._next_poll = now + self.interval
@@ -74,9 +77,12 @@ class Guard:
         raised = [a for kind, e in events for a in match(self.rules, kind, e, now)]
         for a in raised:
             self.alerts += 1
-            self.say(f"alert [{a.priority}] {a.rule}: {a.message}")
+            # The journal gets one line per alert: control characters in a file name
+            # or command line cannot forge more.
+            self.say(f"alert [{a.priority}] {a.rule}: "
+                     + a.message.encode("unicode_escape", "backslashreplace").decode("ascii"))
             try:
                 self.audit.append("guard", f"alert.{a.rule}", a.to_json())
-            except OSError as e:
+            except (OSError, CeruleanError) as e:
                 self.say(f"warning: the audit trail could not be written: {e}")
         return raised

@@ -235,6 +235,9 @@ def check(c: PolicyCheck, host: Host) -> CheckResult:
             outcomes.append(RuleResult(rule.text, o.passed, o.evidence))
     except RuleError as e:
         return CheckResult(c.id, c.title, "error", tuple(outcomes), c.compliance, str(e))
+    except OSError as e:  # a loop of links, an I/O error: this check, not the whole run
+        return CheckResult(c.id, c.title, "error", tuple(outcomes), c.compliance,
+                           f"{e.filename or 'a file'} cannot be read: {e.strerror or e}.")
     held = [o.held for o in outcomes]
     ok = all(held) if c.condition == "all" else any(held) if c.condition == "any" \
         else not any(held)

@@ -72,7 +72,7 @@ class Check:
             m = self.rx.search(line)
             try:
                 ok = m is not None and OPS[self.op](float(m.group(1)), self.number)
-            except (IndexError, ValueError):
+            except (IndexError, ValueError, TypeError):  # TypeError: an optional group
                 ok = False
         else:
             ok = line.strip() == self.text
@@ -249,7 +249,8 @@ def _dpkg_version(status: list[str], name: str) -> str | None:
     pkg = version = state = None
     for line in [*status, ""]:
         if not line.strip():
-            if pkg == name and version and (state or "installed").endswith("installed"):
+            if pkg == name and version and (state or "install ok installed").split()[-1] \
+                    == "installed":
                 return version
             pkg = version = state = None
         elif line.startswith("Package:"):

@@ -18,13 +18,15 @@ from typing import Any
 
 Event = dict[str, Any]
 TCP_LISTEN = "0A"
+# The user name is the attacker's to choose ("admin from 10.9.9.9"), so the address is
+# the last "from IP port N" of the line.
 SSHD = [
-    (re.compile(r"^Failed (?P<method>\S+) for (?:invalid user )?(?P<user>\S+) from "
-                r"(?P<ip>\S+) port (?P<port>\d+)"), "failed"),
-    (re.compile(r"^Invalid user (?P<user>\S*) from (?P<ip>\S+)(?: port (?P<port>\d+))?"),
-     "invalid-user"),
-    (re.compile(r"^Accepted (?P<method>\S+) for (?P<user>\S+) from (?P<ip>\S+) port "
-                r"(?P<port>\d+)"), "accepted"),
+    (re.compile(r"^Failed (?P<method>\S+) for (?:invalid user )?(?P<user>.*) from "
+                r"(?P<ip>[0-9a-fA-F:.]+) port (?P<port>\d+)(?: ssh2)?(?::.*)?$"), "failed"),
+    (re.compile(r"^Invalid user (?P<user>.*) from (?P<ip>[0-9a-fA-F:.]+)"
+                r"(?: port (?P<port>\d+))?$"), "invalid-user"),
+    (re.compile(r"^Accepted (?P<method>\S+) for (?P<user>.*) from (?P<ip>[0-9a-fA-F:.]+) "
+                r"port (?P<port>\d+)(?: ssh2)?(?::.*)?$"), "accepted"),
 ]
 
 
@@ -32,8 +34,12 @@ def processes(root: Path = Path("/")) -> list[Event]:
     """Running processes: their executable (and whether it was deleted), command line,
     user and working directory. Kernel threads (no executable) are left out."""
     proc = root / "proc"
-    out = []
-    for pid in sorted((p for p in os.listdir(proc) if p.isdigit()), key=int):
+    out: list[Event] = []
+    try:
+        pids = sorted((p for p in os.listdir(proc) if p.isdigit()), key=int)
+    except OSError:  # no /proc (a container without it)
+        return out
+    for pid in pids:
         d = proc / pid
         try:
             exe = os.readlink(d / "exe")
@@ -125,7 +131,7 @@ def modules(root: Path = Path("/")) -> list[Event]:
 def sshd_event(message: str, fields: Mapping[str, str] | None = None) -> Event | None:
     """An auth event from one sshd log message (None when it is not about a login)."""
     for rx, result in SSHD:
-        m = rx.search(message)
+        m = rx.match(message.rstrip())
         if m:
             d = m.groupdict()
             return {"auth.service": "sshd", "auth.result": result,

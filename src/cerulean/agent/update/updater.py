@@ -43,6 +43,7 @@ from cerulean.agent.update import boot, disk, health
 from cerulean.agent.update.client import RepoClient, UpdateError
 from cerulean.agent.update.host import Config, Host, State, load_config, load_state, save_state
 from cerulean.agent.update.host import seed as host_seed
+from cerulean.errors import CeruleanError
 from cerulean.protocol.update import Part, ReleaseDoc, choose, verity_uuids
 from cerulean.protocol.window import in_window, next_opening
 
@@ -149,7 +150,7 @@ class Updater:
             self._audited = (r["result"], r["message"])
             try:
                 log.append("updater", f"update.{r['result']}", {"message": r["message"]})
-            except OSError as e:
+            except (OSError, CeruleanError) as e:
                 self.say(f"warning: the audit trail could not be written: {e}")
                 return
 
