@@ -104,3 +104,13 @@ def test_bad_reports_are_refused(tmp_path: Path, clock: Clock) -> None:
     with pytest.raises(OutboxError, match="larger than a quarter"):
         ob.put("inventory", {"pad": "x" * 2000})
     assert ob.pending() == 0
+
+
+def test_metrics_never_push_out_alerts(tmp_path: Path, clock: Clock) -> None:
+    ob = box(tmp_path, clock, limit=4000)
+    for i in range(10):
+        ob.put("alert", {"i": i, "pad": "a" * 300})
+    alerts = ob.pending()
+    assert ob.put("metrics", {"pad": "m" * 900}) == 0  # the new metrics report goes instead
+    assert ob.pending() == alerts and ob.dropped() >= 1
+    assert ob.put("alert", {"pad": "n" * 300}) > 0  # an alert still pushes out the oldest alert

@@ -98,7 +98,8 @@ class Outbox:
         return int(row[0]) if row else 0
 
     def put(self, kind: str, body: dict[str, Any]) -> int:
-        """Keep one report; returns its sequence number."""
+        """Keep one report; returns its sequence number (0: it was dropped, as the outbox is
+        full of more important ones)."""
         if kind not in PRIORITY:
             raise OutboxError(f"Unknown report kind {kind!r}; known: {', '.join(PRIORITY)}.")
         data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
@@ -106,7 +107,9 @@ class Outbox:
             raise OutboxError(f"A {kind} report of {len(data)} bytes is larger than a quarter "
                               f"of the outbox ({self.limit} bytes).")
         with self._tx() as db:
-            self._make_room(db, len(data))
+            if not self._make_room(db, len(data), PRIORITY[kind]):
+                self._count(db, "dropped", 1)  # the new one is the least important
+                return 0
             cur = db.execute("INSERT INTO message (kind, priority, created, body) "
                              "VALUES (?, ?, ?, ?)", (kind, PRIORITY[kind], self.clock(), data))
             return int(cur.lastrowid or 0)
@@ -115,16 +118,22 @@ class Outbox:
         return int(db.execute("SELECT COALESCE(SUM(LENGTH(body)), 0) FROM message")
                    .fetchone()[0])
 
-    def _make_room(self, db: sqlite3.Connection, need: int) -> None:
+    def _make_room(self, db: sqlite3.Connection, need: int, priority: int) -> bool:
+        """Drop the oldest reports less important than, or as important as, the new one
+        until it fits; False (nothing dropped) when only more important ones would go."""
         used = self._used(db)
-        while used + need > self.limit:
-            row = db.execute("SELECT seq, LENGTH(body) FROM message "
-                             "ORDER BY priority, seq LIMIT 1").fetchone()
-            if row is None:
-                return
-            db.execute("DELETE FROM message WHERE seq = ?", (row[0],))
-            self._count(db, "dropped", 1)
-            used -= int(row[1])
+        victims = []
+        for seq, size in db.execute("SELECT seq, LENGTH(body) FROM message WHERE priority <= ? "
+                                    "ORDER BY priority, seq", (priority,)):
+            if used + need <= self.limit:
+                break
+            victims.append(seq)
+            used -= int(size)
+        if used + need > self.limit:
+            return False
+        db.executemany("DELETE FROM message WHERE seq = ?", [(v,) for v in victims])
+        self._count(db, "dropped", len(victims))
+        return True
 
     def pending(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM message").fetchone()[0])
