@@ -125,3 +125,17 @@ def test_a_user_name_cannot_choose_the_source_address() -> None:
     e = sensors.sshd_event("Failed password for invalid user x from 10.9.9.9 port 1 from "
                            "198.51.100.2 port 2222 ssh2")
     assert e is not None and (e["source.ip"], e["source.port"]) == ("198.51.100.2", 2222)
+
+
+def test_a_file_named_deleted_is_not_taken_for_a_deleted_one(tmp_path: Path) -> None:
+    fake_proc(tmp_path)
+    real = tmp_path / "bin" / "tool (deleted)"
+    real.parent.mkdir()
+    real.write_text("")
+    d = tmp_path / "proc/4242"
+    (d / "exe").unlink()
+    (d / "exe").symlink_to(real)
+    (d / "status").write_text("Name:\tkworker\nUid:\t1000\t0\t0\t0\n")
+    p = next(p for p in sensors.processes(tmp_path) if p["proc.pid"] == 4242)
+    assert p["proc.exe_deleted"] is False and p["proc.exe"] == str(real)
+    assert (p["proc.uid"], p["proc.ruid"]) == (0, 1000)  # effective, real

@@ -32,7 +32,8 @@ SSHD = [
 
 def processes(root: Path = Path("/")) -> list[Event]:
     """Running processes: their executable (and whether it was deleted), command line,
-    user and working directory. Kernel threads (no executable) are left out."""
+    effective (``proc.uid``) and real (``proc.ruid``) user, working directory. Kernel
+    threads (no executable) are left out."""
     proc = root / "proc"
     out: list[Event] = []
     try:
@@ -48,16 +49,23 @@ def processes(root: Path = Path("/")) -> list[Event]:
             comm = (d / "comm").read_text().strip()
         except OSError:
             continue
-        deleted = exe.endswith(" (deleted)")
-        exe = exe.removesuffix(" (deleted)")
-        uid = next((int(line.split()[1]) for line in status.splitlines()
-                    if line.startswith("Uid:")), -1)
+        # The kernel appends " (deleted)" to the link, but a file may be named so too:
+        # the executable's own inode (reached through the link) says whether it is gone.
+        try:
+            deleted = os.stat(d / "exe").st_nlink == 0
+        except OSError:
+            deleted = exe.endswith(" (deleted)")
+        if deleted:
+            exe = exe.removesuffix(" (deleted)")
+        uids = next((line.split()[1:3] for line in status.splitlines()
+                     if line.startswith("Uid:")), ["-1", "-1"])
         try:
             cwd = os.readlink(d / "cwd")
         except OSError:
             cwd = ""
         out.append({"proc.pid": int(pid), "proc.name": comm, "proc.exe": exe,
-                    "proc.exe_deleted": deleted, "proc.uid": uid, "proc.cwd": cwd,
+                    "proc.exe_deleted": deleted, "proc.uid": int(uids[1]),
+                    "proc.ruid": int(uids[0]), "proc.cwd": cwd,
                     "proc.cmdline": cmdline.replace(b"\0", b" ").decode(errors="replace")
                     .strip()})
     return out
