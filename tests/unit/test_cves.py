@@ -35,6 +35,7 @@ Status: install ok installed
 Architecture: amd64
 Source: linux-signed-amd64 (6.12.57+1)
 Version: 6.12.57-1
+Built-Using: linux (= 6.12.57-1)
 
 Package: bash
 Status: install ok installed
@@ -61,10 +62,10 @@ TRACKER = {
                                                   "fixed_version": "0"}}},
         "CVE-2026-0005": {"releases": {"bookworm": {"status": "open", "urgency": "high"}}},
     },
-    "linux-signed-amd64": {
+    "linux": {
         "CVE-2026-0006": {"releases": {"trixie": {"status": "resolved",
                                                   "urgency": "not yet assigned",
-                                                  "fixed_version": "6.12.118+1"}}},
+                                                  "fixed_version": "6.12.118-1"}}},
     },
     "bash": {"CVE-2026-0007": {"releases": {"trixie": {"status": "undetermined",
                                                        "urgency": "unimportant"}}}},
@@ -84,6 +85,7 @@ def test_installed_packages_from_dpkg_status(tmp_path: Path) -> None:
     assert pkgs["bash"].source_version == "5.2.37-2" and pkgs["bash"].version == "5.2.37-2+b5"
     kernel = pkgs["linux-image-6.12.57+deb13-cloud-amd64"]
     assert (kernel.source, kernel.source_version) == ("linux-signed-amd64", "6.12.57+1")
+    assert kernel.built_using == (("linux", "6.12.57-1"),)
 
 
 def test_report_lists_what_affects_the_host_worst_first(tmp_path: Path) -> None:

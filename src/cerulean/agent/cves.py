@@ -11,7 +11,9 @@ state per Debian release::
 A CVE affects the host when an installed package comes from that source and
 its source version is older than ``fixed_version`` (status ``resolved``), or
 when Debian has no fix yet (``open``, ``undetermined``). ``fixed_version`` 0
-means the release was never affected. Versions are compared the way dpkg
+means the release was never affected. Signed packages (the kernel, GRUB, shim)
+also count under the source named in their ``Built-Using`` field: the tracker
+lists kernel CVEs under ``linux``, not ``linux-signed-amd64``. Versions are compared the way dpkg
 compares them (:func:`compare_versions`); the agent carries its own copy of
 that algorithm because it runs with the standard library only.
 """
@@ -92,6 +94,13 @@ class Installed:
     arch: str
     source: str
     source_version: str
+    built_using: tuple[tuple[str, str], ...] = ()  # (source, version) from Built-Using
+
+    def sources(self) -> list[tuple[str, str]]:
+        """The sources whose CVEs apply: its own, and for a signed package (the kernel,
+        GRUB, shim) the unsigned source it was built from, where the tracker lists them."""
+        own = [(self.source, self.source_version)]
+        return own + list(self.built_using) if "-signed" in self.source else own
 
 
 def installed_packages(root: Path = Path("/")) -> list[Installed]:
@@ -118,9 +127,12 @@ def installed_packages(root: Path = Path("/")) -> list[Installed]:
             if fields.get("status", "install ok installed").split()[-1] != "installed":
                 continue
             src, _, src_ver = fields.get("source", fields["package"]).partition(" ")
+            built = tuple((m[1], m[2]) for m in re.finditer(
+                r"([a-z0-9][a-z0-9.+-]*)\s*\(\s*=\s*([^)\s]+)\s*\)",
+                fields.get("built-using", "")))
             out.append(Installed(fields["package"], fields["version"],
                                  fields.get("architecture", ""), src,
-                                 src_ver.strip("()") or fields["version"]))
+                                 src_ver.strip("()") or fields["version"], built))
     return sorted(out, key=lambda p: (p.name, p.arch))
 
 
@@ -154,7 +166,8 @@ def affecting(packages: Iterable[Installed], tracker: Mapping[str, Any],
     """The CVEs that affect *packages* on *release*, worst first."""
     by_source: dict[tuple[str, str], list[str]] = {}
     for p in packages:
-        by_source.setdefault((p.source, p.source_version), []).append(p.name)
+        for src in p.sources():
+            by_source.setdefault(src, []).append(p.name)
     out = []
     for (source, version), names in sorted(by_source.items()):
         cves = tracker.get(source)
