@@ -187,3 +187,17 @@ def test_an_unknown_mode_is_refused(host: Host) -> None:
     policy = load_policy(POLICY)
     with pytest.raises(PolicyError, match="'fix-all' is not one of audit, enforce"):
         fix(policy, run_policy(policy, host), Fixer(host), "fix-all")
+
+
+def test_a_fix_never_writes_through_a_link(host: Host, tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("PermitRootLogin yes\n")
+    sshd = host.root / "etc/ssh/sshd_config"
+    sshd.unlink()
+    sshd.symlink_to(target)
+    policy = load_policy(POLICY)
+    done = {d.check: d for d in fix(policy, run_policy(policy, host),
+                                    Fixer(host, Commands(host.root)), "autocorrect")}
+    assert "is not a regular file" in done["ssh-root"].error
+    assert sshd.is_symlink() and target.read_text() == "PermitRootLogin yes\n"
+    assert not [p for p in sshd.parent.iterdir() if p.name.startswith(".")]  # no leftovers

@@ -40,9 +40,12 @@ import grp
 import os
 import pwd
 import re
+import stat
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cerulean.agent.rules import Host, Rule, RuleError, evaluate, parse_rule
@@ -271,23 +274,40 @@ class Fixer:
             raise PolicyError(f"{' '.join(argv)} failed: {tail}")
 
     def _rewrite(self, path: str, change: Callable[[list[str]], list[str]]) -> None:
+        """Replace *path*'s lines atomically, keeping its mode and owner. A symbolic link
+        is refused (the fix would replace the link, not what it points to)."""
         real = self.host.path(path)
         try:
-            old = real.read_text()
-            st = real.stat()
+            st: os.stat_result | None = os.lstat(real)
         except FileNotFoundError:
-            old, st = "", None
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise PolicyError(f"{path} is not a regular file (a link or something else); "
+                              "the fix leaves it alone.")
+        try:
+            old = real.read_bytes().decode() if st is not None else ""
+        except UnicodeDecodeError:
+            raise PolicyError(f"{path} is not UTF-8 text; the fix leaves it alone.") from None
         lines = change(old.splitlines())
         new = "\n".join(lines) + ("\n" if lines else "")
         if new == old:
             return
         real.parent.mkdir(parents=True, exist_ok=True)
-        tmp = real.with_name(f".{real.name}.cerulean-fix")
-        tmp.write_text(new)
-        if st is not None:
-            os.chmod(tmp, st.st_mode & 0o7777)
-            os.chown(tmp, st.st_uid, st.st_gid)
-        os.replace(tmp, real)
+        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", dir=real.parent)  # 0600, O_EXCL
+        try:
+            if st is not None:
+                os.fchown(fd, st.st_uid, st.st_gid)
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            else:
+                os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(new.encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, real)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def apply(self, action: Action) -> None:
         a = action.args
