@@ -83,7 +83,8 @@ def _below(path: str, dirs: Sequence[str]) -> bool:
     return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
 
 
-def file_sha256(path: str) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes, read in chunks (a UKI is tens of MiB)."""
     with open(path, "rb", buffering=0) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 

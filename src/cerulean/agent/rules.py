@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cerulean.agent.cves import installed_packages
 from cerulean.errors import CeruleanError
 
 TYPES = ("f", "d", "p", "c", "sysctl", "service", "package", "mount")
@@ -234,8 +235,8 @@ def _sources(rule: Rule, host: Host) -> tuple[bool, list[tuple[str, list[str]]],
         known = enabled not in ("", "not-found") and "No such file" not in enabled
         return known, [(t, [f"enabled={enabled} active={active}"])], t
     if rule.type == "package":
-        status = _read(host.path("/var/lib/dpkg/status")) or []
-        version = _dpkg_version(status, t)
+        version = next((p.version for p in installed_packages(host.root) if p.name == t),
+                       None)
         return version is not None, [(f"package {t}", [version or ""])], f"package {t}"
     # mount
     for line in _read(host.path("/proc/mounts")) or []:
@@ -243,23 +244,6 @@ def _sources(rule: Rule, host: Host) -> tuple[bool, list[tuple[str, list[str]]],
         if len(parts) >= 4 and parts[1].replace("\\040", " ") == t:
             return True, [(f"mount {t}", [" ".join([parts[0], parts[2], parts[3]])])], t
     return False, [], f"mount {t}"
-
-
-def _dpkg_version(status: list[str], name: str) -> str | None:
-    pkg = version = state = None
-    for line in [*status, ""]:
-        if not line.strip():
-            if pkg == name and version and (state or "install ok installed").split()[-1] \
-                    == "installed":
-                return version
-            pkg = version = state = None
-        elif line.startswith("Package:"):
-            pkg = line.split(":", 1)[1].strip()
-        elif line.startswith("Version:"):
-            version = line.split(":", 1)[1].strip()
-        elif line.startswith("Status:"):
-            state = line.split(":", 1)[1].strip()
-    return None
 
 
 def evaluate(rule: Rule, host: Host) -> Outcome:

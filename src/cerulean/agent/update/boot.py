@@ -11,7 +11,6 @@ boots instead.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -19,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cerulean.agent.integrity import file_sha256
 from cerulean.agent.update.client import UpdateError
 
 ENTRY = re.compile(
@@ -66,19 +66,10 @@ def find_esp() -> Path:
     return Path(path)
 
 
-def sha256_of(path: Path) -> str:
-    """The sha256 of a file, read in chunks (a UKI is tens of MiB)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def matches(path: Path, size: int, sha256: str) -> bool:
     """Whether *path* holds exactly *size* bytes with this *sha256* (False if unreadable)."""
     try:
-        return path.stat().st_size == size and sha256_of(path) == sha256
+        return path.stat().st_size == size and file_sha256(path) == sha256
     except OSError:
         return False
 

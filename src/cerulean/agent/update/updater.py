@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cerulean.agent.audit import AuditLog
+from cerulean.agent.integrity import file_sha256
 from cerulean.agent.update import boot, disk, health
 from cerulean.agent.update.client import RepoClient, UpdateError
 from cerulean.agent.update.host import Config, Host, State, load_config, load_state, save_state
@@ -315,7 +316,7 @@ class Updater:
             if not running_uki:
                 raise UpdateError("the running release's UKI is not on the ESP")
             shutil.copyfile(running_uki[0].path, path)
-            return boot.sha256_of(path)
+            return file_sha256(path)
 
         try:
             # 1. Every part downloaded, verified by TUF, and unpacked once to check that
