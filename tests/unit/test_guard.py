@@ -59,3 +59,54 @@ def test_without_file_rules_a_step_waits_instead_of_spinning(tmp_path: Path) -> 
     for _ in range(3):
         guard.step(wait=0.1)
     assert time.monotonic() - started >= 0.3
+
+
+JOURNAL = r"""
+import json, sys, time
+for port in range(40000, 40006):
+    print(json.dumps({"MESSAGE": f"Invalid user admin from 203.0.113.9 port {port}",
+                      "_PID": "77", "SYSLOG_IDENTIFIER": "sshd-session"}), flush=True)
+print("not json", flush=True)
+raw = list("Invalid user \xff from 198.51.100.1 port 1".encode("latin-1"))
+print(json.dumps({"MESSAGE": raw}), flush=True)
+time.sleep(30)
+"""
+
+
+def test_failed_ssh_logins_from_the_journal_raise_one_alert(tmp_path: Path) -> None:
+    import sys
+
+    from cerulean.agent.sensors import JournalFollower
+
+    follower = JournalFollower([sys.executable, "-c", JOURNAL])
+    trail = AuditLog(tmp_path / "audit.jsonl")
+    rules = [r for r in load_rule_files([SHIPPED]) if r.event == "auth"]
+    guard = Guard(rules, trail, tmp_path, interval=60, say=lambda m: None, journal=follower)
+    guard.start()
+    alerts = []
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not alerts:
+            alerts += guard.step(wait=0.2)
+        assert [a.rule for a in alerts] == ["ssh-login-failures"]
+        assert alerts[0].evidence["source.ip"] == "203.0.113.9"
+        assert alerts[0].evidence["proc.pid"] == 77
+        more = []
+        for _ in range(5):
+            more += guard.step(wait=0.2)
+        assert more == []  # one alert per burst and address; the odd bytes line is no burst
+    finally:
+        guard.close()
+    assert follower._proc is not None and follower._proc.poll() is not None  # stopped
+
+
+def test_a_missing_journalctl_is_tried_again_later_not_in_a_loop() -> None:
+    from cerulean.agent.sensors import JournalFollower
+
+    now = [0.0]
+    follower = JournalFollower(["/nonexistent/journalctl"], clock=lambda: now[0])
+    assert follower.read() == [] and follower._started == 0.0
+    now[0] = 30.0
+    assert follower.read() == [] and follower._started == 0.0
+    now[0] = 61.0
+    assert follower.read() == [] and follower._started == 61.0

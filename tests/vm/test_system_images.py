@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,6 +170,49 @@ hostname > "$1/hostname"
 """
 
 
+AGENT = r"""
+out=$1
+log=/var/lib/cerulean/audit/audit.jsonl
+systemctl is-active cerulean-agent.service cerulean-policy.timer > "$out/agent-active" 2>&1
+cerulean policy list > "$out/policy-list" 2>&1
+cerulean policy check --profile cis-debian-l1-server > "$out/cis-before" 2>&1
+echo $? > "$out/cis-before-rc"
+cerulean policy fix --profile cis-debian-l1-server > "$out/cis-fix" 2>&1
+echo $? > "$out/cis-fix-rc"
+cerulean policy check --profile cis-debian-l1-server --json > "$out/cis-after.json" 2>&1
+cerulean policy check --profile cerulean-baseline --html "$out/baseline.html" \
+    > "$out/baseline" 2>&1
+echo $? > "$out/baseline-rc"
+# A set-user-ID copy of a program in /tmp: the agent must notice it within seconds.
+start=$(date +%s%N)
+cp /usr/bin/true /tmp/.helper && chmod 4755 /tmp/.helper
+i=0
+until grep -q '"alert.setuid-or-setgid-file"' "$log" 2>/dev/null || [ $i -ge 300 ]; do
+  sleep 0.1; i=$((i + 1))
+done
+echo $(( ($(date +%s%N) - start) / 1000000 )) > "$out/alert-ms"
+# Six SSH logins as a user that does not exist: sshd's journal feeds the agent.
+for i in 1 2 3 4 5 6; do
+  ssh -n -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+      -o ConnectTimeout=20 nosuch@127.0.0.1 true > /dev/null 2>&1
+done
+i=0
+until grep -q '"alert.ssh-login-failures"' "$log" 2>/dev/null || [ $i -ge 300 ]; do
+  sleep 0.1; i=$((i + 1))
+done
+python3 -c 'import urllib.request as u, sys
+sys.stdout.write(u.urlopen("http://127.0.0.1:9477/metrics").read().decode())' \
+    > "$out/metrics" 2>&1
+cerulean audit show -n 0 --json > "$out/audit-entries" 2>&1
+cerulean audit verify > "$out/verify-before" 2>&1
+echo $? > "$out/verify-before-rc"
+# One byte of the first alert's entry changed: verify must fail and name it.
+sed -i '0,/"alert\.setuid/s//"alerT.setuid/' "$log"
+cerulean audit verify > "$out/verify-after" 2>&1
+echo $? > "$out/verify-after-rc"
+"""
+
+
 def test_inside_the_booted_vm(vm_env: dict[str, Path],
                               build_system: Callable[[str, str], Path], tmp_path: Path) -> None:
     """The issue's by-hand checks inside the booted vm image, provisioned on this boot by
@@ -178,7 +223,7 @@ def test_inside_the_booted_vm(vm_env: dict[str, Path],
     seed = tmp_path / "seed.img"
     _nocloud_seed(vm_env, seed)
     cfg = QemuConfig(extra_args=("-drive", f"if=virtio,format=raw,readonly=on,file={seed}"))
-    run = run_in_guest(disk, INSIDE + CLOUD_INIT, cfg=cfg, out_dir=tmp_path / "guest",
+    run = run_in_guest(disk, INSIDE + CLOUD_INIT + AGENT, cfg=cfg, out_dir=tmp_path / "guest",
                        timeout_s=1200)
     assert run.returncode == 0, (run.text("stderr"), run.text("status"), run.console_log)
     # cloud-init
@@ -213,3 +258,47 @@ def test_inside_the_booted_vm(vm_env: dict[str, Path],
     assert "0016" in ports  # sshd on 22: the list is real
     assert not ports & {"14EB", "14E9"}, ports
     assert run.uptime_at_start_s is not None and run.uptime_at_start_s > 0
+    _agent_checks(run)
+
+
+def _score(text: str) -> float:
+    m = re.search(r"^Score: ([0-9.]+)% ", text, re.M)
+    assert m, text
+    return float(m.group(1))
+
+
+def _agent_checks(run: Any) -> None:
+    """The issue's checks of the agent, as a user runs them on the booted vm."""
+    assert run.text("agent-active").split() == ["active", "active"], run.text("agent-active")
+    assert "cis-debian-l1-server" in run.text("policy-list")
+    # The CIS profile: a score and per-check results; fix raises the score.
+    before = run.text("cis-before")
+    assert run.text("cis-before-rc").strip() == "2", before
+    assert re.search(r"^FAIL  \S+ .*\[cis-debian-12 [0-9.]+\]$", before, re.M), before
+    assert re.search(r"^pass  \S+ .*\[cis-debian-12 [0-9.]+\]$", before, re.M), before
+    after = json.loads(run.text("cis-after.json"))
+    assert after["score"] > _score(before), (before, run.text("cis-fix"))
+    assert after["errors"] == 0, [c for c in after["checks"] if c["result"] == "error"]
+    print(f"cis-debian-l1-server: {_score(before)}% before fix, {after['score']}% after")
+    # Cerulean's own baseline passes on its own image, HTML report included.
+    assert run.text("baseline-rc").strip() == "0", run.text("baseline")
+    assert "Cerulean baseline on " in run.text("baseline.html")
+    # Detection: the set-UID file in /tmp raised an alert within seconds.
+    ms = int(run.text("alert-ms"))
+    entries = [json.loads(line) for line in run.text("audit-entries").splitlines()]
+    alerts = [e for e in entries if e["action"] == "alert.setuid-or-setgid-file"]
+    assert alerts and alerts[0]["detail"]["evidence"]["file.path"] == "/tmp/.helper", entries
+    assert ms < 10_000, ms
+    print(f"setuid alert after {ms} ms")
+    ssh = [e for e in entries if e["action"] == "alert.ssh-login-failures"]
+    assert ssh and ssh[0]["detail"]["evidence"]["source.ip"] == "127.0.0.1", entries
+    assert any(e["action"] == "policy.fix" for e in entries)
+    assert 'cerulean_alerts_total{priority="critical",rule="setuid-or-setgid-file"} 1' in \
+        run.text("metrics"), run.text("metrics")
+    assert 'cerulean_policy_checks{policy="cis-debian-l1-server",result="passed"}' in \
+        run.text("metrics")
+    # The audit trail: intact, then one edited byte is found.
+    assert run.text("verify-before-rc").strip() == "0", run.text("verify-before")
+    assert run.text("verify-after-rc").strip() == "1", run.text("verify-after")
+    assert f"Entry {alerts[0]['seq']} (line {alerts[0]['seq']}) was edited" in \
+        run.text("verify-after"), run.text("verify-after")

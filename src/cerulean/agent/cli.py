@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ Cerulean host agent.
   cerulean audit verify       check that no entry of the audit trail was edited, removed
                               or moved (exit 1 names the first that was)
   cerulean audit show         the audit trail's last entries
+  cerulean policy list        the compliance profiles on this host
+  cerulean policy check       check a profile (default: cerulean-baseline): score, each check
+                              and its evidence; --html FILE or --json for reports
+  cerulean policy fix         fix the failed checks that have a fix, then check again
+  cerulean policy report      the last check as an HTML page (or --format json)
   cerulean cve report --tracker FILE
                               the CVEs that affect this host's packages (Debian Security
                               Tracker JSON), worst first
@@ -97,6 +103,51 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--release", default=None,
                      help="the Debian release to read (default: this host's VERSION_CODENAME)")
     rep.add_argument("--json", action="store_true", help="print the findings as JSON")
+    po = sub.add_parser("policy", help="compliance profiles: check, fix, report",
+                        description="Compliance profiles: check this host against one, fix "
+                        "what fails, write reports. Profiles live in "
+                        "/usr/lib/cerulean/policies and /etc/cerulean/policies.")
+    psub = po.add_subparsers(dest="action", metavar="ACTION")
+    psub.add_parser("list", help="list the profiles on this host",
+                    description="List the profiles on this host and their number of checks.")
+    profile_help = ("a profile name (see 'policy list') or the path of a policy file "
+                    "(default: the first of 'policies' in /etc/cerulean/agent.toml, "
+                    "cerulean-baseline)")
+    pc = psub.add_parser("check", help="check this host against a profile",
+                         description="Check this host against a profile: the score, each "
+                         "check's result and the evidence of what failed. Exit 0 when every "
+                         "check passes, 2 when some fail or cannot be checked, 1 on an "
+                         "error. Changes nothing but the stored last result.")
+    pf = psub.add_parser("fix", help="fix the failed checks, then check again",
+                         description="Check, run the fix of every failed check that has "
+                         "one (structured actions, never shell text: see docs/agent.md), "
+                         "then check again and show the score before and after. Every fix "
+                         "goes to the audit trail. Exit 0 when every check passes after, "
+                         "2 when some still fail, 1 on an error.")
+    pr = psub.add_parser("report", help="write a report of a fresh check (HTML or JSON)",
+                         description="Check this host against a profile and write the report "
+                         "as a self-contained HTML page or as JSON, to a file or stdout.")
+    prun = psub.add_parser("run", help="what cerulean-policy.timer runs",
+                           description="Run the configured profiles ('policies' in "
+                           "/etc/cerulean/agent.toml) in the configured 'policy-mode': audit "
+                           "only checks, enforce fixes a check once and then reports its "
+                           "drift, autocorrect fixes every time.")
+    prun.add_argument("--json", action="store_true", help="print the results as JSON")
+    for a in (pc, pf, pr):
+        a.add_argument("-p", "--profile", default=None, metavar="PROFILE", help=profile_help)
+    for a in (pc, pf):
+        a.add_argument("--json", action="store_true", help="print the result as JSON")
+        a.add_argument("-v", "--verbose", action="store_true",
+                       help="show the evidence of passed checks too")
+    pc.add_argument("--html", type=Path, metavar="FILE", help="also write an HTML report")
+    pf.add_argument("--check", action="append", default=[], metavar="ID",
+                    help="fix only this check (repeat for more)")
+    pf.add_argument("--dry-run", action="store_true",
+                    help="show what would be done and change nothing")
+    pr.add_argument("--format", choices=("html", "json"), default="html",
+                    help="html (default) or json")
+    pr.add_argument("-o", "--output", type=Path, metavar="FILE",
+                    help="write here (default: stdout)")
     ag = sub.add_parser("agent", help="the long-running host agent",
                         description="The long-running host agent (cerulean-agent.service).")
     gsub = ag.add_subparsers(dest="action", metavar="ACTION")
@@ -116,6 +167,142 @@ def run_agent(args: argparse.Namespace) -> int:
         sys.stdout.write(daemon.exposition(slot=daemon.booted_slot()).decode())
         return 0
     return daemon.run(say=lambda m: print(m, flush=True), slot=daemon.booted_slot())
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Write a report whole (never half-written)."""
+    from cerulean.agent.fileio import write_atomic
+
+    if path.is_dir():
+        raise CeruleanError(f"{path} is a directory; give a file name for the report.")
+    write_atomic(path.resolve(), text.encode())
+
+
+def _show_report(report: Any, verbose: bool, passed: bool = True) -> None:
+    """Each check's result (the passed ones only with *passed*) and the evidence of those
+    that did not pass (of all with *verbose*)."""
+    mark = {"passed": "pass", "failed": "FAIL", "error": "ERR "}
+    for r in report.results:
+        if r.result == "passed" and not (passed or verbose):
+            continue
+        ids = "; ".join(f"{k} {', '.join(v)}" for k, v in r.compliance.items())
+        print(f"{mark[r.result]}  {r.id:<28} {r.title}{f'  [{ids}]' if ids else ''}")
+        if r.result != "passed" or verbose:
+            if r.message:
+                print(f"        {r.message}")
+            for x in r.rules:
+                if r.result != "passed" or verbose:
+                    print(f"        {'✔' if x.held else '✘'} {x.evidence}")
+
+
+def _score_line(report: Any) -> str:
+    return (f"{report.score:g}% ({report.count('passed')} passed, {report.count('failed')} "
+            f"failed, {report.count('error')} could not be checked, of {len(report.results)})")
+
+
+def run_policy(args: argparse.Namespace) -> int:
+    import socket
+
+    from cerulean.agent import compliance, daemon, htmlreport
+    from cerulean.agent import policy as pol
+    from cerulean.agent.audit import AuditLog
+    from cerulean.agent.rules import Host as RuleHost
+    from cerulean.agent.update.host import Host
+
+    root = Path("/")
+    if args.action == "list":
+        found = pol.profiles(root)
+        if not found:
+            print("No profiles: /usr/lib/cerulean/policies and /etc/cerulean/policies are "
+                  "empty.")
+        for name in found:
+            try:
+                p = pol.load_profile(name, root)
+                print(f"{name:<26} {len(p.checks):>4} checks  {p.name}")
+            except pol.PolicyError as e:
+                print(f"{name:<26}  invalid: {e}")
+        return 0
+    cfg = daemon.load_agent_config(root)
+    host = RuleHost(root)
+    audit = AuditLog(Host(root).audit_log)
+    if args.action == "run":
+        store = compliance.PolicyStore(root / compliance.STORE)
+        try:
+            wanted = {name: cfg.policy_mode for name in cfg.policies}
+            compliance.record_assignment(store, wanted, audit)
+            results = []
+            for name in cfg.policies:
+                out = compliance.apply_profile(pol.load_profile(name, root), host,
+                                               cfg.policy_mode, store=store, audit=audit,
+                                               say=lambda m: print(m, flush=True))
+                results.append(out)
+                if not args.json:
+                    print(f"{name} ({cfg.policy_mode}): {_score_line(out.after)}"
+                          + (f"; drifted: {', '.join(out.drift)}" if out.drift else ""))
+        finally:
+            store.close()
+        if args.json:
+            print(json.dumps([{**o.after.to_json(), "mode": o.mode, "drift": list(o.drift),
+                               "fixes": [vars(f) for f in o.fixes]} for o in results],
+                             indent=2))
+        return 0
+    policy = pol.load_profile(args.profile or (cfg.policies or ["cerulean-baseline"])[0], root)
+    if args.action == "fix" and args.dry_run:
+        report = pol.run_policy(policy, host)
+        by_id = {c.id: c for c in policy.checks}
+        todo = [(r.id, by_id[r.id].fix) for r in report.results if r.result == "failed"
+                and by_id[r.id].fix and (not args.check or r.id in args.check)]
+        for cid, actions in todo:
+            print(f"would fix {cid}: {'; '.join(a.describe() for a in actions)}")
+        print(f"{len(todo)} of {report.count('failed')} failed checks would be fixed; "
+              f"now {_score_line(report)}.")
+        return 0
+    if args.action in ("check", "report"):
+        report = pol.run_policy(policy, host)
+        store = compliance.PolicyStore(root / compliance.STORE)
+        try:
+            store.save(report, "audit", time.time())
+        finally:
+            store.close()
+        if args.action == "report" or args.html:
+            page = htmlreport.render(policy, report, socket.gethostname())
+            if args.action == "report" and args.format == "json":
+                page = json.dumps(report.to_json(), indent=2) + "\n"
+            target = args.html if args.action == "check" else args.output
+            if target is None:
+                sys.stdout.write(page)
+                return 0
+            _write_new(target, page)
+            print(f"wrote {target}", file=sys.stderr)
+            if args.action == "report":
+                return 0
+        if args.json:
+            print(json.dumps(report.to_json(), indent=2))
+        else:
+            print(f"{policy.id}: {policy.name}")
+            _show_report(report, args.verbose)
+            print(f"Score: {_score_line(report)}.")
+        return 0 if report.count("passed") == len(report.results) else 2
+    store = compliance.PolicyStore(root / compliance.STORE)
+    try:
+        out = compliance.apply_profile(policy, host, "autocorrect", store=store, audit=audit,
+                                       only=args.check, actor="admin",
+                                       say=(lambda _m: None) if args.json else print)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"policy": policy.id, "before": out.before.score,
+                          "after": out.after.to_json(),
+                          "fixes": [vars(f) for f in out.fixes]}, indent=2))
+    else:
+        _show_report(out.after, args.verbose, passed=False)
+        left = sum(1 for r in out.after.results if r.result == "failed"
+                   and not next(c for c in policy.checks if c.id == r.id).fix)
+        print(f"Score: {out.before.score:g}% before, {_score_line(out.after)} after; "
+              f"{sum(1 for f in out.fixes if not f.error)} checks fixed, "
+              f"{sum(1 for f in out.fixes if f.error)} fixes failed, {left} failed checks "
+              "have no automatic fix.")
+    return 0 if out.after.count("passed") == len(out.after.results) else 2
 
 
 def run_cve(args: argparse.Namespace) -> int:
@@ -221,7 +408,7 @@ def run_update(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.group not in ("update", "audit", "agent", "cve") or \
+    if args.group not in ("update", "audit", "agent", "cve", "policy") or \
             not getattr(args, "action", None):
         p.print_help()
         return 2
@@ -230,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_agent(args)
         if args.group == "cve":
             return run_cve(args)
+        if args.group == "policy":
+            return run_policy(args)
         return run_audit(args) if args.group == "audit" else run_update(args)
     except CeruleanError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,8 @@ Configuration is TOML, ``/usr/lib/cerulean/agent.toml`` then
     detect = true                       # run the detection rules
     watch = ["/etc", "/boot", "/root", "/home", "/tmp", "/var/tmp", "/dev/shm"]
     scan-interval = 10                  # seconds between process/socket/... snapshots
+    policies = ["cerulean-baseline"]    # profiles cerulean-policy.timer runs (hourly)
+    policy-mode = "audit"               # audit | enforce | autocorrect
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from types import FrameType
 from cerulean.agent import metrics
 from cerulean.agent.audit import AuditLog
 from cerulean.agent.guard import WATCH, Guard
+from cerulean.agent.policy import MODES
 from cerulean.agent.settings import read_layers
 from cerulean.agent.update.host import Host
 from cerulean.errors import CeruleanError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-KEYS = {"metrics-listen": str, "detect": bool, "watch": list, "scan-interval": int}
+KEYS = {"metrics-listen": str, "detect": bool, "watch": list, "scan-interval": int,
+        "policies": list, "policy-mode": str}
 
 
 class AgentError(CeruleanError):
@@ -48,6 +52,8 @@ class AgentConfig:
     detect: bool = True
     watch: list[str] = field(default_factory=lambda: list(WATCH))
     scan_interval: int = 10
+    policies: list[str] = field(default_factory=lambda: ["cerulean-baseline"])
+    policy_mode: str = "audit"
     sources: list[str] = field(default_factory=list)
 
 
@@ -64,6 +70,11 @@ def load_agent_config(root: Path = Path("/")) -> AgentConfig:
         raise AgentError("'watch' must be a list of absolute paths.")
     if not 1 <= cfg.scan_interval <= 3600:
         raise AgentError("'scan-interval' must be between 1 and 3600 seconds.")
+    if not all(isinstance(p, str) and p for p in cfg.policies):
+        raise AgentError("'policies' must be a list of profile names.")
+    if cfg.policy_mode not in MODES:
+        raise AgentError(f"'policy-mode' must be one of {', '.join(MODES)}, "
+                         f"not {cfg.policy_mode!r}.")
     return cfg
 
 
@@ -75,8 +86,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def exposition(root: Path = Path("/"), slot: str = "") -> bytes:
-    return metrics.render([*metrics.collect(root), *metrics.cerulean_state(root, slot)]).encode()
+def exposition(root: Path = Path("/"), slot: str = "",
+               alerts: dict[tuple[str, str], int] | None = None) -> bytes:
+    families = [*metrics.collect(root), *metrics.cerulean_state(root, slot)]
+    if alerts is not None:
+        families.append(metrics.alert_family(alerts))
+    return metrics.render(families).encode()
 
 
 def _handler(scrape: Callable[[], bytes]) -> type[BaseHTTPRequestHandler]:
@@ -146,18 +161,21 @@ def run(root: Path = Path("/"), say: Callable[[str], None] = print,
     """Serve until SIGTERM/SIGINT (or until *stop* is set, in tests)."""
     cfg = load_agent_config(root)
     stop = stop or threading.Event()
-    server = None
-    if cfg.metrics_listen:
-        server = metrics_server(cfg.metrics_listen, lambda: exposition(root, slot))
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-        say(f"Serving metrics on http://{cfg.metrics_listen}/metrics")
-
+    # The rules load first: a bad rule file stops the agent before it serves anything.
     guard = None
+    rules = []
     if cfg.detect:
         from cerulean.agent.detect import load_rule_files
 
         rules = load_rule_files([root / "usr/lib/cerulean/rules.d",
                                  root / "etc/cerulean/rules.d"])
+    server = None
+    if cfg.metrics_listen:
+        server = metrics_server(cfg.metrics_listen, lambda: exposition(
+            root, slot, dict(guard.by_rule) if guard is not None else None))
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        say(f"Serving metrics on http://{cfg.metrics_listen}/metrics")
+    if cfg.detect:
         guard = Guard(rules, AuditLog(Host(root).audit_log), root, cfg.watch,
                       float(cfg.scan_interval), say)
         guard.start()

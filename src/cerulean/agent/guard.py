@@ -36,6 +36,8 @@ class Guard:
     say: Callable[[str], None] = print
     clock: Callable[[], float] = time.time
     alerts: int = 0
+    by_rule: dict[tuple[str, str], int] = field(default_factory=dict)  # (rule, priority)
+    journal: sensors.JournalFollower | None = None  # auth events; made by start()
     _watcher: Watcher | None = field(default=None, repr=False)
     _snapshots: list[tuple[str, sensors.NewOnly]] = field(default_factory=list, repr=False)
     _next_poll: float = field(default=0.0, repr=False)
@@ -44,6 +46,8 @@ class Guard:
         kinds = {r.event for r in self.rules}
         if "file" in kinds:
             self._watcher = Watcher([self.root / w.lstrip("/") for w in self.watch])
+        if "auth" in kinds and self.journal is None and self.root == Path("/"):
+            self.journal = sensors.JournalFollower()
         root = self.root
         table: list[tuple[str, Callable[[], list[dict[str, Any]]], Callable[[Any], Any], bool]] = [
             ("process", lambda: sensors.processes(root),
@@ -60,6 +64,8 @@ class Guard:
     def close(self) -> None:
         if self._watcher is not None:
             self._watcher.close()
+        if self.journal is not None:
+            self.journal.close()
 
     def step(self, wait: float = 0.0) -> list[Alert]:
         """One round: file events (waiting up to *wait* s for them), then the snapshots
@@ -69,6 +75,8 @@ class Guard:
             events += [("file", e) for e in self._watcher.read(wait)]
         elif wait:
             time.sleep(wait)  # nothing to wait on: do not spin
+        if self.journal is not None:
+            events += [("auth", e) for e in self.journal.read()]
         now = self.clock()
         if now >= self._next_poll:
             self._next_poll = now + self.interval
@@ -77,6 +85,7 @@ class Guard:
         raised = [a for kind, e in events for a in match(self.rules, kind, e, now)]
         for a in raised:
             self.alerts += 1
+            self.by_rule[a.rule, a.priority] = self.by_rule.get((a.rule, a.priority), 0) + 1
             # The journal gets one line per alert: control characters in a file name
             # or command line cannot forge more.
             self.say(f"alert [{a.priority}] {a.rule}: "

@@ -242,4 +242,33 @@ def cerulean_state(root: Path = Path("/"), slot: str = "") -> list[Family]:
     if head.exists():
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             audit.add(json.loads(head.read_bytes())["seq"])
-    return [info, staged, last, bad, audit]
+    return [info, staged, last, bad, audit, *policy_families(root)]
+
+
+def policy_families(root: Path = Path("/")) -> list[Family]:
+    """The last result of each policy profile (``cerulean policy`` and its timer)."""
+    from cerulean.agent.compliance import last_reports
+
+    checks = Family("cerulean_policy_checks", "gauge",
+                    "Checks of a policy profile by result, at its last run.")
+    score = Family("cerulean_policy_score_ratio", "gauge",
+                   "Passed checks of a profile over those that passed or failed (0 to 1).")
+    when = Family("cerulean_policy_last_run_timestamp_seconds", "gauge",
+                  "When each profile last ran.")
+    for name, doc in sorted(last_reports(root).items()):
+        for result in ("passed", "failed", "errors"):
+            checks.add(float(doc.get(result, 0)), policy=name,
+                       result="error" if result == "errors" else result)
+        judged = doc.get("passed", 0) + doc.get("failed", 0)
+        score.add(doc.get("passed", 0) / judged if judged else 1.0, policy=name)
+        when.add(float(doc.get("time", 0)), policy=name)
+    return [checks, score, when]
+
+
+def alert_family(counts: dict[tuple[str, str], int]) -> Family:
+    """Alerts the detection rules raised since the agent started, by rule and priority."""
+    fam = Family("cerulean_alerts_total", "counter",
+                 "Alerts raised by the detection rules since the agent started.")
+    for (rule, priority), n in sorted(counts.items()):
+        fam.add(n, rule=rule, priority=priority)
+    return fam

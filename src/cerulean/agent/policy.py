@@ -23,12 +23,16 @@ Fixes are a short list of structured actions, never shell text:
 - ``set-line``: ``file``, ``match`` (regex), ``line``: the first matching line
   becomes ``line`` and the other matches go; with none, ``line`` is appended;
 - ``remove-line``: ``file``, ``match``: removes every matching line;
-- ``sysctl``: ``key``, ``value``: writes ``/etc/sysctl.d/60-cerulean-policy.conf``
+- ``sysctl``: ``key``, ``value``: writes ``/etc/sysctl.d/99-cerulean-policy.conf``
   and sets it now;
 - ``mode``: ``path``, ``mode`` (an octal string), optional ``owner``, ``group``;
 - ``service``: ``unit``, ``enabled`` and/or ``active`` (true or false):
   systemctl enable or disable, start or stop;
 - ``command``: a list, the program and its arguments: runs it (no shell, 60 s).
+
+Profiles (policies by name) live in ``/usr/lib/cerulean/policies`` (shipped) and
+``/etc/cerulean/policies`` (the host's own; a file of the same name replaces a
+shipped one, an empty one turns it off); :func:`profiles` lists them.
 
 Modes: ``audit`` only checks; ``enforce`` fixes what fails once and then only
 reports drift; ``autocorrect`` fixes whatever fails, every time.
@@ -52,8 +56,9 @@ from cerulean.agent.rules import Host, Rule, RuleError, evaluate, parse_rule
 from cerulean.errors import CeruleanError
 
 MODES = ("audit", "enforce", "autocorrect")
+PROFILE_DIRS = ("usr/lib/cerulean/policies", "etc/cerulean/policies")
 CONDITIONS = ("all", "any", "none")
-SYSCTL_FILE = "/etc/sysctl.d/60-cerulean-policy.conf"
+SYSCTL_FILE = "/etc/sysctl.d/99-cerulean-policy.conf"
 ACTIONS: dict[str, dict[str, type]] = {
     "set-line": {"file": str, "match": str, "line": str},
     "remove-line": {"file": str, "match": str},
@@ -186,6 +191,31 @@ def load_policy(data: Any, source: str = "the policy") -> Policy:
                   tuple(checks))
 
 
+def profiles(root: Path = Path("/")) -> dict[str, Path]:
+    """The profiles on this host: the file name without ``.yaml`` → its file."""
+    from cerulean.agent.yamlfile import layered
+
+    return {f.stem: f for f in layered([root / d for d in PROFILE_DIRS])}
+
+
+def load_profile(name: str, root: Path = Path("/")) -> Policy:
+    """The profile *name* (see :func:`profiles`), or a policy file given by its path."""
+    from cerulean.agent.yamlfile import YamlError, load
+
+    found = profiles(root)
+    path = found.get(name)
+    if path is None and ("/" in name or name.endswith(".yaml")):
+        path = Path(name)
+    if path is None:
+        known = ", ".join(sorted(found)) or "none"
+        raise PolicyError(f"There is no policy profile {name!r} (this host has: {known}); "
+                          "give a profile name or the path of a policy file.")
+    try:
+        return load_policy(load(path), str(path))
+    except YamlError as e:
+        raise PolicyError(str(e)) from None
+
+
 @dataclass(frozen=True)
 class RuleResult:
     rule: str
@@ -249,7 +279,8 @@ def check(c: PolicyCheck, host: Host) -> CheckResult:
 
 
 def run_policy(policy: Policy, host: Host) -> Report:
-    return Report(policy.id, tuple(check(c, host) for c in policy.checks))
+    once = host.cached()  # a command several checks read runs once per pass
+    return Report(policy.id, tuple(check(c, once) for c in policy.checks))
 
 
 @dataclass

@@ -152,6 +152,19 @@ class Host:
     def path(self, p: str) -> Path:
         return self.root / p.lstrip("/")
 
+    def cached(self) -> Host:
+        """This host, running each command once (for one pass over a policy: many checks
+        read the same ``sshd -T``)."""
+        memo: dict[tuple[str, ...], tuple[int, str]] = {}
+
+        def run(argv: Sequence[str]) -> tuple[int, str]:
+            key = tuple(argv)
+            if key not in memo:
+                memo[key] = self.command(argv)
+            return memo[key]
+
+        return Host(self.root, run)
+
     def command(self, argv: Sequence[str]) -> tuple[int, str]:
         if self.run is not None:
             return self.run(argv)

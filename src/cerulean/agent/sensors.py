@@ -9,8 +9,12 @@ rule fires once per thing, not once per scan.
 from __future__ import annotations
 
 import ipaddress
+import json
+import math
 import os
 import re
+import subprocess
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,3 +172,75 @@ class NewOnly:
         if seen is None:
             return items if self.report_first else []
         return [e for e in items if self.key(e) not in seen]
+
+
+SSHD_IDENTIFIERS = ("sshd", "sshd-session")  # OpenSSH 10 logs logins from sshd-session
+
+
+class JournalFollower:
+    """sshd's journal entries as auth events, as they are written (``journalctl --follow``
+    in the background, read without blocking). Entries from before it started are not
+    read again. If journalctl ends, it is started again at most once a minute."""
+
+    def __init__(self, argv: list[str] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.argv = argv or ["journalctl", "--follow", "--lines=0", "--output=json",
+                             *(f"SYSLOG_IDENTIFIER={i}" for i in SSHD_IDENTIFIERS)]
+        self.clock = clock
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._buf = b""
+        self._started = -math.inf
+
+    def _start(self) -> None:
+        if self.clock() - self._started < 60:
+            return
+        self._started = self.clock()
+        try:
+            self._proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        except OSError:
+            self._proc = None
+            return
+        assert self._proc.stdout is not None
+        os.set_blocking(self._proc.stdout.fileno(), False)
+
+    def read(self) -> list[Event]:
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        if self._proc is None or self._proc.stdout is None:
+            return []
+        while True:
+            try:
+                chunk = self._proc.stdout.read(65536)
+            except BlockingIOError:
+                chunk = None
+            if not chunk:
+                break
+            self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        if len(self._buf) > 1 << 20:  # an entry larger than 1 MiB is not a login line
+            self._buf = b""
+        out = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            message = entry.get("MESSAGE") if isinstance(entry, dict) else None
+            if isinstance(message, list):  # journald gives non-UTF-8 text as bytes
+                message = bytes(b & 0xFF for b in message if isinstance(b, int)).decode(
+                    "utf-8", "replace")
+            if isinstance(message, str):
+                event = sshd_event(message, {k: v for k, v in entry.items()
+                                             if isinstance(v, str)})
+                if event is not None:
+                    out.append(event)
+        return out
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()

@@ -24,10 +24,7 @@ PACKAGE = "cerulean-agent"
 SRC = Path(cerulean.__file__).resolve().parent
 PY_DEST = "usr/lib/python3/dist-packages/cerulean"
 UNITS = ("cerulean-update.service", "cerulean-update.timer", "cerulean-health.service",
-         "cerulean-agent.service")
-# Enabled in every system image (cerulean-agent.service is shipped, not enabled yet:
-# it serves metrics only, until the watching modules join it).
-ENABLE = ("cerulean-update.timer", "cerulean-health.service")
+         "cerulean-agent.service", "cerulean-policy.service", "cerulean-policy.timer")
 MTIME = 1700000000
 
 LAUNCHER = b"""#!/usr/bin/python3

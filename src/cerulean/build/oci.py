@@ -57,6 +57,7 @@ from typing import Any
 
 import zstandard
 
+from cerulean.agent.fileio import write_atomic
 from cerulean.build.tree import Tree
 from cerulean.errors import CeruleanError
 
@@ -308,20 +309,6 @@ def _compressor_id(compression: Compression, level: int) -> str:
 # -- files ----------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write *data* to *path* through a temp file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class LayoutWriter:
     """Writes one OCI image layout directory.
 
@@ -350,7 +337,7 @@ class LayoutWriter:
         target = self.blobs_dir / blob.hex
         # Blobs are written through a rename, so one of the right size is complete.
         if not (target.is_file() and target.stat().st_size == blob.size):
-            _write_atomic(target, data)
+            write_atomic(target, data)
         self._written.add(blob.hex)
         return blob
 
@@ -441,10 +428,10 @@ class LayoutWriter:
                 entries.append(m.descriptor({ANNOTATION_REF_NAME: arch_ref}))
         top = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": entries}
         layout = canonical_json({"imageLayoutVersion": LAYOUT_VERSION})
-        _write_atomic(self.path / "oci-layout", layout)
+        write_atomic(self.path / "oci-layout", layout)
         # Prune only once index.json names the new image: a crash in between leaves
         # unused blobs (removed next time), never an index pointing at missing ones.
-        _write_atomic(self.path / "index.json", canonical_json(top))
+        write_atomic(self.path / "index.json", canonical_json(top))
         self._prune()
         return index_blob.digest
 
@@ -503,8 +490,8 @@ def _cache_get(cache_dir: Path, key_file: Path) -> bytes | None:
 def _cache_put(cache_dir: Path, key_file: Path, data: bytes) -> None:
     digest = sha256_digest(data)
     try:
-        _write_atomic(cache_dir / "blobs" / "sha256" / digest.removeprefix("sha256:"), data)
-        _write_atomic(key_file, digest.encode() + b"\n")
+        write_atomic(cache_dir / "blobs" / "sha256" / digest.removeprefix("sha256:"), data)
+        write_atomic(key_file, digest.encode() + b"\n")
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise CeruleanError(

@@ -31,7 +31,7 @@ DEFAULT_SETUID_ALLOW = ("/usr/bin/sudo", "/usr/bin/passwd", "/usr/bin/su",
 BASE_UNITS = ("cerulean-ready.service", "cerulean-ssh-keygen.service", "systemd-networkd.service",
               "systemd-resolved.service", "systemd-timesyncd.service",
               "systemd-boot-check-no-failures.service", "cerulean-update.timer",
-              "cerulean-health.service")
+              "cerulean-health.service", "cerulean-agent.service", "cerulean-policy.timer")
 
 
 def files_digest() -> str:

@@ -13,8 +13,9 @@ import tarfile
 from dataclasses import dataclass
 from io import BytesIO
 
+from cerulean.agent.fileio import write_atomic
 from cerulean.build.tree import Tree, UnsafePathError
-from cerulean.debian.cache import Cache, atomic_write
+from cerulean.debian.cache import Cache
 from cerulean.debian.deb import DebError, read_deb
 from cerulean.debian.lock import LockedPackage
 from cerulean.errors import CeruleanError
@@ -54,7 +55,7 @@ def load_package(cache: Cache, p: LockedPackage) -> Unpacked:
         "data_size": len(contents.data_tar),
         "control": {k: v.decode("utf-8", "surrogateescape") for k, v in control.items()},
     }
-    atomic_write(index, json.dumps(meta_out, sort_keys=True).encode())
+    write_atomic(index, json.dumps(meta_out, sort_keys=True).encode())
     return Unpacked(p, control, contents.data_tar)
 
 

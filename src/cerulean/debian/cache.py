@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
+from cerulean.agent.fileio import write_atomic
 from cerulean.errors import CeruleanError, VerificationError
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cerulean"
@@ -81,7 +81,7 @@ class Cache:
             raise VerificationError("Data to be cached does not match its expected sha256.")
         path = self.blob_path(digest)
         if not path.exists():
-            atomic_write(path, data)
+            write_atomic(path, data)
         return digest
 
     def state_path(self, *parts: str) -> Path:
@@ -94,16 +94,3 @@ class Cache:
         p = self.root / name
         p.mkdir(parents=True, exist_ok=True)
         return p
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write *data* to *path* through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

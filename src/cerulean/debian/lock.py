@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cerulean.debian.cache import atomic_write
+from cerulean.agent.fileio import write_atomic
 from cerulean.debian.packages import Package
 from cerulean.debian.release import Release
 from cerulean.errors import CeruleanError
@@ -123,7 +123,7 @@ def dump_lock(lock: Lock) -> str:
 
 
 def write_lock(path: Path, lock: Lock) -> None:
-    atomic_write(path, dump_lock(lock).encode())
+    write_atomic(path, dump_lock(lock).encode())
 
 
 def read_lock(path: Path) -> Lock:

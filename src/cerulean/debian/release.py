@@ -15,8 +15,9 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cerulean.agent.fileio import write_atomic
 from cerulean.debian.archive import ArchiveConfig
-from cerulean.debian.cache import Cache, atomic_write
+from cerulean.debian.cache import Cache
 from cerulean.debian.fetch import get_bytes
 from cerulean.debian.signature import verify_clearsigned
 from cerulean.errors import CeruleanError, VerificationError
@@ -151,5 +152,5 @@ def load_release(
             "serves stale metadata."
         )
     if http is not None:
-        atomic_write(state, data)
+        write_atomic(state, data)
     return rel

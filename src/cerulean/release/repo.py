@@ -46,6 +46,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
+from cerulean.agent.fileio import write_atomic
 from cerulean.errors import CeruleanError
 from cerulean.protocol.update import ChannelDoc, ProtocolError, channel_path
 
@@ -58,22 +59,6 @@ TARGET_PATH = re.compile(r"[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*")
 
 def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass(frozen=True)
@@ -91,7 +76,7 @@ def generate_key(keys_dir: Path, role: str) -> tuple[SSlibKey, CryptoSigner]:
     public = SSlibKey.from_crypto(private.public_key())
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    _write_atomic(keys_dir / f"{role}-{public.keyid}.pem", pem, 0o600)
+    write_atomic(keys_dir / f"{role}-{public.keyid}.pem", pem, 0o600, durable=True)
     return public, CryptoSigner(private, public)
 
 
@@ -242,11 +227,11 @@ class Repository:
             md.sign(s, append=True)
         data = md.to_bytes(_SERIALIZER)
         if role == "timestamp":
-            _write_atomic(self.meta / "timestamp.json", data)
+            write_atomic(self.meta / "timestamp.json", data, durable=True)
             return
-        _write_atomic(self.meta / f"{md.signed.version}.{role}.json", data)
+        write_atomic(self.meta / f"{md.signed.version}.{role}.json", data, durable=True)
         if role == "root":
-            _write_atomic(self.meta / "root.json", data)
+            write_atomic(self.meta / "root.json", data, durable=True)
 
     def _commit(self, signers: dict[str, list[CryptoSigner]], now: datetime,
                 targets_version: int) -> None:
