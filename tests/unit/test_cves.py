@@ -176,3 +176,69 @@ def test_cli_report_on_this_machine(tmp_path: Path, capsys: pytest.CaptureFixtur
     (tmp_path / "bad.json").write_text("{not json")
     assert cli.main(["cve", "report", "--tracker", str(tmp_path / "bad.json")]) == 1
     assert "is not the Security Tracker's JSON" in capsys.readouterr().err
+
+
+class Tracker:
+    """A local web server with the tracker's JSON, an ETag, and a log of its requests."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.body = json.dumps(TRACKER).encode()
+        self.requests: list[dict[str, str]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.requests.append(dict(self.headers))
+                etag = f'"{len(outer.body)}"'
+                if self.headers.get("If-None-Match") == etag:
+                    self.send_response(304)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("ETag", etag)
+                self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/tracker/data/json"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_a_tracker_url_is_fetched_once_and_kept_while_fresh(tmp_path: Path) -> None:
+    web = Tracker()
+    cache = tmp_path / "cache/tracker.json"
+    now = [1000.0]
+    said: list[str] = []
+
+    def fetch() -> Path:
+        return cves.fetch_tracker(web.url, cache, max_age=3600, say=said.append,
+                                  clock=lambda: now[0])
+
+    try:
+        assert cves.load_tracker(fetch()) == TRACKER and len(web.requests) == 1
+        now[0] += 600
+        fetch()
+        assert len(web.requests) == 1  # fresh: not asked again
+        now[0] += 3600
+        fetch()
+        assert web.requests[-1]["If-None-Match"] == f'"{len(web.body)}"'  # answered 304
+        web.body = b'{"broken": '  # a bad document never replaces the good copy
+        now[0] += 3600
+        assert cves.load_tracker(fetch()) == TRACKER
+        assert said and "could not be fetched" in said[-1]
+    finally:
+        web.server.shutdown()
+        web.server.server_close()
+    now[0] += 3600
+    assert cves.load_tracker(fetch()) == TRACKER  # the server is gone: the cached copy
+    with pytest.raises(cves.TrackerError, match="could not be fetched"):
+        cves.fetch_tracker(web.url, tmp_path / "empty/t.json")
+    with pytest.raises(cves.TrackerError, match="not an https:// URL"):
+        cves.fetch_tracker("http://tracker.example/json", cache)

@@ -377,3 +377,34 @@ def test_a_host_without_network_is_not_judged_by_it(world: World,
     problems = health.check(world.host, network=True, network_wait=0, say=said.append)
     assert problems == ["no default route (the network is not up)"], problems
     assert said == ["unhealthy: no default route (the network is not up)"]
+
+
+def _fake_block(root: Path, parts: list[tuple[str, int, str, str]]) -> None:
+    """sysfs partitions of vda (name, start, GPT type, PARTUUID) and udev's records."""
+    for n, (name, start, kind, uuid) in enumerate(parts, start=1):
+        d = root / "sys/devices/pci0/virtio1/block/vda" / name
+        d.mkdir(parents=True)
+        (d / "partition").write_text(f"{n}\n")
+        (d / "dev").write_text(f"254:{n}\n")
+        (d / "start").write_text(f"{start}\n")
+        link = root / "sys/class/block" / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(d)
+        data = root / f"run/udev/data/b254:{n}"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.write_text(f"S:disk/by-partuuid/{uuid}\nE:ID_PART_ENTRY_TYPE={kind}\n"
+                        f"E:ID_PART_ENTRY_UUID={uuid}\nE:ID_PART_ENTRY_NUMBER={n}\n")
+
+
+def test_the_booted_slot_is_told_without_opening_a_device(tmp_path: Path) -> None:
+    usr, hsh = disk.USR_TYPES["amd64"]
+    a, b = "0a0a0a0a-0000-4000-8000-00000000000a", "0b0b0b0b-0000-4000-8000-00000000000b"
+    # Slot B's partition comes first in sysfs order but last on the disk.
+    _fake_block(tmp_path, [("vda4", 900, usr, b), ("vda1", 10, "esp", "1" * 8),
+                           ("vda2", 100, usr, a), ("vda3", 500, hsh, "3" * 8)])
+    assert disk.booted_slot_name(f"ro systemd.verity_usr_data=PARTUUID={a} quiet",
+                                 tmp_path) == "A"
+    assert disk.booted_slot_name(f"systemd.verity_usr_data=PARTUUID={b}", tmp_path) == "B"
+    with pytest.raises(UpdateError, match="known to udev"):
+        disk.booted_slot_name(f"systemd.verity_usr_data=PARTUUID={'c' * 8}-0000-4000-8000-"
+                              f"{'0' * 12}", tmp_path)

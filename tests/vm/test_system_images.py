@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from cerulean.cli import main
 from cerulean.testbed.qemu import QemuConfig
 
 pytestmark = pytest.mark.vm
+RULES = Path(__file__).parents[2] / "src/cerulean/agent/data/rules.d/cerulean.yaml"
 
 
 # edge boots many times in test_updates.py, vm in test_inside_the_booted_vm.
@@ -200,6 +202,21 @@ i=0
 until grep -q '"alert.ssh-login-failures"' "$log" 2>/dev/null || [ $i -ge 300 ]; do
   sleep 0.1; i=$((i + 1))
 done
+# One trigger for each of the other shipped rules.
+cp /usr/bin/sleep /var/tmp/.sleeper && /var/tmp/.sleeper 300 &
+cp /usr/bin/sleep /root/.gone && /root/.gone 300 &
+sleep 1; rm -f /root/.gone
+useradd -o -u 0 -M -s /usr/sbin/nologin toor
+python3 -c 'import socket, time
+s = socket.socket(); s.bind(("0.0.0.0", 8099)); s.listen(); time.sleep(300)' &
+modprobe dummy || modprobe veth
+echo "# changed by the test" >> /home/ops/.ssh/authorized_keys
+echo "# changed by the test" > /etc/sudoers.d/zz-test && chmod 0440 /etc/sudoers.d/zz-test
+echo "# changed by the test" >> /etc/pam.d/other
+i=0
+until [ "$(grep -o '"alert\.[a-z0-9-]*"' "$log" | sort -u | wc -l)" -ge 10 ] || [ $i -ge 600 ]; do
+  sleep 0.1; i=$((i + 1))
+done
 python3 -c 'import urllib.request as u, sys
 sys.stdout.write(u.urlopen("http://127.0.0.1:9477/metrics").read().decode())' \
     > "$out/metrics" 2>&1
@@ -292,11 +309,16 @@ def _agent_checks(run: Any) -> None:
     print(f"setuid alert after {ms} ms")
     ssh = [e for e in entries if e["action"] == "alert.ssh-login-failures"]
     assert ssh and ssh[0]["detail"]["evidence"]["source.ip"] == "127.0.0.1", entries
+    shipped = {r["rule"] for r in yaml.safe_load(RULES.read_text())}
+    raised = {e["action"].removeprefix("alert.") for e in entries
+              if e["action"].startswith("alert.")}
+    assert raised >= shipped, f"no alert from {sorted(shipped - raised)}"
     assert any(e["action"] == "policy.fix" for e in entries)
     assert 'cerulean_alerts_total{priority="critical",rule="setuid-or-setgid-file"} 1' in \
         run.text("metrics"), run.text("metrics")
     assert 'cerulean_policy_checks{policy="cis-debian-l1-server",result="passed"}' in \
         run.text("metrics")
+    assert 'cerulean_update_info{image="vm",slot="A",' in run.text("metrics")
     # The audit trail: intact, then one edited byte is found.
     assert run.text("verify-before-rc").strip() == "0", run.text("verify-before")
     assert run.text("verify-after-rc").strip() == "1", run.text("verify-after")

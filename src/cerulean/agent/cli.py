@@ -28,7 +28,7 @@ Cerulean host agent.
                               and its evidence; --html FILE or --json for reports
   cerulean policy fix         fix the failed checks that have a fix, then check again
   cerulean policy report      the last check as an HTML page (or --format json)
-  cerulean cve report --tracker FILE
+  cerulean cve report --tracker FILE|URL
                               the CVEs that affect this host's packages (Debian Security
                               Tracker JSON), worst first
   cerulean agent metrics      this host's metrics, as the agent serves them to Prometheus
@@ -98,8 +98,12 @@ def parser() -> argparse.ArgumentParser:
                           "packages (dpkg's status), from the Debian Security Tracker's JSON "
                           "(a copy of security-tracker.debian.org/tracker/data/json), worst "
                           "first: a fix is available, Debian has no fix yet, or undetermined.")
-    rep.add_argument("--tracker", required=True, type=Path, metavar="FILE",
-                     help="the Security Tracker's JSON")
+    rep.add_argument("--tracker", required=True, metavar="FILE|URL",
+                     help="the Security Tracker's JSON: a file, or an https:// URL fetched "
+                     "into /var/cache/cerulean and used from there while it is fresh")
+    rep.add_argument("--max-age", type=float, default=6, metavar="HOURS",
+                     help="how old the cached copy of a URL may be before it is fetched "
+                     "again (default: 6)")
     rep.add_argument("--release", default=None,
                      help="the Debian release to read (default: this host's VERSION_CODENAME)")
     rep.add_argument("--json", action="store_true", help="print the findings as JSON")
@@ -310,6 +314,15 @@ def run_cve(args: argparse.Namespace) -> int:
     from cerulean.agent.update.host import Host
 
     release = args.release or Host().os_release().get("VERSION_CODENAME") or "trixie"
+    source = str(args.tracker)
+    if "://" in source:
+        try:
+            args.tracker = cves.fetch_tracker(source, max_age=args.max_age * 3600,
+                                              say=lambda m: print(m, file=sys.stderr))
+        except cves.TrackerError as e:
+            raise CeruleanError(str(e)) from None
+    else:
+        args.tracker = Path(source)
     try:
         tracker = cves.load_tracker(args.tracker)
     except FileNotFoundError:

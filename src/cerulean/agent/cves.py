@@ -22,10 +22,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cerulean.agent.fileio import write_atomic
 
 SEVERITY = {"unimportant": 0, "not yet assigned": 1, "end-of-life": 1, "low": 2, "medium": 3,
             "high": 4}
@@ -152,6 +158,64 @@ class Finding:
                 "installed": self.installed, "status": self.status,
                 "fixed_version": self.fixed_version, "severity": self.severity,
                 "description": self.description}
+
+
+TRACKER_CACHE = Path("/var/cache/cerulean/security-tracker.json")
+MAX_TRACKER = 1 << 30  # the whole tracker is a few hundred MiB at most
+
+
+class TrackerError(Exception):
+    pass
+
+
+def fetch_tracker(url: str, cache: Path = TRACKER_CACHE, max_age: float = 6 * 3600,
+                  say: Callable[[str], None] = lambda _m: None,
+                  clock: Callable[[], float] = time.time) -> Path:
+    """The tracker's JSON from *url*, kept in *cache*: fetched again when the copy is older
+    than *max_age* seconds (and then only if the server has a newer one, by ETag). Only
+    HTTPS, or plain HTTP to this machine. A failed fetch falls back to the cached copy."""
+    parts = urllib.parse.urlsplit(url)
+    local = parts.hostname in ("localhost", "127.0.0.1", "::1")
+    if parts.scheme != "https" and not (parts.scheme == "http" and local):
+        raise TrackerError(f"{url} is not an https:// URL (the tracker's data is not signed: "
+                           "only TLS vouches for it).")
+    meta_path = cache.with_name(cache.name + ".meta")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if cache.exists() and meta.get("url") == url and clock() - meta.get("fetched", 0) < max_age:
+        return cache
+    request = urllib.request.Request(url, headers={"User-Agent": "cerulean-agent"})
+    if cache.exists() and meta.get("url") == url and meta.get("etag"):
+        request.add_header("If-None-Match", meta["etag"])
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            data = r.read(MAX_TRACKER + 1)
+            etag = r.headers.get("ETag", "")
+        if len(data) > MAX_TRACKER:
+            raise TrackerError(f"{url} sent more than {MAX_TRACKER >> 20} MiB.")
+        json.loads(data)  # only a whole, valid document replaces the cached one
+    except urllib.error.HTTPError as e:
+        if e.code == 304:
+            meta["fetched"] = clock()
+            write_atomic(meta_path, json.dumps(meta).encode())
+            return cache
+        return _cached_or_fail(cache, meta, url, f"the server answered {e.code} {e.reason}", say)
+    except (OSError, ValueError) as e:
+        return _cached_or_fail(cache, meta, url, str(getattr(e, "reason", e)), say)
+    write_atomic(cache, data)
+    write_atomic(meta_path, json.dumps({"url": url, "etag": etag, "fetched": clock()}).encode())
+    return cache
+
+
+def _cached_or_fail(cache: Path, meta: Mapping[str, Any], url: str, why: str,
+                    say: Callable[[str], None]) -> Path:
+    if cache.exists() and meta.get("url") == url:
+        say(f"warning: {url} could not be fetched ({why}); using the copy of "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(meta.get('fetched', 0)))} UTC")
+        return cache
+    raise TrackerError(f"{url} could not be fetched: {why}.")
 
 
 def load_tracker(path: Path) -> dict[str, Any]:

@@ -148,10 +148,10 @@ def notify(state: str) -> None:
 
 def booted_slot() -> str:
     """The A/B slot this boot runs from ("" when the host has no such layout)."""
-    from cerulean.agent.update.updater import Updater
+    from cerulean.agent.update.disk import booted_slot_name
 
     try:
-        return Updater(say=lambda _m: None).layout().booted.name
+        return booted_slot_name(Host().cmdline())
     except (CeruleanError, OSError):
         return ""
 

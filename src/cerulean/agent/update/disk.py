@@ -113,6 +113,42 @@ def layout(disk: str, arch: str, cmdline: str) -> Layout:
     return Layout(disk, slots, booted[0])
 
 
+def _udev_properties(path: Path) -> dict[str, str]:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    return dict(line[2:].split("=", 1) for line in lines if line.startswith("E:") and "=" in line)
+
+
+def booted_slot_name(cmdline: str, root: Path = Path("/")) -> str:
+    """The booted slot ("A" or "B") from sysfs and udev's database alone: no device is
+    opened, so a sandboxed service without device access can tell it too. The slots
+    are the partitions of the booted one's type on its disk, in disk order."""
+    wanted = booted_usr_uuid(cmdline)
+    parts = []  # (disk, start, type, uuid)
+    for part in sorted((root / "sys/class/block").iterdir()):
+        try:
+            if not (part / "partition").exists():
+                continue
+            dev = (part / "dev").read_text().strip()
+            start = int((part / "start").read_text())
+        except (OSError, ValueError):
+            continue
+        props = _udev_properties(root / f"run/udev/data/b{dev}")
+        parts.append((part.resolve().parent.name, start,
+                      props.get("ID_PART_ENTRY_TYPE", "").lower(),
+                      props.get("ID_PART_ENTRY_UUID", "").lower()))
+    booted = [p for p in parts if p[3] == wanted]
+    if not booted:
+        raise UpdateError(f"No partition with the booted /usr UUID {wanted} is known to udev.")
+    disk, _, kind, _ = booted[0]
+    slots = sorted(p for p in parts if p[0] == disk and p[2] == kind)
+    if len(slots) != 2:
+        raise UpdateError(f"The booted disk {disk} does not have two /usr slots.")
+    return "A" if slots[0][3] == wanted else "B"
+
+
 def find_disk(partuuid: str) -> str:
     """The whole-disk device holding the partition with *partuuid*."""
     link = Path("/dev/disk/by-partuuid") / partuuid
