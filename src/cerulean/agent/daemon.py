@@ -13,6 +13,7 @@ Configuration is TOML, ``/usr/lib/cerulean/agent.toml`` then
     detect = true                       # run the detection rules
     watch = ["/etc", "/boot", "/root", "/home", "/tmp", "/var/tmp", "/dev/shm"]
     scan-interval = 10                  # seconds between process/socket/... snapshots
+    integrity-interval = 3600           # seconds between full integrity scans (0: none)
     policies = ["cerulean-baseline"]    # profiles cerulean-policy.timer runs (hourly)
     policy-mode = "audit"               # audit | enforce | autocorrect
 """
@@ -39,7 +40,7 @@ from cerulean.errors import CeruleanError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 KEYS = {"metrics-listen": str, "detect": bool, "watch": list, "scan-interval": int,
-        "policies": list, "policy-mode": str}
+        "policies": list, "policy-mode": str, "integrity-interval": int}
 
 
 class AgentError(CeruleanError):
@@ -54,6 +55,7 @@ class AgentConfig:
     scan_interval: int = 10
     policies: list[str] = field(default_factory=lambda: ["cerulean-baseline"])
     policy_mode: str = "audit"
+    integrity_interval: int = 3600
     sources: list[str] = field(default_factory=list)
 
 
@@ -70,6 +72,8 @@ def load_agent_config(root: Path = Path("/")) -> AgentConfig:
         raise AgentError("'watch' must be a list of absolute paths.")
     if not 1 <= cfg.scan_interval <= 3600:
         raise AgentError("'scan-interval' must be between 1 and 3600 seconds.")
+    if cfg.integrity_interval and not 60 <= cfg.integrity_interval <= 7 * 86400:
+        raise AgentError("'integrity-interval' must be 0 (no scans) or 60 to 604800 seconds.")
     if not all(isinstance(p, str) and p for p in cfg.policies):
         raise AgentError("'policies' must be a list of profile names.")
     if cfg.policy_mode not in MODES:
@@ -156,30 +160,57 @@ def booted_slot() -> str:
         return ""
 
 
+def _integrity_loop(root: Path, interval: int, stop: threading.Event,
+                    say: Callable[[str], None], first_after: float = 300) -> None:
+    """A full integrity scan every *interval* seconds, the first *first_after* seconds after
+    start (boot is busy enough); new changes go to the audit trail."""
+    from datetime import UTC, datetime
+
+    from cerulean.agent import integrity
+
+    wait = first_after
+    while not stop.wait(wait):
+        wait = interval
+        try:
+            total, new = integrity.periodic_scan(
+                root, AuditLog(Host(root).audit_log),
+                datetime.now(UTC).isoformat(timespec="seconds"))
+        except Exception as e:  # one failed scan must not end the loop
+            say(f"error: integrity scan: {e}")
+            continue
+        if new:
+            say(f"integrity: {new} new change{'s' if new != 1 else ''} "
+                f"({total} since the baseline)")
+
+
 def run(root: Path = Path("/"), say: Callable[[str], None] = print,
         stop: threading.Event | None = None, slot: str = "") -> int:
     """Serve until SIGTERM/SIGINT (or until *stop* is set, in tests)."""
     cfg = load_agent_config(root)
     stop = stop or threading.Event()
-    # The rules load first: a bad rule file stops the agent before it serves anything.
+    # The rules load and the watches are set before anything is served: a bad rule file
+    # stops the agent first, and what happens once it answers is seen.
     guard = None
-    rules = []
     if cfg.detect:
         from cerulean.agent.detect import load_rule_files
 
         rules = load_rule_files([root / "usr/lib/cerulean/rules.d",
                                  root / "etc/cerulean/rules.d"])
-    server = None
-    if cfg.metrics_listen:
-        server = metrics_server(cfg.metrics_listen, lambda: exposition(
-            root, slot, dict(guard.by_rule) if guard is not None else None))
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-        say(f"Serving metrics on http://{cfg.metrics_listen}/metrics")
-    if cfg.detect:
         guard = Guard(rules, AuditLog(Host(root).audit_log), root, cfg.watch,
                       float(cfg.scan_interval), say)
         guard.start()
-
+    server = None
+    if cfg.metrics_listen:
+        try:
+            server = metrics_server(cfg.metrics_listen, lambda: exposition(
+                root, slot, dict(guard.by_rule) if guard is not None else None))
+        except AgentError:
+            if guard is not None:
+                guard.close()
+            raise
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        say(f"Serving metrics on http://{cfg.metrics_listen}/metrics")
+    if guard is not None:
         def watch() -> None:
             assert guard is not None
             while not stop.is_set():
@@ -191,7 +222,11 @@ def run(root: Path = Path("/"), say: Callable[[str], None] = print,
 
         watcher_thread = threading.Thread(target=watch, name="guard", daemon=True)
         watcher_thread.start()
-        say(f"Detecting with {len(rules)} rules, watching {', '.join(cfg.watch)}")
+        say(f"Detecting with {len(guard.rules)} rules, watching {', '.join(cfg.watch)}")
+
+    if cfg.integrity_interval:
+        threading.Thread(target=_integrity_loop, name="integrity", daemon=True,
+                         args=(root, cfg.integrity_interval, stop, say)).start()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()

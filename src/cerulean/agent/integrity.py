@@ -15,8 +15,10 @@ never followed, and a scan never leaves the file system it started on.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
+import subprocess
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,3 +197,109 @@ def dpkg_owners(root: Path) -> dict[str, str]:
         except OSError:
             continue
     return out
+
+
+# -- the host's baseline ---------------------------------------------------------------
+
+IMAGE_MANIFEST = "usr/lib/cerulean/files.json"  # on /usr: covered by dm-verity
+FIRST_SCAN = "var/lib/cerulean/agent/integrity-baseline.json"
+WATCHED = ("/etc",)
+MANIFEST_VERSION = 1
+
+
+def manifest_json(states: Mapping[str, FileState], **head: Any) -> bytes:
+    """*states* in the file manifest's format (sorted, no times: reproducible)."""
+    doc = {"manifestVersion": MANIFEST_VERSION, **head,
+           "files": [states[p].to_json() for p in sorted(states)]}
+    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+
+def image_manifest(rootfs: Path, dirs: Sequence[str] = WATCHED, **head: Any) -> bytes:
+    """The manifest a system image ships of its writable directories (*dirs*)."""
+    return manifest_json(scan(rootfs, dirs, packages=dpkg_owners(rootfs)),
+                         dirs=list(dirs), **head)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    files: dict[str, FileState]
+    source: str  # "image manifest" | "first scan"
+    dirs: tuple[str, ...]
+    made: str = ""  # when the first scan was made (ISO 8601)
+
+
+def load_baseline(root: Path = Path("/"), now: str = "") -> Baseline:
+    """The image's manifest of its writable directories when there is one (nothing
+    trusted on first use); elsewhere the first scan, made now if there is none yet."""
+    for rel, source in ((IMAGE_MANIFEST, "image manifest"), (FIRST_SCAN, "first scan")):
+        try:
+            doc = json.loads((root / rel).read_bytes())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:
+            raise IntegrityError(f"The integrity baseline /{rel} cannot be read: {e}.") from None
+        dirs = tuple(doc.get("dirs") or WATCHED)
+        return Baseline(from_manifest(doc.get("files", []), dirs), source, dirs,
+                        str(doc.get("made", "")))
+    files = scan(root, WATCHED, packages=dpkg_owners(root))
+    from cerulean.agent.fileio import write_atomic
+
+    write_atomic(root / FIRST_SCAN, manifest_json(files, dirs=list(WATCHED), made=now),
+                 mode=0o600, durable=True)
+    return Baseline(files, "first scan", WATCHED, now)
+
+
+class IntegrityError(Exception):
+    pass
+
+
+def usr_verity(run: Any = subprocess.run) -> str:
+    """The dm-verity state of /usr: verified, corrupted (a block failed its hash), or
+    none (no verity /usr here) / unknown (its state cannot be read)."""
+    try:
+        r = run(["dmsetup", "status", "usr"], capture_output=True, text=True, check=False,
+                timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    words = r.stdout.split()
+    if r.returncode != 0 or len(words) < 3:
+        return "none" if "does not exist" in r.stderr else "unknown"
+    if words[2] != "verity":
+        return "none"
+    return {"V": "verified", "C": "corrupted"}.get(words[3] if len(words) > 3 else "",
+                                                   "unknown")
+
+
+REPORTED = "var/lib/cerulean/agent/integrity-reported.json"
+MAX_ENTRIES = 50  # audit entries per scan; past that, one entry counts the rest
+
+
+def _key(c: Change) -> str:
+    n = c.new
+    return "|".join([c.path, ",".join(c.what), *(
+        [] if n is None else [n.kind, n.sha256 or "", n.target or "", f"{n.mode:o}",
+                              f"{n.uid}:{n.gid}"])])
+
+
+def periodic_scan(root: Path, audit: Any, now: str = "") -> tuple[int, int]:
+    """One full scan against the baseline; each change not reported before (in that
+    state) goes to the audit trail as ``integrity.change``. Returns (changes, new)."""
+    base = load_baseline(root, now)
+    changes = compare(base.files, scan(root, base.dirs, packages=dpkg_owners(root)))
+    path = root / REPORTED
+    try:
+        seen = set(json.loads(path.read_bytes()))
+    except (OSError, ValueError, TypeError):
+        seen = set()
+    fresh = [c for c in changes if _key(c) not in seen]
+    for c in fresh[:MAX_ENTRIES]:
+        audit.append("integrity", "integrity.change", {**c.to_json(), "baseline": base.source})
+    if len(fresh) > MAX_ENTRIES:
+        audit.append("integrity", "integrity.changes",
+                     {"more": len(fresh) - MAX_ENTRIES, "baseline": base.source,
+                      "message": f"{len(fresh) - MAX_ENTRIES} more changes; "
+                                 "run 'cerulean integrity check' for all of them"})
+    from cerulean.agent.fileio import write_atomic
+
+    write_atomic(path, json.dumps(sorted(_key(c) for c in changes)).encode(), mode=0o600)
+    return len(changes), len(fresh)

@@ -9,9 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from cerulean.agent.integrity import MANIFEST_VERSION
 from cerulean.build.tree import Tree
-
-MANIFEST_VERSION = 1
 
 
 def manifest_entries(tree: Tree) -> list[dict[str, object]]:

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cerulean import arch as arches
+from cerulean.agent import integrity
 from cerulean.arch import host_arch
 from cerulean.build import disk, sysconfig
 from cerulean.build.agent import install_agent
@@ -200,6 +201,12 @@ def _build_disk(defn: ImageDefinition, lock: Lock, arch: arches.Arch, rootfs: Pa
     sysconfig.write_fstab(rootfs, root_uuid, var_uuid)
     sysconfig.enable_units(rootfs, defn)
     sysconfig.strip_setuid(rootfs, defn.system_setuid_allow)
+    if defn.wants_agent:
+        # The baseline of the writable configuration, on /usr (so dm-verity covers it).
+        manifest = rootfs / integrity.IMAGE_MANIFEST
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_bytes(integrity.image_manifest(rootfs, image=defn.name, arch=arch_name,
+                                                      version=version))
     kver = sysconfig.kernel_version(rootfs)
     say(f"{arch_name}: building the initrd (kernel {kver})")
     initrd = make_initrd(rootfs, work, kver, defn, cache,
