@@ -12,7 +12,7 @@ APT_PACKAGES := gpgv gnupg zstd xz-utils binutils ca-certificates \
 	qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64 \
 	python3-venv python3-pip fdisk
 
-.PHONY: demo test setup apt venv lint bench bench-system bench-update clean
+.PHONY: demo test setup apt venv lint bench bench-system bench-update bench-agent clean
 
 # The archive moves on (security updates, point releases): refresh the lock to
 # its newest state, then build exactly that lock for both architectures.
@@ -40,6 +40,12 @@ bench-system: setup
 
 bench-update: setup
 	$(BIN)/python benchmarks/update_bench.py
+
+# AIDE is the reference for the integrity scan; only this benchmark needs it.
+bench-agent: setup
+	@command -v aide >/dev/null || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends aide; }
+	$(BIN)/python benchmarks/agent_bench.py
 
 setup: apt venv
 

@@ -22,7 +22,8 @@ def test_dpkg_reads_the_package(deb: agent.AgentDeb) -> None:
     fields = dict(line.split(": ", 1) for line in info.splitlines() if ": " in line)
     assert fields["Package"] == "cerulean-agent" and fields["Architecture"] == "all"
     assert fields["Version"] == deb.version and deb.path.name.endswith(f"_{deb.version}_all.deb")
-    assert fields["Depends"] == ", ".join(agent.AGENT_DEPENDS)
+    assert fields["Depends"] == "python3 (>= 3.11), python3-yaml"
+    assert fields["Recommends"] == "python3-tuf, python3-cryptography, zstd, fdisk"
     listing = subprocess.run(["dpkg-deb", "--contents", str(deb.path)], capture_output=True,
                              text=True, check=True).stdout
     paths = {line.split()[-1].removeprefix(".") for line in listing.splitlines()}
@@ -46,3 +47,13 @@ def test_md5sums_match_and_builds_are_identical(deb: agent.AgentDeb, tmp_path: P
         assert hashlib.md5((tree / path).read_bytes()).hexdigest() == digest, path
     again = agent.build_deb(tmp_path / "again")
     assert again.path.read_bytes() == deb.path.read_bytes()
+
+
+def test_cli_writes_the_package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cerulean.cli import main
+
+    assert main(["agent-deb", "--out", str(tmp_path / "out")]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path.parent == tmp_path / "out"
+    assert path.name == f"cerulean-agent_{agent.version()}_all.deb"
+    assert path.read_bytes().startswith(b"!<arch>\n")

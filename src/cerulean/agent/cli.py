@@ -411,7 +411,8 @@ def run_audit(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(verdict.to_json(), indent=2, sort_keys=True))
         elif verdict.ok:
-            print(f"The audit trail is intact: {verdict.entries} entries, last hash "
+            n = verdict.entries
+            print(f"The audit trail is intact: {n} entr{'y' if n == 1 else 'ies'}, last hash "
                   f"{verdict.head[:16]}.")
             for note in verdict.notes:
                 print(f"note: {note}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cerulean
-from cerulean.build.definition import AGENT_DEPENDS, ImageDefinition
+from cerulean.build.definition import AGENT_DEPENDS, AGENT_REQUIRES, ImageDefinition
 
 PACKAGE = "cerulean-agent"
 SRC = Path(cerulean.__file__).resolve().parent
@@ -114,15 +114,19 @@ def build_deb(out_dir: Path) -> AgentDeb:
     files = contents()
     ver = version()
     installed = sum(len(d) for d, _ in files.values()) // 1024 + 1
+    recommends = [d for d in AGENT_DEPENDS if d.split()[0] not in
+                  {r.split()[0] for r in AGENT_REQUIRES}]
     control = (
         f"Package: {PACKAGE}\nVersion: {ver}\nArchitecture: all\n"
         f"Maintainer: Cerulean Linux <security@cerulean-linux.invalid>\n"
-        f"Installed-Size: {installed}\nDepends: {', '.join(AGENT_DEPENDS)}\n"
+        f"Installed-Size: {installed}\nDepends: {', '.join(AGENT_REQUIRES)}\n"
+        f"Recommends: {', '.join(recommends)}\n"
         "Section: admin\nPriority: optional\n"
-        "Description: Cerulean host agent: signed A/B updates, audit trail, metrics\n"
-        " Polls a TUF-signed update repository, writes the inactive /usr slot,\n"
-        " installs its UKI with boot counting and rolls back on a failed health check.\n"
-        " Keeps a hash-chained audit trail of its actions and serves the host's\n"
+        "Description: Cerulean host agent: updates, detection, compliance, audit trail\n"
+        " Applies signed A/B updates on Cerulean disks and rolls back on a failed\n"
+        " health check; watches the host with detection rules and integrity scans;\n"
+        " checks and fixes compliance profiles (CIS Debian 12 Level 1 - Server among\n"
+        " them); keeps a hash-chained audit trail of its actions; serves the host's\n"
         " metrics in the Prometheus text format.\n"
     ).encode()
     md5 = "".join(f"{hashlib.md5(d).hexdigest()}  {p}\n"  # dpkg md5sums format

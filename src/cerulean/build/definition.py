@@ -59,6 +59,9 @@ DEFAULT_ACCOUNTS = (
 # What the cerulean-agent package (on every system image) depends on; system image
 # locks always include it.
 AGENT_DEPENDS = ("python3", "python3-tuf", "python3-cryptography", "python3-yaml", "zstd", "fdisk")
+# What the package itself requires everywhere; the rest of AGENT_DEPENDS is for updates
+# (Cerulean disks only), so the package recommends it: Debian 12 has no python3-tuf.
+AGENT_REQUIRES = ("python3 (>= 3.11)", "python3-yaml")
 
 
 def _window_ok(value: Any) -> str | None:

@@ -15,8 +15,13 @@ import shutil
 from pathlib import Path
 from typing import TypeVar
 
-from tuf.api import exceptions as tuf_errors
-from tuf.ngclient import Updater, UpdaterConfig
+try:
+    from tuf.api import exceptions as tuf_errors
+    from tuf.ngclient import Updater, UpdaterConfig
+except ImportError:  # Debian 12 has no python3-tuf: such a server reports, it does not update
+    HAVE_TUF = False
+else:
+    HAVE_TUF = True
 
 from cerulean.errors import CeruleanError
 from cerulean.protocol.update import (
@@ -67,6 +72,8 @@ class RepoClient:
     """
 
     def __init__(self, url: str, state_dir: Path, trusted_root: Path) -> None:
+        if not HAVE_TUF:
+            raise UpdateError("Updates need python3-tuf, which is not installed on this host.")
         self.url = url.rstrip("/") + "/"
         self.meta_dir = state_dir / "metadata"
         self.download_dir = state_dir / "downloads"

@@ -92,6 +92,9 @@ class Host:
     @property
     def version(self) -> str:
         v = self.os_release().get("IMAGE_VERSION", "")
+        if not v:
+            raise UpdateError("This host is not a Cerulean system image (its os-release has no "
+                              "IMAGE_VERSION): the agent reports here, it does not update.")
         if not is_version(v):
             raise UpdateError(f"This host's IMAGE_VERSION {v!r} is not a release version.")
         return v
