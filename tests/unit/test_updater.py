@@ -17,7 +17,7 @@ import pytest
 
 from cerulean.agent.audit import AuditLog
 from cerulean.agent.update import boot, disk, health
-from cerulean.agent.update.client import UpdateError
+from cerulean.agent.update.errors import UpdateError
 from cerulean.agent.update.host import Host, load_state
 from cerulean.agent.update.updater import Updater
 from cerulean.protocol.update import ReleaseDoc, verity_uuids

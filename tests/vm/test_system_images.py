@@ -175,6 +175,12 @@ hostname > "$1/hostname"
 AGENT = r"""
 out=$1
 log=/var/lib/cerulean/audit/audit.jsonl
+# The script may start while the agent still starts (multi-user.target does not wait
+# for this script's unit): wait for it, as a user logging in early would.
+i=0
+until systemctl is-active -q cerulean-agent.service || [ $i -ge 600 ]; do
+  sleep 0.5; i=$((i + 1))
+done
 systemctl is-active cerulean-agent.service cerulean-policy.timer > "$out/agent-active" 2>&1
 cerulean policy list > "$out/policy-list" 2>&1
 cerulean policy check --profile cis-debian-l1-server > "$out/cis-before" 2>&1
@@ -203,7 +209,8 @@ until grep -q '"alert.ssh-login-failures"' "$log" 2>/dev/null || [ $i -ge 300 ];
   sleep 0.1; i=$((i + 1))
 done
 # One trigger for each of the other shipped rules.
-cp /usr/bin/sleep /var/tmp/.sleeper && /var/tmp/.sleeper 300 &
+# /tmp, /var/tmp and /dev/shm are noexec here; /run/user is not.
+mkdir -p /run/user/0 && cp /usr/bin/sleep /run/user/0/.sleeper && /run/user/0/.sleeper 300 &
 cp /usr/bin/sleep /root/.gone && /root/.gone 300 &
 sleep 1; rm -f /root/.gone
 useradd -o -u 0 -M -s /usr/sbin/nologin toor

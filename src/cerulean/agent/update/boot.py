@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cerulean.agent.integrity import file_sha256
-from cerulean.agent.update.client import UpdateError
+from cerulean.agent.update.errors import UpdateError
 
 ENTRY = re.compile(
     r"^cerulean_(?P<version>\d+\.\d{8}\.\d+)(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.efi$")

@@ -23,7 +23,7 @@ except ImportError:  # Debian 12 has no python3-tuf: such a server reports, it d
 else:
     HAVE_TUF = True
 
-from cerulean.errors import CeruleanError
+from cerulean.agent.update.errors import UpdateError
 from cerulean.protocol.update import (
     ChannelDoc,
     Payload,
@@ -34,10 +34,6 @@ from cerulean.protocol.update import (
 )
 
 T = TypeVar("T")
-
-
-class UpdateError(CeruleanError):
-    """The update could not go ahead; the host is unchanged."""
 
 
 def _explain(e: Exception, what: str) -> UpdateError:

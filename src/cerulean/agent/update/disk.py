@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cerulean.agent.update.client import UpdateError
+from cerulean.agent.update.errors import UpdateError
 
 # Discoverable Partitions Specification: /usr and its verity data, per architecture.
 USR_TYPES = {

@@ -29,7 +29,7 @@ from typing import Any
 
 from cerulean.agent.settings import read_layers
 from cerulean.agent.update.boot import fsync_dir
-from cerulean.agent.update.client import UpdateError
+from cerulean.agent.update.errors import UpdateError
 from cerulean.protocol.update import CHANNELS, is_version, utc_iso
 from cerulean.protocol.window import WindowError, parse_window
 

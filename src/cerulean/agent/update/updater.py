@@ -41,7 +41,8 @@ from typing import Any
 from cerulean.agent.audit import AuditLog
 from cerulean.agent.integrity import file_sha256
 from cerulean.agent.update import boot, disk, health
-from cerulean.agent.update.client import RepoClient, UpdateError
+from cerulean.agent.update.client import RepoClient
+from cerulean.agent.update.errors import UpdateError
 from cerulean.agent.update.host import Config, Host, State, load_config, load_state, save_state
 from cerulean.agent.update.host import seed as host_seed
 from cerulean.errors import CeruleanError
