@@ -77,9 +77,10 @@ class Machine:
     def text(self, since: int = 0) -> str:
         return strip_ansi(self.console_log.read_bytes()[since:].decode("utf-8", "replace"))
 
-    def mark(self) -> int:
-        """A position in the console log; later waits look only after it."""
-        self._pos = self.console_log.stat().st_size
+    def mark(self, at: int | None = None) -> int:
+        """A position in the console log (its end, or *at*); later waits look only after
+        it."""
+        self._pos = self.console_log.stat().st_size if at is None else at
         return self._pos
 
     def expect(self, pattern: str, timeout: float) -> re.Match[str]:
