@@ -329,11 +329,10 @@ def run_integrity(args: argparse.Namespace) -> int:
     from cerulean.agent import integrity
 
     try:
-        base = integrity.load_baseline(now=datetime.now(UTC).isoformat(timespec="seconds"))
+        base, changes = integrity.since_baseline(
+            now=datetime.now(UTC).isoformat(timespec="seconds"))
     except integrity.IntegrityError as e:
         raise CeruleanError(str(e)) from None
-    current = integrity.scan(Path("/"), base.dirs, packages=integrity.dpkg_owners(Path("/")))
-    changes = integrity.compare(base.files, current)
     verity = integrity.usr_verity()
     if args.json:
         print(json.dumps({"baseline": base.source, "baseline_made": base.made,

@@ -281,11 +281,17 @@ def _key(c: Change) -> str:
                               f"{n.uid}:{n.gid}"])])
 
 
+def since_baseline(root: Path = Path("/"), now: str = "") -> tuple[Baseline, list[Change]]:
+    """The baseline (see :func:`load_baseline`) and every change since it, from a full
+    scan of its directories."""
+    base = load_baseline(root, now)
+    return base, compare(base.files, scan(root, base.dirs, packages=dpkg_owners(root)))
+
+
 def periodic_scan(root: Path, audit: Any, now: str = "") -> tuple[int, int]:
     """One full scan against the baseline; each change not reported before (in that
     state) goes to the audit trail as ``integrity.change``. Returns (changes, new)."""
-    base = load_baseline(root, now)
-    changes = compare(base.files, scan(root, base.dirs, packages=dpkg_owners(root)))
+    base, changes = since_baseline(root, now)
     path = root / REPORTED
     try:
         seen = set(json.loads(path.read_bytes()))
