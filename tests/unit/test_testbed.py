@@ -166,6 +166,24 @@ def test_failure_patterns(line: str, kind: str) -> None:
     assert ESC not in s.events[0].text
 
 
+LOCKUP = "[   97.035366] watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [systemd:1]"
+
+
+def test_a_soft_lockup_fails_a_native_boot_but_is_a_stall_under_emulation() -> None:
+    text = ok("basic.target") + LOCKUP + "\r\n" + ok("x.target")
+    native = scan(text)
+    assert [e.kind for e in native.events] == ["kernel BUG"] and native.stalls == []
+    emulated = scan(text, emulated=True)
+    assert emulated.events == []
+    assert [(e.kind, e.text) for e in emulated.stalls] == [("emulation stall", LOCKUP)]
+
+
+def test_other_kernel_bugs_still_fail_an_emulated_boot() -> None:
+    text = LOCKUP + "\n[ 98.1] BUG: unable to handle page fault for address: ffff\n"
+    s = scan(text, emulated=True)
+    assert [e.kind for e in s.events] == ["kernel BUG"] and len(s.stalls) == 1
+
+
 # --- checks -----------------------------------------------------------------------------------
 
 
@@ -623,6 +641,14 @@ def test_run_test_stops_at_a_panic(fake_boot: Callable[..., qemu.TestResult]) ->
     assert res.elapsed_s < 3
     assert "Comm: init" in res.console_log.read_text()  # the trace after the panic is kept
     assert process_gone(res.qemu_pid)
+
+
+def test_run_test_passes_through_a_stall_of_an_emulated_guest(
+        fake_boot: Callable[..., qemu.TestResult]) -> None:
+    res = fake_boot(ok("basic.target"), LOCKUP + "\r\n", "sleep:0.8", HEALTHY)
+    assert res.passed, res.checks
+    assert "1 emulation stall(s)" in res.check(checks.CLEAN_CONSOLE).detail
+    assert res.to_json()["stalls"] == [{"line": 2, "text": LOCKUP}]
 
 
 def test_run_test_times_out_and_kills_qemu(fake_boot: Callable[..., qemu.TestResult]) -> None:

@@ -7,6 +7,7 @@ checks that need it fail and say so, rather than being silently skipped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -44,8 +45,11 @@ class Check:
 
 def evaluate(outcome: Outcome, report: ReadyReport | None, events: list[ConsoleEvent], *,
              timeout_s: float, elapsed_s: float, time_to_ready_s: float | None = None,
-             qemu_detail: str = "") -> list[Check]:
-    """The checks for a boot that ended with *outcome*, in a fixed order."""
+             qemu_detail: str = "", stalls: Sequence[ConsoleEvent] = ()) -> list[Check]:
+    """The checks for a boot that ended with *outcome*, in a fixed order.
+
+    *stalls* (soft lockups of an emulated guest) fail nothing; the console check names them.
+    """
     checks = [_timeout(outcome, timeout_s, elapsed_s),
               _multi_user(outcome, report, events, time_to_ready_s, qemu_detail)]
     checks.append(_failed_units(report))
@@ -53,6 +57,10 @@ def evaluate(outcome: Outcome, report: ReadyReport | None, events: list[ConsoleE
         shown = "; ".join(str(e) for e in events[:3])
         more = f" (and {len(events) - 3} more)" if len(events) > 3 else ""
         checks.append(Check(CLEAN_CONSOLE, False, shown + more))
+    elif stalls:
+        checks.append(Check(CLEAN_CONSOLE, True,
+                            f"none on the console; {len(stalls)} emulation stall(s), "
+                            f"first on line {stalls[0].line}: {stalls[0].text}"))
     else:
         checks.append(Check(CLEAN_CONSOLE, True, "none on the console"))
     checks.extend(_usr(report))

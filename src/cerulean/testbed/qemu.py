@@ -121,6 +121,7 @@ class TestResult:
     qemu_returncode: int | None
     qemu_stderr: str = ""
     argv: list[str] = field(default_factory=list)
+    stalls: list[ConsoleEvent] = field(default_factory=list)  # soft lockups under TCG
 
     @property
     def passed(self) -> bool:
@@ -152,6 +153,7 @@ class TestResult:
                        for c in self.checks],
             "report": self.report.values if self.report else None,
             "events": [{"kind": e.kind, "line": e.line, "text": e.text} for e in self.events],
+            "stalls": [{"line": e.line, "text": e.text} for e in self.stalls],
             "console_log": str(self.console_log),
             "qemu_returncode": self.qemu_returncode,
         }
@@ -289,7 +291,8 @@ def run_test(disk: Path, cfg: QemuConfig | None = None, timeout_s: float = DEFAU
         started = time.monotonic()
         proc = process.start(launch.argv, stderr=stderr)
         try:
-            outcome, scanner, ready_at = _watch(proc, console_log, started, timeout_s)
+            outcome, scanner, ready_at = _watch(proc, console_log, started, timeout_s,
+                                                emulated=launch.accel.accel == "tcg")
         finally:
             returncode = process.stop(proc)
         elapsed = time.monotonic() - started
@@ -298,11 +301,13 @@ def run_test(disk: Path, cfg: QemuConfig | None = None, timeout_s: float = DEFAU
     qemu_detail = (f"exit code {returncode}: {qemu_complaint(qemu_stderr)}"
                    if outcome is Outcome.EXITED else "")
     checks = evaluate(outcome, scanner.report, scanner.events, timeout_s=timeout_s,
-                      elapsed_s=elapsed, time_to_ready_s=time_to_ready, qemu_detail=qemu_detail)
+                      elapsed_s=elapsed, time_to_ready_s=time_to_ready, qemu_detail=qemu_detail,
+                      stalls=scanner.stalls)
     return TestResult(
         disk=Path(disk), arch=launch.arch, accel=launch.accel, outcome=outcome, checks=checks,
         console_log=console_log, timeout_s=timeout_s, elapsed_s=elapsed,
         time_to_ready_s=time_to_ready, report=scanner.report, events=scanner.events,
+        stalls=scanner.stalls,
         qemu_pid=proc.pid, qemu_returncode=returncode, qemu_stderr=qemu_stderr,
         argv=launch.argv,
     )
@@ -318,9 +323,10 @@ def _start_log(console_log: Path) -> None:
 
 
 def _watch(proc: subprocess.Popen[bytes], console_log: Path, started: float,
-           timeout_s: float) -> tuple[Outcome, ConsoleScanner, float | None]:
+           timeout_s: float, emulated: bool = False
+           ) -> tuple[Outcome, ConsoleScanner, float | None]:
     """Read the console as it grows until READY, a failure, QEMU's exit or the timeout."""
-    scanner = ConsoleScanner()
+    scanner = ConsoleScanner(emulated)
     deadline = started + timeout_s
     failure_deadline: float | None = None
     with open(console_log, "rb") as log_file:
