@@ -12,7 +12,7 @@ APT_PACKAGES := gpgv gnupg zstd xz-utils binutils ca-certificates \
 	qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64 \
 	python3-venv python3-pip fdisk
 
-.PHONY: demo test setup apt venv lint bench bench-system bench-update bench-agent clean
+.PHONY: demo test setup apt venv lint bench bench-system bench-update bench-agent compare-openscap clean
 
 # The archive moves on (security updates, point releases): refresh the lock to
 # its newest state, then build exactly that lock for both architectures.
@@ -46,6 +46,12 @@ bench-agent: setup
 	@command -v aide >/dev/null || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends aide; }
 	$(BIN)/python benchmarks/agent_bench.py
+
+# anssi-bp28-intermediary against OpenSCAP (SSG's Debian 12 data stream) in one booted vm.
+compare-openscap: setup
+	test -e $(OUT)/vm-amd64.qcow2 || $(BIN)/cerulean build images/vm.toml --arch amd64 \
+		--format qcow2 --out $(OUT)
+	$(BIN)/python benchmarks/openscap_compare.py --disk $(OUT)/vm-amd64.qcow2
 
 setup: apt venv
 

@@ -163,13 +163,22 @@ def test_shipped_profiles_load(name: str) -> None:
     for c in policy.checks:
         for standard, ids in c.compliance.items():
             assert re.fullmatch(r"[a-z0-9-]+", standard) and ids, (c.id, standard)
-            assert all(re.fullmatch(r"[0-9]+(\.[0-9]+)*|R[0-9]+", i) for i in ids), (c.id, ids)
+            pattern = r"[a-z0-9_-]+" if standard.startswith("ssg") else r"[0-9]+(\.[0-9]+)*|R[0-9]+"
+            assert all(re.fullmatch(pattern, i) for i in ids), (c.id, ids)
 
 
 def test_the_cis_profile_maps_every_check_to_a_benchmark_id() -> None:
     policy = load_profile(str(SHIPPED / "cis-debian-l1-server.yaml"))
     assert all(c.compliance.get("cis-debian-12") for c in policy.checks), [
         c.id for c in policy.checks if not c.compliance.get("cis-debian-12")]
+
+
+def test_the_anssi_profile_stands_for_each_rule_of_ssg_s_debian_12_profile_once() -> None:
+    policy = load_profile(str(SHIPPED / "anssi-bp28-intermediary.yaml"))
+    rules = [r for c in policy.checks for r in c.compliance.get("ssg-debian12", ())]
+    assert len(rules) == len(set(rules)) == 220  # SSG 0.1.76's selection for Debian 12
+    assert all(c.id in c.compliance["ssg-debian12"] for c in policy.checks)
+    assert sum(1 for c in policy.checks if c.compliance.get("anssi-bp28")) == 218
 
 
 def test_host_profiles_replace_shipped_ones(tmp_path: Path) -> None:

@@ -161,6 +161,8 @@ def test_set_line_appends_and_keeps_the_file_mode(host: Host) -> None:
     (lambda p: p["checks"][0].pop("title"), "check ssh-root: 'title' is missing"),
     (lambda p: p["checks"][0].update(condition="most"), "'condition' must be one of"),
     (lambda p: p["checks"][0].update(rules=["q:/etc"]), "check ssh-root: 'q:/etc' is not a"),
+    (lambda p: p["checks"][0].update(applies="package:x"), "'applies' must be a list"),
+    (lambda p: p["checks"][0].update(applies=["q:/etc"]), "check ssh-root: 'q:/etc' is not a"),
     (lambda p: p["checks"][0].update(fix=[{"rm": {}}]), "fix 1: unknown fix action 'rm'"),
     (lambda p: p["checks"][0].update(fix=[{"command": "systemctl reload ssh"}]),
      "'command' takes a list of strings"),
@@ -201,3 +203,24 @@ def test_a_fix_never_writes_through_a_link(host: Host, tmp_path: Path) -> None:
     assert "is not a regular file" in done["ssh-root"].error
     assert sshd.is_symlink() and target.read_text() == "PermitRootLogin yes\n"
     assert not [p for p in sshd.parent.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_a_check_that_does_not_apply_counts_nowhere(host: Host) -> None:
+    data = copy.deepcopy(POLICY)
+    data["checks"][0]["applies"] = ["f:/etc/ssh/sshd_config"]   # holds: judged, fails
+    data["checks"][1]["applies"] = ["package:postfix"]          # not installed: n/a
+    data["checks"] = [*data["checks"][:2], data["checks"][3]]
+    report = run_policy(load_policy(data), host)
+    assert [r.result for r in report.results] == ["failed", "notapplicable", "passed"]
+    na = report.results[1]
+    assert na.rules[0].rule == "package:postfix" and not na.rules[0].held
+    assert report.score == 50.0 and not report.clean
+    assert report.to_json()["notapplicable"] == 1
+    # a fix never touches a check that does not apply
+    commands = Commands(host.root)
+    done = fix(load_policy(data), report, Fixer(host, commands), "autocorrect")
+    assert [f.check for f in done] == ["ssh-root"]
+    assert not any(c[0] == "sysctl" for c in commands.seen)
+    only_na = copy.deepcopy(data)
+    only_na["checks"] = [data["checks"][1], data["checks"][2]]
+    assert run_policy(load_policy(only_na), host).clean

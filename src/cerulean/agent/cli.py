@@ -28,6 +28,9 @@ Cerulean host agent.
                               and its evidence; --html FILE or --json for reports
   cerulean policy fix         fix the failed checks that have a fix, then check again
   cerulean policy report      the last check as an HTML page (or --format json)
+  cerulean policy compare --openscap RESULTS.xml
+                              set a profile's results beside OpenSCAP's for the same host,
+                              rule by rule (anssi-bp28-intermediary and SSG's Debian 12 one)
   cerulean integrity check    what changed in /etc since the image was built (or since the
                               first scan, on other servers), and /usr's dm-verity state
   cerulean cve report --tracker FILE|URL
@@ -133,9 +136,10 @@ def parser() -> argparse.ArgumentParser:
                     "cerulean-baseline)")
     pc = psub.add_parser("check", help="check this host against a profile",
                          description="Check this host against a profile: the score, each "
-                         "check's result and the evidence of what failed. Exit 0 when every "
-                         "check passes, 2 when some fail or cannot be checked, 1 on an "
-                         "error. Changes nothing but the stored last result.")
+                         "check's result and the evidence of what failed. Exit 0 when no "
+                         "check fails (checks that do not apply to this host aside), 2 when "
+                         "some fail or cannot be checked, 1 on an error. Changes nothing but "
+                         "the stored last result.")
     pf = psub.add_parser("fix", help="fix the failed checks, then check again",
                          description="Check, run the fix of every failed check that has "
                          "one (structured actions, never shell text: see docs/agent.md), "
@@ -151,6 +155,25 @@ def parser() -> argparse.ArgumentParser:
                            "only checks, enforce fixes a check once and then reports its "
                            "drift, autocorrect fixes every time.")
     prun.add_argument("--json", action="store_true", help="print the results as JSON")
+    pcmp = psub.add_parser(
+        "compare", help="set a profile's results beside OpenSCAP's for this host",
+        description="Check this host against a profile (or read a saved 'policy check "
+        "--json' report) and set each check beside OpenSCAP's result for the SCAP Security "
+        "Guide rule it stands for (the check's 'ssg-debian12' IDs). Made for the "
+        "anssi-bp28-intermediary profile and SSG's Debian 12 data stream: oscap xccdf eval "
+        "--profile anssi_bp28_intermediary --results RESULTS.xml "
+        "ssg-debian12-ds.xml. Exit 0 when both agree on every rule both evaluated, 2 when "
+        "they differ, 1 on an error.")
+    pcmp.add_argument("--openscap", type=Path, required=True, metavar="RESULTS.xml",
+                      help="OpenSCAP's XCCDF 1.2 results (--results) or ARF (--results-arf)")
+    pcmp.add_argument("--report", type=Path, metavar="FILE",
+                      help="our report as JSON (from 'policy check --json') instead of "
+                      "checking now")
+    pcmp.add_argument("-p", "--profile", default="anssi-bp28-intermediary", metavar="PROFILE",
+                      help="the profile to check when no --report is given (default: "
+                      "anssi-bp28-intermediary)")
+    pcmp.add_argument("--all", action="store_true", help="list the rules they agree on too")
+    pcmp.add_argument("--json", action="store_true", help="print every pair as JSON")
     for a in (pc, pf, pr):
         a.add_argument("-p", "--profile", default=None, metavar="PROFILE", help=profile_help)
     for a in (pc, pf):
@@ -199,13 +222,13 @@ def _write_new(path: Path, text: str) -> None:
 def _show_report(report: Any, verbose: bool, passed: bool = True) -> None:
     """Each check's result (the passed ones only with *passed*) and the evidence of those
     that did not pass (of all with *verbose*)."""
-    mark = {"passed": "pass", "failed": "FAIL", "error": "ERR "}
+    mark = {"passed": "pass", "failed": "FAIL", "error": "ERR ", "notapplicable": "n/a "}
     for r in report.results:
-        if r.result == "passed" and not (passed or verbose):
+        if r.result in ("passed", "notapplicable") and not (passed or verbose):
             continue
         ids = "; ".join(f"{k} {', '.join(v)}" for k, v in r.compliance.items())
         print(f"{mark[r.result]}  {r.id:<28} {r.title}{f'  [{ids}]' if ids else ''}")
-        if r.result != "passed" or verbose:
+        if r.result not in ("passed", "notapplicable") or verbose:
             if r.message:
                 print(f"        {r.message}")
             for x in r.rules:
@@ -214,8 +237,51 @@ def _show_report(report: Any, verbose: bool, passed: bool = True) -> None:
 
 
 def _score_line(report: Any) -> str:
+    na = report.count("notapplicable")
     return (f"{report.score:g}% ({report.count('passed')} passed, {report.count('failed')} "
-            f"failed, {report.count('error')} could not be checked, of {len(report.results)})")
+            f"failed, {report.count('error')} could not be checked"
+            f"{f', {na} not applicable' if na else ''}, of {len(report.results)})")
+
+
+def _compare(args: argparse.Namespace, root: Path) -> int:
+    from cerulean.agent import policy as pol
+    from cerulean.agent import xccdf
+    from cerulean.agent.rules import Host as RuleHost
+
+    theirs = xccdf.read_results(args.openscap)
+    if args.report is not None:
+        try:
+            report = json.loads(args.report.read_text())
+        except FileNotFoundError:
+            raise CeruleanError(f"The report {args.report} does not exist.") from None
+        except (ValueError, OSError) as e:
+            raise CeruleanError(f"{args.report} is not a readable JSON report ({e}).") from None
+        if not isinstance(report, dict) or not isinstance(report.get("checks"), list):
+            raise CeruleanError(f"{args.report} is not a 'cerulean policy check --json' "
+                                "report.")
+    else:
+        report = pol.run_policy(pol.load_profile(args.profile, root), RuleHost(root)).to_json()
+    pairs = xccdf.compare(report, theirs)
+    total = xccdf.summary(pairs)
+    if not total["both"]:
+        raise CeruleanError(f"No check of {report.get('policy')} names an SSG rule in "
+                            f"{args.openscap}: is it the results of the matching profile?")
+    if args.json:
+        print(json.dumps({"policy": report.get("policy"), "summary": total,
+                          "rules": [p.to_json() for p in pairs]}, indent=2))
+    else:
+        for p in pairs:
+            if p.agree and not args.all:
+                continue
+            mark = "same" if p.agree else "DIFF"
+            print(f"{mark}  {p.rule:<52} ours {p.ours or '-':<13} openscap {p.theirs or '-'}")
+            if not p.agree and p.evidence and p.ours == "fail":
+                print(f"        {p.evidence}")
+        print(f"{total['both']} rules evaluated by both: {total['agree']} agree, "
+              f"{total['differ']} differ; of the {total['both_judged']} both passed or "
+              f"failed, {total['agree_judged']} agree. Only OpenSCAP: "
+              f"{total['only_openscap']}; only {report.get('policy')}: {total['only_ours']}.")
+    return 0 if not total["differ"] else 2
 
 
 def run_policy(args: argparse.Namespace) -> int:
@@ -240,6 +306,8 @@ def run_policy(args: argparse.Namespace) -> int:
             except pol.PolicyError as e:
                 print(f"{name:<26}  invalid: {e}")
         return 0
+    if args.action == "compare":
+        return _compare(args, root)
     cfg = daemon.load_agent_config(root)
     host = RuleHost(root)
     audit = AuditLog(Host(root).audit_log)
@@ -300,7 +368,7 @@ def run_policy(args: argparse.Namespace) -> int:
             print(f"{policy.id}: {policy.name}")
             _show_report(report, args.verbose)
             print(f"Score: {_score_line(report)}.")
-        return 0 if report.count("passed") == len(report.results) else 2
+        return 0 if report.clean else 2
     store = compliance.PolicyStore(root / compliance.STORE)
     try:
         out = compliance.apply_profile(policy, host, "autocorrect", store=store, audit=audit,
@@ -320,7 +388,7 @@ def run_policy(args: argparse.Namespace) -> int:
               f"{sum(1 for f in out.fixes if not f.error)} checks fixed, "
               f"{sum(1 for f in out.fixes if f.error)} fixes failed, {left} failed checks "
               "have no automatic fix.")
-    return 0 if out.after.count("passed") == len(out.after.results) else 2
+    return 0 if out.after.clean else 2
 
 
 def run_integrity(args: argparse.Namespace) -> int:

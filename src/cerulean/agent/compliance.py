@@ -152,7 +152,7 @@ def apply_profile(policy: Policy, host: Host, mode: str, *, fixer: Fixer | None 
         if previous is not None:
             passed = {c["id"] for c in previous.get("checks", []) if c.get("result") == "passed"}
             drift = tuple(r.id for r in before.results if r.id in passed and
-                          r.result != "passed")
+                          r.result in ("failed", "error"))
         store.save(after, mode, now)
     if drift and audit is not None:
         audit.append(actor, "policy.drift", {"policy": policy.id, "checks": list(drift),

@@ -16,14 +16,14 @@ h1{font-size:1.5rem;margin-bottom:.2rem}.sub{color:#566573;margin-top:0}
 .bar>div{height:100%;background:#1f77b4;border-radius:.3rem}
 table{border-collapse:collapse;width:100%;margin-top:1.2rem}
 th,td{text-align:left;vertical-align:top;padding:.45rem .6rem;border-bottom:1px solid #d5d8dc}
-th{background:#f4f6f7}.passed{color:#1e8449}.failed{color:#b03a2e}.error{color:#9a7d0a}
+th{background:#f4f6f7}.passed{color:#1e8449}.failed{color:#b03a2e}.error{color:#9a7d0a}.notapplicable{color:#7f8c8d}
 .r{font-weight:600;text-transform:uppercase;font-size:.8rem}
 code,pre{font:13px/1.35 ui-monospace,monospace;white-space:pre-wrap;word-break:break-all}
 details{margin-top:.3rem}summary{cursor:pointer;color:#566573}
 ul{margin:.2rem 0;padding-left:1.1rem}
 """
 
-ORDER = {"failed": 0, "error": 1, "passed": 2}
+ORDER = {"failed": 0, "error": 1, "passed": 2, "notapplicable": 3}
 
 
 def _check_row(r: CheckResult, policy: Policy) -> str:
@@ -68,7 +68,8 @@ def render(policy: Policy, report: Report, hostname: str, when: datetime | None 
         f"<p><span class='score'>{report.score:g}%</span> of the checks pass: "
         f"<span class='passed'>{report.count('passed')} passed</span>, "
         f"<span class='failed'>{report.count('failed')} failed</span>, "
-        f"<span class='error'>{report.count('error')} could not be checked</span>.</p>"
+        f"<span class='error'>{report.count('error')} could not be checked</span>"
+        f"{f', {na} not applicable' if (na := report.count('notapplicable')) else ''}.</p>"
         f"<div class='bar'><div style='width:{report.score:g}%'></div></div>"
         "<table><thead><tr><th>Result</th><th>Check</th><th>What it saw</th></tr></thead>"
         f"<tbody>{rows}</tbody></table></body></html>\n")

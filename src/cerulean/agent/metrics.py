@@ -256,7 +256,7 @@ def policy_families(root: Path = Path("/")) -> list[Family]:
     when = Family("cerulean_policy_last_run_timestamp_seconds", "gauge",
                   "When each profile last ran.")
     for name, doc in sorted(last_reports(root).items()):
-        for result in ("passed", "failed", "errors"):
+        for result in ("passed", "failed", "errors", "notapplicable"):
             checks.add(float(doc.get(result, 0)), policy=name,
                        result="error" if result == "errors" else result)
         judged = doc.get("passed", 0) + doc.get("failed", 0)

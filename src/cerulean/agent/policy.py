@@ -11,12 +11,17 @@ mapping)::
         rationale: ...
         compliance: {cis-debian: ["5.1.20"]}
         condition: all            # all | any | none of the rules hold
+        applies: ['package:openssh-server']   # optional: else "notapplicable"
         rules:
           - 'f:/etc/ssh/sshd_config -> r:^\\s*PermitRootLogin\\s+no'
         fix:
           - set-line: {file: /etc/ssh/sshd_config, match: '^\\s*#?\\s*PermitRootLogin\\b',
                        line: PermitRootLogin no}
           - command: [systemctl, reload, ssh.service]
+
+A check with ``applies`` (rule lines, all of which must hold) is only judged
+where they hold; elsewhere its result is ``notapplicable`` and it counts in
+neither the score nor the exit code.
 
 Fixes are a short list of structured actions, never shell text:
 
@@ -95,6 +100,7 @@ class PolicyCheck:
     rationale: str = ""
     remediation: str = ""
     compliance: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    applies: tuple[Rule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,8 +177,12 @@ def load_policy(data: Any, source: str = "the policy") -> Policy:
         rules = c.get("rules")
         if not isinstance(rules, list) or not rules or not all(isinstance(r, str) for r in rules):
             raise PolicyError(f"{where}: 'rules' must be a non-empty list of rule lines.")
+        applies = c.get("applies") or []
+        if not isinstance(applies, list) or not all(isinstance(r, str) for r in applies):
+            raise PolicyError(f"{where}: 'applies' must be a list of rule lines.")
         try:
             parsed = tuple(parse_rule(r) for r in rules)
+            preconditions = tuple(parse_rule(r) for r in applies)
         except RuleError as e:
             raise PolicyError(f"{where}: {e}") from None
         fixes = c.get("fix") or []
@@ -186,7 +196,8 @@ def load_policy(data: Any, source: str = "the policy") -> Policy:
             str(cid), c["title"], condition, parsed,
             tuple(_action(f, f"{where}, fix {n}") for n, f in enumerate(fixes, start=1)),
             str(c.get("rationale", "")), str(c.get("remediation", "")),
-            {str(k): tuple(str(x) for x in v) for k, v in compliance.items()}))
+            {str(k): tuple(str(x) for x in v) for k, v in compliance.items()},
+            preconditions))
     return Policy(pid, str(head.get("name", pid)), str(head.get("description", "")),
                   tuple(checks))
 
@@ -227,7 +238,7 @@ class RuleResult:
 class CheckResult:
     id: str
     title: str
-    result: str  # passed | failed | error
+    result: str  # passed | failed | error | notapplicable
     rules: tuple[RuleResult, ...]
     compliance: Mapping[str, tuple[str, ...]]
     message: str = ""  # for errors
@@ -257,12 +268,24 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {"policy": self.policy, "score": self.score, "passed": self.count("passed"),
                 "failed": self.count("failed"), "errors": self.count("error"),
+                "notapplicable": self.count("notapplicable"),
                 "checks": [r.to_json() for r in self.results]}
+
+
+    @property
+    def clean(self) -> bool:
+        """Nothing failed and nothing could not be checked (the exit code's 0)."""
+        return self.count("failed") == 0 and self.count("error") == 0
 
 
 def check(c: PolicyCheck, host: Host) -> CheckResult:
     outcomes = []
     try:
+        for rule in c.applies:
+            o = evaluate(rule, host)
+            if not o.passed:
+                return CheckResult(c.id, c.title, "notapplicable",
+                                   (RuleResult(rule.text, False, o.evidence),), c.compliance)
         for rule in c.rules:
             o = evaluate(rule, host)
             outcomes.append(RuleResult(rule.text, o.passed, o.evidence))
