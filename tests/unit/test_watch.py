@@ -63,3 +63,30 @@ def test_what_the_first_scan_of_a_new_directory_finds(tmp_path: Path) -> None:
                          3.0)
     made = [e for e in events if e["file.path"] == str(d / "payload")]
     assert made and made[0]["file.action"] == "created" and made[0]["file.type"] == "file"
+
+
+def test_a_file_replaced_through_a_temporary_name_is_one_event(tmp_path: Path) -> None:
+    """write_atomic (like editors and dpkg) writes a temporary file and renames it onto
+    the real name: one event for the real name, not one per step."""
+    from cerulean.agent.fileio import write_atomic
+
+    pam = tmp_path / "pam.d"
+    pam.mkdir()
+    (pam / "common-auth").write_text("old\n")
+    with Watcher([pam]) as w:
+        write_atomic(pam / "common-auth", b"auth required pam_deny.so\n", mode=0o644)
+        events = collect(w, lambda got: any(e["file.action"] == "moved-in" for e in got))
+        events += w.read(0.3)
+    assert [(e["file.path"], e["file.action"]) for e in events] == [
+        (str(pam / "common-auth"), "moved-in")]
+    assert events[0]["file.renamed_from"].startswith(str(pam) + "/")
+
+
+def test_a_rename_of_a_file_that_was_already_there_is_still_seen(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("x")
+    with Watcher([tmp_path]) as w:
+        os.rename(tmp_path / "a", tmp_path / "b")
+        events = collect(w, lambda got: any(e["file.action"] == "moved-in" for e in got))
+    assert {(Path(e["file.path"]).name, e["file.action"]) for e in events} == {
+        ("a", "moved-out"), ("b", "moved-in")}
+    assert all("file.renamed_from" not in e for e in events)

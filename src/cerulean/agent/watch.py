@@ -17,10 +17,12 @@ import os
 import select
 import stat
 import struct
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+SETTLE_S = 0.1  # how long a batch of events stays open for what follows
 IN_ACCESS = 0x001
 IN_MODIFY = 0x002
 IN_ATTRIB = 0x004
@@ -122,22 +124,60 @@ class Watcher:
     def fileno(self) -> int:
         return int(self.fd)
 
-    def read(self, timeout: float = 0.0) -> list[Event]:
-        """Events that arrived, waiting up to *timeout* seconds for the first."""
+    def read(self, timeout: float = 0.0, settle: float = SETTLE_S) -> list[Event]:
+        """Events that arrived, waiting up to *timeout* seconds for the first.
+
+        Once something arrived, what follows within *settle* seconds joins the batch,
+        so that a file written under a temporary name and renamed into place (how
+        editors and package managers replace files) is one ``moved-in`` event for its
+        final name, with ``file.renamed_from``: the temporary file's own events are
+        left out. Its content and state are all at the final name, which is reported.
+        """
         if timeout and not select.select([self.fd], [], [], timeout)[0]:
             return []
-        out: list[Event] = []
+        raw: list[tuple[int, int, int, str]] = []
+        deadline = time.monotonic() + settle
         while True:
             try:
                 data = os.read(self.fd, 65536)
             except BlockingIOError:
-                return out
+                left = deadline - time.monotonic()
+                if not raw or left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                    break
+                continue
             pos = 0
             while pos + HEADER.size <= len(data):
-                wd, mask, _cookie, length = HEADER.unpack_from(data, pos)
+                wd, mask, cookie, length = HEADER.unpack_from(data, pos)
                 name = data[pos + HEADER.size:pos + HEADER.size + length].rstrip(b"\0")
                 pos += HEADER.size + length
-                out.extend(self._event(wd, mask, os.fsdecode(name)))
+                raw.append((wd, mask, cookie, os.fsdecode(name)))
+        return self._fold(raw)
+
+    def _path(self, wd: int, name: str) -> Path | None:
+        base = self.paths.get(wd)
+        return base / name if base is not None and name else None
+
+    def _fold(self, raw: list[tuple[int, int, int, str]]) -> list[Event]:
+        created = {self._path(wd, n) for wd, m, _c, n in raw
+                   if m & IN_CREATE and not m & IN_ISDIR}
+        moved_from = {c: self._path(wd, n) for wd, m, c, n in raw if m & IN_MOVED_FROM and c}
+        temp: dict[Path, Path] = {}  # final name -> the temporary file renamed onto it
+        for wd, m, c, n in raw:
+            src = moved_from.get(c) if m & IN_MOVED_TO and c else None
+            dst = self._path(wd, n)
+            if src is not None and dst is not None and src in created:
+                temp[dst] = src
+        skip = set(temp.values())
+        out: list[Event] = []
+        for wd, m, _c, n in raw:
+            if self._path(wd, n) in skip:
+                continue
+            events = self._event(wd, m, n)
+            src = temp.get(self._path(wd, n)) if m & IN_MOVED_TO else None
+            if src is not None and events:
+                events[0]["file.renamed_from"] = str(src)
+            out.extend(events)
+        return out
 
     def _event(self, wd: int, mask: int, name: str) -> list[Event]:
         if mask & IN_Q_OVERFLOW:
