@@ -170,10 +170,11 @@ class Watcher:
         skip = set(temp.values())
         out: list[Event] = []
         for wd, m, _c, n in raw:
-            if self._path(wd, n) in skip:
+            path = self._path(wd, n)
+            if path in skip:
                 continue
             events = self._event(wd, m, n)
-            src = temp.get(self._path(wd, n)) if m & IN_MOVED_TO else None
+            src = temp.get(path) if path is not None and m & IN_MOVED_TO else None
             if src is not None and events:
                 events[0]["file.renamed_from"] = str(src)
             out.extend(events)
