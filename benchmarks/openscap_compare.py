@@ -37,7 +37,8 @@ GUEST = r"""
 set -u
 out=$1
 T=$PWD/tools
-LIB=$T/usr/lib/$(uname -m)-linux-gnu
+# The guest's own libraries first (its C library above all); the tree fills in the rest.
+LIB=/usr/lib/$(uname -m)-linux-gnu:$T/usr/lib/$(uname -m)-linux-gnu
 oscap() {
     LD_LIBRARY_PATH=$LIB OSCAP_SCHEMA_PATH=$T/usr/share/openscap/schemas \
         OSCAP_XSLT_PATH=$T/usr/share/openscap/xsl OSCAP_CPE_PATH=$T/usr/share/openscap/cpe \
@@ -50,13 +51,14 @@ for pass in before after; do
     if [ "$pass" = after ]; then
         cerulean policy fix --profile anssi-bp28-intermediary > "$out/fix.txt" 2>&1
     fi
+    start=$(date +%s)
     cerulean policy check --profile anssi-bp28-intermediary --json > "$out/ours-$pass.json" \
         2> "$out/ours-$pass.err"
-    start=$(date +%s.%N)
+    echo "cerulean $pass: exit $?, $(( $(date +%s) - start )) s" >> "$out/times"
+    start=$(date +%s)
     oscap xccdf eval --profile PROFILE --results "$out/oscap-$pass.xml" "$DS" \
         > "$out/oscap-$pass.txt" 2> "$out/oscap-$pass.err"
-    echo "oscap $pass rc=$? seconds=$(echo "$(date +%s.%N) - $start" | bc 2>/dev/null)" \
-        >> "$out/times"
+    echo "oscap $pass: exit $?, $(( $(date +%s) - start )) s" >> "$out/times"
 done
 exit 0
 """.replace("PROFILE", PROFILE)

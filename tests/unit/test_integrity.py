@@ -177,3 +177,59 @@ def test_usr_verity_state(rc: int, out: str, err: str, state: str) -> None:
         return subprocess.CompletedProcess(argv, rc, out, err)
 
     assert integrity.usr_verity(run) == state
+
+
+def _esp(root: Path) -> Path:
+    esp = root / "efi"
+    for d in ("EFI/BOOT", "EFI/systemd", "EFI/Linux", "loader"):
+        (esp / d).mkdir(parents=True)
+    (esp / "EFI/BOOT/BOOTX64.EFI").write_bytes(b"MZ systemd-boot")
+    (esp / "EFI/systemd/systemd-bootx64.efi").write_bytes(b"MZ systemd-boot")
+    (esp / "EFI/Linux/cerulean_1+3.efi").write_bytes(b"MZ uki of release 1")
+    (esp / "loader/loader.conf").write_text("timeout 0\neditor no\n")
+    return esp
+
+
+def test_the_esp_against_its_boot_manifest(tmp_path: Path) -> None:
+    root = tmp_path / "host"
+    esp = _esp(root)
+    (root / integrity.BOOT_MANIFEST).parent.mkdir(parents=True)
+    (root / integrity.BOOT_MANIFEST).write_bytes(integrity.boot_manifest(esp, "1"))
+    assert integrity.boot_changes(root, Path("/efi")) == integrity.BootCheck("/efi", True, ())
+    # What a booting machine does: bless the entry (a rename), write a random seed.
+    (esp / "EFI/Linux/cerulean_1+3.efi").rename(esp / "EFI/Linux/cerulean_1.efi")
+    (esp / "loader/random-seed").write_bytes(os.urandom(32))
+    assert integrity.boot_changes(root, Path("/efi")).changes == ()
+    # An update installs release 2's UKI, checked against its signed hash, and records it.
+    uki2 = b"MZ uki of release 2"
+    (esp / "EFI/Linux/cerulean_2+3.efi").write_bytes(uki2)
+    assert integrity.record_uki(root, "2", hashlib.sha256(uki2).hexdigest())
+    assert integrity.boot_changes(root, Path("/efi")).changes == ()
+    # Tampering: the loader changed, a foreign UKI, the loader config gone.
+    (esp / "EFI/BOOT/BOOTX64.EFI").write_bytes(b"MZ something else")
+    (esp / "EFI/Linux/evil.efi").write_bytes(b"MZ not a release")
+    (esp / "loader/loader.conf").unlink()
+    got = {c.path: c for c in integrity.boot_changes(root, Path("/efi")).changes}
+    assert {p: c.what for p, c in got.items()} == {
+        "/efi/EFI/BOOT/BOOTX64.EFI": ("content",),
+        "/efi/EFI/Linux/evil.efi": ("unknown-uki",),
+        "/efi/loader/loader.conf": ("removed",)}
+    loader = got["/efi/EFI/BOOT/BOOTX64.EFI"]
+    assert loader.old is not None and loader.new is not None
+    assert loader.old.sha256 == hashlib.sha256(b"MZ systemd-boot").hexdigest()
+    assert loader.new.sha256 == hashlib.sha256(b"MZ something else").hexdigest()
+
+
+def test_hosts_without_a_boot_manifest_skip_the_esp(tmp_path: Path) -> None:
+    _esp(tmp_path)
+    assert integrity.boot_changes(tmp_path, Path("/efi")) == integrity.BootCheck(None, False)
+    assert not integrity.record_uki(tmp_path, "2", "0" * 64)
+
+
+def test_the_esp_is_found_where_a_vfat_is_mounted(tmp_path: Path) -> None:
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/mounts").write_text(
+        "/dev/vda1 / ext4 rw 0 0\nsystemd-1 /efi autofs rw 0 0\n/dev/vda2 /efi vfat rw 0 0\n")
+    assert integrity.find_esp(tmp_path) == Path("/efi")
+    (tmp_path / "proc/mounts").write_text("/dev/vda1 / ext4 rw 0 0\n")
+    assert integrity.find_esp(tmp_path) is None

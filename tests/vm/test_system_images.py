@@ -229,6 +229,11 @@ sys.stdout.write(u.urlopen("http://127.0.0.1:9477/metrics").read().decode())' \
     > "$out/metrics" 2>&1
 cerulean integrity check --json > "$out/integrity.json" 2>&1
 echo $? > "$out/integrity-rc"
+# The boot chain: one byte more in the boot loader's configuration on the ESP.
+esp=$(bootctl --print-esp-path)
+echo "$esp" > "$out/esp"
+printf '#' >> "$esp/loader/loader.conf"
+cerulean integrity check --json > "$out/integrity-boot.json" 2>&1
 cerulean audit show -n 0 --json > "$out/audit-entries" 2>&1
 cerulean audit verify > "$out/verify-before" 2>&1
 echo $? > "$out/verify-before-rc"
@@ -236,6 +241,13 @@ echo $? > "$out/verify-before-rc"
 sed -i '0,/"alert\.setuid/s//"alerT.setuid/' "$log"
 cerulean audit verify > "$out/verify-after" 2>&1
 echo $? > "$out/verify-after-rc"
+# Last, as its fixes change kernel settings and logins: the ANSSI profile.
+cerulean policy check --profile anssi-bp28-intermediary --json > "$out/anssi-before.json" \
+    2> "$out/anssi-before.err"
+echo $? > "$out/anssi-before-rc"
+cerulean policy fix --profile anssi-bp28-intermediary > "$out/anssi-fix" 2>&1
+cerulean policy check --profile anssi-bp28-intermediary --json > "$out/anssi-after.json" \
+    2> "$out/anssi-after.err"
 """
 
 
@@ -328,6 +340,16 @@ def _agent_checks(run: Any) -> None:
     assert 'cerulean_policy_checks{policy="cis-debian-l1-server",result="passed"}' in \
         run.text("metrics")
     assert 'cerulean_update_info{image="vm",slot="A",' in run.text("metrics")
+    # The ANSSI BP-028 profile: judged, fixed where it can be, nothing unreadable.
+    assert run.text("anssi-before-rc").strip() == "2", run.text("anssi-before.err")
+    before_a = json.loads(run.text("anssi-before.json"))
+    after_a = json.loads(run.text("anssi-after.json"))
+    for doc in (before_a, after_a):
+        assert doc["errors"] == 0, [c for c in doc["checks"] if c["result"] == "error"]
+        assert doc["notapplicable"] > 0 and len(doc["checks"]) == 220
+    assert after_a["score"] > before_a["score"], run.text("anssi-fix")
+    print(f"anssi-bp28-intermediary: {before_a['score']}% before fix, {after_a['score']}% "
+          f"after ({after_a['notapplicable']} not applicable)")
     # Integrity: /etc against the manifest the image carries on its verity /usr.
     report = json.loads(run.text("integrity.json"))
     assert run.text("integrity-rc").strip() == "2"
@@ -336,6 +358,13 @@ def _agent_checks(run: Any) -> None:
     assert changed["/etc/pam.d/other"]["what"] == ["content"], changed.get("/etc/pam.d/other")
     assert changed["/etc/pam.d/other"]["package"] == "libpam-runtime"
     assert changed["/etc/sudoers.d/zz-test"]["what"] == ["added"]
+    # The ESP against the image's boot manifest: as booted (the UKI renamed by boot
+    # counting, a random seed written) nothing counts; one edited byte does.
+    esp = run.text("esp").strip()
+    assert report["boot"] == {"esp": esp, "manifest": True, "changes": []}, report["boot"]
+    boot = json.loads(run.text("integrity-boot.json"))["boot"]["changes"]
+    assert [(c["path"], c["what"]) for c in boot] == [(f"{esp}/loader/loader.conf",
+                                                        ["content"])], boot
     # The audit trail: intact, then one edited byte is found.
     assert run.text("verify-before-rc").strip() == "0", run.text("verify-before")
     assert run.text("verify-after-rc").strip() == "1", run.text("verify-after")

@@ -399,15 +399,17 @@ def run_integrity(args: argparse.Namespace) -> int:
     try:
         base, changes = integrity.since_baseline(
             now=datetime.now(UTC).isoformat(timespec="seconds"))
+        boot = integrity.boot_changes()
     except integrity.IntegrityError as e:
         raise CeruleanError(str(e)) from None
     verity = integrity.usr_verity()
     if args.json:
         print(json.dumps({"baseline": base.source, "baseline_made": base.made,
                           "dirs": list(base.dirs), "usr_verity": verity,
-                          "changes": [c.to_json() for c in changes]}, indent=2))
+                          "changes": [c.to_json() for c in changes],
+                          "boot": boot.to_json()}, indent=2))
     else:
-        for c in changes:
+        for c in [*changes, *boot.changes]:
             old, new = c.old, c.new
             detail = []
             if "content" in c.what and old and new:
@@ -423,9 +425,15 @@ def run_integrity(args: argparse.Namespace) -> int:
                   + (f"  ({'; '.join(detail)})" if detail else ""))
         since = "the image was built" if base.source == "image manifest" else \
             f"the first scan ({base.made or 'date unknown'})"
+        n = len(boot.changes)
+        esp = ("no boot manifest (not a Cerulean image)" if not boot.manifest else
+               "not found" if boot.esp is None else
+               f"{n} change{'s' if n != 1 else ''} in {boot.esp} since the image was built "
+               "(UKIs known by content: the image's and those the updater installed)")
         print(f"{len(changes)} change{'s' if len(changes) != 1 else ''} in "
-              f"{', '.join(base.dirs)} since {since}; /usr: dm-verity {verity}.")
-    return 2 if changes or verity == "corrupted" else 0
+              f"{', '.join(base.dirs)} since {since}; /usr: dm-verity {verity}; "
+              f"the ESP: {esp}.")
+    return 2 if changes or boot.changes or verity == "corrupted" else 0
 
 
 def run_cve(args: argparse.Namespace) -> int:

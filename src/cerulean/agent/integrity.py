@@ -292,6 +292,10 @@ def periodic_scan(root: Path, audit: Any, now: str = "") -> tuple[int, int]:
     """One full scan against the baseline; each change not reported before (in that
     state) goes to the audit trail as ``integrity.change``. Returns (changes, new)."""
     base, changes = since_baseline(root, now)
+    try:
+        changes += boot_changes(root).changes
+    except (OSError, IntegrityError) as e:  # the ESP unreadable: /etc's changes still count
+        audit.append("integrity", "integrity.boot-unreadable", {"error": str(e)})
     path = root / REPORTED
     try:
         seen = set(json.loads(path.read_bytes()))
@@ -309,3 +313,131 @@ def periodic_scan(root: Path, audit: Any, now: str = "") -> tuple[int, int]:
 
     write_atomic(path, json.dumps(sorted(_key(c) for c in changes)).encode(), mode=0o600)
     return len(changes), len(fresh)
+
+
+# -- the boot chain on the EFI system partition ---------------------------------------------
+#
+# The ESP holds what runs before dm-verity can check anything: systemd-boot and the UKIs.
+# Its manifest is written when the image is built, once the ESP is complete, and lives on
+# the root file system (a UKI carries /usr's root hash, so /usr cannot list the UKI). UKIs
+# are known by content, not by name: boot counting renames them (cerulean_V+3.efi, then
+# cerulean_V.efi), and the updater adds each UKI it installed after checking it against
+# the release's signed hash.
+
+BOOT_MANIFEST = "var/lib/cerulean/boot-manifest.json"
+# Written by systemd and systemd-boot as the machine boots; not code that runs.
+BOOT_VOLATILE = ("loader/random-seed", "loader/entries.srel")
+ESP_CANDIDATES = ("/efi", "/boot", "/boot/efi")
+
+
+def _is_uki(rel: str) -> bool:
+    return rel.lower().startswith("efi/linux/") and rel.lower().endswith(".efi")
+
+
+def esp_files(esp: Path) -> dict[str, tuple[int, str]]:
+    """ESP-relative path → (size, sha256) of every regular file on the ESP."""
+    out: dict[str, tuple[int, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(esp):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                out[p.relative_to(esp).as_posix()] = (st.st_size, file_sha256(p))
+    return out
+
+
+def boot_manifest(esp: Path, version: str) -> bytes:
+    """The manifest of a freshly built ESP tree: its files, and its UKIs by content."""
+    files = esp_files(esp)
+    doc = {"manifestVersion": MANIFEST_VERSION,
+           "files": {rel: {"size": s, "sha256": h} for rel, (s, h) in files.items()
+                     if not _is_uki(rel) and rel not in BOOT_VOLATILE},
+           "ukis": {h: version for rel, (_s, h) in files.items() if _is_uki(rel)}}
+    return json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
+
+
+def record_uki(root: Path, version: str, sha256: str) -> bool:
+    """Add a UKI the updater installed (checked against its signed hash) to the boot
+    manifest; False where there is no manifest (not a Cerulean image)."""
+    path = root / BOOT_MANIFEST
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return False
+    doc.setdefault("ukis", {})[sha256] = version
+    from cerulean.agent.fileio import write_atomic
+
+    write_atomic(path, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n",
+                 mode=0o644, durable=True)
+    return True
+
+
+def find_esp(root: Path = Path("/")) -> Path | None:
+    """Where the ESP is mounted (host path), or None; an automount is triggered by looking."""
+    for cand in ESP_CANDIDATES:
+        try:
+            os.listdir(root / cand.lstrip("/"))  # mounts an automounted ESP
+        except OSError:
+            continue
+    try:
+        mounts = (root / "proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    found = {f[1]: f[2] for f in (m.split() for m in mounts) if len(f) > 2}
+    for cand in ESP_CANDIDATES:
+        if found.get(cand) == "vfat":
+            return Path(cand)
+    return None
+
+
+@dataclass(frozen=True)
+class BootCheck:
+    esp: str | None  # where it is mounted; None when it was not found
+    manifest: bool  # whether this host has a boot manifest (Cerulean images do)
+    changes: tuple[Change, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"esp": self.esp, "manifest": self.manifest,
+                "changes": [c.to_json() for c in self.changes]}
+
+
+def _esp_state(path: str, size: int | None, sha256: str | None) -> FileState:
+    return FileState(path, "file", 0, 0, 0, size, sha256)
+
+
+def boot_changes(root: Path = Path("/"), esp: Path | None = None) -> BootCheck:
+    """The ESP against the boot manifest: files added, removed or changed, and UKIs whose
+    content is no release's this host built or installed (``unknown-uki``)."""
+    try:
+        doc = json.loads((root / BOOT_MANIFEST).read_bytes())
+    except FileNotFoundError:
+        return BootCheck(None, False)
+    except ValueError as e:
+        raise IntegrityError(f"/{BOOT_MANIFEST} is not a boot manifest ({e}).") from None
+    esp = esp or find_esp(root)
+    if esp is None:
+        return BootCheck(None, True)
+    now = esp_files(root / str(esp).lstrip("/"))
+    known: Mapping[str, Any] = doc.get("files", {})
+    ukis: Mapping[str, str] = doc.get("ukis", {})
+    changes = []
+    for rel, (size, digest) in now.items():
+        path = f"{str(esp).rstrip('/')}/{rel}"
+        new = _esp_state(path, size, digest)
+        if rel in BOOT_VOLATILE:
+            continue
+        if _is_uki(rel):
+            if digest not in ukis:
+                changes.append(Change(path, ("unknown-uki",), None, new))
+        elif rel not in known:
+            changes.append(Change(path, ("added",), None, new))
+        elif known[rel].get("sha256") != digest:
+            old = _esp_state(path, known[rel].get("size"), known[rel].get("sha256"))
+            changes.append(Change(path, ("content",), old, new))
+    for rel, entry in known.items():
+        if rel not in now:
+            path = f"{str(esp).rstrip('/')}/{rel}"
+            changes.append(Change(path, ("removed",),
+                                  _esp_state(path, entry.get("size"), entry.get("sha256")), None))
+    return BootCheck(str(esp), True, tuple(changes))

@@ -240,6 +240,11 @@ def _build_disk(defn: ImageDefinition, lock: Lock, arch: arches.Arch, rootfs: Pa
                           time.monotonic() - started, hit)
     out, fmt = job.out, job.fmt
     disk.make_esp(tools, rootfs, work, arch, {uki_name(version, defn.system_boot_tries): uki})
+    if defn.wants_agent:
+        # The boot chain's manifest, for the agent's integrity check of the ESP.
+        boot_manifest = rootfs / integrity.BOOT_MANIFEST
+        boot_manifest.parent.mkdir(parents=True, exist_ok=True)
+        boot_manifest.write_bytes(integrity.boot_manifest(work / "esp", version))
     sysconfig.remove_boot_leftovers(rootfs)
     root_tree = work / "root"
     _root_tree(rootfs, root_tree, ("var",) if ro else ())

@@ -38,8 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cerulean.agent import integrity
 from cerulean.agent.audit import AuditLog
-from cerulean.agent.integrity import file_sha256
 from cerulean.agent.update import boot, disk, health
 from cerulean.agent.update.client import RepoClient
 from cerulean.agent.update.errors import UpdateError
@@ -317,7 +317,7 @@ class Updater:
             if not running_uki:
                 raise UpdateError("the running release's UKI is not on the ESP")
             shutil.copyfile(running_uki[0].path, path)
-            return file_sha256(path)
+            return integrity.file_sha256(path)
 
         try:
             # 1. Every part downloaded, verified by TUF, and unpacked once to check that
@@ -357,6 +357,10 @@ class Updater:
 
             boot.install(esp, rel.version, self.config.boot_tries, _zstd_stream(sources["uki"]),
                          check)
+            try:  # the agent's integrity check knows this UKI from now on
+                integrity.record_uki(self.host.root, rel.version, uki.sha256)
+            except OSError as e:
+                self.say(f"warning: the boot manifest could not be updated: {e}")
         finally:
             shutil.rmtree(work, ignore_errors=True)
         # Whether the host had a network: the new release must then bring it up too.
