@@ -26,7 +26,7 @@ demo: setup
 
 # The QEMU power-cut test cuts 20 times when run by itself; each cut is a boot of
 # about two minutes under emulation, so the whole suite runs 5 of them.
-POWER_CUTS ?= 5
+POWER_CUTS ?= 3
 
 test: setup
 	CERULEAN_POWER_CUTS=$(POWER_CUTS) $(BIN)/python -m pytest -p no:cacheprovider -n 2 --dist loadgroup --no-loadscope-reorder \

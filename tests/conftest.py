@@ -27,7 +27,7 @@ TRACKS: dict[str, tuple[str, ...]] = {
     "track-1": ("test_updates.py::test_host_updates_itself_and_falls_back_from_a_broken_"
                 "release[arm64]", "tests/vm/test_system_images.py",
                 "tests/vm/test_testbed_boot.py", "tests/integration/"),
-    # amd64 updates: the power cuts, then scenarios (a), (b), (c) and (e); and one
+    # amd64 updates: the power cuts, then scenarios (a), (c) and (e); and one
     # system image's boot, for balance.
     "track-2": ("test_updates.py::test_power_cuts", "test_updates.py::test_host_updates_"
                 "itself_and_falls_back_from_a_broken_release[amd64]",

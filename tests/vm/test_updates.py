@@ -184,11 +184,11 @@ def attack_variants(repo: Repository, image: str, v4: str, tmp: Path) -> dict[st
     return {"tampered": tampered.path, "expired": expired.path, "revoked": revoked.path}
 
 
-def updates_and_falls_back(m: Machine, releases: Releases, r3: Path, v1: str, v2: str,
-                           v3: str, timeout: float) -> None:
-    """(a) v1 boots, finds v2, installs it into slot B and reboots into it; (b) v3 is
-    installed, fails its health check, and the host comes back to v2 by itself and does
-    not try v3 again."""
+def updates_and_falls_back(m: Machine, releases: Releases, r3: Path | None, v1: str,
+                           v2: str, v3: str, timeout: float) -> None:
+    """(a) v1 boots, finds v2, installs it into slot B and reboots into it; (b) with *r3*,
+    v3 is installed, fails its health check, and the host comes back to v2 by itself and
+    does not try v3 again."""
     first = m.ready(timeout)
     assert (first.get("version"), first.get("slot"), first.get("bless")) == \
         (v1, "A", "good"), first.values
@@ -200,6 +200,8 @@ def updates_and_falls_back(m: Machine, releases: Releases, r3: Path, v1: str, v2
     assert (second.get("root-options") or "").startswith("ro"), second.values
     # v1's updater wrote what it did to the audit trail (staged, rebooting) on /var.
     assert int(second.get("audit") or 0) >= 2, second.values
+    if r3 is None:
+        return
 
     releases.publish(r3)
     m.expect(rf"Rebooting into {v3}", timeout)
@@ -223,7 +225,8 @@ def test_host_updates_itself_and_falls_back_from_a_broken_release(
     v1, v2, v3, v4 = (version(n) for n in range(1, 5))
     r1 = releases.build(good, v1, disk=True)
     r2 = releases.build(good, v2)
-    r3 = releases.build(broken, v3)
+    # (b) on arm64; amd64 checks falling back through (e), which fails v4's boots.
+    r3 = releases.build(broken, v3) if arch == "arm64" else None
     repo = releases.repo
     releases.publish(r1)
     releases.publish(r2)
