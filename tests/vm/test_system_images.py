@@ -248,6 +248,7 @@ echo $? > "$out/anssi-before-rc"
 cerulean policy fix --profile anssi-bp28-intermediary > "$out/anssi-fix" 2>&1
 cerulean policy check --profile anssi-bp28-intermediary --json > "$out/anssi-after.json" \
     2> "$out/anssi-after.err"
+echo $? > "$out/anssi-after-rc"
 """
 
 
