@@ -46,8 +46,8 @@ def test_new_directories_are_watched_too(tmp_path: Path) -> None:
         collect(w, lambda got: False, 0.5)
         (tmp_path / "a/b/late").write_text("y")
         (tmp_path / "a/b/late").unlink()
-        events = collect(w, lambda got: any(e["file.action"] == "deleted" for e in got))
-    by_path = {(e["file.path"], e["file.action"]) for e in events}
+        events = collect(w, lambda got: any("deleted" in e["file.actions"] for e in got))
+    by_path = {(e["file.path"], a) for e in events for a in e["file.actions"]}
     assert (str(tmp_path / "a/b/late"), "created") in by_path
     assert (str(tmp_path / "a/b/late"), "deleted") in by_path
 
@@ -90,3 +90,21 @@ def test_a_rename_of_a_file_that_was_already_there_is_still_seen(tmp_path: Path)
     assert {(Path(e["file.path"]).name, e["file.action"]) for e in events} == {
         ("a", "moved-out"), ("b", "moved-in")}
     assert all("file.renamed_from" not in e for e in events)
+
+
+def test_one_event_per_file_and_batch_so_one_alert_per_setuid_file(tmp_path: Path) -> None:
+    """cp then chmod 4755: created, written and attributes arrive in one batch; the file
+    is described once, so a rule on its final state fires once."""
+    rules = load_rules([{
+        "rule": "setuid", "event": "file", "priority": "critical",
+        "condition": f"file.setuid and file.path startswith {tmp_path}/",
+        "output": "setuid file %file.path"}])
+    with Watcher([tmp_path]) as w:
+        f = tmp_path / ".helper"
+        f.write_bytes(b"\x7fELF")
+        os.chmod(f, 0o4755)
+        events = collect(w, lambda got: any(e.get("file.setuid") for e in got))
+        events += w.read(0.3)
+    alerts = [a for e in events for a in match(rules, "file", e, time.time())]
+    assert len(alerts) == 1, events
+    assert alerts[0].evidence["file.actions"][0] == "created"

@@ -168,7 +168,9 @@ class Watcher:
             if src is not None and dst is not None and src in created:
                 temp[dst] = src
         skip = set(temp.values())
-        out: list[Event] = []
+        # A path is described once the batch is read, so its events would all show its
+        # final state: one event per path, with the first action and every action seen.
+        by_path: dict[str, Event] = {}
         for wd, m, _c, n in raw:
             path = self._path(wd, n)
             if path in skip:
@@ -177,8 +179,13 @@ class Watcher:
             src = temp.get(path) if path is not None and m & IN_MOVED_TO else None
             if src is not None and events:
                 events[0]["file.renamed_from"] = str(src)
-            out.extend(events)
-        return out
+            for e in events:
+                seen = by_path.get(e["file.path"])
+                if seen is None:
+                    by_path[e["file.path"]] = {**e, "file.actions": [e["file.action"]]}
+                elif e["file.action"] not in seen["file.actions"]:
+                    seen["file.actions"].append(e["file.action"])
+        return list(by_path.values())
 
     def _event(self, wd: int, mask: int, name: str) -> list[Event]:
         if mask & IN_Q_OVERFLOW:
