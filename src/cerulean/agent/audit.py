@@ -22,7 +22,6 @@ the agent reports it to the fleet, which keeps the heads it has seen.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -33,21 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from cerulean.errors import CeruleanError
+from cerulean.protocol.audit import GENESIS, canonical, entry_hash
 
-GENESIS = "0" * 64
 TAIL = 1 << 16  # how much of the log's end a recovery reads
 KEYS = {"seq", "time", "actor", "action", "detail", "prev", "hash"}
-
-
-def canonical(entry: Mapping[str, Any]) -> bytes:
-    # A file name that is not UTF-8 arrives surrogate-escaped; backslashreplace writes it
-    # as a JSON \\udcXX escape, which reads back to the same text (and the same bytes).
-    return json.dumps(entry, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8", "backslashreplace")
-
-
-def entry_hash(entry: Mapping[str, Any]) -> str:
-    return hashlib.sha256(canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
 
 
 class AuditError(CeruleanError):

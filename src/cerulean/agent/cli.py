@@ -38,6 +38,9 @@ Cerulean host agent.
                               Tracker JSON), worst first
   cerulean agent metrics      this host's metrics, as the agent serves them to Prometheus
   cerulean agent run          the agent itself (what cerulean-agent.service runs)
+  cerulean agent enroll --server URL --token T --ca-sha256 H
+                              join a fleet (the fleet prints this command with the token)
+  cerulean agent report       send what is new to the fleet now (the agent does it each minute)
 """
 
 
@@ -198,6 +201,22 @@ def parser() -> argparse.ArgumentParser:
     gsub.add_parser("metrics", help="print this host's metrics once",
                     description="Print this host's metrics once, in the Prometheus text "
                     "format the agent serves on /metrics.")
+    en = gsub.add_parser(
+        "enroll", help="join a fleet (with a token from `cerulean fleet token create`)",
+        description="Join a fleet: check the fleet CA against --ca-sha256, make this host's "
+        "key (it stays in /var/lib/cerulean/fleet) and get a certificate for it with the "
+        "one-time token. `cerulean fleet token create` prints the whole command.")
+    en.add_argument("--server", required=True, help="https://fleet.example.com:8443")
+    en.add_argument("--token", required=True, help="the enrollment token (cet_...)")
+    en.add_argument("--ca-sha256", required=True, metavar="sha256:HEX",
+                    help="the fleet CA's fingerprint, as the token's command gives it")
+    en.add_argument("--hostname", help="the name to enroll as (default: this host's name)")
+    rp = gsub.add_parser(
+        "report", help="send what is new to the fleet now",
+        description="Queue what the fleet has not had yet (inventory, alerts, audit-trail "
+        "head, compliance results, metrics) and deliver the outbox now; the running agent "
+        "does this every fleet-interval seconds.")
+    rp.add_argument("--json", action="store_true")
     return p
 
 
@@ -207,6 +226,21 @@ def run_agent(args: argparse.Namespace) -> int:
     if args.action == "metrics":
         sys.stdout.write(daemon.exposition(slot=daemon.booted_slot()).decode())
         return 0
+    if args.action == "enroll":
+        from cerulean.agent import fleetlink
+
+        e = fleetlink.enroll(args.server, args.token, args.ca_sha256, hostname=args.hostname)
+        print(f"Enrolled in the fleet at {e.server} as host {e.host_id}; the certificate is "
+              f"valid until {e.not_after}.")
+        return 0
+    if args.action == "report":
+        from cerulean.agent import fleetlink
+
+        r = fleetlink.sync()
+        out = {"queued": r.queued, "delivered": r.delivered, "failed": r.failed,
+               "pending": r.pending, "renewed": r.renewed, "error": r.error or None}
+        _print(out, args.json)
+        return 0 if not r.failed and not r.error else 1
     return daemon.run(say=lambda m: print(m, flush=True), slot=daemon.booted_slot())
 
 

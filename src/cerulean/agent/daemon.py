@@ -16,6 +16,10 @@ Configuration is TOML, ``/usr/lib/cerulean/agent.toml`` then
     integrity-interval = 3600           # seconds between full integrity scans (0: none)
     policies = ["cerulean-baseline"]    # profiles cerulean-policy.timer runs (hourly)
     policy-mode = "audit"               # audit | enforce | autocorrect
+    fleet-interval = 60                 # seconds between reports to the fleet (0: none)
+
+Once the host is enrolled in a fleet (``cerulean agent enroll``), the agent
+sends what is new every ``fleet-interval`` seconds (:mod:`cerulean.agent.fleetlink`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from cerulean.errors import CeruleanError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 KEYS = {"metrics-listen": str, "detect": bool, "watch": list, "scan-interval": int,
-        "policies": list, "policy-mode": str, "integrity-interval": int}
+        "policies": list, "policy-mode": str, "integrity-interval": int,
+        "fleet-interval": int}
 
 
 class AgentError(CeruleanError):
@@ -56,6 +61,7 @@ class AgentConfig:
     policies: list[str] = field(default_factory=lambda: ["cerulean-baseline"])
     policy_mode: str = "audit"
     integrity_interval: int = 3600
+    fleet_interval: int = 60
     sources: list[str] = field(default_factory=list)
 
 
@@ -74,6 +80,8 @@ def load_agent_config(root: Path = Path("/")) -> AgentConfig:
         raise AgentError("'scan-interval' must be between 1 and 3600 seconds.")
     if cfg.integrity_interval and not 60 <= cfg.integrity_interval <= 7 * 86400:
         raise AgentError("'integrity-interval' must be 0 (no scans) or 60 to 604800 seconds.")
+    if cfg.fleet_interval and not 5 <= cfg.fleet_interval <= 86400:
+        raise AgentError("'fleet-interval' must be 0 (no reports) or 5 to 86400 seconds.")
     if not all(isinstance(p, str) and p for p in cfg.policies):
         raise AgentError("'policies' must be a list of profile names.")
     if cfg.policy_mode not in MODES:
@@ -183,6 +191,29 @@ def _integrity_loop(root: Path, interval: int, stop: threading.Event,
                 f"({total} since the baseline)")
 
 
+def _fleet_loop(root: Path, interval: int, stop: threading.Event,
+                say: Callable[[str], None]) -> None:
+    """Report to the fleet every *interval* seconds, once the host is enrolled. A failure
+    is said once (not every round) and the reports wait in the outbox."""
+    from cerulean.agent import fleetlink
+
+    last_error = ""
+    while True:
+        error = ""
+        try:
+            if fleetlink.load_enrollment(root) is not None:
+                r = fleetlink.sync(root)
+                error = r.error or (f"{r.failed} reports not delivered, {r.pending} waiting"
+                                    if r.failed else "")
+        except Exception as e:  # the next round tries again
+            error = str(e)
+        if error != last_error:
+            say(f"fleet: {error}" if error else "fleet: reports are delivered again")
+            last_error = error
+        if stop.wait(interval):
+            return
+
+
 def run(root: Path = Path("/"), say: Callable[[str], None] = print,
         stop: threading.Event | None = None, slot: str = "") -> int:
     """Serve until SIGTERM/SIGINT (or until *stop* is set, in tests)."""
@@ -227,6 +258,10 @@ def run(root: Path = Path("/"), say: Callable[[str], None] = print,
     if cfg.integrity_interval:
         threading.Thread(target=_integrity_loop, name="integrity", daemon=True,
                          args=(root, cfg.integrity_interval, stop, say)).start()
+
+    if cfg.fleet_interval:
+        threading.Thread(target=_fleet_loop, name="fleet", daemon=True,
+                         args=(root, cfg.fleet_interval, stop, say)).start()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()

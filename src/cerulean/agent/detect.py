@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from cerulean.errors import CeruleanError
+from cerulean.protocol.fleet import PRIORITIES
 
-PRIORITIES = ("info", "notice", "warning", "error", "critical")
 EVENTS = ("file", "process", "account", "socket", "module", "auth")
 OPERATORS = ("=", "!=", "<=", ">=", "<", ">", "startswith", "endswith", "contains", "glob",
              "matches", "in")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Lower goes first when space runs out.
+# Lower goes first when space runs out (the kinds are cerulean.protocol.fleet.REPORT_KINDS).
 PRIORITY = {"metrics": 0, "inventory": 1, "compliance": 2, "alert": 3, "audit": 3}
 DEFAULT_LIMIT = 32 << 20
 MAX_BACKOFF = 600.0
@@ -97,9 +97,15 @@ class Outbox:
         row = db.execute("SELECT value FROM counter WHERE name = ?", (name,)).fetchone()
         return int(row[0]) if row else 0
 
-    def put(self, kind: str, body: dict[str, Any]) -> int:
-        """Keep one report; returns its sequence number (0: it was dropped, as the outbox is
-        full of more important ones)."""
+    def get(self, name: str, default: str = "") -> str:
+        """A note kept beside the reports (what was last queued, for instance)."""
+        row = self.db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return str(row[0]) if row else default
+
+    def put(self, kind: str, body: dict[str, Any], notes: dict[str, str] | None = None) -> int:
+        """Keep one report, and *notes* in the same transaction (so a cursor moves exactly
+        when the report is queued); returns its sequence number (0: it was dropped, as the
+        outbox is full of more important ones)."""
         if kind not in PRIORITY:
             raise OutboxError(f"Unknown report kind {kind!r}; known: {', '.join(PRIORITY)}.")
         data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
@@ -107,6 +113,8 @@ class Outbox:
             raise OutboxError(f"A {kind} report of {len(data)} bytes is larger than a quarter "
                               f"of the outbox ({self.limit} bytes).")
         with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                           sorted((notes or {}).items()))
             if not self._make_room(db, len(data), PRIORITY[kind]):
                 self._count(db, "dropped", 1)  # the new one is the least important
                 return 0

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from cerulean import __version__
-from cerulean.cli import agentdeb, build, images, lock, release, testbed
+from cerulean.cli import agentdeb, build, fleet, images, lock, release, testbed
 from cerulean.errors import CeruleanError
 
 DESCRIPTION = """\
@@ -27,6 +27,7 @@ Typical use:
   cerulean boot out/base.amd64.raw         boot a disk image with its console on this terminal
   cerulean release --help                  releases, the signed update repository, rollouts
   cerulean agent-deb                       the host agent's .deb, for existing Debian servers
+  cerulean fleet --help                    the fleet server: enrollment, inventory, alerts
 """
 
 
@@ -48,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cerulean {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step and command")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (images, lock, build, release, testbed, agentdeb):
+    for module in (images, lock, build, release, testbed, agentdeb, fleet):
         module.register(sub)
     return p
 

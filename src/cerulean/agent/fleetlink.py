@@ -1,0 +1,385 @@
+"""The host's link to the fleet server: enrollment, its certificate, and sending reports.
+
+Enrollment (``cerulean agent enroll --server URL --token T --ca-sha256 H``):
+
+1. fetch the fleet CA from the server and refuse it unless its SHA-256 is the
+   one the administrator gave with the token;
+2. make an ECDSA P-256 key on this host (it never leaves ``/var/lib/cerulean/fleet``)
+   and a signing request for it;
+3. send both with the token over TLS checked against that CA; keep the host ID
+   and certificate the server returns.
+
+From then on every call is mTLS with that certificate, renewed at half its
+life. :func:`sync` collects what is new (inventory, alerts and other audit-trail
+heads, compliance results, metrics) into the outbox
+(:mod:`cerulean.agent.outbox`) and delivers the outbox: a report leaves the
+host's disk only once the server has acknowledged it.
+
+Standard library, plus python3-cryptography for the key and the request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cerulean.agent.outbox import Message, Outbox
+from cerulean.errors import CeruleanError, NetworkError, VerificationError
+from cerulean.protocol.fleet import (
+    CA_PATH,
+    ENROLL_PATH,
+    RENEW_PATH,
+    REPORTS_PATH,
+    SELF_PATH,
+    EnrollRequest,
+    ca_fingerprint,
+)
+
+STATE = "var/lib/cerulean/fleet"
+TIMEOUT = 30.0
+
+
+class FleetLinkError(CeruleanError):
+    pass
+
+
+def state_dir(root: Path = Path("/")) -> Path:
+    return root / STATE
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    server: str
+    host_id: str
+    not_after: str
+    renew_after: str
+
+
+def load_enrollment(root: Path = Path("/")) -> Enrollment | None:
+    try:
+        data = json.loads((state_dir(root) / "enrollment.json").read_text())
+        return Enrollment(data["server"], data["host_id"], data["not_after"],
+                          data["renew_after"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FleetLinkError(f"{state_dir(root) / 'enrollment.json'} cannot be read ({e}); "
+                             "enroll this host again.") from e
+
+
+def _write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_server(url: str) -> str:
+    u = urllib.parse.urlsplit(url)
+    if u.scheme != "https" or not u.hostname or u.path not in ("", "/") or u.query:
+        raise FleetLinkError(f"{url!r} is not a fleet server address like "
+                             "https://fleet.example.com:8443.")
+    return f"https://{u.netloc}"
+
+
+def _new_key_and_csr(hostname: str) -> tuple[bytes, str]:
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError as e:
+        raise FleetLinkError("Enrolling needs python3-cryptography; install it first.") from e
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64])]))
+           .sign(key, hashes.SHA256()))
+    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return pem_key, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _request(ctx: ssl.SSLContext, url: str, body: Any | None = None,
+             timeout: float = TIMEOUT) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                 headers={"Content-Type": "application/json",
+                                          "User-Agent": "cerulean-agent"})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=timeout) as r:
+            raw = r.read()
+            ctype = r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        try:
+            detail = json.loads(e.read()).get("detail")
+        except (ValueError, AttributeError, OSError):
+            detail = None
+        if not isinstance(detail, str):
+            detail = f"HTTP {e.code} {e.reason}"
+        raise FleetLinkError(f"The fleet server refused: {detail.rstrip('.')}.") from e
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise NetworkError(f"The fleet server at {url.split('/api/')[0]} cannot be reached: "
+                           f"{reason}.") from e
+    return json.loads(raw) if "json" in ctype else raw.decode()
+
+
+def fetch_ca(server: str, expected: str) -> str:
+    """The fleet CA (PEM), after checking it against *expected* (``sha256:HEX``)."""
+    want = expected.lower()
+    if not want.startswith("sha256:") or len(want) != 71:
+        raise FleetLinkError("--ca-sha256 must be 'sha256:' and 64 hex digits, as `cerulean "
+                             "fleet token create` prints it.")
+    # Nothing is trusted yet: the hash below decides.
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    pem = _request(ctx, server + CA_PATH)
+    if not isinstance(pem, str):
+        raise FleetLinkError("The fleet server did not send its CA certificate.")
+    try:
+        der = ssl.PEM_cert_to_DER_cert(pem)
+    except ValueError as e:
+        raise FleetLinkError("The fleet server's CA is not a PEM certificate.") from e
+    got = ca_fingerprint(der)
+    if got != want:
+        raise VerificationError(f"The fleet server's CA is {got}, not the {want} you were "
+                                "given: refusing to enroll (wrong server, or someone in "
+                                "between).")
+    return pem
+
+
+def enroll(server: str, token: str, ca_sha256: str, root: Path = Path("/"),
+           hostname: str | None = None) -> Enrollment:
+    server = check_server(server)
+    ca = fetch_ca(server, ca_sha256)
+    d = state_dir(root)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write(d / "ca.crt", ca.encode(), 0o644)
+    ctx = ssl.create_default_context(cafile=str(d / "ca.crt"))
+    hostname = hostname or socket.gethostname()
+    key, csr = _new_key_and_csr(hostname)
+    machine_id = ""
+    with contextlib.suppress(OSError):
+        machine_id = (root / "etc/machine-id").read_text().strip()[:64]
+    resp = _request(ctx, server + ENROLL_PATH,
+                    asdict(EnrollRequest(token, csr, hostname, machine_id)))
+    return _keep(d, server, key, resp)
+
+
+def _keep(d: Path, server: str, key: bytes, resp: Any) -> Enrollment:
+    try:
+        e = Enrollment(server, str(resp["host_id"]), str(resp["not_after"]),
+                       str(resp["renew_after"]))
+        cert = str(resp["certificate"]).encode()
+    except (KeyError, TypeError) as err:
+        raise FleetLinkError("The fleet server's answer has no certificate.") from err
+    # Key first, then certificate, then the record: a crash in between leaves the old
+    # pair's record pointing at files that still match, or the new complete set.
+    _write(d / "host.key.new", key)
+    _write(d / "host.crt.new", cert, 0o644)
+    os.replace(d / "host.key.new", d / "host.key")
+    os.replace(d / "host.crt.new", d / "host.crt")
+    _write(d / "enrollment.json", json.dumps(asdict(e), indent=2).encode(), 0o644)
+    return e
+
+
+class Link:
+    """An enrolled host's mTLS connection settings to its fleet server."""
+
+    def __init__(self, root: Path = Path("/"), timeout: float = TIMEOUT) -> None:
+        e = load_enrollment(root)
+        if e is None:
+            raise FleetLinkError("This host is not enrolled in a fleet; run `cerulean agent "
+                                 "enroll --server URL --token TOKEN --ca-sha256 HASH`.")
+        self.root, self.enrollment, self.timeout = root, e, timeout
+        self.dir = state_dir(root)
+        self._ctx: ssl.SSLContext | None = None
+
+    @property
+    def ctx(self) -> ssl.SSLContext:
+        if self._ctx is None:
+            ctx = ssl.create_default_context(cafile=str(self.dir / "ca.crt"))
+            ctx.load_cert_chain(self.dir / "host.crt", self.dir / "host.key")
+            self._ctx = ctx
+        return self._ctx
+
+    def call(self, path: str, body: Any | None = None) -> Any:
+        return _request(self.ctx, self.enrollment.server + path, body, self.timeout)
+
+    def renew_if_due(self, now: datetime | None = None) -> bool:
+        now = now or datetime.now(UTC)
+        if now < datetime.fromisoformat(self.enrollment.renew_after):
+            return False
+        key, csr = _new_key_and_csr(socket.gethostname())
+        resp = self.call(RENEW_PATH, {"csr": csr})
+        self.enrollment = _keep(self.dir, self.enrollment.server, key, resp)
+        self._ctx = None
+        return True
+
+    def whoami(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.call(SELF_PATH)
+        return out
+
+    def send(self, msgs: list[Message], dropped: int) -> set[str]:
+        """Deliver one batch; the IDs the server acknowledged or rejected for good (a
+        rejected report would be rejected again: it is not kept)."""
+        body = {"reports": [{"id": m.id, "kind": m.kind, "created": m.created,
+                             "body": m.body} for m in msgs], "dropped": dropped}
+        try:
+            ack = self.call(REPORTS_PATH, body)
+        except NetworkError as e:
+            raise OSError(str(e)) from e
+        done = set(ack.get("acknowledged", []))
+        done |= {r.get("id") for r in ack.get("rejected", []) if isinstance(r, dict)}
+        return done
+
+    def outbox(self) -> Outbox:
+        return Outbox(self.dir / "outbox.db", self.enrollment.host_id)
+
+
+# -- what the host reports -----------------------------------------------------------------
+
+def packages(root: Path) -> list[list[str]]:
+    """Installed packages from dpkg's status database: [name, version, architecture]."""
+    out = []
+    try:
+        text = (root / "var/lib/dpkg/status").read_text(errors="replace")
+    except OSError:
+        return []
+    for stanza in text.split("\n\n"):
+        fields = {}
+        for line in stanza.splitlines():
+            k, sep, v = line.partition(":")
+            if sep and not line.startswith((" ", "\t")):
+                fields[k] = v.strip()
+        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
+            out.append([fields["Package"], fields.get("Version", ""),
+                        fields.get("Architecture", "")])
+    return sorted(out)
+
+
+def inventory(root: Path = Path("/")) -> dict[str, Any]:
+    from cerulean.agent.update.host import Host
+
+    update: dict[str, Any] = {}
+    host = Host(root)
+    with contextlib.suppress(CeruleanError, OSError):
+        update = {"image": host.image, "version": host.version}
+    try:
+        from cerulean.agent.update.host import load_state
+
+        st = load_state(host)
+        update |= {"staged": st.staged, "last": st.last or None, "failed_releases": st.bad}
+    except (CeruleanError, OSError, ValueError):
+        pass
+    from cerulean.agent.daemon import booted_slot
+
+    if root == Path("/"):
+        update["slot"] = booted_slot() or None
+    return {"hostname": socket.gethostname(),
+            "os_release": host.os_release(), "arch": platform.machine(),
+            "kernel": platform.release(), "update": update, "packages": packages(root)}
+
+
+def metric_values(root: Path = Path("/")) -> dict[str, float]:
+    """The host's metrics as name{labels} → value (at most 200)."""
+    from cerulean.agent import metrics
+
+    out: dict[str, float] = {}
+    for fam in metrics.collect(root):
+        for labels, value in fam.samples:
+            tag = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+            out[f"{fam.name}{{{tag}}}" if tag else fam.name] = float(value)
+            if len(out) >= 200:
+                return out
+    return out
+
+
+def collect(box: Outbox, root: Path = Path("/"), now: float | None = None,
+            inventory_every: float = 3600.0) -> dict[str, int]:
+    """Put into *box* what the fleet has not had yet; returns how many of each kind."""
+    from cerulean.agent.audit import AuditLog
+    from cerulean.agent.compliance import last_reports
+    from cerulean.agent.update.host import Host
+
+    now = time.time() if now is None else now
+    put = {"inventory": 0, "alert": 0, "audit": 0, "compliance": 0, "metrics": 0}
+    if now - float(box.get("inventory-at", "0")) >= inventory_every:
+        box.put("inventory", inventory(root), {"inventory-at": str(now)})
+        put["inventory"] += 1
+    # Alerts and the audit trail's head, from the trail itself: whatever process raised
+    # an alert (the agent, the policy timer), it is sent once, in order.
+    log = AuditLog(Host(root).audit_log)
+    last = int(box.get("audit-seq", "0"))
+    head = None
+    for entry in log.entries():
+        seq = int(entry.get("seq", 0))
+        if seq <= last:
+            continue
+        head = entry
+        action = str(entry.get("action", ""))
+        if action.startswith("alert.") and isinstance(entry.get("detail"), dict):
+            box.put("alert", entry["detail"], {"audit-seq": str(seq)})
+            put["alert"] += 1
+    if head is not None:
+        box.put("audit", {"seq": int(head["seq"]), "hash": str(head.get("hash", ""))},
+                {"audit-seq": str(head["seq"])})
+        put["audit"] += 1
+    for profile, rep in sorted(last_reports(root).items()):
+        key = f"compliance-at:{profile}"
+        if float(rep.get("time", 0)) <= float(box.get(key, "0")):
+            continue
+        failures = {c["id"]: c.get("rules", []) for c in rep.get("checks", [])
+                    if c.get("result") in ("failed", "error")}
+        box.put("compliance", {
+            "profile": profile, "score": rep.get("score", 0), "passed": rep.get("passed", 0),
+            "failed": rep.get("failed", 0), "errors": rep.get("errors", 0),
+            "notapplicable": rep.get("notapplicable", 0), "mode": rep.get("mode", "audit"),
+            "time": rep.get("time"), "failures": failures}, {key: str(rep.get("time", 0))})
+        put["compliance"] += 1
+    box.put("metrics", metric_values(root))
+    put["metrics"] += 1
+    return put
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    queued: dict[str, int]
+    delivered: int
+    failed: int
+    pending: int
+    renewed: bool
+    error: str = ""
+
+
+def sync(root: Path = Path("/"), link: Link | None = None) -> SyncResult:
+    """One round: renew the certificate if due, queue what is new, deliver the outbox."""
+    link = link or Link(root)
+    renewed, error = False, ""
+    try:
+        renewed = link.renew_if_due()
+    except (NetworkError, FleetLinkError) as e:
+        error = str(e)
+    box = link.outbox()
+    try:
+        queued = collect(box, root)
+        delivered, failed = box.deliver(link.send)
+        return SyncResult(queued, delivered, failed, box.pending(), renewed, error)
+    finally:
+        box.close()

@@ -1,0 +1,190 @@
+"""What hosts report, stored once: inventory, alerts, compliance results, metrics, audit heads.
+
+A batch is one transaction. Each report's ID goes into the ``report`` table
+first (insert-or-ignore), and only a report inserted now is applied, so a
+batch sent again after a lost acknowledgement changes nothing and counts
+nothing twice. IDs are acknowledged only after the commit: what the agent
+forgets, the server has.
+
+Reports are applied in the order the host made them; an inventory or metrics
+report older than the one already applied is kept as received but does not
+overwrite the newer state. An audit head that goes backwards or changes at the
+same sequence number means the host's audit trail was rewritten: that raises a
+critical alert of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from cerulean.fleet.db import Alert, ComplianceResult, Host, Package, ReceivedReport
+from cerulean.protocol.fleet import (
+    MAX_BATCH,
+    PRIORITIES,
+    REPORT_ID,
+    REPORT_KINDS,
+    Rejected,
+    Report,
+    ReportAck,
+    ReportBatch,
+)
+
+
+class BadReport(ValueError):
+    pass
+
+
+def _time(value: Any, fallback: float) -> datetime:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1e11:
+        return datetime.fromtimestamp(value, UTC)
+    if isinstance(value, str):
+        try:
+            t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            return t if t.tzinfo else t.replace(tzinfo=UTC)
+        except ValueError:
+            pass
+    return datetime.fromtimestamp(fallback, UTC)
+
+
+def _str(body: dict[str, Any], key: str, limit: int, default: str | None = None) -> str:
+    v = body.get(key, default)
+    if not isinstance(v, str) or len(v) > limit:
+        raise BadReport(f"'{key}' must be a text of at most {limit} characters")
+    return v
+
+
+def _dict(body: dict[str, Any], key: str) -> dict[str, Any]:
+    v = body.get(key, {})
+    if not isinstance(v, dict):
+        raise BadReport(f"'{key}' must be an object")
+    return v
+
+
+def _count(body: dict[str, Any], key: str) -> int:
+    v = body.get(key, 0)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 31:
+        raise BadReport(f"'{key}' must be a count")
+    return v
+
+
+def apply_inventory(s: Session, host: Host, r: Report) -> None:
+    b = r.body
+    packages = b.get("packages", [])
+    if not isinstance(packages, list) or not all(
+            isinstance(p, list) and len(p) == 3 and all(isinstance(x, str) and 0 < len(x) <= 128
+                                                        for x in p) for p in packages):
+        raise BadReport("'packages' must be a list of [name, version, architecture]")
+    fields = {"hostname": _str(b, "hostname", 253, host.hostname),
+              "arch": _str(b, "arch", 16, ""), "kernel": _str(b, "kernel", 128, ""),
+              "os_release": _dict(b, "os_release"), "update": _dict(b, "update"),
+              "cves": _dict(b, "cves")}
+    if r.created < host.inventory_at:
+        return  # an older inventory than the one shown
+    for k, v in fields.items():
+        setattr(host, k, v)
+    host.inventory_at = r.created
+    host.package_count = len({(p[0], p[2]) for p in packages})
+    s.execute(delete(Package).where(Package.host_id == host.id))
+    rows = {(p[0], p[2]): {"host_id": host.id, "name": p[0], "version": p[1], "arch": p[2]}
+            for p in packages}
+    if rows:
+        s.execute(insert(Package), list(rows.values()))
+
+
+def apply_alert(s: Session, host: Host, r: Report) -> None:
+    b = r.body
+    severity = _str(b, "priority", 16, "warning")
+    if severity not in PRIORITIES:
+        raise BadReport(f"'priority' must be one of {', '.join(PRIORITIES)}")
+    s.add(Alert(host_id=host.id, report_id=r.id, rule=_str(b, "rule", 128),
+                severity=severity, summary=_str(b, "message", 2000, ""),
+                time=_time(b.get("time"), r.created), evidence=_dict(b, "evidence")))
+
+
+def apply_compliance(s: Session, host: Host, r: Report) -> None:
+    b = r.body
+    score = b.get("score")
+    if not isinstance(score, int | float) or isinstance(score, bool) or not 0 <= score <= 100:
+        raise BadReport("'score' must be a percentage")
+    s.add(ComplianceResult(
+        host_id=host.id, profile=_str(b, "profile", 128), time=_time(b.get("time"), r.created),
+        score=float(score), passed=_count(b, "passed"), failed=_count(b, "failed"),
+        errors=_count(b, "errors"), notapplicable=_count(b, "notapplicable"),
+        mode=_str(b, "mode", 16, "audit"), failures=_dict(b, "failures")))
+
+
+def apply_metrics(s: Session, host: Host, r: Report) -> None:
+    values = {k: v for k, v in r.body.items()
+              if isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)}
+    if len(values) != len(r.body):
+        raise BadReport("metrics must be numbers")
+    if r.created >= float(host.metrics.get("_time", 0)):
+        host.metrics = {**values, "_time": r.created}
+
+
+def apply_audit(s: Session, host: Host, r: Report) -> None:
+    seq, digest = _count(r.body, "seq"), _str(r.body, "hash", 64)
+    old = host.audit_head
+    old_seq = int(old.get("seq", 0))
+    if seq < old_seq or (seq == old_seq and old.get("hash") not in (None, digest)):
+        s.add(Alert(host_id=host.id, report_id=r.id, rule="fleet.audit-trail-rewritten",
+                    severity="critical",
+                    summary=f"The host's audit trail went from entry {old_seq} to {seq} with a "
+                            "different history: it was rewritten or replaced.",
+                    time=datetime.fromtimestamp(r.created, UTC),
+                    evidence={"before": old, "after": {"seq": seq, "hash": digest}}))
+    if seq >= old_seq:
+        host.audit_head = {"seq": seq, "hash": digest, "time": r.created}
+
+
+APPLY: dict[str, Callable[[Session, Host, Report], None]] = {
+    "inventory": apply_inventory, "alert": apply_alert, "compliance": apply_compliance,
+    "metrics": apply_metrics, "audit": apply_audit}
+assert set(APPLY) == set(REPORT_KINDS)
+
+
+def _insert_ignore(s: Session, rows: list[dict[str, Any]]) -> set[str]:
+    """Insert the report IDs not yet stored; returns those inserted now."""
+    if s.get_bind().dialect.name == "postgresql":
+        stmt: Any = postgresql.insert(ReceivedReport).on_conflict_do_nothing()
+    else:
+        stmt = sqlite.insert(ReceivedReport).on_conflict_do_nothing()
+    return set(s.execute(stmt.values(rows).returning(ReceivedReport.id)).scalars())
+
+
+def ingest(s: Session, host: Host, batch: ReportBatch,
+           now: datetime | None = None) -> ReportAck:
+    now = now or datetime.now(UTC)
+    if len(batch.reports) > MAX_BATCH:
+        raise BadReport(f"A batch holds at most {MAX_BATCH} reports.")
+    rejected: list[Rejected] = []
+    good: dict[str, Report] = {}
+    for r in batch.reports:
+        if not REPORT_ID.match(r.id):
+            rejected.append(Rejected(r.id[:120], "the ID is not host:epoch:sequence"))
+        elif r.kind not in REPORT_KINDS:
+            rejected.append(Rejected(r.id, f"unknown kind {r.kind[:20]!r}"))
+        else:
+            good.setdefault(r.id, r)
+    new: set[str] = set()
+    if good:
+        new = _insert_ignore(s, [{"host_id": host.id, "id": r.id, "kind": r.kind,
+                                  "created": r.created, "received_at": now}
+                                 for r in good.values()])
+    for r in sorted((good[i] for i in new), key=lambda r: r.created):
+        try:
+            with s.begin_nested():
+                APPLY[r.kind](s, host, r)
+        except BadReport as e:
+            rejected.append(Rejected(r.id, str(e)))
+    bad = {x.id for x in rejected}
+    host.reports += len(new - bad)
+    host.dropped = max(host.dropped, batch.dropped)
+    host.last_seen = now
+    return ReportAck([i for i in good if i not in bad], rejected, len(good) - len(new))

@@ -1,0 +1,147 @@
+"""The admin API's request and response bodies (what people and scripts see).
+
+The agent's side of the API uses the wire types of :mod:`cerulean.protocol.fleet`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class TokenRequest(BaseModel):
+    group: str = Field(description="the group enrolled hosts join (a-z, 0-9, '-', '_')")
+    labels: dict[str, str] = Field(default_factory=dict,
+                                   description="environment (cloud, on-prem, edge), region, "
+                                               "site, provider, role, owner")
+    uses: int = Field(1, description="how many hosts may enroll with it")
+    hours: float = Field(24.0, description="how long it is valid")
+
+
+class TokenCreated(BaseModel):
+    token: str = Field(description="shown once; only its hash is kept")
+    id: str
+    expires_at: datetime
+    ca_sha256: str = Field(description="give this to the host with the token")
+    command: str = Field(description="what to run on the host")
+
+
+class TokenInfo(BaseModel):
+    id: str
+    group: str
+    labels: dict[str, Any]
+    uses_left: int
+    used: int
+    expires_at: datetime
+    created_at: datetime
+    created_by: str
+    revoked: bool
+
+
+class HostSummary(BaseModel):
+    id: str
+    hostname: str
+    group: str
+    labels: dict[str, Any]
+    os: str
+    arch: str
+    version: str
+    last_seen: datetime | None
+    enrolled_at: datetime
+    packages: int
+    open_alerts: int
+    compliance: dict[str, float]
+    cves: dict[str, Any]
+    revoked: bool
+
+
+class HostPage(BaseModel):
+    total: int
+    hosts: list[HostSummary]
+
+
+class HostDetail(HostSummary):
+    machine_id: str
+    kernel: str
+    os_release: dict[str, Any]
+    update: dict[str, Any]
+    metrics: dict[str, Any]
+    reports: int
+    dropped: int
+    audit_head: dict[str, Any]
+
+
+class PackageOut(BaseModel):
+    name: str
+    version: str
+    arch: str
+
+
+class AlertOut(BaseModel):
+    id: int
+    host_id: str
+    rule: str
+    severity: str
+    summary: str
+    time: datetime
+    evidence: dict[str, Any]
+    status: str
+
+
+class ComplianceOut(BaseModel):
+    profile: str
+    time: datetime
+    score: float
+    passed: int
+    failed: int
+    errors: int
+    notapplicable: int
+    mode: str
+    failures: dict[str, Any]
+
+
+class UserRequest(BaseModel):
+    name: str
+    role: str
+    password: str = Field("", description="for the dashboard; empty: API tokens only")
+
+
+class UserOut(BaseModel):
+    name: str
+    role: str
+    created_at: datetime
+    disabled: bool
+
+
+class ApiTokenRequest(BaseModel):
+    user: str
+    role: str
+    description: str = ""
+    days: float | None = Field(None, description="lifetime; none: until revoked")
+
+
+class ApiTokenCreated(BaseModel):
+    token: str = Field(description="shown once; only its hash is kept")
+
+
+class AuditOut(BaseModel):
+    seq: int
+    time: str
+    actor: str
+    action: str
+    detail: dict[str, Any]
+    prev: str
+    hash: str
+
+
+class AuditVerdict(BaseModel):
+    entries: int
+    ok: bool
+    problem: str | None
+
+
+class Whoami(BaseModel):
+    name: str
+    role: str

@@ -1,0 +1,179 @@
+"""The fleet server's data directory, settings and the process that serves the API.
+
+A data directory holds everything one fleet needs::
+
+    fleet.toml     settings (below); written by `cerulean fleet init`
+    ca.crt ca.key  the fleet CA (ca.key: mode 0600)
+    server.crt server.key
+    fleet.db       the SQLite database, unless `database` names a PostgreSQL one
+
+Several servers on one PostgreSQL database are replicas: give each a copy of
+the same directory (the CA must be the same) and put any TCP load balancer in
+front; they keep no state of their own. TLS must reach the servers (TCP
+pass-through), since the host's certificate is checked there.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import ssl
+import tomllib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from cerulean.errors import CeruleanError
+
+DEFAULT_PORT = 8443
+
+
+class FleetConfigError(CeruleanError):
+    pass
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    type: type
+    default: Any
+    help: str
+
+
+# One table: fleet.toml's keys, their defaults, the checks and `fleet init --help`.
+SETTINGS = (
+    Setting("database", str, "", "SQLAlchemy URL; empty: sqlite in the data directory"),
+    Setting("listen", str, f"0.0.0.0:{DEFAULT_PORT}", "address:port the server listens on"),
+    Setting("public-url", str, "", "how hosts reach the server, e.g. https://fleet.example:8443"),
+    Setting("names", list, ["localhost", "127.0.0.1"], "names in the server certificate"),
+    Setting("cert-hours", int, 24, "lifetime of a host certificate (renewed at half)"),
+)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    data: Path
+    database: str
+    listen: str
+    public_url: str
+    names: list[str] = field(default_factory=list)
+    cert_hours: int = 24
+
+    @property
+    def cert_lifetime(self) -> timedelta:
+        return timedelta(hours=self.cert_hours)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FleetConfigError(f"{value!r} is not an address:port such as 0.0.0.0:8443.")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def default_data() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/cerulean-fleet")
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "cerulean-fleet"
+
+
+def check_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
+    known = {s.key: s for s in SETTINGS}
+    out = {s.key: s.default for s in SETTINGS}
+    for k, v in values.items():
+        s = known.get(k)
+        if s is None:
+            raise FleetConfigError(f"{where}: unknown key {k!r}; valid: {', '.join(known)}.")
+        if not isinstance(v, s.type) or isinstance(v, bool):
+            raise FleetConfigError(f"{where}: {k!r} must be a {s.type.__name__}.")
+        out[k] = v
+    parse_listen(out["listen"])
+    if not out["names"] or not all(isinstance(n, str) and n for n in out["names"]):
+        raise FleetConfigError(f"{where}: 'names' must list at least one host name or address.")
+    if not 1 <= out["cert-hours"] <= 24 * 90:
+        raise FleetConfigError(f"{where}: 'cert-hours' must be between 1 and 2160.")
+    return out
+
+
+def _toml(values: dict[str, Any]) -> str:
+    lines = []
+    for s in SETTINGS:
+        v = values[s.key]
+        text = ("[" + ", ".join(f'"{x}"' for x in v) + "]" if isinstance(v, list)
+                else str(v) if isinstance(v, int) else f'"{v}"')
+        lines.append(f"# {s.help}\n{s.key} = {text}\n")
+    return "\n".join(lines)
+
+
+def load_config(data: Path) -> FleetConfig:
+    path = data / "fleet.toml"
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise FleetConfigError(f"{data} is not a fleet data directory (no fleet.toml); run "
+                               f"`cerulean fleet init --data {data}` first.") from e
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise FleetConfigError(f"{path} is not valid TOML: {e}.") from e
+    v = check_settings(raw, str(path))
+    database = v["database"] or f"sqlite:///{(data / 'fleet.db').resolve()}"
+    return FleetConfig(data, database, v["listen"], v["public-url"], list(v["names"]),
+                       v["cert-hours"])
+
+
+def init(data: Path, values: dict[str, Any]) -> tuple[FleetConfig, bool]:
+    """Create (or update the settings of) a data directory: settings, CA, server
+    certificate, database schema. Returns the config and whether a CA was made now."""
+    from cerulean.fleet.ca import FleetCA, server_names
+    from cerulean.fleet.db import make_engine, migrate
+
+    v = check_settings(values, "fleet init")
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = data / ".fleet.toml.tmp"
+    tmp.write_text(_toml(v))
+    os.replace(tmp, data / "fleet.toml")
+    cfg = load_config(data)
+    created = not (data / "ca.key").exists()
+    ca = FleetCA.create(data) if created else FleetCA.load(data)
+    if created or server_names(data) != cfg.names:
+        ca.issue_server(data, cfg.names)
+    engine = make_engine(cfg.database)
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()
+    return cfg, created
+
+
+def local_actor() -> str:
+    """Who runs a command on the server itself (written to the audit log)."""
+    try:
+        return f"local:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"local:uid{os.getuid()}"
+
+
+def serve(cfg: FleetConfig) -> None:
+    import uvicorn
+
+    from cerulean.fleet.api import FleetState, create_app
+    from cerulean.fleet.ca import FleetCA
+    from cerulean.fleet.db import make_engine, migrate, sessions
+    from cerulean.fleet.tls import TLSExtensionProtocol
+
+    ca = FleetCA.load(cfg.data)
+    engine = make_engine(cfg.database)
+    migrate(engine)
+    app = create_app(FleetState(sessions(engine), ca, cfg.cert_lifetime, cfg.public_url))
+    host, port = cfg.host_port
+    config = uvicorn.Config(
+        app, host=host, port=port, http=TLSExtensionProtocol, lifespan="off",
+        ssl_certfile=str(cfg.data / "server.crt"), ssl_keyfile=str(cfg.data / "server.key"),
+        ssl_ca_certs=str(cfg.data / "ca.crt"), ssl_cert_reqs=ssl.CERT_OPTIONAL,
+        log_level="warning", access_log=False, server_header=False,
+        limit_concurrency=2000, timeout_keep_alive=30)
+    uvicorn.Server(config).run()

@@ -1,0 +1,190 @@
+"""Fleet fixtures: a real PostgreSQL server, and a real fleet server on each database.
+
+PostgreSQL runs from the Debian package's binaries in a cluster made for the
+test session (initdb in a temporary directory, a Unix socket only, no TCP), as
+the ``postgres`` user when the suite runs as root. Each test gets a database of
+its own, so tests never see each other's hosts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _pg_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parent.parent.name))
+    if not found:
+        pytest.fail("PostgreSQL is not installed (make test installs the postgresql package).")
+    return found[-1].parent
+
+
+@dataclass
+class Postgres:
+    socket_dir: Path
+    port: int
+    counter: itertools.count[int]
+
+    def url(self, db: str) -> str:
+        return f"postgresql://postgres@/{db}?host={self.socket_dir}&port={self.port}"
+
+    def new_database(self) -> str:
+        import psycopg
+
+        name = f"fleet_{os.getpid()}_{next(self.counter)}"
+        with psycopg.connect(host=str(self.socket_dir), port=self.port, user="postgres",
+                             dbname="postgres", autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    bindir = _pg_bin()
+    # Not under pytest's temporary directory: the postgres user cannot enter root's.
+    base = Path(tempfile.mkdtemp(prefix="cerulean-pg-"))
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        shutil.chown(sock, "postgres")
+    with socket.socket() as s:  # a port number only names the socket file: no TCP
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                                 "--auth=trust", "-E", "UTF8", "--no-sync"]),
+                   check=True, capture_output=True)
+    opts = f"-k {sock} -p {port} -c listen_addresses='' -c fsync=off -c max_connections=200"
+    subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-o", opts,
+                                 "-l", str(base / "log"), "-w", "start"]),
+                   check=True, capture_output=True)
+    try:
+        yield Postgres(sock, port, itertools.count())
+    finally:
+        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast",
+                                     "-w", "stop"]), capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return ""  # the data directory's own fleet.db
+    pg: Postgres = request.getfixturevalue("postgres")
+    return pg.new_database()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Fleet:
+    data: Path
+    url: str
+    admin: str  # an admin's API token
+    ca_sha256: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def ctx(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.data / "ca.crt"))
+
+    def api(self, method: str, path: str, body: Any = None, token: str | None = None,
+            ctx: ssl.SSLContext | None = None) -> tuple[int, Any]:
+        """(status, JSON body) of one call; token None: the admin's, "" none at all."""
+        token = self.admin if token is None else token
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.url + path, method=method, headers=headers,
+                                     data=None if body is None else json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(req, context=ctx or self.ctx(), timeout=30) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def enrollment_token(self, group: str = "web", uses: int = 1, **labels: str) -> str:
+        status, body = self.api("POST", "/api/v1/enrollment-tokens",
+                                {"group": group, "uses": uses, "labels": labels})
+        assert status == 201, body
+        return str(body["token"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+def cli(*args: str, stdin: str = "") -> str:
+    r = subprocess.run([sys.executable, "-m", "cerulean.cli", *args], input=stdin, text=True,
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def start_server(data: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cerulean.cli", "fleet", "serve",
+                                 "--data", str(data)], stdout=out, stderr=subprocess.STDOUT)
+    return proc
+
+
+def wait_ready(url: str, ctx: ssl.SSLContext, proc: subprocess.Popen[bytes],
+               timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"the fleet server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/api/v1/health", context=ctx, timeout=5):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.2)
+    raise AssertionError("the fleet server did not answer within a minute")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, database: str) -> Iterator[Fleet]:
+    data = tmp_path / "fleet"
+    port = free_port()
+    args = ["fleet", "init", "--data", str(data), "--listen", f"127.0.0.1:{port}",
+            "--public-url", f"https://localhost:{port}"]
+    if database:
+        args += ["--database", database]
+    out = cli(*args)
+    ca_sha256 = next(w for w in out.split() if w.startswith("sha256:"))
+    admin = cli("fleet", "user", "add", "root-admin", "--role", "admin", "--data",
+                str(data)).strip()
+    log = tmp_path / "server.log"
+    proc = start_server(data, log)
+    f = Fleet(data, f"https://localhost:{port}", admin, ca_sha256, proc, log)
+    try:
+        wait_ready(f.url, f.ctx(), proc)
+        yield f
+    finally:
+        f.stop()

@@ -1,0 +1,279 @@
+"""The fleet server as hosts and people use it: a real server process over HTTPS with mTLS,
+on SQLite and on a real PostgreSQL server, and the agent's own enrollment and reporting code
+on a host directory."""
+
+from __future__ import annotations
+
+import http.client
+import shutil
+import socket
+import ssl
+import urllib.error
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from cerulean.agent import fleetlink
+from cerulean.agent.audit import AuditLog
+from cerulean.agent.compliance import STORE, PolicyStore
+from cerulean.agent.policy import CheckResult, Report, RuleResult
+from cerulean.errors import CeruleanError, VerificationError
+from cerulean.fleet.ca import FleetCA
+
+from .conftest import Fleet
+
+pytestmark = pytest.mark.fleet
+
+
+def host_root(tmp_path: Path, name: str) -> Path:
+    """A host's files: dpkg's status database (this machine's) and a machine ID."""
+    root = tmp_path / name
+    (root / "var/lib/dpkg").mkdir(parents=True)
+    (root / "etc").mkdir()
+    shutil.copy("/var/lib/dpkg/status", root / "var/lib/dpkg/status")
+    (root / "etc/machine-id").write_text(f"{name}-machine\n")
+    return root
+
+
+def enroll(fleet: Fleet, root: Path, name: str, token: str | None = None) -> fleetlink.Link:
+    fleetlink.enroll(fleet.url, token or fleet.enrollment_token(), fleet.ca_sha256, root=root,
+                     hostname=name)
+    return fleetlink.Link(root)
+
+
+def test_a_host_enrolls_reports_and_shows_up_with_packages_alerts_and_compliance(
+        fleet: Fleet, tmp_path: Path) -> None:
+    root = host_root(tmp_path, "web-1")
+    token = fleet.enrollment_token("web", uses=1, environment="cloud", region="eu-west")
+    link = enroll(fleet, root, "web-1", token)
+    host_id = link.enrollment.host_id
+    # What the host has to say: an alert in its audit trail and a compliance result.
+    log = AuditLog(root / "var/lib/cerulean/audit/audit.jsonl")
+    log.append("guard", "alert.setuid-or-setgid-file",
+               {"rule": "setuid-or-setgid-file", "priority": "critical", "tags": ["file"],
+                "message": "/tmp/.x was made setuid", "time": 1764230000.0,
+                "evidence": {"file.path": "/tmp/.x"}})
+    store = PolicyStore(root / STORE)
+    store.save(Report("cerulean-baseline", (
+        CheckResult("ssh-root-login", "no root login", "passed",
+                    (RuleResult("f:/etc/ssh", True, "ok"),), {}),
+        CheckResult("ssh-x11", "no X11", "failed",
+                    (RuleResult("f:/etc/ssh", False, "X11Forwarding yes"),), {}),
+    )), "audit", 1764230100.0)
+    store.close()
+
+    r = fleetlink.sync(root, link)
+    assert (r.delivered, r.failed, r.pending, r.error) == (5, 0, 0, "")
+    assert r.queued == {"inventory": 1, "alert": 1, "audit": 1, "compliance": 1, "metrics": 1}
+
+    status, page = fleet.api("GET", "/api/v1/hosts?environment=cloud")
+    assert status == 200 and page["total"] == 1
+    h = page["hosts"][0]
+    # Enrolled as web-1; the inventory says what the host is called now.
+    assert (h["id"], h["hostname"], h["group"]) == (host_id, socket.gethostname(), "web")
+    assert h["labels"] == {"environment": "cloud", "region": "eu-west"}
+    assert h["open_alerts"] == 1 and h["compliance"] == {"cerulean-baseline": 50.0}
+    dpkg = fleetlink.packages(root)
+    assert h["packages"] == len(dpkg) > 50
+    assert fleet.api("GET", "/api/v1/hosts?environment=edge")[1]["total"] == 0
+    assert fleet.api("GET", f"/api/v1/hosts?q={host_id[:8]}")[1]["total"] == 1
+    assert fleet.api("GET", f"/api/v1/hosts?q={socket.gethostname()[1:]}")[1]["total"] == 1
+    assert fleet.api("GET", "/api/v1/hosts?q=%25")[1]["total"] == 0  # no LIKE wildcards
+    assert fleet.api("GET", f"/api/v1/hosts?package={dpkg[0][0]}")[1]["total"] == 1
+    assert fleet.api("GET", "/api/v1/hosts?package=no-such-package")[1]["total"] == 0
+
+    _, pkgs = fleet.api("GET", f"/api/v1/hosts/{host_id}/packages")
+    assert [[p["name"], p["version"], p["arch"]] for p in pkgs] == dpkg
+    _, alerts = fleet.api("GET", f"/api/v1/hosts/{host_id}/alerts")
+    assert [(a["rule"], a["severity"], a["evidence"]) for a in alerts] == [
+        ("setuid-or-setgid-file", "critical", {"file.path": "/tmp/.x"})]
+    _, comp = fleet.api("GET", f"/api/v1/hosts/{host_id}/compliance")
+    assert [(c["profile"], c["score"], c["passed"], c["failed"]) for c in comp] == [
+        ("cerulean-baseline", 50.0, 1, 1)]
+    assert list(comp[0]["failures"]) == ["ssh-x11"]
+    _, detail = fleet.api("GET", f"/api/v1/hosts/{host_id}")
+    assert detail["audit_head"]["seq"] == 1 and detail["reports"] == 5
+    assert detail["machine_id"] == "web-1-machine"
+
+    # Nothing new: only metrics go; the alert is not sent again.
+    r = fleetlink.sync(root, link)
+    assert r.queued == {"inventory": 0, "alert": 0, "audit": 0, "compliance": 0, "metrics": 1}
+    assert len(fleet.api("GET", f"/api/v1/hosts/{host_id}/alerts")[1]) == 1
+    assert link.whoami()["reports"] == 6
+
+    # The admin log has the token and the enrollment, and its chain holds.
+    _, entries = fleet.api("GET", "/api/v1/audit")
+    assert [e["action"] for e in entries] == ["user.created", "enrollment-token.created",
+                                              "host.enrolled"]
+    assert fleet.api("GET", "/api/v1/audit/verify")[1] == {"entries": 3, "ok": True,
+                                                           "problem": None}
+
+
+def test_a_batch_sent_twice_is_counted_once(fleet: Fleet, tmp_path: Path) -> None:
+    root = host_root(tmp_path, "db-1")
+    link = enroll(fleet, root, "db-1")
+    box = link.outbox()
+    for i in range(3):
+        box.put("alert", {"rule": f"r{i}", "priority": "warning", "message": "m",
+                          "time": 1764230000.0 + i})
+    msgs = box.due()
+    box.close()
+    first = link.send(msgs, 0)
+    again = link.send(msgs, 0)  # the acknowledgement was lost: the agent sends it again
+    assert first == again == {m.id for m in msgs}
+    host = link.enrollment.host_id
+    assert len(fleet.api("GET", f"/api/v1/hosts/{host}/alerts")[1]) == 3
+    assert fleet.api("GET", f"/api/v1/hosts/{host}")[1]["reports"] == 3
+
+
+def _forged_cert(host_id: str, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A certificate for *host_id* from a CA of the attacker's own."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Cerulean fleet CA")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host_id)]))
+        .issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(hours=1))
+        .sign(ca_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _client_ctx(fleet: Fleet, tmp_path: Path, cert_pem: bytes,
+                key: ec.EllipticCurvePrivateKey) -> ssl.SSLContext:
+    (tmp_path / "c.crt").write_bytes(cert_pem)
+    (tmp_path / "c.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    ctx = fleet.ctx()
+    ctx.load_cert_chain(tmp_path / "c.crt", tmp_path / "c.key")
+    return ctx
+
+
+def _refused_in_handshake(fleet: Fleet, ctx: ssl.SSLContext) -> bool:
+    """No HTTP answer at all: the server ended the TLS handshake. (With TLS 1.3 the client
+    learns it on its first read, as the server's alert or as a closed connection.)"""
+    try:
+        fleet.api("GET", "/api/v1/agent/self", token="", ctx=ctx)
+    except (ssl.SSLError, http.client.RemoteDisconnected, ConnectionResetError):
+        return True
+    except urllib.error.URLError as e:
+        return isinstance(e.reason, ssl.SSLError | ConnectionResetError)
+    return False
+
+
+def test_forged_expired_and_revoked_certificates_and_reused_tokens_are_refused(
+        fleet: Fleet, tmp_path: Path) -> None:
+    a_root, b_root = host_root(tmp_path, "a"), host_root(tmp_path, "b")
+    token = fleet.enrollment_token("edge", uses=1)
+    a = enroll(fleet, a_root, "edge-a", token)
+    # The token is used up.
+    with pytest.raises(CeruleanError, match="used up"):
+        enroll(fleet, b_root, "edge-b", token)
+    # A wrong CA hash stops enrollment before anything is sent.
+    with pytest.raises(VerificationError, match="refusing to enroll"):
+        fleetlink.enroll(fleet.url, fleet.enrollment_token(), "sha256:" + "0" * 64,
+                         root=b_root)
+    b = enroll(fleet, b_root, "edge-b")
+
+    # A certificate for host a from another CA.
+    key = ec.generate_private_key(ec.SECP256R1())
+    assert _refused_in_handshake(fleet, _client_ctx(
+        fleet, tmp_path, _forged_cert(a.enrollment.host_id, key), key))
+    # An expired certificate from the fleet's own CA, for host a's key.
+    ca = FleetCA.load(fleet.data)
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a")])).sign(key, hashes.SHA256())
+    old = ca.issue_host(csr.public_bytes(serialization.Encoding.PEM).decode(),
+                        a.enrollment.host_id, timedelta(hours=1),
+                        now=datetime.now(UTC) - timedelta(hours=3))
+    assert _refused_in_handshake(fleet, _client_ctx(fleet, tmp_path, old.pem.encode(), key))
+    # A certificate the fleet's CA signed but the server never issued (a stolen CA
+    # signature is no identity).
+    unknown = ca.issue_host(csr.public_bytes(serialization.Encoding.PEM).decode(),
+                            a.enrollment.host_id, timedelta(hours=1))
+    status, body = fleet.api("GET", "/api/v1/agent/self", token="",
+                             ctx=_client_ctx(fleet, tmp_path, unknown.pem.encode(), key))
+    assert status == 403 and "not issued by this fleet" in body["detail"]
+
+    # A host is no admin: its certificate opens no admin endpoint, and it has no way to
+    # name another host.
+    for path in ("/api/v1/hosts", f"/api/v1/hosts/{b.enrollment.host_id}",
+                 f"/api/v1/hosts/{b.enrollment.host_id}/packages"):
+        assert fleet.api("GET", path, token="", ctx=a.ctx)[0] == 401
+    assert a.whoami()["host_id"] == a.enrollment.host_id
+    assert b.whoami()["host_id"] == b.enrollment.host_id
+
+    # Revoked: the handshake still succeeds (TLS cannot know), the call does not.
+    status, _ = fleet.api("POST", f"/api/v1/hosts/{a.enrollment.host_id}/revoke")
+    assert status == 200
+    with pytest.raises(CeruleanError, match="revoked"):
+        a.whoami()
+    assert b.whoami()["hostname"] == "edge-b"
+    # Re-enrollment with a new token gives a new identity that works.
+    a2 = enroll(fleet, a_root, "edge-a")
+    assert a2.enrollment.host_id != a.enrollment.host_id
+    assert a2.whoami()["hostname"] == "edge-a"
+
+
+def test_renewal_gives_a_new_certificate_for_a_new_key(fleet: Fleet, tmp_path: Path) -> None:
+    root = host_root(tmp_path, "r")
+    link = enroll(fleet, root, "r-1")
+    key_before = (root / "var/lib/cerulean/fleet/host.key").read_bytes()
+    cert_before = (root / "var/lib/cerulean/fleet/host.crt").read_bytes()
+    assert not link.renew_if_due()
+    assert link.renew_if_due(now=datetime.now(UTC) + timedelta(hours=13))
+    assert (root / "var/lib/cerulean/fleet/host.key").read_bytes() != key_before
+    assert (root / "var/lib/cerulean/fleet/host.crt").read_bytes() != cert_before
+    assert fleetlink.Link(root).whoami()["host_id"] == link.enrollment.host_id
+
+
+def test_roles_decide_what_a_token_may_do(fleet: Fleet) -> None:
+    def user(name: str, role: str) -> str:
+        status, _ = fleet.api("POST", "/api/v1/users", {"name": name, "role": role})
+        assert status == 201
+        status, body = fleet.api("POST", "/api/v1/api-tokens", {"user": name, "role": role})
+        assert status == 201
+        return str(body["token"])
+
+    auditor, operator = user("audrey", "auditor"), user("otto", "operator")
+    token = {"group": "web", "uses": 1}
+    assert fleet.api("GET", "/api/v1/hosts", token=auditor)[0] == 200
+    assert fleet.api("POST", "/api/v1/enrollment-tokens", token, token=auditor)[0] == 403
+    assert fleet.api("POST", "/api/v1/enrollment-tokens", token, token=operator)[0] == 201
+    assert fleet.api("POST", "/api/v1/users", {"name": "x", "role": "admin"},
+                     token=operator)[0] == 403
+    # A token cannot be given more than its user has.
+    status, body = fleet.api("POST", "/api/v1/api-tokens", {"user": "otto", "role": "admin"})
+    assert status == 422 and "cannot be given the admin role" in body["detail"]
+    assert fleet.api("GET", "/api/v1/hosts", token="cat_00000000_" + "x" * 43)[0] == 401
+    assert fleet.api("GET", "/api/v1/hosts", token="")[0] == 401
+    _, entries = fleet.api("GET", "/api/v1/audit", token=auditor)
+    assert [(e["actor"], e["action"]) for e in entries][1:] == [
+        ("root-admin", "user.created"), ("root-admin", "api-token.created"),
+        ("root-admin", "user.created"), ("root-admin", "api-token.created"),
+        ("otto", "enrollment-token.created")]
+
+
+def test_the_audit_log_cannot_be_changed_in_the_database(fleet: Fleet) -> None:
+    from sqlalchemy import text
+
+    from cerulean.fleet.db import make_engine
+    from cerulean.fleet.server import load_config
+
+    engine = make_engine(load_config(fleet.data).database)
+    try:
+        for sql in ("UPDATE audit_log SET actor = 'someone-else'", "DELETE FROM audit_log"):
+            with pytest.raises(Exception, match="append-only"), engine.begin() as c:
+                c.execute(text(sql))
+        with engine.begin() as c:
+            assert c.execute(text("SELECT actor FROM audit_log")).scalars().all() == [
+                "local:" + __import__("getpass").getuser()]
+    finally:
+        engine.dispose()

@@ -1,0 +1,230 @@
+"""The fleet's parts without a server: CA, tokens and passwords, report ingestion, settings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cerulean.agent.fleetlink import check_server, packages
+from cerulean.agent.outbox import PRIORITY, Outbox
+from cerulean.fleet import hosts as hostsvc
+from cerulean.fleet.auth import (
+    audit,
+    check_password,
+    create_token,
+    hash_password,
+    token_principal,
+    verify_audit,
+)
+from cerulean.fleet.ca import CAError, FleetCA
+from cerulean.fleet.db import Alert, Host, Package, User, make_engine, migrate, sessions
+from cerulean.fleet.ingest import ingest
+from cerulean.fleet.server import FleetConfigError, check_settings, init, load_config
+from cerulean.protocol.fleet import REPORT_KINDS, EnrollRequest, Report, ReportBatch
+
+
+def csr_for(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, cn: str = "h") -> str:
+    return (x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> FleetCA:
+    return FleetCA.create(tmp_path / "ca")
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Session]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'fleet.db'}")
+    migrate(engine)
+    with sessions(engine).begin() as s:
+        yield s
+    engine.dispose()
+
+
+def test_host_certificates_name_the_host_and_allow_client_authentication_only(
+        ca: FleetCA) -> None:
+    issued = ca.issue_host(csr_for(ec.generate_private_key(ec.SECP256R1()), "evil-admin"),
+                           "2b1e8a6c-0000-4000-8000-000000000001", timedelta(hours=2))
+    cert = x509.load_pem_x509_certificate(issued.pem.encode())
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert cn == "2b1e8a6c-0000-4000-8000-000000000001"  # not what the request asked for
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert issued.not_after - issued.not_before == timedelta(hours=2, minutes=5)
+    cert.verify_directly_issued_by(ca.cert)
+
+
+def test_bad_signing_requests_are_refused(ca: FleetCA) -> None:
+    with pytest.raises(CAError, match="not a PEM CSR"):
+        ca.issue_host("hello", "h", timedelta(hours=1))
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    with pytest.raises(CAError, match="1024 bits"):
+        ca.issue_host(csr_for(weak), "h", timedelta(hours=1))
+    odd = ec.generate_private_key(ec.SECP256K1())
+    with pytest.raises(CAError, match="secp256k1"):
+        ca.issue_host(csr_for(odd), "h", timedelta(hours=1))
+    # A request whose signature was made by another key.
+    pem = csr_for(ec.generate_private_key(ec.SECP256R1()))
+    der = bytearray(x509.load_pem_x509_csr(pem.encode()).public_bytes(
+        serialization.Encoding.DER))
+    der[-5] ^= 1
+    broken = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(CAError, match="signature does not verify"):
+        ca.issue_host(broken.decode(), "h", timedelta(hours=1))
+
+
+def test_passwords_and_api_tokens_are_kept_as_hashes(db: Session) -> None:
+    stored = hash_password("correct horse battery")
+    assert "correct" not in stored and check_password("correct horse battery", stored)
+    assert not check_password("correct horse batterz", stored)
+    assert not check_password("x", "not-a-hash")
+    db.add(User(name="ann", role="operator"))
+    db.flush()
+    token = create_token(db, "ann", "auditor")
+    assert token_principal(db, token) is not None
+    assert token_principal(db, token).role == "auditor"  # type: ignore[union-attr]
+    assert token_principal(db, token[:-1] + ("a" if token[-1] != "a" else "b")) is None
+    # A token never has more rights than its user has now.
+    db.get(User, "ann").role = "auditor"  # type: ignore[union-attr]
+    ops = create_token(db, "ann", "auditor")
+    assert token_principal(db, ops).role == "auditor"  # type: ignore[union-attr]
+    db.get(User, "ann").disabled = True  # type: ignore[union-attr]
+    assert token_principal(db, token) is None
+
+
+def test_the_audit_log_chain_names_the_first_broken_entry(db: Session) -> None:
+    for i in range(3):
+        audit(db, "ann", "thing.done", {"i": i})
+    assert verify_audit(db) == (3, None)
+    # Triggers stop UPDATE; a copy of the database without them would not.
+    db.execute(select(1))
+    conn = db.connection()
+    conn.exec_driver_sql("DROP TRIGGER audit_log_no_update")
+    conn.exec_driver_sql("UPDATE audit_log SET actor = 'bob' WHERE seq = 2")
+    assert verify_audit(db) == (2, "entry 2 was changed")
+
+
+def _enrolled(db: Session, ca: FleetCA) -> Host:
+    t = hostsvc.create_enrollment_token(db, "ann", "web", {"environment": "edge"}, 1,
+                                        timedelta(hours=1))
+    resp = hostsvc.enroll(db, ca, EnrollRequest(
+        t.token, csr_for(ec.generate_private_key(ec.SECP256R1())), "web-1"), timedelta(hours=4))
+    host = db.get(Host, resp.host_id)
+    assert host is not None
+    return host
+
+
+def test_enrollment_tokens_are_spent_and_expire(db: Session, ca: FleetCA) -> None:
+    host = _enrolled(db, ca)
+    assert (host.group, host.labels) == ("web", {"environment": "edge"})
+    t = hostsvc.create_enrollment_token(db, "ann", "web", {}, 2, timedelta(minutes=5))
+    req = EnrollRequest(t.token, csr_for(ec.generate_private_key(ec.SECP256R1())), "h")
+    later = datetime.now(UTC) + timedelta(minutes=6)
+    with pytest.raises(hostsvc.Refused):
+        hostsvc.enroll(db, ca, req, timedelta(hours=1), now=later)
+    hostsvc.revoke_enrollment_token(db, "ann", t.id)
+    with pytest.raises(hostsvc.Refused):
+        hostsvc.enroll(db, ca, req, timedelta(hours=1))
+    with pytest.raises(hostsvc.Invalid, match="not a label"):
+        hostsvc.create_enrollment_token(db, "ann", "web", {"colour": "red"}, 1,
+                                        timedelta(hours=1))
+    with pytest.raises(hostsvc.Invalid, match="'environment' must be one of"):
+        hostsvc.create_enrollment_token(db, "ann", "web", {"environment": "moon"}, 1,
+                                        timedelta(hours=1))
+
+
+def _batch(*reports: Report, dropped: int = 0) -> ReportBatch:
+    return ReportBatch(list(reports), dropped)
+
+
+def test_ingest_stores_each_report_once_and_keeps_the_newest_inventory(
+        db: Session, ca: FleetCA) -> None:
+    host = _enrolled(db, ca)
+    new = Report("h:ab:2", "inventory", 200.0, {"hostname": "web-1b",
+                                                  "packages": [["bash", "5.2", "amd64"]]})
+    old = Report("h:ab:1", "inventory", 100.0, {"hostname": "web-1a",
+                                                  "packages": [["bash", "5.1", "amd64"]]})
+    ack = ingest(db, host, _batch(new, old, dropped=4))
+    assert (sorted(ack.acknowledged), ack.duplicates, ack.rejected) == (
+        ["h:ab:1", "h:ab:2"], 0, [])
+    assert host.hostname == "web-1b" and host.dropped == 4
+    assert [(p.name, p.version) for p in db.execute(select(Package)).scalars()] == [
+        ("bash", "5.2")]
+    again = ingest(db, host, _batch(new, old))
+    assert again.duplicates == 2 and host.reports == 2
+
+
+def test_ingest_rejects_bad_reports_one_by_one(db: Session, ca: FleetCA) -> None:
+    host = _enrolled(db, ca)
+    ack = ingest(db, host, _batch(
+        Report("h:ab:1", "alert", 1.0, {"rule": "r", "priority": "urgent"}),
+        Report("not an id", "alert", 1.0, {}),
+        Report("h:ab:2", "gossip", 1.0, {}),
+        Report("h:ab:3", "compliance", 1.0, {"profile": "p", "score": 140}),
+        Report("h:ab:4", "alert", 1.0, {"rule": "ok", "priority": "error"})))
+    reasons = {r.id: r.reason for r in ack.rejected}
+    assert "'priority' must be one of" in reasons["h:ab:1"]
+    assert reasons["not an id"] == "the ID is not host:epoch:sequence"
+    assert reasons["h:ab:2"] == "unknown kind 'gossip'"
+    assert reasons["h:ab:3"] == "'score' must be a percentage"
+    assert ack.acknowledged == ["h:ab:4"]
+    assert [a.rule for a in db.execute(select(Alert)).scalars()] == ["ok"]
+
+
+def test_an_audit_trail_that_goes_backwards_raises_a_critical_alert(
+        db: Session, ca: FleetCA) -> None:
+    host = _enrolled(db, ca)
+    ingest(db, host, _batch(Report("h:ab:1", "audit", 1.0, {"seq": 10, "hash": "a" * 64})))
+    ingest(db, host, _batch(Report("h:ab:2", "audit", 2.0, {"seq": 11, "hash": "b" * 64})))
+    assert db.execute(select(Alert)).first() is None
+    ingest(db, host, _batch(Report("h:ab:3", "audit", 3.0, {"seq": 4, "hash": "c" * 64})))
+    alerts = list(db.execute(select(Alert)).scalars())
+    assert [(a.rule, a.severity) for a in alerts] == [("fleet.audit-trail-rewritten",
+                                                        "critical")]
+    assert host.audit_head["seq"] == 11
+
+
+def test_settings_are_checked_and_written_once(tmp_path: Path) -> None:
+    with pytest.raises(FleetConfigError, match="unknown key 'colour'"):
+        check_settings({"colour": "blue"}, "x")
+    with pytest.raises(FleetConfigError, match="is not an address:port"):
+        check_settings({"listen": "8443"}, "x")
+    with pytest.raises(FleetConfigError, match="run `cerulean fleet init"):
+        load_config(tmp_path / "nothing")
+    cfg, created = init(tmp_path / "d", {"names": ["fleet.example", "10.0.2.2"]})
+    assert created and cfg.names == ["fleet.example", "10.0.2.2"]
+    assert oct((tmp_path / "d/ca.key").stat().st_mode & 0o777) == "0o600"
+    ca_before = (tmp_path / "d/ca.crt").read_bytes()
+    _, created = init(tmp_path / "d", {"names": ["fleet.example"]})
+    assert not created and (tmp_path / "d/ca.crt").read_bytes() == ca_before
+
+
+def test_the_agent_side_pieces(tmp_path: Path) -> None:
+    assert set(PRIORITY) == set(REPORT_KINDS)
+    assert check_server("https://fleet.example:8443/") == "https://fleet.example:8443"
+    for bad in ("http://fleet.example", "https://fleet.example/x", "fleet.example"):
+        with pytest.raises(Exception, match="is not a fleet server address"):
+            check_server(bad)
+    (tmp_path / "var/lib/dpkg").mkdir(parents=True)
+    (tmp_path / "var/lib/dpkg/status").write_text(
+        "Package: b\nStatus: install ok installed\nVersion: 2\nArchitecture: all\n\n"
+        "Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n\n"
+        "Package: a\nStatus: install ok installed\nVersion: 1:1.0\nArchitecture: amd64\n"
+        "Description: x\n more\n")
+    assert packages(tmp_path) == [["a", "1:1.0", "amd64"], ["b", "2", "all"]]
+    box = Outbox(tmp_path / "o.db", "h")
+    box.put("metrics", {"x": 1}, {"cursor": "7"})
+    assert box.get("cursor") == "7" and box.get("other", "-") == "-"
+    box.close()
