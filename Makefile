@@ -10,7 +10,7 @@ OUT    ?= out
 APT_PACKAGES := gpgv gnupg zstd xz-utils binutils ca-certificates \
 	umoci skopeo mmdebstrap qemu-user-static binfmt-support \
 	qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64 \
-	python3-venv python3-pip fdisk postgresql
+	python3-venv python3-pip fdisk postgresql chromium
 
 .PHONY: demo test setup apt venv lint bench bench-system bench-update bench-agent compare-openscap clean
 

@@ -228,3 +228,46 @@ def test_the_agent_side_pieces(tmp_path: Path) -> None:
     box.put("metrics", {"x": 1}, {"cursor": "7"})
     assert box.get("cursor") == "7" and box.get("other", "-") == "-"
     box.close()
+
+
+def test_csv_cells_from_hosts_cannot_become_formulas() -> None:
+    from cerulean.fleet.reports import _cell
+
+    assert _cell("=cmd|' /C calc'!A0") == "'=cmd|' /C calc'!A0"
+    assert _cell("@SUM(A1)") == "'@SUM(A1)" and _cell("+1+1") == "'+1+1"
+    assert _cell("-12.5") == "-12.5" and _cell("50") == "50" and _cell("web-1") == "web-1"
+
+
+def test_the_agent_writes_what_the_fleet_says_and_refuses_what_it_should_not(
+        tmp_path: Path) -> None:
+    from cerulean.agent.daemon import load_agent_config
+    from cerulean.agent.fleetlink import FleetLinkError, apply_desired
+    from cerulean.agent.update.host import Host, load_config
+
+    (tmp_path / "var/lib/cerulean/fleet").mkdir(parents=True)
+    desired = {"update": {"channel": "lts", "target": "1.20261120.0", "hold": True,
+                          "window": "Sat 02:00-04:00"},
+               "agent": {"policies": ["cis-debian12-l1-server"], "policy-mode": "enforce"},
+               "rollout": "3:november"}
+    assert apply_desired(tmp_path, desired) == ("update.toml", "agent.toml")
+    assert apply_desired(tmp_path, desired) == ()  # nothing changed: nothing written
+    cfg = load_config(Host(tmp_path))
+    assert (cfg.channel, cfg.target, cfg.hold, cfg.window) == (
+        "lts", "1.20261120.0", True, "Sat 02:00-04:00")
+    agent = load_agent_config(tmp_path)
+    assert (agent.policies, agent.policy_mode) == (["cis-debian12-l1-server"], "enforce")
+    trail = (tmp_path / "var/lib/cerulean/audit/audit.jsonl").read_text().splitlines()
+    assert len(trail) == 2 and '"rollout":"3:november"' in trail[0]
+    # The fleet stops setting anything: the host's own settings apply again.
+    assert apply_desired(tmp_path, {"update": {}, "agent": {}}) == ("update.toml",
+                                                                    "agent.toml")
+    assert not (tmp_path / "var/lib/cerulean/fleet/update.toml").exists()
+    for bad, why in (({"update": {"url": "http://evil"}}, "does not know"),
+                     ({"update": {"channel": "nightly"}}, "unknown channel"),
+                     ({"update": {"target": "latest"}}, "bad target"),
+                     ({"update": {"window": "whenever"}}, "bad window"),
+                     ({"agent": {"policy-mode": "yolo"}}, "unknown policy mode"),
+                     ({"agent": {"policies": "cis"}}, "not profile names")):
+        with pytest.raises(FleetLinkError, match=why):
+            apply_desired(tmp_path, bad)
+    assert not (tmp_path / "var/lib/cerulean/fleet/update.toml").exists()

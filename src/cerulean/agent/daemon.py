@@ -6,8 +6,10 @@ text format on a local port, and runs the detection loop
 and ``/etc/cerulean/rules.d``. It tells systemd when it is ready
 (``Type=notify``) and stops cleanly on SIGTERM or SIGINT.
 
-Configuration is TOML, ``/usr/lib/cerulean/agent.toml`` then
-``/etc/cerulean/agent.toml`` (later files win key by key)::
+Configuration is TOML, ``/usr/lib/cerulean/agent.toml``, then
+``/etc/cerulean/agent.toml``, then ``/var/lib/cerulean/fleet/agent.toml`` (the
+policies the host's fleet assigns, written by the agent); later files win key
+by key::
 
     metrics-listen = "127.0.0.1:9477"   # host:port, "" to turn the endpoint off
     detect = true                       # run the detection rules
@@ -43,6 +45,7 @@ from cerulean.agent.update.host import Host
 from cerulean.errors import CeruleanError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+FLEET_LAYER = "var/lib/cerulean/fleet/agent.toml"
 KEYS = {"metrics-listen": str, "detect": bool, "watch": list, "scan-interval": int,
         "policies": list, "policy-mode": str, "integrity-interval": int,
         "fleet-interval": int}
@@ -68,7 +71,8 @@ class AgentConfig:
 def load_agent_config(root: Path = Path("/")) -> AgentConfig:
     cfg = AgentConfig()
     values, cfg.sources = read_layers(
-        [root / "usr/lib/cerulean/agent.toml", root / "etc/cerulean/agent.toml"], KEYS,
+        [root / "usr/lib/cerulean/agent.toml", root / "etc/cerulean/agent.toml",
+         root / FLEET_LAYER], KEYS,
         AgentError)
     for k, v in values.items():
         setattr(cfg, k.replace("-", "_"), v)

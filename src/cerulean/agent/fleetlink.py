@@ -21,6 +21,7 @@ Standard library, plus python3-cryptography for the key and the request.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -210,6 +211,7 @@ class Link:
         self.root, self.enrollment, self.timeout = root, e, timeout
         self.dir = state_dir(root)
         self._ctx: ssl.SSLContext | None = None
+        self.desired: dict[str, Any] | None = None  # from the last acknowledgement
 
     @property
     def ctx(self) -> ssl.SSLContext:
@@ -245,6 +247,8 @@ class Link:
             ack = self.call(REPORTS_PATH, body)
         except NetworkError as e:
             raise OSError(str(e)) from e
+        if isinstance(ack.get("desired"), dict):
+            self.desired = ack["desired"]
         done = set(ack.get("acknowledged", []))
         done |= {r.get("id") for r in ack.get("rejected", []) if isinstance(r, dict)}
         return done
@@ -274,27 +278,35 @@ def packages(root: Path) -> list[list[str]]:
     return sorted(out)
 
 
-def inventory(root: Path = Path("/")) -> dict[str, Any]:
-    from cerulean.agent.update.host import Host
+def update_state(root: Path = Path("/")) -> dict[str, Any]:
+    """The updater's view of this host: image, version, channel, slot, staged and failed
+    releases (what a fleet rollout follows)."""
+    from cerulean.agent.update.host import Host, load_config, load_state
 
-    update: dict[str, Any] = {}
     host = Host(root)
+    update: dict[str, Any] = {}
     with contextlib.suppress(CeruleanError, OSError):
         update = {"image": host.image, "version": host.version}
-    try:
-        from cerulean.agent.update.host import load_state
-
+    with contextlib.suppress(CeruleanError, OSError):
+        cfg = load_config(host)
+        update |= {"channel": cfg.channel, "target": cfg.target or None, "hold": cfg.hold}
+    with contextlib.suppress(CeruleanError, OSError, ValueError):
         st = load_state(host)
-        update |= {"staged": st.staged, "last": st.last or None, "failed_releases": st.bad}
-    except (CeruleanError, OSError, ValueError):
-        pass
-    from cerulean.agent.daemon import booted_slot
-
+        update |= {"staged": (st.staged or {}).get("version"), "last": st.last or None,
+                   "failed_releases": st.bad}
     if root == Path("/"):
+        from cerulean.agent.daemon import booted_slot
+
         update["slot"] = booted_slot() or None
-    return {"hostname": socket.gethostname(),
-            "os_release": host.os_release(), "arch": platform.machine(),
-            "kernel": platform.release(), "update": update, "packages": packages(root)}
+    return update
+
+
+def inventory(root: Path = Path("/"), hostname: str | None = None) -> dict[str, Any]:
+    from cerulean.agent.update.host import Host
+
+    return {"hostname": hostname or socket.gethostname(), "os_release": Host(root).os_release(),
+            "arch": platform.machine(), "kernel": platform.release(),
+            "update": update_state(root), "packages": packages(root)}
 
 
 def metric_values(root: Path = Path("/")) -> dict[str, float]:
@@ -312,7 +324,7 @@ def metric_values(root: Path = Path("/")) -> dict[str, float]:
 
 
 def collect(box: Outbox, root: Path = Path("/"), now: float | None = None,
-            inventory_every: float = 3600.0) -> dict[str, int]:
+            inventory_every: float = 3600.0, hostname: str | None = None) -> dict[str, int]:
     """Put into *box* what the fleet has not had yet; returns how many of each kind."""
     from cerulean.agent.audit import AuditLog
     from cerulean.agent.compliance import last_reports
@@ -320,8 +332,13 @@ def collect(box: Outbox, root: Path = Path("/"), now: float | None = None,
 
     now = time.time() if now is None else now
     put = {"inventory": 0, "alert": 0, "audit": 0, "compliance": 0, "metrics": 0}
-    if now - float(box.get("inventory-at", "0")) >= inventory_every:
-        box.put("inventory", inventory(root), {"inventory-at": str(now)})
+    # Hourly, and at once when the update state moves (a rollout follows it).
+    inv = inventory(root, hostname)
+    digest = hashlib.sha256(json.dumps([inv["update"], inv["packages"]], sort_keys=True)
+                            .encode()).hexdigest()
+    if now - float(box.get("inventory-at", "0")) >= inventory_every \
+            or digest != box.get("inventory-hash"):
+        box.put("inventory", inv, {"inventory-at": str(now), "inventory-hash": digest})
         put["inventory"] += 1
     # Alerts and the audit trail's head, from the trail itself: whatever process raised
     # an alert (the agent, the policy timer), it is sent once, in order.
@@ -366,10 +383,81 @@ class SyncResult:
     pending: int
     renewed: bool
     error: str = ""
+    changed: tuple[str, ...] = ()  # the fleet layers rewritten this round
 
 
-def sync(root: Path = Path("/"), link: Link | None = None) -> SyncResult:
-    """One round: renew the certificate if due, queue what is new, deliver the outbox."""
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a TOML basic string
+
+
+def check_desired(desired: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The update and agent settings of a Desired answer, each value checked as the updater
+    and the agent would check it; raises FleetLinkError on anything else."""
+    from cerulean.agent.policy import MODES
+    from cerulean.protocol.fleet import DESIRED_AGENT_KEYS, DESIRED_UPDATE_KEYS
+    from cerulean.protocol.update import CHANNELS, is_version
+    from cerulean.protocol.window import WindowError, parse_window
+
+    update, agent = desired.get("update") or {}, desired.get("agent") or {}
+    if not isinstance(update, dict) or not isinstance(agent, dict) \
+            or set(update) - set(DESIRED_UPDATE_KEYS) or set(agent) - set(DESIRED_AGENT_KEYS):
+        raise FleetLinkError("The fleet sent settings this agent does not know.")
+    if "channel" in update and update["channel"] not in CHANNELS:
+        raise FleetLinkError(f"The fleet sent an unknown channel {update['channel']!r}.")
+    if update.get("target") and not is_version(str(update["target"])):
+        raise FleetLinkError(f"The fleet sent a bad target {update['target']!r}.")
+    if "hold" in update and not isinstance(update["hold"], bool):
+        raise FleetLinkError("The fleet sent a 'hold' that is not true or false.")
+    try:
+        parse_window(str(update.get("window", "")))
+    except WindowError as e:
+        raise FleetLinkError(f"The fleet sent a bad window: {e}") from e
+    if "policies" in agent and not (isinstance(agent["policies"], list) and all(
+            isinstance(p, str) and p for p in agent["policies"])):
+        raise FleetLinkError("The fleet sent 'policies' that are not profile names.")
+    if "policy-mode" in agent and agent["policy-mode"] not in MODES:
+        raise FleetLinkError(f"The fleet sent an unknown policy mode {agent['policy-mode']!r}.")
+    return update, agent
+
+
+def apply_desired(root: Path, desired: dict[str, Any]) -> tuple[str, ...]:
+    """Write what the fleet says into /var/lib/cerulean/fleet/{update,agent}.toml (removed
+    when the fleet sets nothing) and record each change in the audit trail."""
+    from cerulean.agent.audit import AuditLog
+    from cerulean.agent.update.host import Host
+
+    update, agent = check_desired(desired)
+    changed = []
+    for name, values in (("update.toml", update), ("agent.toml", agent)):
+        path = state_dir(root) / name
+        text = "".join(f"{k} = {_toml_value(v)}\n" for k, v in sorted(values.items()))
+        text = ("# Written by the Cerulean agent from the fleet's answer; do not edit.\n"
+                + text) if values else ""
+        try:
+            old = path.read_text()
+        except FileNotFoundError:
+            old = ""
+        if old == text:
+            continue
+        if text:
+            _write(path, text.encode(), 0o644)
+        else:
+            path.unlink(missing_ok=True)
+        changed.append(name)
+        AuditLog(Host(root).audit_log).append(
+            "fleet", "fleet.assigned", {"file": str(path), "settings": values,
+                                        "rollout": desired.get("rollout", "")})
+    return tuple(changed)
+
+
+def sync(root: Path = Path("/"), link: Link | None = None,
+         hostname: str | None = None) -> SyncResult:
+    """One round: renew the certificate if due, queue what is new, deliver the outbox.
+    (*hostname*: report this name instead of the system's, for tests.)"""
     link = link or Link(root)
     renewed, error = False, ""
     try:
@@ -378,8 +466,15 @@ def sync(root: Path = Path("/"), link: Link | None = None) -> SyncResult:
         error = str(e)
     box = link.outbox()
     try:
-        queued = collect(box, root)
+        queued = collect(box, root, hostname=hostname)
         delivered, failed = box.deliver(link.send)
-        return SyncResult(queued, delivered, failed, box.pending(), renewed, error)
+        pending = box.pending()
     finally:
         box.close()
+    changed: tuple[str, ...] = ()
+    if link.desired is not None:
+        try:
+            changed = apply_desired(root, link.desired)
+        except FleetLinkError as e:
+            error = error or str(e)
+    return SyncResult(queued, delivered, failed, pending, renewed, error, changed)

@@ -15,18 +15,25 @@ the endpoints, which name dependencies defined inside :func:`create_app`.)
 
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from sqlalchemy import func, or_, select
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cerulean import __version__
 from cerulean.fleet import hosts as hostsvc
+from cerulean.fleet import queries, reports, rollouts, web
 from cerulean.fleet import schemas as sc
 from cerulean.fleet.auth import (
     AuthError,
@@ -46,8 +53,10 @@ from cerulean.fleet.db import (
     Certificate,
     ComplianceResult,
     EnrollmentToken,
+    GroupPolicy,
     Host,
     Package,
+    Rollout,
     User,
 )
 from cerulean.fleet.ingest import BadReport, ingest
@@ -76,9 +85,19 @@ def _error(status: int, message: str) -> HTTPException:
 
 
 def create_app(state: FleetState) -> FastAPI:
+    # Every refusal is {"detail": "one sentence"}; 422 is FastAPI's own, for a body or
+    # parameter that does not fit the schema at all.
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": sc.Error, "description": what} for code, what in (
+            (400, "the request is understood but not valid"),
+            (401, "no valid API token or client certificate"),
+            (403, "the caller may not do this"), (404, "no such thing"),
+            (409, "it clashes with the current state"))}
     app = FastAPI(title="Cerulean fleet", version=__version__,
-                  description="Enrollment, inventory, alerts and compliance of Cerulean hosts.",
-                  openapi_url=f"{API}/openapi.json", docs_url=f"{API}/docs", redoc_url=None)
+                  description="Enrollment, inventory, alerts, compliance and rollouts of "
+                              "Cerulean hosts.",
+                  openapi_url=f"{API}/openapi.json", docs_url=f"{API}/docs", redoc_url=None,
+                  responses=errors)
     app.state.fleet = state
 
     @app.exception_handler(hostsvc.Refused)
@@ -87,11 +106,18 @@ def create_app(state: FleetState) -> FastAPI:
 
     @app.exception_handler(hostsvc.Invalid)
     async def invalid(_r: Request, e: hostsvc.Invalid) -> JSONResponse:
-        return JSONResponse({"detail": str(e)}, status_code=422)
+        return JSONResponse({"detail": str(e)},
+                            status_code=409 if isinstance(e, rollouts.Conflict) else 400)
+
+    @app.exception_handler(web.LoginRequired)
+    async def login_required(_r: Request, _e: web.LoginRequired) -> RedirectResponse:
+        return RedirectResponse("/login", status_code=303)
+
+    app.include_router(web.router(state.sessions))
 
     @app.exception_handler(AuthError)
     async def auth_error(_r: Request, e: AuthError) -> JSONResponse:
-        return JSONResponse({"detail": str(e)}, status_code=422)
+        return JSONResponse({"detail": str(e)}, status_code=400)
 
     def db() -> Iterator[Session]:
         with state.sessions.begin() as s:
@@ -160,10 +186,12 @@ def create_app(state: FleetState) -> FastAPI:
 
     @app.post(f"{API}/agent/reports", tags=["agent"])
     def agent_reports(batch: ReportBatch, host: ThisHost, s: Db) -> ReportAck:
+        """Store the reports (each ID once) and answer with what the host should run."""
         try:
-            return ingest(s, host, batch)
+            ack = ingest(s, host, batch)
         except BadReport as e:
-            raise _error(422, str(e)) from e
+            raise _error(400, str(e)) from e
+        return replace(ack, desired=rollouts.desired(s, host))
 
     @app.post(f"{API}/agent/renew", tags=["agent"])
     def agent_renew(req: RenewRequest, host: ThisHost, s: Db) -> EnrollResponse:
@@ -174,31 +202,6 @@ def create_app(state: FleetState) -> FastAPI:
     @app.get(f"{API}/whoami", tags=["admin"])
     def whoami(p: Auditor) -> sc.Whoami:
         return sc.Whoami(name=p.name, role=p.role)
-
-    def _summaries(s: Session, rows: list[Host]) -> list[sc.HostSummary]:
-        ids = [h.id for h in rows]
-        alerts = dict(s.execute(select(Alert.host_id, func.count())
-                                .where(Alert.host_id.in_(ids), Alert.status == "open")
-                                .group_by(Alert.host_id)).tuples().all())
-        latest = (select(ComplianceResult.host_id, ComplianceResult.profile,
-                         func.max(ComplianceResult.time).label("t"))
-                  .where(ComplianceResult.host_id.in_(ids))
-                  .group_by(ComplianceResult.host_id, ComplianceResult.profile).subquery())
-        scores: dict[str, dict[str, float]] = {}
-        for hid, profile, score in s.execute(
-                select(ComplianceResult.host_id, ComplianceResult.profile,
-                       ComplianceResult.score)
-                .join(latest, (latest.c.host_id == ComplianceResult.host_id)
-                      & (latest.c.profile == ComplianceResult.profile)
-                      & (latest.c.t == ComplianceResult.time))):
-            scores.setdefault(hid, {})[profile] = score
-        return [sc.HostSummary(
-            id=h.id, hostname=h.hostname, group=h.group, labels=h.labels,
-            os=str(h.os_release.get("PRETTY_NAME", "")), arch=h.arch,
-            version=str(h.update.get("version") or h.os_release.get("VERSION_ID", "")),
-            last_seen=h.last_seen, enrolled_at=h.enrolled_at, packages=h.package_count,
-            open_alerts=int(alerts.get(h.id, 0)), compliance=scores.get(h.id, {}),
-            cves=h.cves, revoked=h.revoked) for h in rows]
 
     @app.get(f"{API}/hosts", tags=["inventory"])
     def list_hosts(
@@ -211,24 +214,11 @@ def create_app(state: FleetState) -> FastAPI:
         package: Annotated[str | None, Query(max_length=128,
                                              description="hosts with this package")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: sc.Offset = 0,
     ) -> sc.HostPage:
-        stmt = select(Host)
-        if group:
-            stmt = stmt.where(Host.group == group)
-        if q:
-            stmt = stmt.where(or_(Host.hostname.contains(q, autoescape=True),
-                                  Host.id.startswith(q, autoescape=True)))
-        if package:
-            stmt = stmt.where(Host.id.in_(select(Package.host_id)
-                                          .where(Package.name == package)))
-        rows = list(s.execute(stmt.order_by(Host.hostname, Host.id)).scalars())
-        # Labels are JSON, filtered here the same way on both databases.
-        for key, want in (("environment", environment), ("region", region)):
-            if want:
-                rows = [h for h in rows if h.labels.get(key) == want]
-        return sc.HostPage(total=len(rows),
-                           hosts=_summaries(s, rows[offset:offset + limit]))
+        f = queries.HostFilter(group, environment, region, q, package)
+        return sc.HostPage(total=queries.count_hosts(s, f),
+                           hosts=queries.summaries(s, queries.find_hosts(s, f, limit, offset)))
 
     def _host(s: Session, host_id: str) -> Host:
         host = s.get(Host, host_id)
@@ -239,7 +229,7 @@ def create_app(state: FleetState) -> FastAPI:
     @app.get(f"{API}/hosts/{{host_id}}", tags=["inventory"])
     def get_host(host_id: str, s: Db, _p: Auditor) -> sc.HostDetail:
         h = _host(s, host_id)
-        base = _summaries(s, [h])[0]
+        base = queries.summaries(s, [h])[0]
         return sc.HostDetail(**base.model_dump(), machine_id=h.machine_id, kernel=h.kernel,
                              os_release=h.os_release, update=h.update, metrics=h.metrics,
                              reports=h.reports, dropped=h.dropped, audit_head=h.audit_head)
@@ -280,7 +270,7 @@ def create_app(state: FleetState) -> FastAPI:
     @app.post(f"{API}/enrollment-tokens", tags=["enrollment"], status_code=201)
     def create_enrollment_token(req: sc.TokenRequest, s: Db, p: Operator) -> sc.TokenCreated:
         if not 0 < req.hours <= 24 * 365:
-            raise _error(422, "'hours' must be more than 0 and at most 8760.")
+            raise _error(400, "'hours' must be more than 0 and at most 8760.")
         t = hostsvc.create_enrollment_token(s, p.name, req.group, req.labels, req.uses,
                                             timedelta(hours=req.hours))
         server = state.public_url or "https://FLEET:8443"
@@ -323,7 +313,7 @@ def create_app(state: FleetState) -> FastAPI:
     @app.post(f"{API}/api-tokens", tags=["admin"], status_code=201)
     def create_api_token(req: sc.ApiTokenRequest, s: Db, p: Admin) -> sc.ApiTokenCreated:
         if req.days is not None and not 0 < req.days <= 3650:
-            raise _error(422, "'days' must be more than 0 and at most 3650.")
+            raise _error(400, "'days' must be more than 0 and at most 3650.")
         expires = datetime.now(UTC) + timedelta(days=req.days) if req.days else None
         try:
             token = create_token(s, req.user, req.role, req.description[:200], expires)
@@ -335,7 +325,7 @@ def create_app(state: FleetState) -> FastAPI:
 
     @app.get(f"{API}/audit", tags=["admin"])
     def audit_log(s: Db, _p: Auditor,
-                  after: Annotated[int, Query(ge=0, le=1 << 62)] = 0,
+                  after: sc.Offset = 0,
                   limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[sc.AuditOut]:
         rows = s.execute(select(AuditEntry).where(AuditEntry.seq > after)
                          .order_by(AuditEntry.seq).limit(limit)).scalars()
@@ -345,5 +335,103 @@ def create_app(state: FleetState) -> FastAPI:
     def audit_verify(s: Db, _p: Auditor) -> sc.AuditVerdict:
         n, problem = verify_audit(s)
         return sc.AuditVerdict(entries=n, ok=problem is None, problem=problem)
+
+    # -- rollouts and policies ------------------------------------------------------------
+
+    def _rollout_out(s: Session, r: Rollout, detail: bool = False) -> Any:
+        p = rollouts.progress(s, r)
+        base = dict(id=r.id, name=r.name, group=r.group, channel=r.channel, target=r.target,
+                    waves=r.waves["percent"], wave=r.wave, state=r.state, reason=r.reason,
+                    soak_minutes=r.soak_minutes, max_failure_percent=r.max_failure_percent,
+                    window=r.window, created_by=r.created_by, created_at=r.created_at,
+                    wave_started_at=r.wave_started_at, hosts=p.hosts)
+        if not detail:
+            return sc.RolloutOut(**base)
+        return sc.RolloutDetail(**base, per_wave=p.waves, per_host=[
+            sc.RolloutHost(host_id=h.id, hostname=h.hostname, wave=w, state=st,
+                           version=str(h.update.get("version") or ""))
+            for h, w, st in p.by_host])
+
+    def _rollout(s: Session, rollout_id: int) -> Rollout:
+        r = s.get(Rollout, rollout_id)
+        if r is None:
+            raise _error(404, f"There is no rollout {rollout_id}.")
+        return r
+
+    @app.post(f"{API}/rollouts", tags=["rollouts"], status_code=201)
+    def create_rollout(req: sc.RolloutRequest, s: Db, p: Operator) -> sc.RolloutOut:
+        r = rollouts.create(s, p.name, **req.model_dump())
+        out: sc.RolloutOut = _rollout_out(s, r)
+        return out
+
+    @app.get(f"{API}/rollouts", tags=["rollouts"])
+    def list_rollouts(s: Db, _p: Auditor, group: str | None = None,
+                      limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[sc.RolloutOut]:
+        stmt = select(Rollout).order_by(Rollout.id.desc()).limit(limit)
+        if group:
+            stmt = stmt.where(Rollout.group == group)
+        return [_rollout_out(s, r) for r in s.execute(stmt).scalars()]
+
+    @app.get(f"{API}/rollouts/{{rollout_id}}", tags=["rollouts"])
+    def get_rollout(rollout_id: sc.RowId, s: Db, _p: Auditor) -> sc.RolloutDetail:
+        r = _rollout(s, rollout_id)
+        rollouts.evaluate(s, r, force=True)
+        out: sc.RolloutDetail = _rollout_out(s, r, detail=True)
+        return out
+
+    @app.post(f"{API}/rollouts/{{rollout_id}}/{{action}}", tags=["rollouts"])
+    def rollout_action(rollout_id: sc.RowId, action: str, s: Db, p: Operator) -> sc.RolloutOut:
+        """pause, resume or abort."""
+        r = rollouts.act(s, p.name, _rollout(s, rollout_id), action)
+        out: sc.RolloutOut = _rollout_out(s, r)
+        return out
+
+    @app.get(f"{API}/groups", tags=["policies"])
+    def list_groups(s: Db, _p: Auditor) -> list[sc.GroupOut]:
+        counts: dict[str, int] = dict(s.execute(
+            select(Host.group, func.count()).where(Host.revoked.is_(False))
+            .group_by(Host.group)).all())
+        policies = {g.group: g for g in s.execute(select(GroupPolicy)).scalars()}
+        out = []
+        for g in sorted(set(counts) | set(policies)):
+            gp = policies.get(g)
+            r = rollouts.current(s, g)
+            out.append(sc.GroupOut(
+                group=g, hosts=int(counts.get(g, 0)),
+                profiles=list(gp.profiles.get("profiles", [])) if gp else [],
+                mode=gp.mode if gp else None,
+                rollout=f"{r.id} {r.name} ({r.state})" if r else None))
+        return out
+
+    @app.put(f"{API}/groups/{{group}}/policy", tags=["policies"])
+    def assign_policy(group: str, req: sc.PolicyRequest, s: Db, p: Operator) -> sc.GroupOut:
+        rollouts.assign_policy(s, p.name, group, req.profiles, req.mode)
+        return next(g for g in list_groups(s, p) if g.group == group)
+
+    @app.get(f"{API}/compliance/report", tags=["policies"],
+             responses={200: {"content": {"text/csv": {}, "text/html": {}}}})
+    def compliance_report(s: Db, _p: Auditor, group: str | None = None,
+                          host: str | None = None, profile: str | None = None,
+                          format: Annotated[str, Query(pattern="^(csv|html)$")] = "csv",
+                          ) -> Response:
+        """Each host's newest result per profile, with the evidence of every failed check."""
+        rows = reports.latest_results(s, group, host, profile)
+        what = f"host {rows[0].host.hostname}" if host and rows else \
+            f"group {group}" if group else "all hosts"
+        # Only safe characters reach the header (no quotes, line breaks or non-ASCII).
+        name = "compliance-" + "".join(c if c.isascii() and (c.isalnum() or c in "-_.")
+                                       else "_" for c in (host or group or "fleet")[:40])
+        if format == "csv":
+            return Response(reports.csv_report(rows), media_type="text/csv",
+                            headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
+        return HTMLResponse(reports.html_report(rows, f"Compliance of {what}"))
+
+    @app.get(f"{API}/compliance/history", tags=["policies"])
+    def compliance_history(s: Db, _p: Auditor, group: str | None = None,
+                           profile: str | None = None,
+                           days: Annotated[int, Query(ge=1, le=366)] = 30,
+                           ) -> list[dict[str, Any]]:
+        """Per day and profile, the mean of each host's last score that day."""
+        return reports.history(s, group, profile, days)
 
     return app

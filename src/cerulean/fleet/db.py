@@ -204,6 +204,39 @@ class AuditEntry(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
+class Rollout(Base):
+    """A release (or a channel) rolled out to one group, wave by wave."""
+
+    __tablename__ = "rollout"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100))
+    group: Mapped[str] = mapped_column(String(64), index=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    target: Mapped[str] = mapped_column(String(32), default="")  # "": the channel's newest
+    waves: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"percent": [10, 50, 100]}
+    wave: Mapped[int] = mapped_column(Integer, default=0)  # index of the open wave
+    wave_started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    soak_minutes: Mapped[int] = mapped_column(Integer, default=30)
+    max_failure_percent: Mapped[float] = mapped_column(Float, default=10.0)
+    window: Mapped[str] = mapped_column(String(200), default="")
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    evaluated_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class GroupPolicy(Base):
+    """The compliance profiles a group's hosts run, and in which mode."""
+
+    __tablename__ = "group_policy"
+    group: Mapped[str] = mapped_column(String(64), primary_key=True)
+    profiles: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"profiles": [...]}
+    mode: Mapped[str] = mapped_column(String(16))
+    updated_by: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Setting(Base):
     __tablename__ = "setting"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -6,9 +6,19 @@ The agent's side of the API uses the wire types of :mod:`cerulean.protocol.fleet
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Path, Query
 from pydantic import BaseModel, Field
+
+# Numbers in paths and queries fit the databases' 32-bit integer columns.
+MAX_INT = 2 ** 31 - 1
+RowId = Annotated[int, Path(ge=1, le=MAX_INT)]
+Offset = Annotated[int, Query(ge=0, le=MAX_INT)]
+
+
+class Error(BaseModel):
+    detail: str = Field(description="what is wrong, in one sentence")
 
 
 class TokenRequest(BaseModel):
@@ -145,3 +155,61 @@ class AuditVerdict(BaseModel):
 class Whoami(BaseModel):
     name: str
     role: str
+
+
+class RolloutRequest(BaseModel):
+    name: str
+    group: str
+    channel: str = "stable"
+    target: str = Field("", description="the release to move to; empty: the channel's newest")
+    waves: list[int] = Field(default_factory=lambda: [10, 50, 100],
+                             description="rising percentages of the group, ending at 100")
+    soak_minutes: int = Field(30, description="how long a wave runs before the next opens")
+    max_failure_percent: float = Field(10.0, description="pause by itself above this")
+    window: str = Field("", description="maintenance window, such as 'Sat 02:00-04:00'")
+
+
+class RolloutOut(BaseModel):
+    id: int
+    name: str
+    group: str
+    channel: str
+    target: str
+    waves: list[int]
+    wave: int
+    state: str
+    reason: str
+    soak_minutes: int
+    max_failure_percent: float
+    window: str
+    created_by: str
+    created_at: datetime
+    wave_started_at: datetime
+    hosts: dict[str, int] = Field(description="hosts by state: waiting, updating, done, "
+                                              "failed, offline")
+
+
+class RolloutHost(BaseModel):
+    host_id: str
+    hostname: str
+    wave: int
+    state: str
+    version: str
+
+
+class RolloutDetail(RolloutOut):
+    per_wave: list[dict[str, int]]
+    per_host: list[RolloutHost]
+
+
+class PolicyRequest(BaseModel):
+    profiles: list[str]
+    mode: str = Field("audit", description="audit, enforce or autocorrect")
+
+
+class GroupOut(BaseModel):
+    group: str
+    hosts: int
+    profiles: list[str]
+    mode: str | None
+    rollout: str | None

@@ -94,11 +94,29 @@ class Rejected:
     reason: str
 
 
+# What the fleet may set on a host, by the host's own configuration keys: the updater's
+# (update.toml) and the agent's (agent.toml). Anything else the agent ignores.
+DESIRED_UPDATE_KEYS = ("channel", "target", "window", "hold")
+DESIRED_AGENT_KEYS = ("policies", "policy-mode")
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What the host's group says it should run: written by the agent to
+    /var/lib/cerulean/fleet/{update,agent}.toml, which win over the host's own files. An
+    empty mapping means the fleet sets nothing there (the host's own settings apply)."""
+
+    update: dict[str, Any] = field(default_factory=dict)  # DESIRED_UPDATE_KEYS
+    agent: dict[str, Any] = field(default_factory=dict)  # DESIRED_AGENT_KEYS
+    rollout: str = ""  # the rollout behind *update*, for the host's audit trail
+
+
 @dataclass(frozen=True)
 class ReportAck:
     acknowledged: list[str]  # the server holds these; the agent may forget them
     rejected: list[Rejected] = field(default_factory=list)  # never resend these
     duplicates: int = 0  # how many of the acknowledged it already had
+    desired: Desired | None = None
 
 
 @dataclass(frozen=True)

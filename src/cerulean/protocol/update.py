@@ -320,13 +320,16 @@ class Offer:
 
 
 def choose(doc: ChannelDoc, image: str, current: str, seed: float, now: datetime,
-           skip: frozenset[str] = frozenset()) -> Offer:
+           skip: frozenset[str] = frozenset(), only: str = "") -> Offer:
     """The release a host on *current* should move to, or why none.
 
     The newest active release newer than *current* whose wave has reached the
-    host's *seed*, and not in *skip* (releases that failed on this host).
+    host's *seed*, and not in *skip* (releases that failed on this host); with
+    *only* (a fleet rollout's target), that release or none.
     """
-    mine = [e for e in doc.entries if e.image == image]
+    mine = [e for e in doc.entries if e.image == image and (not only or e.version == only)]
+    if only and not mine:
+        return Offer(None, f"the target {only} is not a {image} release in {doc.channel}")
     newer = sorted((e for e in mine if version_key(e.version) > version_key(current)),
                    key=lambda e: version_key(e.version), reverse=True)
     if not newer:

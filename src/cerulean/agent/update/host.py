@@ -2,8 +2,10 @@
 
 Configuration is TOML, read in this order, later files winning key by key:
 ``/usr/lib/cerulean/update.toml`` (from the image definition's [update]),
-``/etc/cerulean/update.toml`` (the administrator's), and the systemd
-credential ``cerulean.update`` (handed in by a hypervisor or cloud). Keys:
+``/etc/cerulean/update.toml`` (the administrator's), the systemd
+credential ``cerulean.update`` (handed in by a hypervisor or cloud), and
+``/var/lib/cerulean/fleet/update.toml`` (what the host's fleet rollout says,
+written by the agent; the fleet has the last word). Keys:
 
     url         base URL of the update repository ("" = updates off)
     channel     stable | lts | preview
@@ -11,6 +13,9 @@ credential ``cerulean.update`` (handed in by a hypervisor or cloud). Keys:
     reboot      true: reboot into a staged update inside the window
     never       true: never download or apply anything
     boot-tries  boot attempts a new release gets before it is given up (1..9)
+    target      "" (the newest offered) or the one release to move to, nothing newer
+    hold        true: start no new update (a fleet rollout is paused or has not
+                reached this host); a staged one still finishes
 
 State lives in ``/var/lib/cerulean/update/state.json`` (shared by both slots);
 every result the updater records also goes into the audit trail
@@ -34,7 +39,8 @@ from cerulean.protocol.update import CHANNELS, is_version, utc_iso
 from cerulean.protocol.window import WindowError, parse_window
 
 KEYS = {"url": str, "channel": str, "window": str, "reboot": bool, "never": bool,
-        "boot-tries": int}
+        "boot-tries": int, "target": str, "hold": bool}
+FLEET_LAYER = "/var/lib/cerulean/fleet/update.toml"
 
 
 @dataclass
@@ -45,6 +51,8 @@ class Config:
     reboot: bool = True
     never: bool = False
     boot_tries: int = 3
+    target: str = ""
+    hold: bool = False
     sources: list[str] = field(default_factory=list)
 
 
@@ -75,6 +83,7 @@ class Host:
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
         files.append(Path(creds) / "cerulean.update" if creds
                      else self.p("/run/credentials/@system/cerulean.update"))
+        files.append(self.p(FLEET_LAYER))
         return files
 
     def os_release(self) -> dict[str, str]:
@@ -120,6 +129,9 @@ def load_config(host: Host) -> Config:
                           f"{', '.join(CHANNELS)}.")
     if not 1 <= cfg.boot_tries <= 9:
         raise UpdateError("'boot-tries' must be between 1 and 9.")
+    if cfg.target and not is_version(cfg.target):
+        raise UpdateError(f"'target' must be a release version such as 1.20261127.0, not "
+                          f"{cfg.target!r}.")
     try:
         parse_window(cfg.window)
     except WindowError as e:

@@ -202,7 +202,8 @@ class Updater:
             "image": self.host.image, "version": self.host.version,
             "channel": self.config.channel, "url": self.url or self.config.url or None,
             "window": self.config.window or "any time", "reboot": self.config.reboot,
-            "never": self.config.never, "staged": state.staged, "last": state.last or None,
+            "never": self.config.never, "target": self.config.target or None,
+            "hold": self.config.hold, "staged": state.staged, "last": state.last or None,
             "failed_releases": state.bad,
         }
         try:
@@ -229,11 +230,14 @@ class Updater:
     def _offer(self, state: State) -> tuple[Outcome, RepoClient | None, ReleaseDoc | None]:
         if self.config.never:
             return Outcome("disabled", "Updates are switched off (never = true)."), None, None
+        if self.config.hold:
+            return Outcome("held", "The fleet holds updates for this host: its rollout is "
+                           "paused or has not reached it yet."), None, None
         client = self.client()
         current, image = self.host.version, self.host.image
         doc = client.channel(self.config.channel)
         offer = choose(doc, image, current, host_seed(self.host), self.now(),
-                       skip=frozenset(state.bad))
+                       skip=frozenset(state.bad), only=self.config.target)
         if offer.entry is None:
             return Outcome("up-to-date", f"Nothing to do: {offer.reason}."), client, None
         rel = client.release(image, offer.entry.version)

@@ -1,0 +1,333 @@
+"""The web dashboard: server-made HTML pages over the same queries as the API.
+
+People log in with a name and password (``cerulean fleet user add --password-stdin``).
+The session is a signed cookie (HMAC-SHA256 with a key kept in the database, so
+every replica accepts it), ``HttpOnly``, ``Secure`` and ``SameSite=Strict``, and
+valid for 12 hours. Each request checks that the user still exists and is not
+disabled. Every form that changes something carries a token derived from the
+session, which the server checks. The pages need no script and load nothing from
+elsewhere: the one stylesheet is served by the server.
+
+After five failed logins for one name within five minutes, that name is refused
+for five minutes (per server process).
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cerulean import __version__
+from cerulean.fleet import queries, reports, rollouts
+from cerulean.fleet import schemas as sc
+from cerulean.fleet.auth import Principal, check_password, verify_audit
+from cerulean.fleet.db import (
+    Alert,
+    AuditEntry,
+    ComplianceResult,
+    GroupPolicy,
+    Host,
+    Package,
+    Rollout,
+    Setting,
+    User,
+)
+from cerulean.fleet.hosts import Invalid
+from cerulean.protocol.update import CHANNELS
+
+STATIC = Path(__file__).resolve().parent / "static"
+COOKIE = "cerulean_session"
+SESSION_SECONDS = 12 * 3600
+FAILURES: dict[str, list[float]] = {}
+
+
+class LoginRequired(Exception):
+    pass
+
+
+def _key(s: Session) -> bytes:
+    row = s.get(Setting, "session-key")
+    if row is None:
+        s.add(Setting(name="session-key", value=secrets.token_hex(32)))
+        s.flush()
+        row = s.get(Setting, "session-key")
+        assert row is not None
+    return bytes.fromhex(row.value)
+
+
+def _sign(key: bytes, data: str) -> str:
+    return hmac.new(key, data.encode(), hashlib.sha256).hexdigest()
+
+
+def make_cookie(key: bytes, user: str, now: float) -> str:
+    payload = base64.urlsafe_b64encode(json.dumps(
+        {"u": user, "exp": int(now) + SESSION_SECONDS}).encode()).decode()
+    return f"{payload}.{_sign(key, payload)}"
+
+
+def read_cookie(key: bytes, cookie: str, now: float) -> str | None:
+    payload, _, sig = cookie.partition(".")
+    if not hmac.compare_digest(_sign(key, payload), sig):
+        return None
+    try:
+        data = json.loads(base64.urlsafe_b64decode(payload.encode()))
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("exp"), int) \
+            or data["exp"] < now or not isinstance(data.get("u"), str):
+        return None
+    return str(data["u"])
+
+
+def csrf_token(key: bytes, cookie: str) -> str:
+    return _sign(key, "csrf:" + cookie)[:32]
+
+
+def _throttled(name: str, now: float) -> bool:
+    recent = [t for t in FAILURES.get(name, []) if now - t < 300]
+    FAILURES[name] = recent
+    return len(recent) >= 5
+
+
+def router(sessions: Any) -> APIRouter:
+    r = APIRouter(include_in_schema=False)
+    env = reports.templates()
+
+    def db() -> Iterator[Session]:
+        with sessions.begin() as s:
+            yield s
+
+    Db = Annotated[Session, Depends(db)]
+
+    def viewer(request: Request, s: Db) -> Principal:
+        cookie = request.cookies.get(COOKIE, "")
+        name = read_cookie(_key(s), cookie, time.time()) if cookie else None
+        user = s.get(User, name) if name else None
+        if user is None or user.disabled or not user.password_hash:
+            raise LoginRequired()
+        request.state.csrf = csrf_token(_key(s), cookie)
+        return Principal(user.name, user.role)
+
+    Viewer = Annotated[Principal, Depends(viewer)]
+
+    def page(request: Request, template: str, who: Principal | None, **ctx: Any) -> HTMLResponse:
+        html = env.get_template(template).render(
+            request=request, who=who, csrf=getattr(request.state, "csrf", ""),
+            version=__version__, now=datetime.now(UTC), **ctx)
+        return HTMLResponse(html, headers={
+            "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self' "
+                                       "data:; form-action 'self'; frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
+            "Cache-Control": "no-store"})
+
+    def check_form(request: Request, token: str, who: Principal, role: str) -> None:
+        if not hmac.compare_digest(token, getattr(request.state, "csrf", "")):
+            raise Invalid("The form is out of date; reload the page and try again.")
+        if not who.can(role):
+            raise Invalid(f"This needs the {role} role; you have {who.role}.")
+
+    @r.get("/static/style.css")
+    def style() -> Response:
+        return Response((STATIC / "style.css").read_bytes(), media_type="text/css",
+                        headers={"Cache-Control": "max-age=3600"})
+
+    @r.get("/login")
+    def login_form(request: Request, error: str = "") -> HTMLResponse:
+        return page(request, "login.html", None, error=error[:200])
+
+    @r.post("/login")
+    def login(request: Request, s: Db, name: Annotated[str, Form(max_length=64)],
+              password: Annotated[str, Form(max_length=1024)]) -> Response:
+        now = time.time()
+        user = s.get(User, name)
+        if _throttled(name, now):
+            return page(request, "login.html", None,
+                        error="Too many failed logins: wait five minutes.")
+        if user is None or user.disabled or not user.password_hash \
+                or not check_password(password, user.password_hash):
+            FAILURES.setdefault(name, []).append(now)
+            return page(request, "login.html", None, error="Wrong name or password.")
+        FAILURES.pop(name, None)
+        resp = RedirectResponse("/", status_code=303)
+        resp.set_cookie(COOKIE, make_cookie(_key(s), name, now), max_age=SESSION_SECONDS,
+                        httponly=True, secure=True, samesite="strict")
+        return resp
+
+    @r.post("/logout")
+    def logout() -> Response:
+        resp = RedirectResponse("/login", status_code=303)
+        resp.delete_cookie(COOKIE)
+        return resp
+
+    @r.get("/")
+    def overview(request: Request, s: Db, who: Viewer) -> HTMLResponse:
+        now = datetime.now(UTC)
+        active = list(s.execute(select(Rollout).where(Rollout.state.in_(rollouts.ACTIVE))
+                                .order_by(Rollout.id.desc())).scalars())
+        return page(request, "overview.html", who, o=queries.overview(s, now),
+                    active=[(ro, rollouts.progress(s, ro, now)) for ro in active])
+
+    @r.get("/hosts")
+    def hosts(request: Request, s: Db, who: Viewer,
+              q: Annotated[str, Query(max_length=200)] = "",
+              group: Annotated[str, Query(max_length=64)] = "",
+              environment: Annotated[str, Query(max_length=64)] = "",
+              package: Annotated[str, Query(max_length=128)] = "",
+              offset: sc.Offset = 0) -> HTMLResponse:
+        f = queries.HostFilter(group or None, environment or None, None, q or None,
+                               package or None)
+        rows = queries.summaries(s, queries.find_hosts(s, f, 100, offset))
+        groups = sorted({g for g in s.execute(select(Host.group).distinct()).scalars()})
+        params = {k: v for k, v in (("q", q), ("group", group), ("environment", environment),
+                                    ("package", package)) if v}
+        return page(request, "hosts.html", who, rows=rows, total=queries.count_hosts(s, f),
+                    offset=offset, groups=groups, f=params,
+                    more=urlencode({**params, "offset": offset + 100}))
+
+    @r.get("/hosts/{host_id}")
+    def host(request: Request, host_id: str, s: Db, who: Viewer) -> HTMLResponse:
+        h = s.get(Host, host_id)
+        if h is None:
+            return page(request, "missing.html", who, what=f"host {host_id}")
+        pkgs = list(s.execute(select(Package).where(Package.host_id == host_id)
+                              .order_by(Package.name)).scalars())
+        alerts = list(s.execute(select(Alert).where(Alert.host_id == host_id)
+                                .order_by(Alert.time.desc()).limit(50)).scalars())
+        results = list(s.execute(select(ComplianceResult)
+                                 .where(ComplianceResult.host_id == host_id)
+                                 .order_by(ComplianceResult.time.desc()).limit(200)).scalars())
+        latest: dict[str, ComplianceResult] = {}
+        for res in results:
+            latest.setdefault(res.profile, res)
+        ro = rollouts.current(s, h.group)
+        state = rollouts.host_state(ro, h, datetime.now(UTC)) if ro else None
+        return page(request, "host.html", who, h=h, summary=queries.summaries(s, [h])[0],
+                    packages=pkgs, alerts=alerts, latest=latest,
+                    trend=_trend(results), rollout=ro, rollout_state=state)
+
+    @r.get("/rollouts")
+    def rollouts_page(request: Request, s: Db, who: Viewer, error: str = "") -> HTMLResponse:
+        rows = list(s.execute(select(Rollout).order_by(Rollout.id.desc()).limit(100)).scalars())
+        groups = sorted({g for g in s.execute(select(Host.group).distinct()).scalars()})
+        return page(request, "rollouts.html", who, rows=[
+            (ro, rollouts.progress(s, ro)) for ro in rows], groups=groups, channels=CHANNELS,
+            error=error[:300])
+
+    @r.post("/rollouts")
+    def start_rollout(request: Request, s: Db, who: Viewer,
+                      csrf: Annotated[str, Form()], name: Annotated[str, Form()],
+                      group: Annotated[str, Form()], channel: Annotated[str, Form()],
+                      target: Annotated[str, Form()] = "",
+                      waves: Annotated[str, Form()] = "10,50,100",
+                      soak_minutes: Annotated[int, Form()] = 30,
+                      max_failure_percent: Annotated[float, Form()] = 10.0,
+                      window: Annotated[str, Form()] = "") -> Response:
+        try:
+            check_form(request, csrf, who, "operator")
+            try:
+                wave_list = [int(w) for w in waves.replace(" ", "").split(",") if w]
+            except ValueError as e:
+                raise Invalid("Waves are percentages separated by commas, such as "
+                              "10,50,100.") from e
+            ro = rollouts.create(s, who.name, name=name, group=group, channel=channel,
+                                 target=target.strip(), waves=wave_list,
+                                 soak_minutes=soak_minutes,
+                                 max_failure_percent=max_failure_percent, window=window)
+        except Invalid as e:
+            return RedirectResponse("/rollouts?" + urlencode({"error": str(e)}), 303)
+        return RedirectResponse(f"/rollouts/{ro.id}", status_code=303)
+
+    @r.get("/rollouts/{rollout_id}")
+    def rollout(request: Request, rollout_id: sc.RowId, s: Db, who: Viewer,
+                error: str = "") -> HTMLResponse:
+        ro = s.get(Rollout, rollout_id)
+        if ro is None:
+            return page(request, "missing.html", who, what=f"rollout {rollout_id}")
+        rollouts.evaluate(s, ro, force=True)
+        return page(request, "rollout.html", who, r=ro, p=rollouts.progress(s, ro),
+                    error=error[:300])
+
+    @r.post("/rollouts/{rollout_id}/{action}")
+    def rollout_action(request: Request, rollout_id: sc.RowId, action: str, s: Db, who: Viewer,
+                       csrf: Annotated[str, Form()]) -> Response:
+        ro = s.get(Rollout, rollout_id)
+        if ro is None:
+            return RedirectResponse("/rollouts", status_code=303)
+        try:
+            check_form(request, csrf, who, "operator")
+            rollouts.act(s, who.name, ro, action)
+        except Invalid as e:
+            return RedirectResponse(f"/rollouts/{rollout_id}?" + urlencode({"error": str(e)}),
+                                    303)
+        return RedirectResponse(f"/rollouts/{rollout_id}", status_code=303)
+
+    @r.get("/policies")
+    def policies(request: Request, s: Db, who: Viewer, error: str = "") -> HTMLResponse:
+        groups = sorted({g for g in s.execute(select(Host.group).distinct()).scalars()})
+        assigned = {g.group: g for g in s.execute(select(GroupPolicy)).scalars()}
+        hist = reports.history(s, None, None, 30)
+        return page(request, "policies.html", who, groups=groups, assigned=assigned,
+                    history=hist, modes=rollouts.MODES, error=error[:300])
+
+    @r.post("/policies")
+    def assign(request: Request, s: Db, who: Viewer, csrf: Annotated[str, Form()],
+               group: Annotated[str, Form()], profiles: Annotated[str, Form()],
+               mode: Annotated[str, Form()]) -> Response:
+        try:
+            check_form(request, csrf, who, "operator")
+            rollouts.assign_policy(s, who.name, group,
+                                   [p for p in profiles.replace(",", " ").split() if p], mode)
+        except Invalid as e:
+            return RedirectResponse("/policies?" + urlencode({"error": str(e)}), 303)
+        return RedirectResponse("/policies", status_code=303)
+
+    @r.get("/compliance/report")
+    def report(s: Db, who: Viewer, group: str = "", host: str = "",
+               format: Annotated[str, Query(pattern="^(csv|html)$")] = "html") -> Response:
+        rows = reports.latest_results(s, group or None, host or None)
+        if format == "csv":
+            return Response(reports.csv_report(rows), media_type="text/csv", headers={
+                "Content-Disposition": 'attachment; filename="compliance.csv"'})
+        what = (f"host {rows[0].host.hostname}" if host and rows
+                else f"group {group}" if group else "all hosts")
+        return HTMLResponse(reports.html_report(rows, f"Compliance of {what}"))
+
+    @r.get("/audit")
+    def audit_page(request: Request, s: Db, who: Viewer,
+                   before: sc.Offset = 0) -> HTMLResponse:
+        stmt = select(AuditEntry).order_by(AuditEntry.seq.desc()).limit(100)
+        if before:
+            stmt = stmt.where(AuditEntry.seq < before)
+        rows = list(s.execute(stmt).scalars())
+        n, problem = verify_audit(s)
+        return page(request, "audit.html", who, rows=rows, entries=n, problem=problem)
+
+    return r
+
+
+def _trend(results: list[ComplianceResult]) -> dict[str, str]:
+    """profile → SVG polyline points of its scores, oldest first (0..100 over 200x40)."""
+    by: dict[str, list[float]] = {}
+    for res in reversed(results):
+        by.setdefault(res.profile, []).append(res.score)
+    out = {}
+    for profile, scores in by.items():
+        scores = scores[-50:]
+        if len(scores) < 2:
+            continue
+        step = 200 / (len(scores) - 1)
+        out[profile] = " ".join(f"{i * step:.1f},{40 - s * 0.4:.1f}"
+                                for i, s in enumerate(scores))
+    return out

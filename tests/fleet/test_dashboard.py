@@ -1,0 +1,151 @@
+"""The web dashboard in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright):
+log in, filter hosts, open a host, start and pause a rollout, read a compliance report."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cerulean.agent import fleetlink
+from cerulean.agent.audit import AuditLog
+from cerulean.agent.compliance import STORE, PolicyStore
+from cerulean.agent.policy import CheckResult, Report, RuleResult
+
+from .conftest import Fleet, cli
+from .test_rollouts import cerulean_host
+
+pytestmark = pytest.mark.fleet
+CHROMIUM = "/usr/bin/chromium"
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(params=["sqlite"])
+def database(request: pytest.FixtureRequest) -> str:
+    return ""  # the browser tests need one database; both run the API tests
+
+
+@pytest.fixture
+def page(fleet: Fleet) -> Iterator[object]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing (make test installs Debian's chromium).")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        # The fleet's CA is not one the browser knows.
+        context = browser.new_context(ignore_https_errors=True, base_url=fleet.url)
+        p = context.new_page()
+        p.set_default_timeout(30000)
+        yield p
+        context.close()
+        browser.close()
+
+
+def _host(fleet: Fleet, tmp_path: Path, name: str, token: str, score_fail: bool) -> str:
+    root = cerulean_host(tmp_path, name)
+    fleetlink.enroll(fleet.url, token, fleet.ca_sha256, root=root, hostname=name)
+    if score_fail:
+        AuditLog(root / "var/lib/cerulean/audit/audit.jsonl").append(
+            "guard", "alert.new-uid0-account",
+            {"rule": "new-uid0-account", "priority": "critical", "tags": [],
+             "message": "toor has UID 0", "time": time.time(), "evidence": {"user": "toor"}})
+    store = PolicyStore(root / STORE)
+    store.save(Report("cerulean-baseline", (
+        CheckResult("ssh-no-root", "no root login", "failed" if score_fail else "passed",
+                    (RuleResult("f:/etc/ssh/sshd_config", not score_fail,
+                                "PermitRootLogin yes"),), {}),
+        CheckResult("tmp-noexec", "noexec /tmp", "passed", (), {}))), "audit", time.time())
+    store.close()
+    assert fleetlink.sync(root, hostname=name).error == ""
+    return fleetlink.Link(root).enrollment.host_id
+
+
+def test_dashboard_login_hosts_host_rollout_and_report(page, fleet: Fleet,  # type: ignore[no-untyped-def]
+                                                       tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    cli("fleet", "user", "add", "olga", "--role", "operator", "--password-stdin",
+        "--data", str(fleet.data), stdin=PASSWORD + "\n")
+    cloud = fleet.enrollment_token("web", uses=2, environment="cloud")
+    edge = fleet.enrollment_token("kiosk", uses=1, environment="edge")
+    _host(fleet, tmp_path, "web-1", cloud, score_fail=False)
+    _host(fleet, tmp_path, "web-2", cloud, score_fail=True)
+    kiosk = _host(fleet, tmp_path, "kiosk-1", edge, score_fail=True)
+
+    # Not logged in: every page sends the browser to the login form.
+    page.goto("/hosts")
+    expect(page).to_have_url(re.compile(r"/login$"))
+    page.fill("input[name=name]", "olga")
+    page.fill("input[name=password]", "wrong password")
+    page.click("button[type=submit]")
+    expect(page.get_by_role("alert")).to_have_text("Wrong name or password.")
+    page.fill("input[name=name]", "olga")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    expect(page.locator("#hosts-total")).to_have_text("3")
+    expect(page.locator("#alerts-open")).to_have_text("2")
+
+    # Filter the hosts.
+    page.click("text=Hosts")
+    expect(page.locator("#host-count")).to_have_text("3 hosts")
+    page.select_option("select[name=environment]", "edge")
+    page.click("text=Filter")
+    expect(page.locator("#host-count")).to_have_text("1 host")
+    expect(page.locator("#hosts")).to_contain_text("environment=edge")
+
+    # Open the host: its packages, compliance score and alert.
+    page.click(f"a[href='/hosts/{kiosk}']")
+    expect(page.locator("#hostname")).to_have_text(re.compile(r".+"))
+    expect(page.locator("#compliance .score")).to_have_text("50%")
+    expect(page.locator("#alerts")).to_contain_text("new-uid0-account")
+    count = int(page.locator("#package-count").inner_text())
+    assert count == len(fleetlink.packages(tmp_path / "kiosk-1")) > 50
+
+    # Start a rollout to the web group, then pause it.
+    page.click("text=Rollouts")
+    page.fill("#new-rollout input[name=name]", "web 1.20261120")
+    page.select_option("#new-rollout select[name=group]", "web")
+    page.fill("#new-rollout input[name=target]", "1.20261120.0")
+    page.fill("#new-rollout input[name=waves]", "50,100")
+    page.click("#new-rollout button[type=submit]")
+    expect(page.locator("#rollout-state")).to_have_text("running")
+    expect(page.locator("#rollout-hosts")).to_contain_text("web-2")
+    page.click("#pause")
+    expect(page.locator("#rollout-state")).to_have_text("paused")
+    expect(page.locator("#rollout-reason")).to_have_text("paused by olga")
+    status, body = fleet.api("GET", "/api/v1/rollouts?group=web")
+    assert status == 200 and body[0]["state"] == "paused"
+
+    # Read the compliance report of the web group.
+    page.click("text=Policies")
+    page.click("#groups >> text=HTML >> nth=1")
+    expect(page.locator("h1")).to_have_text("Compliance of group web")
+    expect(page.locator("body")).to_contain_text("ssh-no-root")
+    expect(page.locator("body")).to_contain_text("PermitRootLogin yes")
+
+    # The audit log shows what olga did, and its chain holds.
+    page.goto("/audit")
+    expect(page.locator("#chain")).to_contain_text("intact")
+    expect(page.locator("#audit")).to_contain_text("rollout.paused")
+    expect(page.locator("#audit")).to_contain_text("olga")
+
+
+def test_forms_need_the_session_token(page, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    cli("fleet", "user", "add", "olga", "--role", "operator", "--password-stdin",
+        "--data", str(fleet.data), stdin=PASSWORD + "\n")
+    page.goto("/login")
+    page.fill("input[name=name]", "olga")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    r = page.request.post("/policies", form={"csrf": "forged", "group": "web",
+                                             "profiles": "cerulean-baseline",
+                                             "mode": "enforce"}, max_redirects=0)
+    assert r.status == 303 and "out+of+date" in r.headers["location"]
+    assert fleet.api("GET", "/api/v1/groups")[1] == []
