@@ -1,22 +1,17 @@
 """Fleet fixtures: a real PostgreSQL server, and a real fleet server on each database.
 
 PostgreSQL runs from the Debian package's binaries in a cluster made for the
-test session (initdb in a temporary directory, a Unix socket only, no TCP), as
-the ``postgres`` user when the suite runs as root. Each test gets a database of
-its own, so tests never see each other's hosts.
+test session (:mod:`cerulean.fleet.pgtemp`). Each test gets a database of its
+own, so tests never see each other's hosts.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
-import shutil
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,71 +22,20 @@ from typing import Any
 
 import pytest
 
-
-def _pg_bin() -> Path:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-                   key=lambda p: int(p.parent.parent.name))
-    if not found:
-        pytest.fail("PostgreSQL is not installed (make test installs the postgresql package).")
-    return found[-1].parent
-
-
-@dataclass
-class Postgres:
-    socket_dir: Path
-    port: int
-    counter: itertools.count[int]
-
-    def url(self, db: str) -> str:
-        return f"postgresql://postgres@/{db}?host={self.socket_dir}&port={self.port}"
-
-    def new_database(self) -> str:
-        import psycopg
-
-        name = f"fleet_{os.getpid()}_{next(self.counter)}"
-        with psycopg.connect(host=str(self.socket_dir), port=self.port, user="postgres",
-                             dbname="postgres", autocommit=True) as c:
-            c.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+from cerulean.fleet.pgtemp import TempPostgres, temporary_postgres
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    bindir = _pg_bin()
-    # Not under pytest's temporary directory: the postgres user cannot enter root's.
-    base = Path(tempfile.mkdtemp(prefix="cerulean-pg-"))
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-        shutil.chown(sock, "postgres")
-    with socket.socket() as s:  # a port number only names the socket file: no TCP
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
-                                 "--auth=trust", "-E", "UTF8", "--no-sync"]),
-                   check=True, capture_output=True)
-    opts = f"-k {sock} -p {port} -c listen_addresses='' -c fsync=off -c max_connections=200"
-    subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-o", opts,
-                                 "-l", str(base / "log"), "-w", "start"]),
-                   check=True, capture_output=True)
-    try:
-        yield Postgres(sock, port, itertools.count())
-    finally:
-        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast",
-                                     "-w", "stop"]), capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+def postgres() -> Iterator[TempPostgres]:
+    with temporary_postgres() as pg:
+        yield pg
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return ""  # the data directory's own fleet.db
-    pg: Postgres = request.getfixturevalue("postgres")
+    pg: TempPostgres = request.getfixturevalue("postgres")
     return pg.new_database()
 
 
@@ -109,6 +53,7 @@ class Fleet:
     ca_sha256: str
     proc: subprocess.Popen[bytes]
     log: Path
+    postgres: TempPostgres | None = None  # the database's server, when it is PostgreSQL
 
     def ctx(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.data / "ca.crt"))
@@ -138,6 +83,13 @@ class Fleet:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(20)
+
+    def kill_and_restart(self) -> None:
+        """kill -9, then start the server again on the same data."""
+        self.proc.kill()
+        self.proc.wait(20)
+        self.proc = start_server(self.data, self.log)
+        wait_ready(self.url, self.ctx(), self.proc)
 
 
 def cli(*args: str, stdin: str = "") -> str:
@@ -169,7 +121,7 @@ def wait_ready(url: str, ctx: ssl.SSLContext, proc: subprocess.Popen[bytes],
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, database: str) -> Iterator[Fleet]:
+def fleet(request: pytest.FixtureRequest, tmp_path: Path, database: str) -> Iterator[Fleet]:
     data = tmp_path / "fleet"
     port = free_port()
     args = ["fleet", "init", "--data", str(data), "--listen", f"127.0.0.1:{port}",
@@ -182,7 +134,8 @@ def fleet(tmp_path: Path, database: str) -> Iterator[Fleet]:
                 str(data)).strip()
     log = tmp_path / "server.log"
     proc = start_server(data, log)
-    f = Fleet(data, f"https://localhost:{port}", admin, ca_sha256, proc, log)
+    f = Fleet(data, f"https://localhost:{port}", admin, ca_sha256, proc, log,
+              request.getfixturevalue("postgres") if database else None)
     try:
         wait_ready(f.url, f.ctx(), proc)
         yield f

@@ -224,6 +224,7 @@ i=0
 until [ "$(grep -o '"alert\.[a-z0-9-]*"' "$log" | sort -u | wc -l)" -ge 10 ] || [ $i -ge 600 ]; do
   sleep 0.1; i=$((i + 1))
 done
+# -- fleet --
 python3 -c 'import urllib.request as u, sys
 sys.stdout.write(u.urlopen("http://127.0.0.1:9477/metrics").read().decode())' \
     > "$out/metrics" 2>&1
@@ -252,18 +253,45 @@ echo $? > "$out/anssi-after-rc"
 """
 
 
+# Enrolled in a fleet server on the host (10.0.2.2 from the guest) once its alerts are in
+# the audit trail, before the test edits the trail.
+FLEET = r"""
+cerulean agent enroll --server {server} --token {token} --ca-sha256 {ca} \
+    > "$out/fleet-enroll" 2>&1
+echo $? > "$out/fleet-enroll-rc"
+cerulean agent report --json > "$out/fleet-report" 2>&1
+echo $? > "$out/fleet-report-rc"
+cerulean update status --json > "$out/fleet-update-status" 2>&1
+"""
+
+
 def test_inside_the_booted_vm(vm_env: dict[str, Path],
                               build_system: Callable[[str, str], Path], tmp_path: Path) -> None:
     """The issue's by-hand checks inside the booted vm image, provisioned on this boot by
-    cloud-init from a NoCloud seed disk (user, key, file, host name)."""
+    cloud-init from a NoCloud seed disk (user, key, file, host name), enrolled in a fleet
+    server that runs on this machine."""
     from cerulean.testbed.guest import run_in_guest
 
     disk = build_system("vm", "amd64")
     seed = tmp_path / "seed.img"
     _nocloud_seed(vm_env, seed)
     cfg = QemuConfig(extra_args=("-drive", f"if=virtio,format=raw,readonly=on,file={seed}"))
-    run = run_in_guest(disk, INSIDE + CLOUD_INIT + AGENT, cfg=cfg, out_dir=tmp_path / "guest",
-                       timeout_s=1200)
+    fleet = _fleet_server(tmp_path)
+    try:
+        token = fleet.enrollment_token("vm-test", uses=1, environment="cloud")
+        status, _ = fleet.api("POST", "/api/v1/rollouts", {
+            "name": "to the future", "group": "vm-test", "target": "1.20991231.0",
+            "waves": [100], "window": "daily 02:00-04:00"})
+        assert status == 201
+        script = AGENT.replace("# -- fleet --", FLEET.format(
+            server=fleet.url.replace("localhost", "10.0.2.2"), token=token,
+            ca=fleet.ca_sha256))
+        run = run_in_guest(disk, INSIDE + CLOUD_INIT + script, cfg=cfg,
+                           out_dir=tmp_path / "guest", timeout_s=1200)
+        assert run.returncode == 0, (run.text("stderr"), run.text("status"), run.console_log)
+        _fleet_checks(run, fleet)
+    finally:
+        fleet.stop()
     assert run.returncode == 0, (run.text("stderr"), run.text("status"), run.console_log)
     # cloud-init
     assert "status: done" in run.text("status"), run.text("status")
@@ -298,6 +326,51 @@ def test_inside_the_booted_vm(vm_env: dict[str, Path],
     assert not ports & {"14EB", "14E9"}, ports
     assert run.uptime_at_start_s is not None and run.uptime_at_start_s > 0
     _agent_checks(run)
+
+
+def _fleet_server(tmp_path: Path) -> Any:
+    """A fleet server on this machine, whose certificate also names 10.0.2.2 (this machine
+    as QEMU's user network shows it to the guest)."""
+    from fleet.conftest import Fleet, cli, free_port, start_server, wait_ready
+
+    data, port = tmp_path / "fleet", free_port()
+    out = cli("fleet", "init", "--data", str(data), "--listen", f"127.0.0.1:{port}",
+              "--name", "localhost", "--name", "10.0.2.2")
+    ca = next(w for w in out.split() if w.startswith("sha256:"))
+    admin = cli("fleet", "user", "add", "admin", "--role", "admin", "--data",
+                str(data)).strip()
+    proc = start_server(data, tmp_path / "fleet.log")
+    fleet = Fleet(data, f"https://localhost:{port}", admin, ca, proc, tmp_path / "fleet.log")
+    wait_ready(fleet.url, fleet.ctx(), proc)
+    return fleet
+
+
+def _fleet_checks(run: Any, fleet: Any) -> None:
+    """The booted vm enrolled with its token and shows up in the fleet with its packages,
+    compliance scores and alerts, and follows its group's rollout."""
+    assert run.text("fleet-enroll-rc").strip() == "0", run.text("fleet-enroll")
+    assert run.text("fleet-report-rc").strip() == "0", run.text("fleet-report")
+    report = json.loads(run.text("fleet-report"))
+    assert report["failed"] == 0 and report["pending"] == 0, report
+    _, page = fleet.api("GET", "/api/v1/hosts?group=vm-test")
+    assert page["total"] == 1, page
+    h = page["hosts"][0]
+    assert (h["hostname"], h["labels"]) == ("web-1", {"environment": "cloud"}), h
+    assert h["packages"] > 150 and h["os"].startswith("Cerulean"), h
+    assert {"cis-debian-l1-server", "cerulean-baseline"} <= set(h["compliance"]), h
+    assert h["compliance"]["cerulean-baseline"] == 100.0, h
+    _, alerts = fleet.api("GET", f"/api/v1/hosts/{h['id']}/alerts?limit=1000")
+    assert "setuid-or-setgid-file" in {a["rule"] for a in alerts}, alerts
+    _, pkgs = fleet.api("GET", f"/api/v1/hosts/{h['id']}/packages")
+    assert "cerulean-agent" in {p["name"] for p in pkgs}
+    # The rollout reached the host: its updater now aims at the target only.
+    status = json.loads(run.text("fleet-update-status"))
+    assert (status["target"], status["hold"], status["window"]) == (
+        "1.20991231.0", False, "daily 02:00-04:00"), status
+    _, ro = fleet.api("GET", "/api/v1/rollouts?group=vm-test")
+    assert ro[0]["hosts"] == {"updating": 1}, ro
+    print(f"fleet: web-1 enrolled, {h['packages']} packages, {len(alerts)} alerts, "
+          f"compliance {h['compliance']}")
 
 
 def _score(text: str) -> float:

@@ -21,6 +21,7 @@ Standard library, plus python3-cryptography for the key and the request.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -459,6 +460,17 @@ def sync(root: Path = Path("/"), link: Link | None = None,
     """One round: renew the certificate if due, queue what is new, deliver the outbox.
     (*hostname*: report this name instead of the system's, for tests.)"""
     link = link or Link(root)
+    # One round at a time (the service's loop and `cerulean agent report`): the cursors
+    # of what was queued are read before they are moved.
+    lock = open(link.dir / "sync.lock", "a")  # noqa: SIM115 - held to the end
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _sync(root, link, hostname)
+    finally:
+        lock.close()
+
+
+def _sync(root: Path, link: Link, hostname: str | None) -> SyncResult:
     renewed, error = False, ""
     try:
         renewed = link.renew_if_due()

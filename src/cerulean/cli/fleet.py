@@ -94,6 +94,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     h.add_argument("--json", action="store_true")
     h.set_defaults(func=run_hosts)
 
+    sim = fs.add_parser(
+        "simulate", help="load a fleet server with many simulated agents",
+        description="Enroll N simulated agents with one token (each makes its own key), "
+        "then check in over mTLS for --seconds: metrics every time, inventory first, an "
+        "alert now and then, a new TLS connection each time, as the agent does. At the "
+        "end every host compares what the server holds for it with what it had "
+        "acknowledged. Prints check-ins per second, latency percentiles and lost reports.")
+    sim.add_argument("--server", required=True, help="https://HOST:PORT")
+    sim.add_argument("--token", required=True,
+                     help="an enrollment token with at least --hosts uses")
+    sim.add_argument("--ca-sha256", required=True, metavar="sha256:HEX")
+    sim.add_argument("--hosts", type=int, default=100, help="how many (default: 100)")
+    sim.add_argument("--seconds", type=float, default=60.0,
+                     help="how long they check in (default: 60)")
+    sim.add_argument("--concurrency", type=int, default=64,
+                     help="check-ins in flight at once (default: 64)")
+    sim.add_argument("--interval", type=float, default=0.0,
+                     help="seconds each host waits between its check-ins (default: 0, "
+                     "as fast as the server answers)")
+    sim.add_argument("--json", action="store_true")
+    sim.set_defaults(func=run_simulate)
+
     a = fs.add_parser("audit", help="the admin audit log")
     as_ = a.add_subparsers(dest="audit_command", metavar="COMMAND")
     av = as_.add_parser("verify", help="check the log's hash chain")
@@ -246,6 +268,39 @@ def run_hosts(args: argparse.Namespace) -> int:
               f"{h['packages']:>5} pkgs  last seen {h['last_seen'] or 'never'}"
               f"{'  REVOKED' if h['revoked'] else ''}")
     return 0
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from cerulean.agent.fleetlink import check_server
+    from cerulean.fleet.simulate import simulate
+
+    if not 1 <= args.hosts <= 100000:
+        raise CeruleanError("--hosts must be between 1 and 100000.")
+    if not 0 < args.seconds <= 24 * 3600 or not 1 <= args.concurrency <= 4096:
+        raise CeruleanError("--seconds must be up to a day and --concurrency 1 to 4096.")
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="cerulean-simulate-") as work:
+        r = simulate(check_server(args.server), args.token, args.ca_sha256, args.hosts,
+                     args.seconds, Path(work), args.concurrency, args.interval, say=say)
+    out = r.to_json()
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{out['enrolled']} of {out['hosts']} hosts enrolled in "
+              f"{out['enroll_seconds']} s")
+        print(f"{out['checkins']} check-ins in {out['seconds']} s: "
+              f"{out['checkins_per_second']}/s, p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms"
+              f", {out['failed_checkins']} failed")
+        print(f"reports: {out['reports_made']} made, {out['reports_acknowledged']} "
+              f"acknowledged, {out['reports_on_server']} held by the server, "
+              f"{out['reports_pending']} pending, {out['lost']} lost")
+        if out["errors"]:
+            print("errors: " + ", ".join(f"{k} ×{v}" for k, v in out["errors"].items()))
+    return 0 if r.lost == 0 and r.mismatched_hosts == 0 and r.enrolled == r.hosts else 1
 
 
 def run_audit_verify(args: argparse.Namespace) -> int:

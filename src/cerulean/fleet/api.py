@@ -28,7 +28,7 @@ from fastapi.responses import (
     Response,
 )
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cerulean import __version__
@@ -92,7 +92,8 @@ def create_app(state: FleetState) -> FastAPI:
             (400, "the request is understood but not valid"),
             (401, "no valid API token or client certificate"),
             (403, "the caller may not do this"), (404, "no such thing"),
-            (409, "it clashes with the current state"))}
+            (409, "it clashes with the current state"),
+            (503, "the database cannot be reached for now"))}
     app = FastAPI(title="Cerulean fleet", version=__version__,
                   description="Enrollment, inventory, alerts, compliance and rollouts of "
                               "Cerulean hosts.",
@@ -109,6 +110,12 @@ def create_app(state: FleetState) -> FastAPI:
         return JSONResponse({"detail": str(e)},
                             status_code=409 if isinstance(e, rollouts.Conflict) else 400)
 
+    @app.exception_handler(OperationalError)
+    async def database_down(_r: Request, _e: OperationalError) -> JSONResponse:
+        # A database restart or failover: the agent keeps its reports and tries again.
+        return JSONResponse({"detail": "The database cannot be reached; try again shortly."},
+                            status_code=503, headers={"Retry-After": "5"})
+
     @app.exception_handler(web.LoginRequired)
     async def login_required(_r: Request, _e: web.LoginRequired) -> RedirectResponse:
         return RedirectResponse("/login", status_code=303)
@@ -123,7 +130,9 @@ def create_app(state: FleetState) -> FastAPI:
         with state.sessions.begin() as s:
             yield s
 
-    Db = Annotated[Session, Depends(db)]
+    # The transaction commits before the answer leaves: an acknowledgement is never sent
+    # for something the database does not hold yet.
+    Db = Annotated[Session, Depends(db, scope="function")]
 
     def caller(request: Request, s: Db) -> Principal:
         header = request.headers.get("authorization", "")

@@ -48,6 +48,7 @@ SETTINGS = (
     Setting("public-url", str, "", "how hosts reach the server, e.g. https://fleet.example:8443"),
     Setting("names", list, ["localhost", "127.0.0.1"], "names in the server certificate"),
     Setting("cert-hours", int, 24, "lifetime of a host certificate (renewed at half)"),
+    Setting("workers", int, 1, "server processes (one per core is a good start)"),
 )
 
 
@@ -59,6 +60,7 @@ class FleetConfig:
     public_url: str
     names: list[str] = field(default_factory=list)
     cert_hours: int = 24
+    workers: int = 1
 
     @property
     def cert_lifetime(self) -> timedelta:
@@ -97,6 +99,8 @@ def check_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
         raise FleetConfigError(f"{where}: 'names' must list at least one host name or address.")
     if not 1 <= out["cert-hours"] <= 24 * 90:
         raise FleetConfigError(f"{where}: 'cert-hours' must be between 1 and 2160.")
+    if not 1 <= out["workers"] <= 64:
+        raise FleetConfigError(f"{where}: 'workers' must be between 1 and 64.")
     return out
 
 
@@ -122,7 +126,7 @@ def load_config(data: Path) -> FleetConfig:
     v = check_settings(raw, str(path))
     database = v["database"] or f"sqlite:///{(data / 'fleet.db').resolve()}"
     return FleetConfig(data, database, v["listen"], v["public-url"], list(v["names"]),
-                       v["cert-hours"])
+                       v["cert-hours"], v["workers"])
 
 
 def init(data: Path, values: dict[str, Any]) -> tuple[FleetConfig, bool]:
@@ -157,23 +161,41 @@ def local_actor() -> str:
         return f"local:uid{os.getuid()}"
 
 
+def build_app(cfg: FleetConfig) -> Any:
+    from cerulean.fleet.api import FleetState, create_app
+    from cerulean.fleet.ca import FleetCA
+    from cerulean.fleet.db import make_engine, sessions
+
+    return create_app(FleetState(sessions(make_engine(cfg.database)), FleetCA.load(cfg.data),
+                                 cfg.cert_lifetime, cfg.public_url))
+
+
+def app_from_env() -> Any:
+    """The app of each server process when there are several (uvicorn imports this)."""
+    return build_app(load_config(Path(os.environ["CERULEAN_FLEET_DATA"])))
+
+
 def serve(cfg: FleetConfig) -> None:
     import uvicorn
 
-    from cerulean.fleet.api import FleetState, create_app
-    from cerulean.fleet.ca import FleetCA
-    from cerulean.fleet.db import make_engine, migrate, sessions
+    from cerulean.fleet.db import make_engine, migrate
     from cerulean.fleet.tls import TLSExtensionProtocol
 
-    ca = FleetCA.load(cfg.data)
     engine = make_engine(cfg.database)
-    migrate(engine)
-    app = create_app(FleetState(sessions(engine), ca, cfg.cert_lifetime, cfg.public_url))
+    try:
+        migrate(engine)  # once, before any server process starts
+    finally:
+        engine.dispose()
     host, port = cfg.host_port
-    config = uvicorn.Config(
-        app, host=host, port=port, http=TLSExtensionProtocol, lifespan="off",
+    options: dict[str, Any] = dict(
+        host=host, port=port, http=TLSExtensionProtocol, lifespan="off",
         ssl_certfile=str(cfg.data / "server.crt"), ssl_keyfile=str(cfg.data / "server.key"),
         ssl_ca_certs=str(cfg.data / "ca.crt"), ssl_cert_reqs=ssl.CERT_OPTIONAL,
         log_level="warning", access_log=False, server_header=False,
-        limit_concurrency=2000, timeout_keep_alive=30)
-    uvicorn.Server(config).run()
+        limit_concurrency=4000, timeout_keep_alive=30, backlog=4096)
+    if cfg.workers > 1:
+        os.environ["CERULEAN_FLEET_DATA"] = str(cfg.data.resolve())
+        uvicorn.run("cerulean.fleet.server:app_from_env", factory=True, workers=cfg.workers,
+                    **options)
+    else:
+        uvicorn.Server(uvicorn.Config(build_app(cfg), **options)).run()

@@ -109,7 +109,9 @@ def router(sessions: Any) -> APIRouter:
         with sessions.begin() as s:
             yield s
 
-    Db = Annotated[Session, Depends(db)]
+    # The transaction commits before the answer leaves: an acknowledgement is never sent
+    # for something the database does not hold yet.
+    Db = Annotated[Session, Depends(db, scope="function")]
 
     def viewer(request: Request, s: Db) -> Principal:
         cookie = request.cookies.get(COOKIE, "")
