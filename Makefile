@@ -12,6 +12,9 @@ APT_PACKAGES := gpgv gnupg zstd xz-utils binutils ca-certificates \
 	qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64 \
 	python3-venv python3-pip fdisk postgresql chromium
 
+# `make demo DEMO_ARGS=--no-wait` ends once the VM shows up in the fleet.
+DEMO_ARGS ?=
+
 .PHONY: demo test setup apt venv lint bench bench-system bench-update bench-agent compare-openscap clean
 
 # The archive moves on (security updates, point releases): refresh the lock to
@@ -23,6 +26,7 @@ demo: setup
 	$(BIN)/cerulean lock --refresh images/vm.toml
 	$(BIN)/cerulean build images/vm.toml --locked --arch amd64 --format qcow2 --out $(OUT)
 	$(BIN)/cerulean test $(OUT)/vm-amd64.qcow2
+	$(BIN)/cerulean demo $(OUT)/vm-amd64.qcow2 --dir $(OUT)/fleet-demo $(DEMO_ARGS)
 
 # The QEMU power-cut test cuts 20 times when run by itself; each cut is a boot of
 # about two minutes under emulation, so the whole suite runs 5 of them.

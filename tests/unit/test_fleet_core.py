@@ -271,3 +271,18 @@ def test_the_agent_writes_what_the_fleet_says_and_refuses_what_it_should_not(
         with pytest.raises(FleetLinkError, match=why):
             apply_desired(tmp_path, bad)
     assert not (tmp_path / "var/lib/cerulean/fleet/update.toml").exists()
+
+
+def test_the_enrollment_credential_is_read_or_refused(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from cerulean.agent.fleetlink import FleetLinkError, enroll_from_credential
+
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert enroll_from_credential(tmp_path) is None  # no credential: nothing to do
+    (tmp_path / "cerulean.fleet").write_text('{"server": "https://f:8443"}')
+    with pytest.raises(FleetLinkError, match="not JSON with server, token and ca-sha256"):
+        enroll_from_credential(tmp_path)
+    (tmp_path / "cerulean.fleet").write_text(
+        '{"server": "https://f:8443", "token": "t", "ca-sha256": "md5:x"}')
+    with pytest.raises(FleetLinkError, match="--ca-sha256 must be"):
+        enroll_from_credential(tmp_path)

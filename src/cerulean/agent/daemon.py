@@ -20,8 +20,9 @@ by key::
     policy-mode = "audit"               # audit | enforce | autocorrect
     fleet-interval = 60                 # seconds between reports to the fleet (0: none)
 
-Once the host is enrolled in a fleet (``cerulean agent enroll``), the agent
-sends what is new every ``fleet-interval`` seconds (:mod:`cerulean.agent.fleetlink`).
+Once the host is enrolled in a fleet (``cerulean agent enroll``, or by itself
+with the systemd credential ``cerulean.fleet``), the agent sends what is new
+every ``fleet-interval`` seconds (:mod:`cerulean.agent.fleetlink`).
 """
 
 from __future__ import annotations
@@ -205,6 +206,10 @@ def _fleet_loop(root: Path, interval: int, stop: threading.Event,
     while True:
         error = ""
         try:
+            if fleetlink.load_enrollment(root) is None:
+                e = fleetlink.enroll_from_credential(root)
+                if e is not None:
+                    say(f"fleet: enrolled at {e.server} as host {e.host_id}")
             if fleetlink.load_enrollment(root) is not None:
                 r = fleetlink.sync(root)
                 error = r.error or (f"{r.failed} reports not delivered, {r.pending} waiting"

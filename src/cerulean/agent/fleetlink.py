@@ -184,6 +184,27 @@ def enroll(server: str, token: str, ca_sha256: str, root: Path = Path("/"),
     return _keep(d, server, key, resp)
 
 
+CREDENTIAL = "cerulean.fleet"
+
+
+def enroll_from_credential(root: Path = Path("/")) -> Enrollment | None:
+    """Enroll with the systemd credential ``cerulean.fleet`` (JSON: server, token,
+    ca-sha256), as a cloud's user data or a hypervisor's SMBIOS strings hand it in; None
+    when there is none. Zero-touch: the host joins its fleet on first boot."""
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    path = (Path(creds) / CREDENTIAL if creds
+            else root / "run/credentials/@system" / CREDENTIAL)
+    try:
+        data = json.loads(path.read_text())
+        server, token, ca = data["server"], data["token"], data["ca-sha256"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FleetLinkError(f"The credential {CREDENTIAL} is not JSON with server, token "
+                             f"and ca-sha256 ({e}).") from e
+    return enroll(str(server), str(token), str(ca), root)
+
+
 def _keep(d: Path, server: str, key: bytes, resp: Any) -> Enrollment:
     try:
         e = Enrollment(server, str(resp["host_id"]), str(resp["not_after"]),

@@ -28,6 +28,7 @@ Typical use:
   cerulean release --help                  releases, the signed update repository, rollouts
   cerulean agent-deb                       the host agent's .deb, for existing Debian servers
   cerulean fleet --help                    the fleet server: enrollment, inventory, alerts
+  cerulean demo out/vm-amd64.qcow2         a fleet server and a VM that enrolls in it
 """
 
 

@@ -92,6 +92,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     test.add_argument("--json", action="store_true", help="print the result as JSON")
     test.set_defaults(func=run_test)
 
+    demo = sub.add_parser(
+        "demo", help="a fleet server and a VM that enrolls in it by itself, on this machine",
+        description="Start a fleet server (SQLite), boot DISK in QEMU with the systemd "
+        "credential cerulean.fleet (as a cloud's user data hands it in), wait until its "
+        "agent has enrolled and reported, then print the dashboard's address and login. "
+        "Both keep running until Ctrl-C.")
+    demo.add_argument("disk", type=Path, metavar="DISK", help="a Cerulean system image")
+    demo.add_argument("--dir", type=Path, default=Path("out/fleet-demo"),
+                      help="the fleet's data, login and logs (default: out/fleet-demo)")
+    demo.add_argument("--port", type=int, default=8443, help="the server's port (8443)")
+    demo.add_argument("--timeout", type=float, default=1200.0, metavar="S",
+                      help="give up if the VM has not enrolled after S seconds (1200)")
+    demo.add_argument("--no-wait", action="store_true",
+                      help="stop the VM and the server once the host shows up")
+    demo.set_defaults(func=run_demo)
+
 
 def _config(args: argparse.Namespace, ssh_port: int | None = None) -> QemuConfig:
     from cerulean.testbed.qemu import QemuConfig
@@ -105,6 +121,12 @@ def run_boot(args: argparse.Namespace) -> int:
 
     rc = boot_interactive(args.disk, _config(args, args.ssh_port))
     return 0 if rc == 0 else 1
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from cerulean.testbed.demo import run_demo
+
+    return run_demo(args.disk, args.dir, args.port, args.timeout, wait=not args.no_wait)
 
 
 def run_test(args: argparse.Namespace) -> int:
