@@ -179,8 +179,9 @@ def ingest(s: Session, host: Host, batch: ReportBatch,
                                  for r in good.values()])
     for r in sorted((good[i] for i in new), key=lambda r: r.created):
         try:
-            with s.begin_nested():
-                APPLY[r.kind](s, host, r)
+            # Each apply_* checks everything before it changes anything, so a bad report
+            # leaves no trace but its ID (no savepoint needed).
+            APPLY[r.kind](s, host, r)
         except BadReport as e:
             rejected.append(Rejected(r.id, str(e)))
     bad = {x.id for x in rejected}

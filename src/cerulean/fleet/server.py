@@ -188,7 +188,7 @@ def serve(cfg: FleetConfig) -> None:
         engine.dispose()
     host, port = cfg.host_port
     options: dict[str, Any] = dict(
-        host=host, port=port, http=TLSExtensionProtocol, lifespan="off",
+        host=host, port=port, http=TLSExtensionProtocol, loop="uvloop", lifespan="off",
         ssl_certfile=str(cfg.data / "server.crt"), ssl_keyfile=str(cfg.data / "server.key"),
         ssl_ca_certs=str(cfg.data / "ca.crt"), ssl_cert_reqs=ssl.CERT_OPTIONAL,
         log_level="warning", access_log=False, server_header=False,

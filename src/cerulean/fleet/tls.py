@@ -14,10 +14,12 @@ import asyncio
 import ssl
 from typing import Any
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
-class TLSExtensionProtocol(H11Protocol):
+class TLSExtensionProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol on httptools (the C parser), with the TLS extension."""
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         obj = transport.get_extra_info("ssl_object")
