@@ -96,6 +96,9 @@ def csrf_token(key: bytes, cookie: str) -> str:
 
 
 def _throttled(name: str, now: float) -> bool:
+    if len(FAILURES) > 10000:  # names made up by the thousand must not fill the memory
+        for stale in [n for n, ts in FAILURES.items() if not ts or now - ts[-1] >= 300]:
+            del FAILURES[stale]
     recent = [t for t in FAILURES.get(name, []) if now - t < 300]
     FAILURES[name] = recent
     return len(recent) >= 5
