@@ -19,7 +19,7 @@ from cerulean.agent.daemon import load_agent_config
 from cerulean.agent.policy import CheckResult, Report, RuleResult
 from cerulean.agent.update.host import Host, load_config
 
-from .conftest import Fleet
+from .conftest import Fleet, cli
 from .test_fleet_server import host_root
 
 pytestmark = pytest.mark.fleet
@@ -182,3 +182,34 @@ def test_a_group_policy_reaches_its_hosts_and_auditors_get_reports(
     status, hist = fleet.api("GET", "/api/v1/compliance/history?group=db")
     assert status == 200 and [(h["profile"], h["score"], h["hosts"]) for h in hist] == [
         ("cis-debian12-l1-server", 50.0, 1)]
+
+
+def test_rollouts_choose_from_the_update_repository(fleet: Fleet, tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from cerulean.protocol.update import ChannelDoc, ChannelEntry, utc_iso
+    from cerulean.release.repo import Repository
+
+    repo = Repository.create(tmp_path / "repo", tmp_path / "keys")
+    repo.save_channel(ChannelDoc("stable", [
+        ChannelEntry("vm", v, utc_iso(datetime.now(UTC)), [(0, 1.0)])
+        for v in ("1.20261101.0", "1.20261120.0")]))
+    cli("fleet", "init", "--data", str(fleet.data), "--update-repo", str(repo.path))
+    fleet.kill_and_restart()
+    status, rel = fleet.api("GET", "/api/v1/releases")
+    assert status == 200 and [(r["channel"], r["version"]) for r in rel] == [
+        ("stable", "1.20261120.0"), ("stable", "1.20261101.0")]
+    enroll_group(fleet, tmp_path, "web", 1)
+    status, body = fleet.api("POST", "/api/v1/rollouts", {
+        "name": "typo", "group": "web", "target": "1.20261121.0"})
+    assert status == 400 and body["detail"] == (
+        "Release 1.20261121.0 is not in the stable channel of the update repository "
+        "(newest there: 1.20261120.0, 1.20261101.0).")
+    assert fleet.api("POST", "/api/v1/rollouts", {
+        "name": "ok", "group": "web", "target": "1.20261120.0"})[0] == 201
+    # A channel document changed behind the targets metadata's back is refused.
+    tampered = repo.target_file("channels/stable.json")
+    tampered.write_bytes(tampered.read_bytes().replace(b"1.20261120.0", b"1.20261199.0"))
+    (repo.path / "metadata/timestamp.json").touch()
+    status, body = fleet.api("GET", "/api/v1/releases")
+    assert status == 503 and "does not match its targets metadata" in body["detail"]

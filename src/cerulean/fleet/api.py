@@ -17,6 +17,7 @@ the endpoints, which name dependencies defined inside :func:`create_app`.)
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -32,8 +33,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cerulean import __version__
+from cerulean.errors import CeruleanError
 from cerulean.fleet import hosts as hostsvc
-from cerulean.fleet import queries, reports, rollouts, web
+from cerulean.fleet import queries, releases, reports, rollouts, web
 from cerulean.fleet import schemas as sc
 from cerulean.fleet.auth import (
     AuthError,
@@ -78,6 +80,7 @@ class FleetState:
     ca: FleetCA
     cert_lifetime: timedelta = timedelta(hours=24)
     public_url: str = ""  # how hosts reach the server (for the enroll command it prints)
+    update_repo: Path | None = None  # the TUF repository rollouts choose releases from
 
 
 def _error(status: int, message: str) -> HTTPException:
@@ -120,7 +123,12 @@ def create_app(state: FleetState) -> FastAPI:
     async def login_required(_r: Request, _e: web.LoginRequired) -> RedirectResponse:
         return RedirectResponse("/login", status_code=303)
 
-    app.include_router(web.router(state.sessions))
+    app.include_router(web.router(state.sessions, state.update_repo))
+
+    @app.exception_handler(CeruleanError)
+    async def unavailable(_r: Request, e: CeruleanError) -> JSONResponse:
+        # Anything else the server cannot do now, such as an unreadable update repository.
+        return JSONResponse({"detail": str(e)}, status_code=503)
 
     @app.exception_handler(AuthError)
     async def auth_error(_r: Request, e: AuthError) -> JSONResponse:
@@ -369,9 +377,19 @@ def create_app(state: FleetState) -> FastAPI:
 
     @app.post(f"{API}/rollouts", tags=["rollouts"], status_code=201)
     def create_rollout(req: sc.RolloutRequest, s: Db, p: Operator) -> sc.RolloutOut:
+        if state.update_repo is not None:
+            releases.check_target(state.update_repo, req.channel, req.target)
         r = rollouts.create(s, p.name, **req.model_dump())
         out: sc.RolloutOut = _rollout_out(s, r)
         return out
+
+    @app.get(f"{API}/releases", tags=["rollouts"])
+    def list_releases(_p: Auditor) -> list[sc.ReleaseOut]:
+        """The releases of the update repository's channels, newest first (empty when the
+        fleet has no update-repo)."""
+        if state.update_repo is None:
+            return []
+        return [sc.ReleaseOut(**vars(r)) for r in releases.offered(state.update_repo)]
 
     @app.get(f"{API}/rollouts", tags=["rollouts"])
     def list_rollouts(s: Db, _p: Auditor, group: str | None = None,

@@ -213,3 +213,11 @@ class GroupOut(BaseModel):
     profiles: list[str]
     mode: str | None
     rollout: str | None
+
+
+class ReleaseOut(BaseModel):
+    channel: str
+    image: str
+    version: str
+    published: str
+    state: str

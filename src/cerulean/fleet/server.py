@@ -49,6 +49,8 @@ SETTINGS = (
     Setting("names", list, ["localhost", "127.0.0.1"], "names in the server certificate"),
     Setting("cert-hours", int, 24, "lifetime of a host certificate (renewed at half)"),
     Setting("workers", int, 1, "server processes (one per core is a good start)"),
+    Setting("update-repo", str, "", "the TUF update repository (a directory) whose channels "
+            "rollouts choose releases from; empty: any release version"),
 )
 
 
@@ -61,6 +63,7 @@ class FleetConfig:
     names: list[str] = field(default_factory=list)
     cert_hours: int = 24
     workers: int = 1
+    update_repo: str = ""
 
     @property
     def cert_lifetime(self) -> timedelta:
@@ -126,7 +129,7 @@ def load_config(data: Path) -> FleetConfig:
     v = check_settings(raw, str(path))
     database = v["database"] or f"sqlite:///{(data / 'fleet.db').resolve()}"
     return FleetConfig(data, database, v["listen"], v["public-url"], list(v["names"]),
-                       v["cert-hours"], v["workers"])
+                       v["cert-hours"], v["workers"], v["update-repo"])
 
 
 def init(data: Path, values: dict[str, Any]) -> tuple[FleetConfig, bool]:
@@ -167,7 +170,8 @@ def build_app(cfg: FleetConfig) -> Any:
     from cerulean.fleet.db import make_engine, sessions
 
     return create_app(FleetState(sessions(make_engine(cfg.database)), FleetCA.load(cfg.data),
-                                 cfg.cert_lifetime, cfg.public_url))
+                                 cfg.cert_lifetime, cfg.public_url,
+                                 Path(cfg.update_repo) if cfg.update_repo else None))
 
 
 def app_from_env() -> Any:

@@ -30,7 +30,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cerulean import __version__
-from cerulean.fleet import queries, reports, rollouts
+from cerulean.errors import CeruleanError
+from cerulean.fleet import queries, releases, reports, rollouts
 from cerulean.fleet import schemas as sc
 from cerulean.fleet.auth import Principal, check_password, verify_audit
 from cerulean.fleet.db import (
@@ -104,7 +105,7 @@ def _throttled(name: str, now: float) -> bool:
     return len(recent) >= 5
 
 
-def router(sessions: Any) -> APIRouter:
+def router(sessions: Any, update_repo: Path | None = None) -> APIRouter:
     r = APIRouter(include_in_schema=False)
     env = reports.templates()
 
@@ -226,9 +227,15 @@ def router(sessions: Any) -> APIRouter:
     def rollouts_page(request: Request, s: Db, who: Viewer, error: str = "") -> HTMLResponse:
         rows = list(s.execute(select(Rollout).order_by(Rollout.id.desc()).limit(100)).scalars())
         groups = sorted({g for g in s.execute(select(Host.group).distinct()).scalars()})
+        offered: list[Any] = []
+        if update_repo is not None:
+            try:
+                offered = releases.offered(update_repo)
+            except CeruleanError as e:
+                error = error or str(e)
         return page(request, "rollouts.html", who, rows=[
             (ro, rollouts.progress(s, ro)) for ro in rows], groups=groups, channels=CHANNELS,
-            error=error[:300])
+            releases=offered, error=error[:300])
 
     @r.post("/rollouts")
     def start_rollout(request: Request, s: Db, who: Viewer,
@@ -246,11 +253,13 @@ def router(sessions: Any) -> APIRouter:
             except ValueError as e:
                 raise Invalid("Waves are percentages separated by commas, such as "
                               "10,50,100.") from e
+            if update_repo is not None:
+                releases.check_target(update_repo, channel, target.strip())
             ro = rollouts.create(s, who.name, name=name, group=group, channel=channel,
                                  target=target.strip(), waves=wave_list,
                                  soak_minutes=soak_minutes,
                                  max_failure_percent=max_failure_percent, window=window)
-        except Invalid as e:
+        except CeruleanError as e:
             return RedirectResponse("/rollouts?" + urlencode({"error": str(e)}), 303)
         return RedirectResponse(f"/rollouts/{ro.id}", status_code=303)
 
