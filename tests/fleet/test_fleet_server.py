@@ -92,6 +92,9 @@ def test_a_host_enrolls_reports_and_shows_up_with_packages_alerts_and_compliance
     _, alerts = fleet.api("GET", f"/api/v1/hosts/{host_id}/alerts")
     assert [(a["rule"], a["severity"], a["evidence"]) for a in alerts] == [
         ("setuid-or-setgid-file", "critical", {"file.path": "/tmp/.x"})]
+    status, closed = fleet.api("POST", f"/api/v1/alerts/{alerts[0]['id']}/close")
+    assert status == 200 and closed["status"] == "closed"
+    assert fleet.api("GET", "/api/v1/hosts")[1]["hosts"][0]["open_alerts"] == 0
     _, comp = fleet.api("GET", f"/api/v1/hosts/{host_id}/compliance")
     assert [(c["profile"], c["score"], c["passed"], c["failed"]) for c in comp] == [
         ("cerulean-baseline", 50.0, 1, 1)]
@@ -109,8 +112,8 @@ def test_a_host_enrolls_reports_and_shows_up_with_packages_alerts_and_compliance
     # The admin log has the token and the enrollment, and its chain holds.
     _, entries = fleet.api("GET", "/api/v1/audit")
     assert [e["action"] for e in entries] == ["user.created", "enrollment-token.created",
-                                              "host.enrolled"]
-    assert fleet.api("GET", "/api/v1/audit/verify")[1] == {"entries": 3, "ok": True,
+                                              "host.enrolled", "alert.closed"]
+    assert fleet.api("GET", "/api/v1/audit/verify")[1] == {"entries": 4, "ok": True,
                                                            "problem": None}
 
 
@@ -220,6 +223,11 @@ def test_forged_expired_and_revoked_certificates_and_reused_tokens_are_refused(
     a2 = enroll(fleet, a_root, "edge-a")
     assert a2.enrollment.host_id != a.enrollment.host_id
     assert a2.whoami()["hostname"] == "edge-a"
+    # The old record goes when an operator deletes it, with all it reported.
+    old = a.enrollment.host_id
+    assert fleet.api("DELETE", f"/api/v1/hosts/{old}")[0] == 200
+    assert fleet.api("GET", f"/api/v1/hosts/{old}")[0] == 404
+    assert fleet.api("GET", "/api/v1/hosts")[1]["total"] == 2  # b and the new a
 
 
 def test_renewal_gives_a_new_certificate_for_a_new_key(fleet: Fleet, tmp_path: Path) -> None:

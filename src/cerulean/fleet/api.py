@@ -284,6 +284,27 @@ def create_app(state: FleetState) -> FastAPI:
         hostsvc.revoke_host(s, p.name, host_id)
         return {"revoked": host_id}
 
+    @app.delete(f"{API}/hosts/{{host_id}}", tags=["inventory"])
+    def delete_host(host_id: str, s: Db, p: Operator) -> dict[str, str]:
+        """Forget a host and all it reported (its certificates stop working too)."""
+        h = _host(s, host_id)
+        audit(s, p.name, "host.deleted", {"host": host_id, "hostname": h.hostname,
+                                          "group": h.group})
+        s.delete(h)
+        return {"deleted": host_id}
+
+    @app.post(f"{API}/alerts/{{alert_id}}/close", tags=["inventory"])
+    def close_alert(alert_id: sc.RowId, s: Db, p: Operator) -> sc.AlertOut:
+        """Mark an alert as dealt with: it no longer counts as open."""
+        a = s.get(Alert, alert_id)
+        if a is None:
+            raise _error(404, f"There is no alert {alert_id}.")
+        if a.status != "closed":
+            a.status = "closed"
+            audit(s, p.name, "alert.closed", {"alert": alert_id, "host": a.host_id,
+                                              "rule": a.rule})
+        return sc.AlertOut.model_validate(a, from_attributes=True)
+
     @app.post(f"{API}/enrollment-tokens", tags=["enrollment"], status_code=201)
     def create_enrollment_token(req: sc.TokenRequest, s: Db, p: Operator) -> sc.TokenCreated:
         if not 0 < req.hours <= 24 * 365:
