@@ -29,8 +29,8 @@ demo: setup
 	$(BIN)/cerulean demo $(OUT)/vm-amd64.qcow2 --dir $(OUT)/fleet-demo $(DEMO_ARGS)
 
 # The QEMU power-cut test cuts 20 times when run by itself; each cut is a boot of
-# about two minutes under emulation, so the whole suite runs 5 of them.
-POWER_CUTS ?= 3
+# about two minutes under emulation, so the whole suite runs 2 of them.
+POWER_CUTS ?= 2
 
 test: setup
 	CERULEAN_POWER_CUTS=$(POWER_CUTS) $(BIN)/python -m pytest -p no:cacheprovider -n 2 --dist loadgroup --no-loadscope-reorder \
