@@ -73,8 +73,9 @@ def test_a_rollout_goes_wave_by_wave_and_hosts_outside_the_open_waves_hold(
     status, r = fleet.api("POST", "/api/v1/rollouts", {
         "name": "November security", "group": "web", "target": "1.20261120.0", "waves": [25, 100],
         "soak_minutes": 0, "max_failure_percent": 50, "window": "daily 01:00-05:00"})
-    assert status == 201 and r["state"] == "running" and r["hosts"] == {
-        "updating": r["hosts"].get("updating", 0), "waiting": r["hosts"].get("waiting", 0)}
+    # The first wave is a quarter of the hosts by their hashes (it may be none of 8).
+    assert status == 201 and r["state"] == "running", r
+    assert set(r["hosts"]) <= {"updating", "waiting"} and sum(r["hosts"].values()) == 8
     rid = r["id"]
     # A second rollout for the same group waits until this one ends.
     assert fleet.api("POST", "/api/v1/rollouts", {"name": "x", "group": "web"})[0] == 409

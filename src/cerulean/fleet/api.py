@@ -14,12 +14,14 @@ the endpoints, which name dependencies defined inside :func:`create_app`.)
 """
 
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import (
     HTMLResponse,
@@ -81,6 +83,7 @@ class FleetState:
     cert_lifetime: timedelta = timedelta(hours=24)
     public_url: str = ""  # how hosts reach the server (for the enroll command it prints)
     update_repo: Path | None = None  # the TUF repository rollouts choose releases from
+    threads: int = 40  # request threads: no more than the database pool's connections
 
 
 def _error(status: int, message: str) -> HTTPException:
@@ -97,7 +100,12 @@ def create_app(state: FleetState) -> FastAPI:
             (403, "the caller may not do this"), (404, "no such thing"),
             (409, "it clashes with the current state"),
             (503, "the database cannot be reached for now"))}
-    app = FastAPI(title="Cerulean fleet", version=__version__,
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = state.threads
+        yield
+
+    app = FastAPI(title="Cerulean fleet", version=__version__, lifespan=lifespan,
                   description="Enrollment, inventory, alerts, compliance and rollouts of "
                               "Cerulean hosts.",
                   openapi_url=f"{API}/openapi.json", docs_url=f"{API}/docs", redoc_url=None,
@@ -123,7 +131,6 @@ def create_app(state: FleetState) -> FastAPI:
     async def login_required(_r: Request, _e: web.LoginRequired) -> RedirectResponse:
         return RedirectResponse("/login", status_code=303)
 
-    app.include_router(web.router(state.sessions, state.update_repo))
 
     @app.exception_handler(CeruleanError)
     async def unavailable(_r: Request, e: CeruleanError) -> JSONResponse:
@@ -139,8 +146,13 @@ def create_app(state: FleetState) -> FastAPI:
             yield s
 
     # The transaction commits before the answer leaves: an acknowledgement is never sent
-    # for something the database does not hold yet.
-    Db = Annotated[Session, Depends(db, scope="function")]
+    # for something the database does not hold yet. A request's work hops between worker
+    # threads (its dependencies, the endpoint, the commit) while it holds a connection,
+    # and on SQLite the write lock; fewer requests are let in at once than there are
+    # threads, so the one that holds them always finds a thread to finish on.
+    Db = Annotated[Session, Depends(db, scope="function",
+                                    max_concurrency=max(1, state.threads - 2))]
+    app.include_router(web.router(Db, state.update_repo))
 
     def caller(request: Request, s: Db) -> Principal:
         header = request.headers.get("authorization", "")

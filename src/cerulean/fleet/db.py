@@ -38,6 +38,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from cerulean.errors import CeruleanError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+SQLITE_POOL = 8
+POSTGRES_POOL = 40
 
 
 class FleetDBError(CeruleanError):
@@ -259,9 +261,15 @@ def _sqlite_begin(conn: Any) -> None:
 
 
 def make_engine(url: str) -> Engine:
+    # A request holds its connection from its first query to its commit, across several
+    # of the server's worker threads; the server runs as many threads as the pool has
+    # connections (FleetState.threads), so no thread waits for a connection that only a
+    # thread-starved request could give back.
     if url.startswith("sqlite"):
+        # SQLite has one writer at a time: a few connections, not dozens polling its lock.
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30,
-                                                  "isolation_level": None})
+                                                  "isolation_level": None},
+                               pool_size=SQLITE_POOL, max_overflow=0, pool_timeout=60)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
@@ -269,7 +277,8 @@ def make_engine(url: str) -> Engine:
         url = url.replace("postgres://", "postgresql://", 1)
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url[len("postgresql://"):]
-        return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        return create_engine(url, pool_size=POSTGRES_POOL, max_overflow=0,
+                             pool_pre_ping=True, pool_timeout=60)
     raise FleetDBError(f"{url!r} is not a database URL: use sqlite:///PATH or "
                        "postgresql://USER@HOST/DB.")
 

@@ -169,9 +169,11 @@ def build_app(cfg: FleetConfig) -> Any:
     from cerulean.fleet.ca import FleetCA
     from cerulean.fleet.db import make_engine, sessions
 
-    return create_app(FleetState(sessions(make_engine(cfg.database)), FleetCA.load(cfg.data),
+    engine = make_engine(cfg.database)
+    return create_app(FleetState(sessions(engine), FleetCA.load(cfg.data),
                                  cfg.cert_lifetime, cfg.public_url,
-                                 Path(cfg.update_repo) if cfg.update_repo else None))
+                                 Path(cfg.update_repo) if cfg.update_repo else None,
+                                 threads=engine.pool.size()))  # type: ignore[attr-defined]
 
 
 def app_from_env() -> Any:
@@ -192,7 +194,7 @@ def serve(cfg: FleetConfig) -> None:
         engine.dispose()
     host, port = cfg.host_port
     options: dict[str, Any] = dict(
-        host=host, port=port, http=TLSExtensionProtocol, loop="uvloop", lifespan="off",
+        host=host, port=port, http=TLSExtensionProtocol, loop="uvloop", lifespan="on",
         ssl_certfile=str(cfg.data / "server.crt"), ssl_keyfile=str(cfg.data / "server.key"),
         ssl_ca_certs=str(cfg.data / "ca.crt"), ssl_cert_reqs=ssl.CERT_OPTIONAL,
         log_level="warning", access_log=False, server_header=False,

@@ -18,7 +18,6 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -105,17 +104,10 @@ def _throttled(name: str, now: float) -> bool:
     return len(recent) >= 5
 
 
-def router(sessions: Any, update_repo: Path | None = None) -> APIRouter:
+def router(Db: Any, update_repo: Path | None = None) -> APIRouter:
+    """The pages; *Db* is the API's session dependency (one limit for both)."""
     r = APIRouter(include_in_schema=False)
     env = reports.templates()
-
-    def db() -> Iterator[Session]:
-        with sessions.begin() as s:
-            yield s
-
-    # The transaction commits before the answer leaves: an acknowledgement is never sent
-    # for something the database does not hold yet.
-    Db = Annotated[Session, Depends(db, scope="function")]
 
     def viewer(request: Request, s: Db) -> Principal:
         cookie = request.cookies.get(COOKIE, "")
