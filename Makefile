@@ -15,7 +15,8 @@ APT_PACKAGES := gpgv gnupg zstd xz-utils binutils ca-certificates \
 # `make demo DEMO_ARGS=--no-wait` ends once the VM shows up in the fleet.
 DEMO_ARGS ?=
 
-.PHONY: demo test setup apt venv lint bench bench-system bench-update bench-agent compare-openscap clean
+.PHONY: demo test setup apt venv lint bench bench-system bench-update bench-agent bench-fleet \
+	compare-openscap clean
 
 # The archive moves on (security updates, point releases): refresh the lock to
 # its newest state, then build exactly that lock for both architectures.
@@ -50,6 +51,12 @@ bench-agent: setup
 	@command -v aide >/dev/null || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends aide; }
 	$(BIN)/python benchmarks/agent_bench.py
+
+# Simulated agents against a real fleet server on SQLite and PostgreSQL (FLEET_BENCH_ARGS:
+# --hosts, --seconds, --workers, --concurrency; 10,000 hosts for 10 minutes by default).
+FLEET_BENCH_ARGS ?=
+bench-fleet: setup
+	$(BIN)/python benchmarks/fleet_bench.py $(FLEET_BENCH_ARGS)
 
 # anssi-bp28-intermediary against OpenSCAP (SSG's Debian 12 data stream) in one booted vm.
 compare-openscap: setup
