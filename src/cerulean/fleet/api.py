@@ -31,7 +31,7 @@ from fastapi.responses import (
     Response,
 )
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cerulean import __version__
@@ -121,11 +121,14 @@ def create_app(state: FleetState) -> FastAPI:
         return JSONResponse({"detail": str(e)},
                             status_code=409 if isinstance(e, rollouts.Conflict) else 400)
 
-    @app.exception_handler(OperationalError)
-    async def database_down(_r: Request, _e: OperationalError) -> JSONResponse:
+    async def database_down(_r: Request, _e: Exception) -> JSONResponse:
         # A database restart or failover: the agent keeps its reports and tries again.
         return JSONResponse({"detail": "The database cannot be reached; try again shortly."},
                             status_code=503, headers={"Retry-After": "5"})
+
+    # A connection lost mid-request comes as either, depending on when it was noticed.
+    app.add_exception_handler(OperationalError, database_down)
+    app.add_exception_handler(InterfaceError, database_down)
 
     @app.exception_handler(web.LoginRequired)
     async def login_required(_r: Request, _e: web.LoginRequired) -> RedirectResponse:
