@@ -213,7 +213,7 @@ def create_app(state: FleetState) -> FastAPI:
         cert = s.get(Certificate, request.state.cert_serial)
         return HostSelf(host.id, host.hostname, host.group,
                         {k: str(v) for k, v in host.labels.items()},
-                        hostsvc.aware(cert.not_after).isoformat() if cert else "",
+                        cert.not_after.isoformat() if cert else "",
                         host.reports)
 
     @app.post(f"{API}/agent/reports", tags=["agent"])
@@ -479,15 +479,13 @@ def create_app(state: FleetState) -> FastAPI:
                           ) -> Response:
         """Each host's newest result per profile, with the evidence of every failed check."""
         rows = reports.latest_results(s, group, host, profile)
-        what = f"host {rows[0].host.hostname}" if host and rows else \
-            f"group {group}" if group else "all hosts"
         # Only safe characters reach the header (no quotes, line breaks or non-ASCII).
         name = "compliance-" + "".join(c if c.isascii() and (c.isalnum() or c in "-_.")
                                        else "_" for c in (host or group or "fleet")[:40])
         if format == "csv":
             return Response(reports.csv_report(rows), media_type="text/csv",
                             headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
-        return HTMLResponse(reports.html_report(rows, f"Compliance of {what}"))
+        return HTMLResponse(reports.html_report(rows, reports.report_title(rows, group, host)))
 
     @app.get(f"{API}/compliance/history", tags=["policies"])
     def compliance_history(s: Db, _p: Auditor, group: str | None = None,

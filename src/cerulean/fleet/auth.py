@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from cerulean.errors import CeruleanError
@@ -156,7 +156,3 @@ def verify_audit(s: Session) -> tuple[int, str | None]:
             return n, f"entry {n} was changed"
         prev = row.hash
     return n, None
-
-
-def count_users(s: Session) -> int:
-    return int(s.execute(select(func.count()).select_from(User)).scalar_one())

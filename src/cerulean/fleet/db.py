@@ -11,8 +11,6 @@ Times are stored as timezone-aware UTC.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -297,9 +295,3 @@ def migrate(engine: Engine) -> None:
 
 def sessions(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
-
-
-@contextmanager
-def transaction(maker: sessionmaker[Session]) -> Iterator[Session]:
-    with maker.begin() as s:
-        yield s

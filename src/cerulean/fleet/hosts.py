@@ -91,11 +91,6 @@ def revoke_enrollment_token(s: Session, actor: str, tid: str) -> None:
     audit(s, actor, "enrollment-token.revoked", {"token": tid})
 
 
-def aware(t: datetime) -> datetime:
-    # SQLite gives back naive datetimes; every time is stored in UTC.
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
-
-
 def _issue(s: Session, ca: FleetCA, host: Host, csr: str, lifetime: timedelta,
            now: datetime) -> tuple[str, datetime, datetime]:
     try:
@@ -119,7 +114,7 @@ def enroll(s: Session, ca: FleetCA, req: EnrollRequest, lifetime: timedelta,
     q = select(EnrollmentToken).where(EnrollmentToken.id == m[1]).with_for_update()
     token = s.execute(q).scalar()
     if (token is None or token.revoked or not same_secret(m[2], token.secret_hash)
-            or aware(token.expires_at) <= now):
+            or token.expires_at <= now):
         raise refused
     # Spend the use only if it is still there: two hosts racing for the last use cannot
     # both get it, on either database.

@@ -86,6 +86,12 @@ def csv_report(rows: list[HostResult]) -> str:
     return buf.getvalue()
 
 
+def report_title(rows: list[HostResult], group: str | None, host: str | None) -> str:
+    what = (f"host {rows[0].host.hostname}" if host and rows
+            else f"group {group}" if group else "all hosts")
+    return f"Compliance of {what}"
+
+
 def html_report(rows: list[HostResult], title: str, now: datetime | None = None) -> str:
     now = now or datetime.now(UTC)
     profiles: dict[str, list[float]] = defaultdict(list)

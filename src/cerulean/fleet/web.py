@@ -306,9 +306,8 @@ def router(Db: Any, update_repo: Path | None = None) -> APIRouter:
         if format == "csv":
             return Response(reports.csv_report(rows), media_type="text/csv", headers={
                 "Content-Disposition": 'attachment; filename="compliance.csv"'})
-        what = (f"host {rows[0].host.hostname}" if host and rows
-                else f"group {group}" if group else "all hosts")
-        return HTMLResponse(reports.html_report(rows, f"Compliance of {what}"))
+        return HTMLResponse(reports.html_report(
+            rows, reports.report_title(rows, group or None, host or None)))
 
     @r.get("/audit")
     def audit_page(request: Request, s: Db, who: Viewer,
