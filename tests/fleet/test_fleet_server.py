@@ -285,3 +285,45 @@ def test_the_audit_log_cannot_be_changed_in_the_database(fleet: Fleet) -> None:
                 "local:" + __import__("getpass").getuser()]
     finally:
         engine.dispose()
+
+
+def _answer_before_body(fleet: Fleet, path: str, ctx: ssl.SSLContext | None = None,
+                        **headers: str) -> tuple[int, dict[str, str]]:
+    """Announce a 100 MB body and send none of it: only a server that decides without
+    reading the body answers (status, headers); one that reads it times out."""
+    host, port = fleet.url.removeprefix("https://").rsplit(":", 1)
+    conn = http.client.HTTPSConnection(host, int(port), context=ctx or fleet.ctx(),
+                                       timeout=10)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(100 << 20))
+        for k, v in headers.items():
+            conn.putheader(k.replace("_", "-"), v)
+        conn.endheaders()
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}
+    finally:
+        conn.close()
+
+
+def test_nothing_but_enrollment_is_read_before_the_caller_is_known(
+        fleet: Fleet, tmp_path: Path) -> None:
+    assert _answer_before_body(fleet, "/api/v1/users")[0] == 401
+    assert _answer_before_body(fleet, "/api/v1/rollouts",
+                               Authorization="Bearer cat_x_y")[0] == 401
+    assert _answer_before_body(fleet, "/api/v1/agent/reports")[0] == 401
+    # A certificate the fleet's CA signed but never issued to a host.
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])).sign(key, hashes.SHA256())
+    unknown = FleetCA.load(fleet.data).issue_host(
+        csr.public_bytes(serialization.Encoding.PEM).decode(), "x", timedelta(hours=1))
+    ctx = _client_ctx(fleet, tmp_path, unknown.pem.encode(), key)
+    assert _answer_before_body(fleet, "/api/v1/agent/reports", ctx)[0] == 403
+    # The dashboard's forms without a session go to the login page.
+    status, headers = _answer_before_body(fleet, "/rollouts")
+    assert status == 303 and headers["location"] == "/login"
+    # Enrollment is the one call that reads its body first: it waits for it.
+    with pytest.raises(TimeoutError):
+        _answer_before_body(fleet, "/api/v1/enroll")

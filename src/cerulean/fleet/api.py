@@ -1,6 +1,6 @@
 """The fleet's REST API (``/api/v1``), as a FastAPI application.
 
-Three kinds of caller, checked before any body is read:
+Three kinds of caller, checked by :mod:`cerulean.fleet.gate` before any body is read:
 
 - anyone: ``GET /ca``, ``GET /health`` and ``POST /enroll`` (which needs a
   valid enrollment token);
@@ -47,10 +47,9 @@ from cerulean.fleet.auth import (
     check_username,
     create_token,
     hash_password,
-    token_principal,
     verify_audit,
 )
-from cerulean.fleet.ca import FleetCA, serial_of
+from cerulean.fleet.ca import FleetCA
 from cerulean.fleet.db import (
     Alert,
     AuditEntry,
@@ -63,8 +62,8 @@ from cerulean.fleet.db import (
     Rollout,
     User,
 )
+from cerulean.fleet.gate import Gate, caller_of
 from cerulean.fleet.ingest import BadReport, ingest
-from cerulean.fleet.tls import client_der
 from cerulean.protocol.fleet import (
     API,
     EnrollRequest,
@@ -108,9 +107,11 @@ def create_app(state: FleetState) -> FastAPI:
     app = FastAPI(title="Cerulean fleet", version=__version__, lifespan=lifespan,
                   description="Enrollment, inventory, alerts, compliance and rollouts of "
                               "Cerulean hosts.",
-                  openapi_url=f"{API}/openapi.json", docs_url=f"{API}/docs", redoc_url=None,
+                  openapi_url=f"{API}/openapi.json", docs_url=None, redoc_url=None,
                   responses=errors)
     app.state.fleet = state
+    # No endpoint reads its body before the gate has decided who is calling.
+    app.add_middleware(Gate, sessions=state.sessions)
 
     @app.exception_handler(hostsvc.Refused)
     async def refused(_r: Request, e: hostsvc.Refused) -> JSONResponse:
@@ -157,16 +158,10 @@ def create_app(state: FleetState) -> FastAPI:
                                     max_concurrency=max(1, state.threads - 2))]
     app.include_router(web.router(Db, state.update_repo))
 
-    def caller(request: Request, s: Db) -> Principal:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise HTTPException(401, "An API token is needed (Authorization: Bearer cat_...).",
-                                headers={"WWW-Authenticate": "Bearer"})
-        p = token_principal(s, token.strip())
-        if p is None:
-            raise HTTPException(401, "The API token is not valid, has expired or was revoked.",
-                                headers={"WWW-Authenticate": "Bearer"})
+    def caller(request: Request) -> Principal:
+        p = caller_of(request.state).principal
+        if p is None:  # the gate lets no such request through; this is a second lock
+            raise HTTPException(401, "An API token is needed.")
         return p
 
     def role(needed: str) -> Any:
@@ -181,12 +176,11 @@ def create_app(state: FleetState) -> FastAPI:
     Admin = Annotated[Principal, role("admin")]
 
     def this_host(request: Request, s: Db) -> Host:
-        der = client_der(request.scope)
-        if der is None:
+        # The gate checked the certificate; this transaction checks the host once more.
+        c = caller_of(request.state)
+        if not c.host_id:
             raise _error(401, "This call needs the host's client certificate (mTLS).")
-        serial, cn = serial_of(der)
-        request.state.cert_serial = serial
-        return hostsvc.authenticate_host(s, serial, cn)
+        return hostsvc.authenticate_host(s, c.serial, c.host_id)
 
     ThisHost = Annotated[Host, Depends(this_host)]
 
@@ -210,20 +204,31 @@ def create_app(state: FleetState) -> FastAPI:
 
     @app.get(f"{API}/agent/self", tags=["agent"])
     def agent_self(host: ThisHost, request: Request, s: Db) -> HostSelf:
-        cert = s.get(Certificate, request.state.cert_serial)
+        cert = s.get(Certificate, caller_of(request.state).serial)
         return HostSelf(host.id, host.hostname, host.group,
                         {k: str(v) for k, v in host.labels.items()},
                         cert.not_after.isoformat() if cert else "",
                         host.reports)
 
     @app.post(f"{API}/agent/reports", tags=["agent"])
-    def agent_reports(batch: ReportBatch, host: ThisHost, s: Db) -> ReportAck:
+    async def agent_reports(batch: ReportBatch, request: Request) -> ReportAck:
         """Store the reports (each ID once) and answer with what the host should run."""
+        c = caller_of(request.state)
+
+        # The busiest call: all its database work (checking the host, storing, the
+        # desired state, the commit) in one transaction on one worker thread.
+        def work() -> ReportAck:
+            with state.sessions.begin() as s:
+                host = hostsvc.authenticate_host(s, c.serial, c.host_id)
+                ack = ingest(s, host, batch)
+                return replace(ack, desired=rollouts.desired(s, host))
+
+        if not c.host_id:
+            raise _error(401, "This call needs the host's client certificate (mTLS).")
         try:
-            ack = ingest(s, host, batch)
+            return await anyio.to_thread.run_sync(work)
         except BadReport as e:
             raise _error(400, str(e)) from e
-        return replace(ack, desired=rollouts.desired(s, host))
 
     @app.post(f"{API}/agent/renew", tags=["agent"])
     def agent_renew(req: RenewRequest, host: ThisHost, s: Db) -> EnrollResponse:

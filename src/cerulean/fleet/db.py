@@ -254,8 +254,12 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def _sqlite_begin(conn: Any) -> None:
     # One writer at a time from the start of a transaction: a deferred transaction that
-    # reads and then writes can fail on a busy database however long it waits.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # reads and then writes can fail on a busy database however long it waits. Work that
+    # only reads (the server's gate) says so and does not wait for the writers.
+    if conn.get_execution_options().get("cerulean_read_only"):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:

@@ -155,7 +155,9 @@ def _insert_ignore(s: Session, rows: list[dict[str, Any]]) -> set[str]:
         stmt: Any = postgresql.insert(ReceivedReport).on_conflict_do_nothing()
     else:
         stmt = sqlite.insert(ReceivedReport).on_conflict_do_nothing()
-    return set(s.execute(stmt.values(rows).returning(ReceivedReport.id)).scalars())
+    # Parameters apart from the statement: it is compiled once and cached, whatever the
+    # number of rows.
+    return set(s.execute(stmt.returning(ReceivedReport.id), rows).scalars())
 
 
 def ingest(s: Session, host: Host, batch: ReportBatch,
