@@ -8,7 +8,8 @@ For each database, in one run:
    server's default durability; SQLite runs in WAL mode with synchronous=NORMAL);
 2. ``cerulean fleet serve``;
 3. **the reference**: plain mTLS requests to ``GET /api/v1/health`` with one host's
-   certificate (a new connection each, as the agent makes them): what this
+   certificate (a new connection each, as the agent makes them, or kept open with
+   ``--keep-alive``, as the simulated hosts then keep theirs): what this
    machine's TLS and HTTP stack manage without the fleet's work, the ceiling
    for check-ins;
 4. ``cerulean fleet simulate``: *hosts* agents enroll and check in for *seconds*;
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -88,17 +90,20 @@ def _wait(url: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 async def _reference(url: str, ctx: ssl.SSLContext, seconds: float,
-                     concurrency: int) -> dict[str, float]:
+                     concurrency: int, keep_alive: bool) -> dict[str, float]:
+    from cerulean.fleet.simulate import Conn
+
     lat: list[float] = []
     end = time.monotonic() + seconds
 
     async def worker() -> None:
+        # The simulator's own client, so that the two differ only in the server's work.
+        c = Conn(url, ctx, keep_alive)
         while time.monotonic() < end:
             t0 = time.monotonic()
-            async with httpx.AsyncClient(verify=ctx, limits=httpx.Limits(
-                    max_keepalive_connections=0)) as c:
-                (await c.get(url + "/api/v1/health")).raise_for_status()
+            await c.request("GET", "/api/v1/health")
             lat.append((time.monotonic() - t0) * 1000)
+        c.close()
 
     start = time.monotonic()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -118,6 +123,8 @@ def one(db: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             else contextlib.nullcontext() as pg:
         init = ["fleet", "init", "--data", str(data), "--listen", f"127.0.0.1:{port}",
                 "--workers", str(args.workers)]
+        if args.keep_alive:  # longer than a host waits between its check-ins
+            init += ["--keep-alive", "600", "--max-connections", str(args.hosts + 1000)]
         if pg is not None:
             init += ["--database", pg.new_database("bench")]
         out = _run(*init)
@@ -138,15 +145,16 @@ def one(db: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "token": token, "csr": csr, "hostname": "reference"}).json()
             ref_ctx = _client_ctx(ca_pem, enrolled["certificate"], key, work, "reference")
             cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
-            ref = asyncio.run(_reference(url, ref_ctx, min(30.0, args.seconds),
-                                         args.concurrency))
+            ref = uvloop.run(_reference(url, ref_ctx, min(30.0, args.seconds),
+                                        args.concurrency, args.keep_alive))
             ref["server_cpu_share"] = round((_cpu_seconds(proc.pid) - cpu0)
                                             / (time.monotonic() - t0), 2)
             print(f"{db}: reference {ref}", file=sys.stderr)
             cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
             sim_cpu0 = time.process_time()
             r = simulate(url, token, ca, args.hosts, args.seconds, work, args.concurrency,
-                         args.interval, say=lambda m: print(f"{db}: {m}", file=sys.stderr))
+                         args.interval, say=lambda m: print(f"{db}: {m}", file=sys.stderr),
+                         keep_alive=args.keep_alive)
             wall = time.monotonic() - t0
             result = r.to_json()
             result["server_cpu_share"] = round((_cpu_seconds(proc.pid) - cpu0) / wall, 2)
@@ -171,7 +179,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"{args.hosts} simulated hosts checking in for {args.seconds:g} s "
         f"({args.concurrency} check-ins in flight, each host again as soon as it is "
-        f"answered; server with {args.workers} worker processes; server and simulator on "
+        f"answered; "
+        + ("each host keeping its TLS connection open" if args.keep_alive
+           else "a new TLS connection for each check-in")
+        + f"; server with {args.workers} worker processes; server and simulator on "
         f"the same {os.cpu_count()} cores):", "",
         "| database | check-ins/s | p50 | p99 | failed | lost | reference mTLS "
         "requests/s | check-ins ÷ reference | server CPU | simulator CPU | enrollment |",
@@ -196,6 +207,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--interval", type=float, default=0.0)
     p.add_argument("--databases", default="sqlite,postgresql")
+    p.add_argument("--keep-alive", action="store_true",
+                   help="each host (and each reference client) keeps its connection open")
     args = p.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="cerulean-fleet-bench-") as tmp:

@@ -98,7 +98,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "simulate", help="load a fleet server with many simulated agents",
         description="Enroll N simulated agents with one token (each makes its own key), "
         "then check in over mTLS for --seconds: metrics every time, inventory first, an "
-        "alert now and then, a new TLS connection each time, as the agent does. At the "
+        "alert now and then, a new TLS connection each time as the agent does (or one kept "
+        "open, --keep-alive). At the "
         "end every host compares what the server holds for it with what it had "
         "acknowledged. Prints check-ins per second, latency percentiles and lost reports.")
     sim.add_argument("--server", required=True, help="https://HOST:PORT")
@@ -113,6 +114,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sim.add_argument("--interval", type=float, default=0.0,
                      help="seconds each host waits between its check-ins (default: 0, "
                      "as fast as the server answers)")
+    sim.add_argument("--keep-alive", action="store_true",
+                     help="each host keeps its connection open between check-ins (the "
+                     "server's keep-alive setting must outlast --interval)")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(func=run_simulate)
 
@@ -285,7 +289,8 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="cerulean-simulate-") as work:
         r = simulate(check_server(args.server), args.token, args.ca_sha256, args.hosts,
-                     args.seconds, Path(work), args.concurrency, args.interval, say=say)
+                     args.seconds, Path(work), args.concurrency, args.interval, say=say,
+                     keep_alive=args.keep_alive)
     out = r.to_json()
     if args.json:
         print(json.dumps(out, indent=2))

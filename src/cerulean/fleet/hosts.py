@@ -148,12 +148,15 @@ def renew(s: Session, ca: FleetCA, host: Host, csr: str, lifetime: timedelta,
 def authenticate_host(s: Session, serial: str, common_name: str) -> Host:
     """The host a client certificate (already checked by TLS) belongs to, if it still may
     call: the certificate was issued here, to that host, and neither is revoked."""
-    cert = s.get(Certificate, serial)
-    if cert is None or cert.host_id != common_name:
+    # One query for both (this runs on every host call).
+    row = s.execute(select(Certificate.host_id, Certificate.revoked_at, Host)
+                    .outerjoin(Host, Host.id == Certificate.host_id)
+                    .where(Certificate.serial == serial)).first()
+    if row is None or row[0] != common_name:
         raise Refused("This client certificate was not issued by this fleet.")
-    if cert.revoked_at is not None:
+    if row[1] is not None:
         raise Refused("This host's certificate has been revoked.")
-    host = s.get(Host, cert.host_id)
+    host: Host | None = row[2]
     if host is None or host.revoked:
         raise Refused("This host has been revoked; enroll it again with a new token.")
     return host

@@ -157,7 +157,8 @@ def _insert_ignore(s: Session, rows: list[dict[str, Any]]) -> set[str]:
         stmt = sqlite.insert(ReceivedReport).on_conflict_do_nothing()
     # Parameters apart from the statement: it is compiled once and cached, whatever the
     # number of rows.
-    return set(s.execute(stmt.returning(ReceivedReport.id), rows).scalars())
+    # (On the session's connection, past the ORM's bulk machinery.)
+    return set(s.connection().execute(stmt.returning(ReceivedReport.id), rows).scalars())
 
 
 def ingest(s: Session, host: Host, batch: ReportBatch,

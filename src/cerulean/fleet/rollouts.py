@@ -30,6 +30,7 @@ its hosts the same way and replace what the hosts' own agent.toml says.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -140,6 +141,7 @@ def create(s: Session, actor: str, *, name: str, group: str, channel: str, targe
                 reason="", created_by=actor, wave_started_at=datetime.now(UTC))
     s.add(r)
     s.flush()
+    forget_group(group)
     audit(s, actor, "rollout.created", {"rollout": r.id, "name": r.name, "group": group,
                                         "channel": channel, "target": target,
                                         "waves": waves})
@@ -230,8 +232,38 @@ def assign_policy(s: Session, actor: str, group: str, profiles: list[str],
     else:
         row.profiles, row.mode, row.updated_by = {"profiles": profiles}, mode, actor
         row.updated_at = datetime.now(UTC)
+    forget_group(group)
     audit(s, actor, "policy.assigned", {"group": group, "profiles": profiles, "mode": mode})
     return row
+
+
+# Per server process: which rollout is each group's newest (its ID) and the group's
+# policy, as found at most GROUP_CACHE_SECONDS ago. The rollout itself is read afresh on
+# every check-in, so a pause, resume or abort applies at once. A new rollout or policy
+# made in this process applies at once too; one made through another replica reaches
+# this one's hosts within that time.
+GROUP_CACHE_SECONDS = 5.0
+_groups: dict[str, tuple[float, int | None, dict[str, Any]]] = {}
+
+
+def forget_group(group: str) -> None:
+    _groups.pop(group, None)
+
+
+def _group(s: Session, group: str) -> tuple[int | None, dict[str, Any]]:
+    t = time.monotonic()
+    hit = _groups.get(group)
+    if hit is not None and hit[0] > t:
+        return hit[1], hit[2]
+    r = current(s, group)
+    gp = s.get(GroupPolicy, group)
+    agent: dict[str, Any] = {}
+    if gp is not None:
+        agent = {"policies": list(gp.profiles.get("profiles", [])), "policy-mode": gp.mode}
+    if len(_groups) > 10000:
+        _groups.clear()
+    _groups[group] = (t + GROUP_CACHE_SECONDS, r.id if r else None, agent)
+    return (r.id if r else None), agent
 
 
 def desired(s: Session, host: Host, now: datetime | None = None) -> Desired:
@@ -239,7 +271,8 @@ def desired(s: Session, host: Host, now: datetime | None = None) -> Desired:
     now = now or datetime.now(UTC)
     update: dict[str, Any] = {}
     name = ""
-    r = current(s, host.group)
+    rollout_id, agent = _group(s, host.group)
+    r = s.get(Rollout, rollout_id) if rollout_id is not None else None
     if r is not None:
         evaluate(s, r, now)
         state = host_state(r, host, now)
@@ -252,8 +285,4 @@ def desired(s: Session, host: Host, now: datetime | None = None) -> Desired:
             update["target"] = r.target
         if r.window:
             update["window"] = r.window
-    agent: dict[str, Any] = {}
-    gp = s.get(GroupPolicy, host.group)
-    if gp is not None:
-        agent = {"policies": list(gp.profiles.get("profiles", [])), "policy-mode": gp.mode}
-    return Desired(update, agent, name)
+    return Desired(update, dict(agent), name)

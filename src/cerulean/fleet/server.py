@@ -49,6 +49,10 @@ SETTINGS = (
     Setting("names", list, ["localhost", "127.0.0.1"], "names in the server certificate"),
     Setting("cert-hours", int, 24, "lifetime of a host certificate (renewed at half)"),
     Setting("workers", int, 1, "server processes (one per core is a good start)"),
+    Setting("keep-alive", int, 30, "seconds an idle connection stays open for the next "
+            "request"),
+    Setting("max-connections", int, 10000, "open connections per server process; more "
+            "are answered 503"),
     Setting("update-repo", str, "", "the TUF update repository (a directory) whose channels "
             "rollouts choose releases from; empty: any release version"),
 )
@@ -64,6 +68,8 @@ class FleetConfig:
     cert_hours: int = 24
     workers: int = 1
     update_repo: str = ""
+    keep_alive: int = 30
+    max_connections: int = 10000
 
     @property
     def cert_lifetime(self) -> timedelta:
@@ -104,6 +110,11 @@ def check_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
         raise FleetConfigError(f"{where}: 'cert-hours' must be between 1 and 2160.")
     if not 1 <= out["workers"] <= 64:
         raise FleetConfigError(f"{where}: 'workers' must be between 1 and 64.")
+    if not 1 <= out["keep-alive"] <= 3600:
+        raise FleetConfigError(f"{where}: 'keep-alive' must be between 1 and 3600 seconds.")
+    if not 100 <= out["max-connections"] <= 1_000_000:
+        raise FleetConfigError(f"{where}: 'max-connections' must be between 100 and "
+                               "1000000.")
     return out
 
 
@@ -129,7 +140,8 @@ def load_config(data: Path) -> FleetConfig:
     v = check_settings(raw, str(path))
     database = v["database"] or f"sqlite:///{(data / 'fleet.db').resolve()}"
     return FleetConfig(data, database, v["listen"], v["public-url"], list(v["names"]),
-                       v["cert-hours"], v["workers"], v["update-repo"])
+                       v["cert-hours"], v["workers"], v["update-repo"], v["keep-alive"],
+                       v["max-connections"])
 
 
 def init(data: Path, values: dict[str, Any]) -> tuple[FleetConfig, bool]:
@@ -181,6 +193,17 @@ def app_from_env() -> Any:
     return build_app(load_config(Path(os.environ["CERULEAN_FLEET_DATA"])))
 
 
+def _open_files(wanted: int) -> None:
+    """Raise the soft limit of open files towards *wanted* (each connection is one), as
+    far as the hard limit lets an unprivileged process."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def serve(cfg: FleetConfig) -> None:
     import uvicorn
 
@@ -192,13 +215,15 @@ def serve(cfg: FleetConfig) -> None:
         migrate(engine)  # once, before any server process starts
     finally:
         engine.dispose()
+    _open_files(cfg.max_connections * cfg.workers + 1024)
     host, port = cfg.host_port
     options: dict[str, Any] = dict(
         host=host, port=port, http=TLSExtensionProtocol, loop="uvloop", lifespan="on",
         ssl_certfile=str(cfg.data / "server.crt"), ssl_keyfile=str(cfg.data / "server.key"),
         ssl_ca_certs=str(cfg.data / "ca.crt"), ssl_cert_reqs=ssl.CERT_OPTIONAL,
         log_level="warning", access_log=False, server_header=False,
-        limit_concurrency=4000, timeout_keep_alive=30, backlog=4096)
+        limit_concurrency=cfg.max_connections, timeout_keep_alive=cfg.keep_alive,
+        backlog=4096)
     if cfg.workers > 1:
         os.environ["CERULEAN_FLEET_DATA"] = str(cfg.data.resolve())
         uvicorn.run("cerulean.fleet.server:app_from_env", factory=True, workers=cfg.workers,

@@ -6,13 +6,17 @@ Each simulated host does what a real agent does, over the network:
 - over mTLS, with its own certificate, it checks in: a batch holding its
   metrics, its inventory on the first check-in (a few hundred packages), and
   now and then an alert. Like the agent, it opens a new TLS connection for each
-  check-in;
+  check-in; with *keep_alive* it keeps one connection open instead, as an agent
+  that checks in every few seconds would;
 - it keeps each report in memory until the server acknowledges it, and sends
   it again if the check-in failed.
 
 At the end, every host asks the server how many of its reports it holds
 (``GET /agent/self``). That number must equal what the host had acknowledged:
 nothing acknowledged may be lost, and nothing counted twice.
+
+The simulator speaks HTTP/1.1 itself, over uvloop's streams, so that the CPU it
+shares with a server on the same machine goes to the load rather than to itself.
 
 Check-ins run closed-loop: *concurrency* of them are in flight at any time,
 each host waiting *interval* seconds between its own check-ins. The result
@@ -22,6 +26,7 @@ gives check-ins per second and latency percentiles.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import secrets
 import ssl
@@ -31,8 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
+import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -48,6 +54,82 @@ class SimulateError(CeruleanError):
     pass
 
 
+class HTTPStatusError(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+
+
+class Conn:
+    """One client's HTTP/1.1 connection to the server over TLS: JSON requests with a
+    Content-Length, answers with one (as uvicorn sends them). With *keep*, the
+    connection stays open for the next request; a kept connection the server has closed
+    meanwhile is opened again once."""
+
+    def __init__(self, url: str, ctx: ssl.SSLContext, keep: bool = False,
+                 timeout: float = 30.0) -> None:
+        u = urlsplit(url)
+        if u.scheme != "https" or not u.hostname:
+            raise SimulateError(f"{url!r} is not an https:// server address.")
+        self.host, self.port, self.netloc = u.hostname, u.port or 443, u.netloc
+        self.ctx, self.keep, self.timeout = ctx, keep, timeout
+        self._r: asyncio.StreamReader | None = None
+        self._w: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        """The JSON (or text) answer; HTTPStatusError for a status of 400 or more."""
+        data = b"" if body is None else json.dumps(body).encode()
+        reused = self._w is not None
+        try:
+            return await asyncio.wait_for(self._once(method, path, data), self.timeout)
+        except (OSError, asyncio.IncompleteReadError) as e:
+            self.close()
+            if not reused or (isinstance(e, asyncio.IncompleteReadError) and e.partial):
+                raise
+        # The server closed the idle connection as this request went out. Every request
+        # the simulator makes may be sent twice (reports are stored once by their ID).
+        return await asyncio.wait_for(self._once(method, path, data), self.timeout)
+
+    async def _once(self, method: str, path: str, data: bytes) -> Any:
+        if self._w is None:
+            self._r, self._w = await asyncio.open_connection(self.host, self.port,
+                                                             ssl=self.ctx)
+        assert self._r is not None
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.netloc}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                + ("" if self.keep else "Connection: close\r\n") + "\r\n")
+        self._w.write(head.encode() + data)
+        raw = await self._r.readuntil(b"\r\n\r\n")
+        status_line, *lines = raw.decode("latin-1").split("\r\n")
+        status = int(status_line.split(" ", 2)[1])
+        headers = {}
+        for line in lines:
+            k, sep, v = line.partition(":")
+            if sep:
+                headers[k.strip().lower()] = v.strip()
+        if "content-length" not in headers:
+            raise SimulateError("The server answered without a Content-Length.")
+        payload = await self._r.readexactly(int(headers["content-length"]))
+        if not self.keep or headers.get("connection", "").lower() == "close":
+            self.close()
+        answer: Any = payload.decode()
+        if headers.get("content-type", "").startswith("application/json"):
+            answer = json.loads(payload)
+        if status >= 400:
+            raise HTTPStatusError(status, answer)
+        return answer
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+        self._r = self._w = None
+
+
+# What a request may fail with: the connection, the time, the answer or its status.
+FAILURES = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError,
+            HTTPStatusError, SimulateError)
+
+
 @dataclass
 class SimHost:
     name: str
@@ -55,6 +137,7 @@ class SimHost:
     host_id: str = ""
     epoch: str = field(default_factory=lambda: secrets.token_hex(4))
     seq: int = 0
+    conn: Conn | None = None
     pending: list[dict[str, Any]] = field(default_factory=list)
     acknowledged: int = 0
     checkins: int = 0
@@ -137,11 +220,13 @@ def _client_ctx(ca_pem: str, cert_pem: str, key_pem: bytes, work: Path, name: st
 class Simulator:
     def __init__(self, server: str, token: str, ca_sha256: str, hosts: int, work: Path,
                  concurrency: int = 64, interval: float = 0.0, alert_every: int = 20,
-                 timeout: float = 30.0, say: Callable[[str], None] = print) -> None:
+                 timeout: float = 30.0, say: Callable[[str], None] = print,
+                 keep_alive: bool = False) -> None:
         self.server, self.token, self.ca_sha256 = server.rstrip("/"), token, ca_sha256
         self.n, self.work, self.concurrency = hosts, work, concurrency
         self.interval, self.alert_every, self.timeout, self.say = (interval, alert_every,
                                                                    timeout, say)
+        self.keep_alive = keep_alive
         self.hosts: list[SimHost] = []
         self.errors: dict[str, int] = {}
         self._sem = asyncio.Semaphore(concurrency)
@@ -149,28 +234,26 @@ class Simulator:
 
     def _error(self, e: BaseException) -> None:
         key = type(e).__name__
-        if isinstance(e, httpx.HTTPStatusError):
-            key = f"HTTP {e.response.status_code}"
+        if isinstance(e, HTTPStatusError):
+            key = f"HTTP {e.status}"
         self.errors[key] = self.errors.get(key, 0) + 1
 
-    def fetch_ca(self) -> None:
+    async def fetch_ca(self) -> None:
         ctx = ssl.create_default_context()
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        r = httpx.get(self.server + CA_PATH, verify=ctx, timeout=self.timeout)
-        r.raise_for_status()
-        self.ca_pem = r.text
+        self.ca_pem = str(await Conn(self.server, ctx, timeout=self.timeout)
+                          .request("GET", CA_PATH))
         if ca_fingerprint(ssl.PEM_cert_to_DER_cert(self.ca_pem)) != self.ca_sha256.lower():
             raise SimulateError("The server's CA does not match --ca-sha256.")
 
-    async def _enroll_one(self, client: httpx.AsyncClient, h: SimHost) -> None:
+    async def _enroll_one(self, ctx: ssl.SSLContext, h: SimHost) -> None:
         key, csr = await asyncio.to_thread(_key_and_csr, h.name)
-        r = await client.post(self.server + ENROLL_PATH, json={
+        d = await Conn(self.server, ctx, timeout=self.timeout).request("POST", ENROLL_PATH, {
             "token": self.token, "csr": csr, "hostname": h.name,
             "machine_id": secrets.token_hex(16)})
-        r.raise_for_status()
-        d = r.json()
         h.host_id = d["host_id"]
         h.ctx = _client_ctx(self.ca_pem, d["certificate"], key, self.work, h.name)
+        h.conn = Conn(self.server, h.ctx, self.keep_alive, self.timeout)
         h.report("inventory", {"hostname": h.name, "os_release": {
             "PRETTY_NAME": "Cerulean Linux (simulated)", "IMAGE_ID": "vm",
             "IMAGE_VERSION": "1.20261101.0"}, "arch": "x86_64", "kernel": "6.12.0",
@@ -178,27 +261,27 @@ class Simulator:
             "packages": PACKAGES})
 
     async def enroll(self) -> float:
-        self.fetch_ca()
+        await self.fetch_ca()
         ctx = ssl.create_default_context(cadata=self.ca_pem)
         ctx.check_hostname = False
         self.hosts = [SimHost(f"sim-{i:05d}") for i in range(self.n)]
         start = time.monotonic()
         sem = asyncio.Semaphore(self.concurrency)
-        async with httpx.AsyncClient(verify=ctx, timeout=self.timeout) as client:
-            async def one(h: SimHost) -> None:
-                async with sem:
-                    for attempt in range(5):
-                        try:
-                            await self._enroll_one(client, h)
-                            return
-                        except (httpx.HTTPError, OSError) as e:
-                            self._error(e)
-                            await asyncio.sleep(0.5 * (attempt + 1))
-            tasks = [asyncio.create_task(one(h)) for h in self.hosts]
-            for done, t in enumerate(asyncio.as_completed(tasks), start=1):
-                await t
-                if done % max(1, self.n // 10) == 0:
-                    self.say(f"enrolled {done}/{self.n}")
+
+        async def one(h: SimHost) -> None:
+            async with sem:
+                for attempt in range(5):
+                    try:
+                        await self._enroll_one(ctx, h)
+                        return
+                    except FAILURES as e:
+                        self._error(e)
+                        await asyncio.sleep(0.5 * (attempt + 1))
+        tasks = [asyncio.create_task(one(h)) for h in self.hosts]
+        for done, t in enumerate(asyncio.as_completed(tasks), start=1):
+            await t
+            if done % max(1, self.n // 10) == 0:
+                self.say(f"enrolled {done}/{self.n}")
         self.hosts = [h for h in self.hosts if h.ctx is not None]
         return time.monotonic() - start
 
@@ -219,19 +302,12 @@ class Simulator:
     async def _send(self, h: SimHost) -> float | None:
         """Send one batch of *h*'s pending reports and forget what the server acknowledged;
         the time it took in ms, or None if it failed."""
-        assert h.ctx is not None
+        assert h.conn is not None
         batch = h.pending[:500]
         t0 = time.monotonic()
         try:
-            # A new TLS connection for each check-in, as the agent makes it.
-            async with httpx.AsyncClient(verify=h.ctx, timeout=self.timeout,
-                                         limits=httpx.Limits(max_keepalive_connections=0)
-                                         ) as c:
-                r = await c.post(self.server + REPORTS_PATH,
-                                 json={"reports": batch, "dropped": 0})
-                r.raise_for_status()
-                ack = r.json()
-        except (httpx.HTTPError, OSError, ValueError) as e:
+            ack = await h.conn.request("POST", REPORTS_PATH, {"reports": batch, "dropped": 0})
+        except FAILURES as e:
             self._error(e)
             return None
         done = set(ack.get("acknowledged", []))
@@ -306,12 +382,10 @@ class Simulator:
             async with sem:
                 for attempt in range(5):
                     try:
-                        async with httpx.AsyncClient(verify=h.ctx, timeout=self.timeout) as c:
-                            r = await c.get(self.server + SELF_PATH)
-                            r.raise_for_status()
-                            n = int(r.json()["reports"])
-                            break
-                    except (httpx.HTTPError, OSError, ValueError) as e:
+                        c = Conn(self.server, h.ctx, timeout=self.timeout)
+                        n = int((await c.request("GET", SELF_PATH))["reports"])
+                        break
+                    except (*FAILURES, KeyError, TypeError) as e:
                         self._error(e)
                         await asyncio.sleep(1 + attempt)
                 else:
@@ -327,11 +401,14 @@ class Simulator:
 def simulate(server: str, token: str, ca_sha256: str, hosts: int, seconds: float, work: Path,
              concurrency: int = 64, interval: float = 0.0,
              say: Callable[[str], None] = print,
-             during: Callable[[Simulator], Any] | None = None) -> Result:
+             during: Callable[[Simulator], Any] | None = None,
+             keep_alive: bool = False) -> Result:
     """Enroll *hosts* simulated agents, run check-ins for *seconds*, resend what is pending
     and compare with what the server holds. *during* (tests, benchmarks) runs in a thread
-    while the check-ins run, such as a server restart."""
-    sim = Simulator(server, token, ca_sha256, hosts, work, concurrency, interval, say=say)
+    while the check-ins run, such as a server restart. With *keep_alive* each host keeps
+    its connection open between check-ins."""
+    sim = Simulator(server, token, ca_sha256, hosts, work, concurrency, interval, say=say,
+                    keep_alive=keep_alive)
 
     async def main() -> Result:
         enroll_s = await sim.enroll()
@@ -348,4 +425,13 @@ def simulate(server: str, token: str, ca_sha256: str, hosts: int, seconds: float
                       on_server, sum(len(h.pending) for h in sim.hosts), mismatched,
                       dict(sim.errors))
 
-    return asyncio.run(main())
+    async def closing() -> Result:
+        try:
+            return await main()
+        finally:
+            for h in sim.hosts:
+                if h.conn is not None:
+                    h.conn.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(closing())
