@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from cerulean.agent.fleetlink import check_server, packages
@@ -164,6 +164,31 @@ def test_ingest_stores_each_report_once_and_keeps_the_newest_inventory(
         ("bash", "5.2")]
     again = ingest(db, host, _batch(new, old))
     assert again.duplicates == 2 and host.reports == 2
+
+
+def test_a_new_inventory_replaces_the_packages_writing_only_what_changed(
+        db: Session, ca: FleetCA) -> None:
+    host = _enrolled(db, ca)
+    first = [["bash", "5.2", "amd64"], ["curl", "8.1", "amd64"], ["tzdata", "2024a", "all"],
+             ["libc6", "2.36", "amd64"], ["libc6", "2.36", "i386"]]
+    ingest(db, host, _batch(Report("h:ab:1", "inventory", 1.0, {"packages": first})))
+    second = [["bash", "5.2", "amd64"], ["curl", "8.2", "amd64"], ["jq", "1.7", "amd64"],
+              ["libc6", "2.36", "amd64"]]
+    statements: list[str] = []
+    event.listen(db.get_bind(), "before_cursor_execute",
+                 lambda *a: statements.append(a[2].split()[0]))
+    ingest(db, host, _batch(Report("h:ab:2", "inventory", 2.0, {"packages": second})))
+    rows = db.execute(select(Package.name, Package.arch, Package.version)
+                      .where(Package.host_id == host.id).order_by(Package.name,
+                                                                  Package.arch)).all()
+    assert [tuple(r) for r in rows] == [("bash", "amd64", "5.2"), ("curl", "amd64", "8.2"),
+                                        ("jq", "amd64", "1.7"), ("libc6", "amd64", "2.36")]
+    assert host.package_count == 4
+    # One DELETE (curl's old version, tzdata, libc6:i386) and one INSERT (curl, jq).
+    assert statements.count("DELETE") == 1 and statements.count("INSERT") == 2  # + report ID
+    statements.clear()
+    ingest(db, host, _batch(Report("h:ab:3", "inventory", 3.0, {"packages": second})))
+    assert statements.count("DELETE") == 0 and statements.count("INSERT") == 1
 
 
 def test_ingest_rejects_bad_reports_one_by_one(db: Session, ca: FleetCA) -> None:

@@ -300,6 +300,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         print(f"{out['checkins']} check-ins in {out['seconds']} s: "
               f"{out['checkins_per_second']}/s, p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms"
               f", {out['failed_checkins']} failed")
+        print(f"after each host's first check-in (its inventory): p50 {out['later_p50_ms']} "
+              f"ms, p99 {out['later_p99_ms']} ms")
         print(f"reports: {out['reports_made']} made, {out['reports_acknowledged']} "
               f"acknowledged, {out['reports_on_server']} held by the server, "
               f"{out['reports_pending']} pending, {out['lost']} lost")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, insert
+from sqlalchemy import Table, delete, insert, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -73,6 +73,12 @@ def _count(body: dict[str, Any], key: str) -> int:
     return v
 
 
+UNNEST_PACKAGES = text(
+    "INSERT INTO package (host_id, name, arch, version) SELECT :host, n, a, v FROM "
+    "unnest(CAST(:names AS text[]), CAST(:archs AS text[]), CAST(:versions AS text[])) "
+    "AS u(n, a, v)")
+
+
 def apply_inventory(s: Session, host: Host, r: Report) -> None:
     b = r.body
     packages = b.get("packages", [])
@@ -89,12 +95,29 @@ def apply_inventory(s: Session, host: Host, r: Report) -> None:
     for k, v in fields.items():
         setattr(host, k, v)
     host.inventory_at = r.created
-    host.package_count = len({(p[0], p[2]) for p in packages})
-    s.execute(delete(Package).where(Package.host_id == host.id))
-    rows = {(p[0], p[2]): {"host_id": host.id, "name": p[0], "version": p[1], "arch": p[2]}
-            for p in packages}
-    if rows:
-        s.execute(insert(Package), list(rows.values()))
+    new = {(p[0], p[2]): p[1] for p in packages}
+    host.package_count = len(new)
+    # Only what changed is written: most inventories repeat most of the last one. (On the
+    # session's connection, past the ORM's bulk machinery: a host has hundreds of rows.)
+    conn = s.connection()
+    table = Package.__table__
+    assert isinstance(table, Table)
+    old = {(r.name, r.arch): r.version for r in conn.execute(
+        select(table.c.name, table.c.arch, table.c.version).where(table.c.host_id == host.id))}
+    gone = [k for k, v in old.items() if new.get(k) != v]
+    for i in range(0, len(gone), 500):
+        conn.execute(delete(table).where(
+            table.c.host_id == host.id,
+            tuple_(table.c.name, table.c.arch).in_(gone[i:i + 500])))
+    added = [(n, a, v) for (n, a), v in new.items() if old.get((n, a)) != v]
+    if added and conn.dialect.name == "postgresql":
+        # One statement with three arrays: far cheaper than a row at a time.
+        names, archs, versions = (list(x) for x in zip(*added, strict=True))
+        conn.execute(UNNEST_PACKAGES, {"host": host.id, "names": names, "archs": archs,
+                                       "versions": versions})
+    elif added:
+        conn.execute(insert(table), [{"host_id": host.id, "name": n, "arch": a, "version": v}
+                                     for n, a, v in added])
 
 
 def apply_alert(s: Session, host: Host, r: Report) -> None:

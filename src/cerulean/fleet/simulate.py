@@ -163,16 +163,15 @@ class Result:
     reports_pending: int
     mismatched_hosts: int
     errors: dict[str, int]
+    later_ms: list[float] = field(default_factory=list)  # check-ins after a host's first
 
     @property
     def rate(self) -> float:
         return self.checkins / self.seconds if self.seconds else 0.0
 
-    def percentile(self, p: float) -> float:
-        if not self.latencies_ms:
-            return 0.0
-        xs = sorted(self.latencies_ms)
-        return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+    def percentile(self, p: float, of: list[float] | None = None) -> float:
+        xs = sorted(self.latencies_ms if of is None else of)
+        return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))] if xs else 0.0
 
     @property
     def lost(self) -> int:
@@ -185,6 +184,9 @@ class Result:
                 "checkins": self.checkins, "failed_checkins": self.failed_checkins,
                 "seconds": round(self.seconds, 1), "checkins_per_second": round(self.rate, 1),
                 "p50_ms": round(self.percentile(50), 1), "p99_ms": round(self.percentile(99), 1),
+                # Without each host's first check-in, which carries its whole inventory.
+                "later_p50_ms": round(self.percentile(50, self.later_ms), 1),
+                "later_p99_ms": round(self.percentile(99, self.later_ms), 1),
                 "mean_ms": round(statistics.fmean(self.latencies_ms), 1)
                 if self.latencies_ms else 0.0,
                 "reports_made": self.reports_made,
@@ -285,7 +287,7 @@ class Simulator:
         self.hosts = [h for h in self.hosts if h.ctx is not None]
         return time.monotonic() - start
 
-    async def _checkin(self, h: SimHost, latencies: list[float]) -> bool:
+    async def _checkin(self, h: SimHost, latencies: list[float], later: list[float]) -> bool:
         h.checkins += 1
         h.report("metrics", {"node_load1": random.random(), "node_memory_used_bytes":
                              random.randint(1 << 28, 1 << 30), "cerulean_alerts": h.seq})
@@ -297,6 +299,8 @@ class Simulator:
         if t is None:
             return False
         latencies.append(t)
+        if h.checkins > 1:
+            later.append(t)
         return True
 
     async def _send(self, h: SimHost) -> float | None:
@@ -315,14 +319,18 @@ class Simulator:
         h.pending = [m for m in h.pending if m["id"] not in done]
         return (time.monotonic() - t0) * 1000
 
-    async def run(self, seconds: float) -> tuple[int, int, float, list[float]]:
+    async def run(self, seconds: float) -> tuple[int, int, float, list[float], list[float]]:
         latencies: list[float] = []
+        later: list[float] = []
         ok = failed = 0
-        end = time.monotonic() + seconds
+        now = time.monotonic()
+        end = now + seconds
+        # With an interval, hosts start at random points within it, as a fleet's agents
+        # do: a steady load from the start rather than all of them at once.
+        next_at = {h.host_id: now + random.uniform(0, self.interval) for h in self.hosts}
         queue: asyncio.Queue[SimHost] = asyncio.Queue()
-        for h in random.sample(self.hosts, len(self.hosts)):
+        for h in sorted(self.hosts, key=lambda h: next_at[h.host_id]):
             queue.put_nowait(h)
-        next_at = {h.host_id: 0.0 for h in self.hosts}
 
         async def worker() -> None:
             nonlocal ok, failed
@@ -334,7 +342,7 @@ class Simulator:
                 if time.monotonic() >= end:
                     queue.put_nowait(h)
                     return
-                if await self._checkin(h, latencies):
+                if await self._checkin(h, latencies, later):
                     ok += 1
                 else:
                     failed += 1
@@ -345,7 +353,7 @@ class Simulator:
         report = asyncio.create_task(self._progress(end, lambda: ok))
         await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(self.hosts)))))
         report.cancel()
-        return ok, failed, time.monotonic() - start, latencies
+        return ok, failed, time.monotonic() - start, latencies, later
 
     async def _progress(self, end: float, count: Callable[[], int]) -> None:
         last, t = 0, time.monotonic()
@@ -415,7 +423,7 @@ def simulate(server: str, token: str, ca_sha256: str, hosts: int, seconds: float
         say(f"{len(sim.hosts)} hosts enrolled in {enroll_s:.1f} s; checking in for "
             f"{seconds:g} s")
         side = asyncio.create_task(asyncio.to_thread(during, sim)) if during else None
-        ok, failed, took, lat = await sim.run(seconds)
+        ok, failed, took, lat, later = await sim.run(seconds)
         if side is not None:
             await side
         await sim.drain()
@@ -423,7 +431,7 @@ def simulate(server: str, token: str, ca_sha256: str, hosts: int, seconds: float
         return Result(hosts, len(sim.hosts), enroll_s, ok, failed, took, lat,
                       sum(h.seq for h in sim.hosts), sum(h.acknowledged for h in sim.hosts),
                       on_server, sum(len(h.pending) for h in sim.hosts), mismatched,
-                      dict(sim.errors))
+                      dict(sim.errors), later)
 
     async def closing() -> Result:
         try:
