@@ -194,7 +194,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         ref = r["reference"]
         lines.append(
             f"| {db} | {r['checkins_per_second']} | {r['p50_ms']} ms | {r['p99_ms']} ms | "
-            f"{r['later_p50_ms']} / {r['later_p99_ms']} ms | {r['failed_checkins']} | {r['lost']} of {r['reports_acknowledged']} | "
+            f"{r['later_p50_ms']} / {r['later_p99_ms']} ms | {r['failed_checkins']} | "
+            f"{r['lost']} of {r['reports_acknowledged']} | "
             f"{ref['requests_per_second']} | {r['ratio_to_reference']} | "
             f"{r['server_cpu_share']} cores | {r['simulator_cpu_share']} cores | "
             f"{r['enrolled']} hosts in {r['enroll_seconds']} s |")

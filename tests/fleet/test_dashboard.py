@@ -132,6 +132,7 @@ def test_dashboard_login_hosts_host_rollout_and_report(page, fleet: Fleet,  # ty
 
     # The audit log shows what olga did, and its chain holds.
     page.goto("/audit")
+    page.click("#verify")
     expect(page.locator("#chain")).to_contain_text("intact")
     expect(page.locator("#audit")).to_contain_text("rollout.paused")
     expect(page.locator("#audit")).to_contain_text("olga")
@@ -149,3 +150,69 @@ def test_forms_need_the_session_token(page, fleet: Fleet) -> None:  # type: igno
                                              "mode": "enforce"}, max_redirects=0)
     assert r.status == 303 and "out+of+date" in r.headers["location"]
     assert fleet.api("GET", "/api/v1/groups")[1] == []
+
+
+def _log_in(page, name: str) -> None:  # type: ignore[no-untyped-def]
+    page.goto("/login")
+    page.fill("input[name=name]", name)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+
+
+def test_people_and_tokens_are_made_in_the_dashboard(  # type: ignore[no-untyped-def]
+        page, fleet: Fleet, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    cli("fleet", "user", "add", "ada", "--role", "admin", "--password-stdin",
+        "--data", str(fleet.data), stdin=PASSWORD + "\n")
+    _log_in(page, "ada")
+    page.click("text=Access")
+    # An enrollment token, shown once with its command; a host enrolls with it.
+    page.fill("#new-enrollment-token input[name=group]", "lab")
+    page.select_option("#new-enrollment-token select[name=environment]", "on-prem")
+    page.click("#new-enrollment-token button[type=submit]")
+    token = page.locator("#secret").inner_text()
+    expect(page.locator("#command")).to_contain_text(f"--token {token} --ca-sha256 "
+                                                     f"{fleet.ca_sha256}")
+    expect(page.locator("#enrollment-tokens")).to_contain_text("environment=on-prem")
+    host_id = _host(fleet, tmp_path, "lab-1", token, score_fail=False)
+    status, body = fleet.api("GET", f"/api/v1/hosts/{host_id}")
+    assert status == 200 and body["group"] == "lab"
+    assert body["labels"]["environment"] == "on-prem"
+
+    # A user who may log in, then an API token for them that works.
+    page.fill("#new-user input[name=name]", "otto")
+    page.select_option("#new-user select[name=role]", "auditor")
+    page.fill("#new-user input[name=password]", "short")
+    # The browser would refuse it itself; the server must too.
+    page.locator("#new-user input[name=password]").evaluate(
+        "e => e.removeAttribute('minlength')")
+    page.click("#new-user button[type=submit]")
+    expect(page.get_by_role("alert")).to_contain_text("at least 12 characters")
+    page.fill("#new-user input[name=name]", "otto")
+    page.select_option("#new-user select[name=role]", "auditor")
+    page.fill("#new-user input[name=password]", PASSWORD)
+    page.click("#new-user button[type=submit]")
+    expect(page.locator("#users")).to_contain_text("otto")
+    page.select_option("#new-api-token select[name=user]", "otto")
+    page.select_option("#new-api-token select[name=role]", "auditor")
+    page.fill("#new-api-token input[name=days]", "7")
+    page.click("#new-api-token button[type=submit]")
+    api_token = page.locator("#secret").inner_text()
+    assert fleet.api("GET", "/api/v1/whoami", token=api_token) == (
+        200, {"name": "otto", "role": "auditor"})
+    # The token cannot be more than its user.
+    page.select_option("#new-api-token select[name=user]", "otto")
+    page.select_option("#new-api-token select[name=role]", "admin")
+    page.click("#new-api-token button[type=submit]")
+    expect(page.get_by_role("alert")).to_contain_text("cannot be given the admin role")
+    actions = [e["action"] for e in fleet.api("GET", "/api/v1/audit")[1]]
+    assert {"enrollment-token.created", "user.created", "api-token.created"} <= set(actions)
+
+    # otto, an auditor, sees the tokens but none of the forms.
+    page.click("text=Log out")
+    _log_in(page, "otto")
+    page.goto("/access")
+    expect(page.locator("#enrollment-tokens")).to_contain_text("lab")
+    assert page.locator("#new-enrollment-token").count() == 0
+    assert page.locator("#new-user").count() == 0

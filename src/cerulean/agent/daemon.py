@@ -44,6 +44,7 @@ from cerulean.agent.policy import MODES
 from cerulean.agent.settings import read_layers
 from cerulean.agent.update.host import Host
 from cerulean.errors import CeruleanError
+from cerulean.protocol.net import split_host_port
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FLEET_LAYER = "var/lib/cerulean/fleet/agent.toml"
@@ -96,11 +97,11 @@ def load_agent_config(root: Path = Path("/")) -> AgentConfig:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    address = split_host_port(value, "127.0.0.1")
+    if address is None:
         raise AgentError(f"'metrics-listen' must be HOST:PORT (such as 127.0.0.1:9477), "
                          f"not {value!r}.")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return address
 
 
 def exposition(root: Path = Path("/"), slot: str = "",

@@ -192,22 +192,19 @@ def _session(data: Path) -> Iterator[Any]:
 
 
 def run_user_add(args: argparse.Namespace) -> int:
-    from cerulean.fleet.auth import audit, check_username, create_token, hash_password
-    from cerulean.fleet.db import User
+    from cerulean.fleet.auth import MIN_PASSWORD, AuthError, add_user, check_username, issue_token
     from cerulean.fleet.server import local_actor
 
     check_username(args.name)
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else ""
-    if args.password_stdin and len(password) < 12:
-        raise CeruleanError("The password must have at least 12 characters.")
+    if args.password_stdin and len(password) < MIN_PASSWORD:
+        raise CeruleanError(f"The password must have at least {MIN_PASSWORD} characters.")
     with _session(args.data) as s:
-        if s.get(User, args.name) is not None:
-            raise CeruleanError(f"There is already a user {args.name!r}.")
-        s.add(User(name=args.name, role=args.role,
-                   password_hash=hash_password(password) if password else ""))
-        s.flush()
-        token = create_token(s, args.name, args.role, "made with the user")
-        audit(s, local_actor(), "user.created", {"user": args.name, "role": args.role})
+        try:
+            add_user(s, local_actor(), args.name, args.role, password)
+            token = issue_token(s, local_actor(), args.name, args.role, "made with the user")
+        except AuthError as e:
+            raise CeruleanError(str(e)) from e
     print(token)
     print(f"(an API token for {args.name}, {args.role}; it is shown only now)", file=sys.stderr)
     return 0

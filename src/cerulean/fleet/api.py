@@ -17,7 +17,7 @@ the endpoints, which name dependencies defined inside :func:`create_app`.)
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,11 +42,10 @@ from cerulean.fleet import schemas as sc
 from cerulean.fleet.auth import (
     AuthError,
     Principal,
+    UserExists,
+    add_user,
     audit,
-    check_role,
-    check_username,
-    create_token,
-    hash_password,
+    issue_token,
     verify_audit,
 )
 from cerulean.fleet.ca import FleetCA
@@ -156,7 +155,8 @@ def create_app(state: FleetState) -> FastAPI:
     # threads, so the one that holds them always finds a thread to finish on.
     Db = Annotated[Session, Depends(db, scope="function",
                                     max_concurrency=max(1, state.threads - 2))]
-    app.include_router(web.router(Db, state.update_repo))
+    app.include_router(web.router(Db, state.update_repo, state.public_url,
+                                  state.ca.fingerprint))
 
     def caller(request: Request) -> Principal:
         p = caller_of(request.state).principal
@@ -197,8 +197,13 @@ def create_app(state: FleetState) -> FastAPI:
         return state.ca.pem
 
     @app.post(f"{API}/enroll", tags=["agent"])
-    def enroll(req: EnrollRequest, s: Db) -> EnrollResponse:
-        return hostsvc.enroll(s, state.ca, req, state.cert_lifetime)
+    async def enroll(req: EnrollRequest) -> EnrollResponse:
+        # One transaction on one worker thread, like the check-in: on SQLite the write
+        # lock is held only while this thread runs.
+        def work() -> EnrollResponse:
+            with state.sessions.begin() as s:
+                return hostsvc.enroll(s, state.ca, req, state.cert_lifetime)
+        return await anyio.to_thread.run_sync(work)
 
     # -- hosts (mTLS) ---------------------------------------------------------------------
 
@@ -331,11 +336,9 @@ def create_app(state: FleetState) -> FastAPI:
             raise _error(400, "'hours' must be more than 0 and at most 8760.")
         t = hostsvc.create_enrollment_token(s, p.name, req.group, req.labels, req.uses,
                                             timedelta(hours=req.hours))
-        server = state.public_url or "https://FLEET:8443"
         return sc.TokenCreated(
             token=t.token, id=t.id, expires_at=t.expires_at, ca_sha256=state.ca.fingerprint,
-            command=f"cerulean agent enroll --server {server} --token {t.token} "
-                    f"--ca-sha256 {state.ca.fingerprint}")
+            command=hostsvc.enroll_command(state.public_url, t.token, state.ca.fingerprint))
 
     @app.get(f"{API}/enrollment-tokens", tags=["enrollment"])
     def list_enrollment_tokens(s: Db, _p: Auditor) -> list[sc.TokenInfo]:
@@ -357,26 +360,16 @@ def create_app(state: FleetState) -> FastAPI:
 
     @app.post(f"{API}/users", tags=["admin"], status_code=201)
     def create_user(req: sc.UserRequest, s: Db, p: Admin) -> sc.UserOut:
-        check_username(req.name)
-        check_role(req.role)
-        if s.get(User, req.name) is not None:
-            raise _error(409, f"There is already a user {req.name!r}.")
-        user = User(name=req.name, role=req.role,
-                    password_hash=hash_password(req.password) if req.password else "",
-                    created_at=datetime.now(UTC), disabled=False)
-        s.add(user)
-        audit(s, p.name, "user.created", {"user": req.name, "role": req.role})
+        try:
+            user = add_user(s, p.name, req.name, req.role, req.password)
+        except UserExists as e:
+            raise _error(409, str(e)) from e
         return sc.UserOut.model_validate(user, from_attributes=True)
 
     @app.post(f"{API}/api-tokens", tags=["admin"], status_code=201)
     def create_api_token(req: sc.ApiTokenRequest, s: Db, p: Admin) -> sc.ApiTokenCreated:
-        if req.days is not None and not 0 < req.days <= 3650:
-            raise _error(400, "'days' must be more than 0 and at most 3650.")
-        expires = datetime.now(UTC) + timedelta(days=req.days) if req.days else None
         try:
-            token = create_token(s, req.user, req.role, req.description[:200], expires)
-            audit(s, p.name, "api-token.created", {"user": req.user, "role": req.role,
-                                                   "token": token.split("_")[1]})
+            token = issue_token(s, p.name, req.user, req.role, req.description, req.days)
         except IntegrityError as e:
             raise _error(409, "That token could not be stored; try again.") from e
         return sc.ApiTokenCreated(token=token)

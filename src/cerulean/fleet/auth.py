@@ -18,7 +18,7 @@ import hmac
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, text
@@ -122,6 +122,42 @@ def create_token(s: Session, user: str, role: str, description: str = "",
     s.add(ApiToken(id=tid, secret_hash=digest, user=user, role=role, description=description,
                    expires_at=expires_at))
     return f"cat_{tid}_{secret}"
+
+
+class UserExists(AuthError):
+    pass
+
+
+MIN_PASSWORD = 12
+
+
+def add_user(s: Session, actor: str, name: str, role: str, password: str = "") -> User:
+    """A new user (with a password: one who can log in to the dashboard), in the audit
+    log as made by *actor*."""
+    check_username(name)
+    check_role(role)
+    if password and len(password) < MIN_PASSWORD:
+        raise AuthError(f"A password needs at least {MIN_PASSWORD} characters.")
+    if s.get(User, name) is not None:
+        raise UserExists(f"There is already a user {name!r}.")
+    user = User(name=name, role=role, password_hash=hash_password(password) if password else "",
+                created_at=datetime.now(UTC), disabled=False)
+    s.add(user)
+    s.flush()
+    audit(s, actor, "user.created", {"user": name, "role": role})
+    return user
+
+
+def issue_token(s: Session, actor: str, user: str, role: str, description: str = "",
+                days: float | None = None) -> str:
+    """A new API token for *user* (shown once), in the audit log as made by *actor*."""
+    if days is not None and not 0 < days <= 3650:
+        raise AuthError("'days' must be more than 0 and at most 3650.")
+    expires = datetime.now(UTC) + timedelta(days=days) if days else None
+    token = create_token(s, user, role, description[:200], expires)
+    audit(s, actor, "api-token.created", {"user": user, "role": role,
+                                          "token": token.split("_")[1]})
+    return token
 
 
 def audit(s: Session, actor: str, action: str, detail: Mapping[str, Any] | None = None) -> None:

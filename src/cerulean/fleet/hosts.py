@@ -83,6 +83,12 @@ def create_enrollment_token(s: Session, actor: str, group: str, labels: dict[str
     return NewToken(f"cet_{tid}_{secret}", tid, expires)
 
 
+def enroll_command(public_url: str, token: str, ca_sha256: str) -> str:
+    """The command that enrolls a host with *token*."""
+    return (f"cerulean agent enroll --server {public_url or 'https://FLEET:8443'} "
+            f"--token {token} --ca-sha256 {ca_sha256}")
+
+
 def revoke_enrollment_token(s: Session, actor: str, tid: str) -> None:
     row = s.get(EnrollmentToken, tid)
     if row is None:

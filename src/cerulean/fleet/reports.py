@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cerulean import __version__
@@ -39,16 +39,22 @@ def latest_results(s: Session, group: str | None = None, host_id: str | None = N
         hosts = [h for h in [s.get(Host, host_id)] if h is not None]
     else:
         hosts = find_hosts(s, HostFilter(group=group), limit=limit)
-    out = []
-    for h in hosts:
-        stmt = select(ComplianceResult).where(ComplianceResult.host_id == h.id)
+    # Each host's newest result per profile, for 500 hosts per query.
+    by_host: dict[str, list[ComplianceResult]] = defaultdict(list)
+    for i in range(0, len(hosts), 500):
+        rank = func.row_number().over(
+            partition_by=(ComplianceResult.host_id, ComplianceResult.profile),
+            order_by=(ComplianceResult.time.desc(), ComplianceResult.id.desc()))
+        ranked = select(ComplianceResult.id, rank.label("n")).where(
+            ComplianceResult.host_id.in_([h.id for h in hosts[i:i + 500]]))
         if profile:
-            stmt = stmt.where(ComplianceResult.profile == profile)
-        newest: dict[str, ComplianceResult] = {}
-        for r in s.execute(stmt.order_by(ComplianceResult.time)).scalars():
-            newest[r.profile] = r
-        out += [HostResult(h, r) for _, r in sorted(newest.items())]
-    return out
+            ranked = ranked.where(ComplianceResult.profile == profile)
+        sub = ranked.subquery()
+        for r in s.execute(select(ComplianceResult).join(sub, sub.c.id == ComplianceResult.id)
+                           .where(sub.c.n == 1)).scalars():
+            by_host[r.host_id].append(r)
+    return [HostResult(h, r) for h in hosts
+            for r in sorted(by_host.get(h.id, []), key=lambda r: r.profile)]
 
 
 def _evidence(rules: Any) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cerulean.errors import CeruleanError
+from cerulean.protocol.net import split_host_port
 
 DEFAULT_PORT = 8443
 
@@ -81,10 +82,10 @@ class FleetConfig:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    address = split_host_port(value, "0.0.0.0")
+    if address is None:
         raise FleetConfigError(f"{value!r} is not an address:port such as 0.0.0.0:8443.")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return address
 
 
 def default_data() -> Path:

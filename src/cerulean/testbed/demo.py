@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import ssl
 import subprocess
 import sys
@@ -111,6 +112,7 @@ def run_demo(disk: Path, data: Path, port: int = 8443, timeout_s: float = 1200,
         server = subprocess.Popen([sys.executable, "-m", "cerulean.cli", "fleet", "serve",
                                    "--data", str(fleet)], stdout=out, stderr=subprocess.STDOUT)
     vm: subprocess.Popen[bytes] | None = None
+    work: Path | None = None  # the VM's overlay disk and firmware variables
     try:
         _wait_up(api, server, log)
         say(f"Fleet server on {url} (log: {log})")
@@ -128,7 +130,7 @@ def run_demo(disk: Path, data: Path, port: int = 8443, timeout_s: float = 1200,
             *credential_args("systemd.unit-dropin.cerulean-policy.timer",
                              "[Timer]\nOnBootSec=30s\nRandomizedDelaySec=0\n")))
         launch = prepare(disk, cfg, work, console=console)
-        vm = process.start(launch.argv, stderr=work / "qemu.stderr")
+        vm = process.start(launch.argv, stderr=data / "qemu.stderr")
         say(f"Booting {disk.name} in QEMU ({launch.accel.accel}); its agent enrolls by "
             f"itself with the credential cerulean.fleet (console: {console})")
         host = _wait_for_host(api, before, vm, timeout_s, say)
@@ -150,6 +152,8 @@ def run_demo(disk: Path, data: Path, port: int = 8443, timeout_s: float = 1200,
         if vm is not None:
             process.stop(vm, 10)
         process.stop(server, 10)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _wait_for_host(api: Api, before: set[str], vm: subprocess.Popen[bytes],
