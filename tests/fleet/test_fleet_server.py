@@ -5,10 +5,12 @@ on a host directory."""
 from __future__ import annotations
 
 import http.client
+import re
 import shutil
 import socket
 import ssl
 import urllib.error
+import urllib.parse
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from cerulean.agent.policy import CheckResult, Report, RuleResult
 from cerulean.errors import CeruleanError, VerificationError
 from cerulean.fleet.ca import FleetCA
 
-from .conftest import Fleet
+from .conftest import Fleet, cli
 
 pytestmark = pytest.mark.fleet
 
@@ -329,3 +331,37 @@ def test_nothing_but_enrollment_is_read_before_the_caller_is_known(
     # Enrollment is the one call that reads its body first: it waits for it.
     with pytest.raises(TimeoutError):
         _answer_before_body(fleet, "/api/v1/enroll")
+
+
+def _log_in(fleet: Fleet, name: str, password: str) -> str:
+    """The login page's answer: 'in' (a session), or the error it shows."""
+    host, port = fleet.url.removeprefix("https://").rsplit(":", 1)
+    conn = http.client.HTTPSConnection(host, int(port), context=fleet.ctx(), timeout=30)
+    try:
+        conn.request("POST", "/login", urllib.parse.urlencode(
+            {"name": name, "password": password}),
+            {"Content-Type": "application/x-www-form-urlencoded"})
+        r = conn.getresponse()
+        body = r.read().decode()
+        if r.status == 303 and "cerulean_session=" in (r.getheader("set-cookie") or ""):
+            return "in"
+        m = re.search(r'role="alert">([^<]*)<', body)
+        return m[1] if m else f"HTTP {r.status}"
+    finally:
+        conn.close()
+
+
+def test_failed_logins_are_throttled_across_restarts(fleet: Fleet) -> None:
+    password = "correct horse battery staple"
+    cli("fleet", "user", "add", "olga", "--role", "operator", "--password-stdin",
+        "--data", str(fleet.data), stdin=password + "\n")
+    assert _log_in(fleet, "olga", password) == "in"
+    for _ in range(3):
+        assert _log_in(fleet, "olga", "wrong") == "Wrong name or password."
+    # Another server process (here: the same one, restarted) counts the same failures.
+    fleet.kill_and_restart()
+    for _ in range(2):
+        assert _log_in(fleet, "olga", "wrong") == "Wrong name or password."
+    assert _log_in(fleet, "olga", password) == "Too many failed logins: wait five minutes."
+    # Other names are not held up.
+    assert _log_in(fleet, "nobody", "x") == "Wrong name or password."

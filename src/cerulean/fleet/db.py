@@ -237,6 +237,14 @@ class GroupPolicy(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class LoginFailure(Base):
+    """A failed dashboard login, kept for the throttle (every replica counts them all)."""
+    __tablename__ = "login_failure"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    time: Mapped[datetime]
+
+
 class Setting(Base):
     __tablename__ = "setting"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)

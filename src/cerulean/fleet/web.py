@@ -9,7 +9,8 @@ session, which the server checks. The pages need no script and load nothing from
 elsewhere: the one stylesheet is served by the server.
 
 After five failed logins for one name within five minutes, that name is refused
-for five minutes (per server process).
+for five minutes. The failures are kept in the database, so replicas count them
+together.
 """
 
 import base64
@@ -17,7 +18,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from cerulean import __version__
@@ -48,6 +48,7 @@ from cerulean.fleet.db import (
     EnrollmentToken,
     GroupPolicy,
     Host,
+    LoginFailure,
     Package,
     Rollout,
     Setting,
@@ -59,7 +60,7 @@ from cerulean.protocol.update import CHANNELS
 STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "cerulean_session"
 SESSION_SECONDS = 12 * 3600
-FAILURES: dict[str, list[float]] = {}
+THROTTLE_FAILURES, THROTTLE_SECONDS = 5, 300
 
 
 class LoginRequired(Exception):
@@ -104,13 +105,18 @@ def csrf_token(key: bytes, cookie: str) -> str:
     return _sign(key, "csrf:" + cookie)[:32]
 
 
-def _throttled(name: str, now: float) -> bool:
-    if len(FAILURES) > 10000:  # names made up by the thousand must not fill the memory
-        for stale in [n for n, ts in FAILURES.items() if not ts or now - ts[-1] >= 300]:
-            del FAILURES[stale]
-    recent = [t for t in FAILURES.get(name, []) if now - t < 300]
-    FAILURES[name] = recent
-    return len(recent) >= 5
+def _throttled(s: Session, name: str, now: datetime) -> bool:
+    since = now - timedelta(seconds=THROTTLE_SECONDS)
+    recent = s.execute(select(func.count()).select_from(LoginFailure).where(
+        LoginFailure.name == name, LoginFailure.time > since)).scalar_one()
+    return int(recent) >= THROTTLE_FAILURES
+
+
+def _failed(s: Session, name: str, now: datetime) -> None:
+    # Failures older than the window count for no one: they go as new ones come.
+    s.execute(delete(LoginFailure).where(
+        LoginFailure.time <= now - timedelta(seconds=THROTTLE_SECONDS)))
+    s.add(LoginFailure(name=name, time=now))
 
 
 def router(Db: Any, update_repo: Path | None = None, public_url: str = "",
@@ -159,18 +165,19 @@ def router(Db: Any, update_repo: Path | None = None, public_url: str = "",
     @r.post("/login")
     def login(request: Request, s: Db, name: Annotated[str, Form(max_length=64)],
               password: Annotated[str, Form(max_length=1024)]) -> Response:
-        now = time.time()
+        now = datetime.now(UTC)
         user = s.get(User, name)
-        if _throttled(name, now):
+        if _throttled(s, name, now):
             return page(request, "login.html", None,
                         error="Too many failed logins: wait five minutes.")
         if user is None or user.disabled or not user.password_hash \
                 or not check_password(password, user.password_hash):
-            FAILURES.setdefault(name, []).append(now)
+            _failed(s, name, now)
             return page(request, "login.html", None, error="Wrong name or password.")
-        FAILURES.pop(name, None)
+        s.execute(delete(LoginFailure).where(LoginFailure.name == name))
         resp = RedirectResponse("/", status_code=303)
-        resp.set_cookie(COOKIE, make_cookie(_key(s), name, now), max_age=SESSION_SECONDS,
+        resp.set_cookie(COOKIE, make_cookie(_key(s), name, now.timestamp()),
+                        max_age=SESSION_SECONDS,
                         httponly=True, secure=True, samesite="strict")
         return resp
 
