@@ -10,22 +10,33 @@ OUT    ?= out
 APT_PACKAGES := gpgv gnupg zstd xz-utils binutils ca-certificates \
 	umoci skopeo mmdebstrap qemu-user-static binfmt-support \
 	qemu-system-x86 qemu-system-arm qemu-utils ovmf qemu-efi-aarch64 \
-	python3-venv python3-pip fdisk postgresql chromium
+	python3-venv python3-pip fdisk postgresql chromium faketime gcc libc6-dev
 
 # `make demo DEMO_ARGS=--no-wait` ends once the VM shows up in the fleet.
 DEMO_ARGS ?=
+DEMO_MINUTES := 15
 
-.PHONY: demo test setup apt venv lint bench bench-system bench-update bench-agent bench-fleet \
+.PHONY: demo test check test-clock-ahead setup apt venv lint bench bench-system bench-update bench-agent bench-fleet \
 	compare-openscap clean
 
-# The archive moves on (security updates, point releases): refresh the lock to
-# its newest state, then build exactly that lock for both architectures.
+# The archive moves on (security updates, point releases): the demo locks copies of the
+# definitions to its newest state, in $(OUT)/definitions so that the checkout's locks
+# stay as committed, then builds exactly those locks.
+DEMO_DEFS := $(OUT)/definitions
+CERULEAN := $(abspath $(BIN))/cerulean
+
 demo: setup
-	$(BIN)/cerulean lock --refresh images/base.toml
-	$(BIN)/cerulean build images/base.toml --locked --arch amd64,arm64 --out $(OUT)
-	$(BIN)/cerulean lock --refresh images/tools.toml
-	$(BIN)/cerulean lock --refresh images/vm.toml
-	$(BIN)/cerulean build images/vm.toml --locked --arch amd64 --format qcow2 --out $(OUT)
+	@echo "make demo: builds the base container image (amd64, arm64) and the vm disk image,"
+	@echo "boots the vm in QEMU to check it, then boots it again to enroll in a fleet server."
+	@echo "About $(DEMO_MINUTES) minutes on 2 cores under emulation (KVM: less), once installed."
+	rm -rf $(DEMO_DEFS) && mkdir -p $(DEMO_DEFS) && cp -r images $(DEMO_DEFS)/
+	cd $(DEMO_DEFS) && $(CERULEAN) lock --refresh images/base.toml
+	cd $(DEMO_DEFS) && $(CERULEAN) build images/base.toml --locked --arch amd64,arm64 \
+		--out $(abspath $(OUT))
+	cd $(DEMO_DEFS) && $(CERULEAN) lock --refresh images/tools.toml
+	cd $(DEMO_DEFS) && $(CERULEAN) lock --refresh images/vm.toml
+	cd $(DEMO_DEFS) && $(CERULEAN) build images/vm.toml --locked --arch amd64 --format qcow2 \
+		--out $(abspath $(OUT))
 	$(BIN)/cerulean test $(OUT)/vm-amd64.qcow2
 	$(BIN)/cerulean demo $(OUT)/vm-amd64.qcow2 --dir $(OUT)/fleet-demo $(DEMO_ARGS)
 
@@ -33,9 +44,30 @@ demo: setup
 # about two minutes under emulation, so the whole suite runs 2 of them.
 POWER_CUTS ?= 2
 
-test: setup
-	CERULEAN_POWER_CUTS=$(POWER_CUTS) $(BIN)/python -m pytest -p no:cacheprovider -n 2 --dist loadgroup --no-loadscope-reorder \
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
+
+test: setup test-clock-ahead
+	CERULEAN_POWER_CUTS=$(POWER_CUTS) $(PYTEST) -n 2 --dist loadgroup --no-loadscope-reorder \
 		--durations=30 tests
+
+# Everyday work: unit, lint (ruff, mypy) and fleet tests, no QEMU (a few minutes).
+check: setup
+	$(PYTEST) -n 2 --durations=10 tests/unit tests/test_lint.py tests/fleet
+
+# A test has one clock: the unit tests run again under a wall clock a year ahead
+# (Debian's faketime), so a test that mixes a fixed date with the real time fails
+# now instead of on that date. The small preload keeps Python's sleeps working.
+CLOCK_AHEAD_DAYS ?= 365
+FAKETIME_SLEEP := $(VENV)/lib/faketime-sleep.so
+
+$(FAKETIME_SLEEP): tests/support/faketime_sleep.c $(VENV)/.apt-stamp
+	cc -shared -fPIC -O2 -Wall -o $@ $< -ldl
+
+test-clock-ahead: setup $(FAKETIME_SLEEP)
+	@echo "Unit tests under a wall clock moved $(CLOCK_AHEAD_DAYS) days ahead (faketime):"
+	CERULEAN_CLOCK_AHEAD_DAYS=$(CLOCK_AHEAD_DAYS) LD_PRELOAD=$(abspath $(FAKETIME_SLEEP)) \
+		FAKETIME_DONT_FAKE_MONOTONIC=1 faketime -f '+$(CLOCK_AHEAD_DAYS)d' \
+		$(PYTEST) -n 2 -q tests/unit
 
 bench: setup
 	$(BIN)/python benchmarks/build_bench.py
@@ -70,6 +102,10 @@ apt: $(VENV)/.apt-stamp
 venv: $(VENV)/.pip-stamp
 
 $(VENV)/.apt-stamp: Makefile
+	@. /etc/os-release 2>/dev/null; if [ "$${ID:-}" != debian ]; then \
+		echo "make demo and make test set up a Debian 12 or 13 host; this one is" \
+			"$${PRETTY_NAME:-not Debian} (on Ubuntu, chromium is a snap and apt names no" \
+			"Debian mirror: see README.md)." >&2; exit 1; fi
 	@missing=""; for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || missing="$$missing $$p"; \
 	done; \

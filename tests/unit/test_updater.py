@@ -21,6 +21,7 @@ from cerulean.agent.update.errors import UpdateError
 from cerulean.agent.update.host import Host, load_state
 from cerulean.agent.update.updater import Updater
 from cerulean.protocol.update import ReleaseDoc, verity_uuids
+from cerulean.protocol.window import DAYS
 from cerulean.release.build import pack_payload
 from cerulean.release.publish import publish
 from cerulean.release.repo import Repository
@@ -300,10 +301,12 @@ def test_nothing_happens_from_an_unblessed_boot_or_when_switched_off(world: Worl
     conf.parent.mkdir(parents=True)
     conf.write_text("never = true\n")
     assert world.updater().run().result == "disabled"
-    conf.write_text("window = \"Sat 02:00-03:00\"\nnever = false\n")
-    saturday_noon = datetime(2026, 11, 28, 12, tzinfo=UTC)
-    out = world.updater(now=lambda: saturday_noon).run()
-    assert out.result == "staged" and "window opens at Sat 02:00" in out.message
+    # One clock: the release was published at the real time, so the window is placed
+    # against the real time too, on a day that is not today.
+    day = DAYS[(datetime.now(UTC).weekday() + 3) % 7].capitalize()
+    conf.write_text(f"window = \"{day} 02:00-03:00\"\nnever = false\n")
+    out = world.updater().run()
+    assert out.result == "staged" and f"window opens at {day} 02:00" in out.message, out.message
     assert not world.reboots
     conf.write_text("chanel = \"lts\"\n")
     with pytest.raises(UpdateError, match="unknown key 'chanel'"):
