@@ -15,8 +15,8 @@ from cerulean.agent import fleetlink
 from cerulean.agent.audit import AuditLog
 from cerulean.agent.compliance import STORE, PolicyStore
 from cerulean.agent.policy import CheckResult, Report, RuleResult
+from support.fleet_server import Fleet, cli
 
-from .conftest import Fleet, cli
 from .test_rollouts import cerulean_host
 
 pytestmark = pytest.mark.fleet

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from cerulean.fleet.simulate import Simulator, simulate
-
-from .conftest import Fleet
+from support.fleet_server import Fleet
 
 pytestmark = pytest.mark.fleet
 

@@ -26,8 +26,7 @@ from cerulean.agent.compliance import STORE, PolicyStore
 from cerulean.agent.policy import CheckResult, Report, RuleResult
 from cerulean.errors import CeruleanError, VerificationError
 from cerulean.fleet.ca import FleetCA
-
-from .conftest import Fleet, cli
+from support.fleet_server import Fleet, cli
 
 pytestmark = pytest.mark.fleet
 

@@ -18,8 +18,8 @@ from cerulean.agent.compliance import STORE, PolicyStore
 from cerulean.agent.daemon import load_agent_config
 from cerulean.agent.policy import CheckResult, Report, RuleResult
 from cerulean.agent.update.host import Host, load_config
+from support.fleet_server import Fleet, cli
 
-from .conftest import Fleet, cli
 from .test_fleet_server import host_root
 
 pytestmark = pytest.mark.fleet

@@ -331,18 +331,9 @@ def test_inside_the_booted_vm(vm_env: dict[str, Path],
 def _fleet_server(tmp_path: Path) -> Any:
     """A fleet server on this machine, whose certificate also names 10.0.2.2 (this machine
     as QEMU's user network shows it to the guest)."""
-    from fleet.conftest import Fleet, cli, free_port, start_server, wait_ready
+    from support.fleet_server import launch
 
-    data, port = tmp_path / "fleet", free_port()
-    out = cli("fleet", "init", "--data", str(data), "--listen", f"127.0.0.1:{port}",
-              "--name", "localhost", "--name", "10.0.2.2")
-    ca = next(w for w in out.split() if w.startswith("sha256:"))
-    admin = cli("fleet", "user", "add", "admin", "--role", "admin", "--data",
-                str(data)).strip()
-    proc = start_server(data, tmp_path / "fleet.log")
-    fleet = Fleet(data, f"https://localhost:{port}", admin, ca, proc, tmp_path / "fleet.log")
-    wait_ready(fleet.url, fleet.ctx(), proc)
-    return fleet
+    return launch(tmp_path, names=("localhost", "10.0.2.2"), public_url=False)
 
 
 def _fleet_checks(run: Any, fleet: Any) -> None:

@@ -1,0 +1,6 @@
+"""Helpers shared by more than one test tier (unit, integration, fleet, vm).
+
+Fixtures stay in each tier's conftest.py; what they and the tests build on lives
+here, once: a real fleet server on loopback (:mod:`.fleet_server`) and small OCI
+layouts made in process (:mod:`.oci_layouts`).
+"""
