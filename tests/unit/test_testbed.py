@@ -16,14 +16,15 @@ import uuid
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cerulean.cli import main
 from cerulean.errors import CeruleanError
 from cerulean.testbed import accel, arch, checks, disk, qemu
-from cerulean.testbed.accel import AccelChoice, KvmProbe, choose_accel
-from cerulean.testbed.checks import Outcome, evaluate
+from cerulean.testbed.accel import AccelChoice, KvmProbe, TcgThreads, choose_accel, tcg_threads
+from cerulean.testbed.checks import Outcome, blame, evaluate
 from cerulean.testbed.console import ReadyReport, scan, strip_ansi
 from cerulean.testbed.qemu import Launch, QemuConfig, build_argv, detect_arch
 
@@ -333,6 +334,105 @@ def test_qemu_complaint_prefers_the_error_line() -> None:
     assert accel.qemu_complaint("") == "no message"
 
 
+@pytest.mark.parametrize("version, cpus, mode", [
+    ((7, 2, 22), 2, "single"),  # Debian 12: the race in multi-threaded TCG
+    ((9, 0, 4), 4, "single"),  # 8.1 locks pages; pages a block crosses only from 9.1
+    ((9, 1, 0), 2, "multi"),
+    ((10, 0, 13), 2, "multi"),  # Debian 13
+    ((7, 2, 22), 1, "multi"),  # one vCPU: nothing to race with
+    (None, 2, "single"),  # a version QEMU did not tell
+])
+def test_tcg_threads_by_qemu_version(monkeypatch: pytest.MonkeyPatch,
+                                     version: tuple[int, int, int] | None, cpus: int,
+                                     mode: str) -> None:
+    monkeypatch.delenv("CERULEAN_TCG_THREADS", raising=False)
+    monkeypatch.setattr(accel, "qemu_version", lambda _binary: version)
+    got = tcg_threads("qemu-system-x86_64", cpus)
+    assert got.mode == mode and not got.racy, got
+    if mode == "single":
+        assert "fixed in QEMU 9.1" in got.reason
+
+
+def test_tcg_threads_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accel, "qemu_version", lambda _binary: (7, 2, 22))
+    monkeypatch.setenv("CERULEAN_TCG_THREADS", "multi")
+    assert tcg_threads("q", 2) == TcgThreads("multi", "CERULEAN_TCG_THREADS=multi", (7, 2, 22),
+                                             racy=True)
+    monkeypatch.setattr(accel, "qemu_version", lambda _binary: (10, 0, 2))
+    assert not tcg_threads("q", 2).racy
+    monkeypatch.setenv("CERULEAN_TCG_THREADS", "two")
+    with pytest.raises(CeruleanError, match=r"CERULEAN_TCG_THREADS is 'two'; valid values"):
+        tcg_threads("q", 2)
+
+
+def test_qemu_version_is_read_from_the_binary(tmp_path: Path) -> None:
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text("#!/bin/sh\necho 'QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7)'\n")
+    fake.chmod(0o755)
+    assert accel.qemu_version(str(fake)) == (7, 2, 22)
+    assert accel.qemu_version(str(tmp_path / "missing")) is None
+
+
+def test_tcg_command_line_single_threaded(tmp_path: Path) -> None:
+    prof = arch.profile("amd64")
+    argv = build_argv(qemu=prof.qemu, prof=prof, accel="tcg", cfg=QemuConfig(),
+                      firmware_code=prof.firmware_code, vars_copy=tmp_path / "v.fd",
+                      overlay=tmp_path / "o.qcow2", console=None, tcg_thread="single")
+    assert option(argv, "-accel") == ["tcg,thread=single"]
+
+
+# --- who failed -------------------------------------------------------------------------------
+
+INT3 = ("[  118.2] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\r\n"
+        "[  118.2] RIP: 0010:enqueue_task_fair+0x3a/0x5c0\r\n"
+        "[  118.3] Kernel panic - not syncing: Fatal exception in interrupt\r\n")
+
+
+def who(outcome: Outcome, console: str, **kw: object) -> checks.Blame | None:
+    s = scan(console, emulated=True)
+    found = evaluate(outcome, s.report, s.events, timeout_s=600, elapsed_s=10, stalls=s.stalls)
+    return blame(outcome, found, s.events, stalls=s.stalls, console_lines=s.lines,
+                 **kw)  # type: ignore[arg-type]
+
+
+def test_a_healthy_boot_blames_no_one() -> None:
+    assert who(Outcome.READY, HEALTHY, qemu_returncode=0) is None
+
+
+def test_a_stray_int3_is_the_emulator_only_under_a_racy_tcg() -> None:
+    racy = who(Outcome.FAILED, ok("basic.target") + INT3, qemu_returncode=-15, racy_tcg=True)
+    assert racy is not None and racy.who == "emulator", racy
+    assert "stale translation" in racy.why and "Oops: int3" in racy.why
+    assert str(racy).startswith("The emulator failed, not the guest: ")
+    # Single-threaded TCG, or a QEMU without the race: the same oops is the guest's.
+    fair = who(Outcome.FAILED, ok("basic.target") + INT3, qemu_returncode=-15)
+    assert fair is not None and fair.who == "guest" and "kernel oops" in fair.why, fair
+    # Any other oops is the guest's even on a racy TCG.
+    gpf = who(Outcome.FAILED, "[ 5.0] Oops: general protection fault\r\n",
+              qemu_returncode=-15, racy_tcg=True)
+    assert gpf is not None and gpf.who == "guest", gpf
+
+
+def test_qemu_failing_and_a_silent_console_are_the_emulator() -> None:
+    died = who(Outcome.EXITED, "", qemu_returncode=1, qemu_detail="exit code 1: no firmware")
+    assert died is not None and died.who == "emulator" and "no firmware" in died.why
+    silent = who(Outcome.TIMEOUT, "", qemu_returncode=-15)
+    assert silent is not None and silent.who == "emulator" and "firmware" in silent.why
+    starved = who(Outcome.TIMEOUT, ok("basic.target") + LOCKUP + "\n", qemu_returncode=-15)
+    assert starved is not None and starved.who == "emulator" and "stall" in starved.why
+
+
+def test_guest_failures_are_the_guest() -> None:
+    hung = who(Outcome.TIMEOUT, ok("basic.target"), qemu_returncode=-15)
+    assert hung is not None and hung.who == "guest"
+    rebooted = who(Outcome.EXITED, ok("basic.target"), qemu_returncode=0)
+    assert rebooted is not None and rebooted.who == "guest" and "rebooted" in rebooted.why
+    unverified = who(Outcome.READY, HEALTHY.replace("verity=verified", "verity="),
+                     qemu_returncode=0)
+    assert unverified is not None and unverified.who == "guest"
+    assert "/usr verity verified" in unverified.why
+
+
 # --- command line -----------------------------------------------------------------------------
 
 
@@ -357,7 +457,9 @@ def test_amd64_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     assert option(argv, "-machine") == ["q35"]
     assert option(argv, "-accel") == ["tcg,thread=multi"]
     assert option(argv, "-cpu") == ["max"]
-    assert option(argv, "-m") == ["2048"] and option(argv, "-smp") == ["2"]
+    # One vCPU under emulation (a second one costs a host core and gains nothing).
+    assert option(argv, "-m") == ["2048"] and option(argv, "-smp") == ["1"]
+    assert option(argv_for("amd64", tmp_path, None, QemuConfig(cpus=3)), "-smp") == ["3"]
     drives = option(argv, "-drive")
     assert ("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"
             in drives)
@@ -394,13 +496,14 @@ def test_kvm_command_line_uses_host_cpu(tmp_path: Path) -> None:
                       firmware_code=Path("/c"), vars_copy=Path("/v"),
                       overlay=Path("/o,1"), console=None)
     assert option(argv, "-accel") == ["kvm"] and option(argv, "-cpu") == ["host"]
+    assert option(argv, "-smp") == ["2"]
     assert any(d.endswith("file=/o,,1") for d in option(argv, "-drive"))  # commas escaped
 
 
 @pytest.mark.parametrize("cfg, words", [
     (QemuConfig(arch="sparc"), "Unknown architecture 'sparc': choose one of amd64, arm64."),
     (QemuConfig(memory_mib=64), "at least 256 MiB"),
-    (QemuConfig(cpus=0), "at least one CPU"),
+    (QemuConfig(cpus=-1), "at least one CPU"),
     (QemuConfig(ssh_port=70000), "not a TCP port"),
 ])
 def test_bad_config(cfg: QemuConfig, words: str) -> None:
@@ -598,7 +701,7 @@ def fake_boot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setattr(qemu, "FAILURE_GRACE_S", 0.5)
     run_test = qemu.run_test  # the real one, even if a test replaces it later
 
-    def boot(*chunks: str, timeout_s: float = 10) -> qemu.TestResult:
+    def boot(*chunks: str, timeout_s: float = 10, **kw: Any) -> qemu.TestResult:
         def prepare(disk_path: Path, cfg: QemuConfig, work: Path, console: Path | None
                     ) -> Launch:
             assert console is not None
@@ -608,7 +711,7 @@ def fake_boot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
                           work / "v.fd", [], argv)
 
         monkeypatch.setattr(qemu, "prepare", prepare)
-        return run_test(img, timeout_s=timeout_s, log_dir=tmp_path / "logs")
+        return run_test(img, timeout_s=timeout_s, log_dir=tmp_path / "logs", **kw)
 
     return boot
 
@@ -632,10 +735,23 @@ def test_run_test_passes_on_a_healthy_console(fake_boot: Callable[..., qemu.Test
     assert data["passed"] is True and data["report"]["slot"] == "A"
 
 
+def test_run_test_tells_its_progress(fake_boot: Callable[..., qemu.TestResult],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[float, str]] = []
+    monkeypatch.setattr(qemu, "PROGRESS_S", 0.2)
+    res = fake_boot(ok("basic.target"), "sleep:1", HEALTHY,
+                    on_progress=lambda t, line: seen.append((t, line)))
+    assert res.passed and len(seen) >= 3, seen
+    assert [t for t, _ in seen] == sorted(t for t, _ in seen)
+    assert any("basic.target" in line for _, line in seen), seen
+
+
 def test_run_test_stops_at_a_panic(fake_boot: Callable[..., qemu.TestResult]) -> None:
     res = fake_boot(ok("basic.target"), "[ 4.0] Kernel panic - not syncing: oh no\r\n",
                     "[ 4.1] CPU: 0 PID: 1 Comm: init\r\n")
     assert res.outcome is Outcome.FAILED and not res.passed
+    assert res.blame is not None and res.blame.who == "guest"
+    assert res.to_json()["failed_by"] == "guest"
     assert not res.check(checks.CLEAN_CONSOLE).passed
     assert res.check(checks.NO_TIMEOUT).passed
     assert res.elapsed_s < 3

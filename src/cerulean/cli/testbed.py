@@ -47,8 +47,9 @@ emergency shell, or the timeout, then stops QEMU and checks:
                                      systemd-boot's boot counting keeps the slot
 
 The console log is kept as DISK-STEM.console.log in --log-dir. Exit status
-is 0 if every check passed, 1 otherwise. Under TCG (no working KVM) a boot
-takes about a minute.
+is 0 if every check passed, 1 otherwise; a failed test says whether the guest
+failed (the image) or the emulator did (QEMU or a starved host). Under TCG (no
+working KVM) a boot takes one to two minutes.
 
 Examples:
   cerulean test out/vm-amd64.qcow2
@@ -62,8 +63,9 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
                                   "partition types or its ESP's boot loader)")
     p.add_argument("--memory", type=int, default=2048, metavar="MIB",
                    help="guest memory in MiB (default: 2048)")
-    p.add_argument("--cpus", type=int, default=2, metavar="N",
-                   help="guest CPUs (default: 2)")
+    p.add_argument("--cpus", type=int, default=0, metavar="N",
+                   help="guest CPUs (default: 1 under emulation, 2 under KVM; on QEMU "
+                        "older than 9.1 several emulated CPUs share one host thread)")
     p.add_argument("--accel", default="auto", metavar="auto|kvm|tcg", help=_ACCEL_HELP)
     p.add_argument("--disk-size", type=int, metavar="MIB",
                    help="give the VM a larger disk than the image, as a cloud would (the "
@@ -131,18 +133,40 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_test(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
+    from rich.status import Status
 
     from cerulean.testbed.qemu import Launch, run_test
 
     con = Console(stderr=True, highlight=False, soft_wrap=True)
+    status: Status | None = None
 
     def started(launch: Launch, console_log: Path) -> None:
-        if not args.json:
-            con.print(f"Booting {args.disk} ({launch.arch}, {launch.accel.accel.upper()}: "
-                      f"{launch.accel.reason}); console log: {console_log}", markup=False)
+        nonlocal status
+        if args.json:
+            return
+        threads = f", {launch.threads.reason}" if launch.threads else ""
+        con.print(f"Booting {args.disk} ({launch.arch}, {launch.accel.accel.upper()}: "
+                  f"{launch.accel.reason}{threads}); console log: {console_log}", markup=False)
+        if launch.accel.accel == "tcg":
+            con.print("Under emulation a boot takes one to two minutes (arm64: up to five).",
+                      markup=False)
+        if con.is_terminal:
+            status = con.status("Booting", spinner="dots")
+            status.start()
 
-    res = run_test(args.disk, _config(args), timeout_s=args.timeout, log_dir=args.log_dir,
-                   on_start=started)
+    def progress(elapsed: float, line: str) -> None:
+        if status is not None:
+            room = max(20, con.width - 30)
+            text = line if len(line) <= room else line[:room - 1] + "…"
+            status.update(f"Booting: {elapsed:4.0f} s  {escape(text)}")
+
+    try:
+        res = run_test(args.disk, _config(args), timeout_s=args.timeout, log_dir=args.log_dir,
+                       on_start=started, on_progress=progress)
+    finally:
+        if status is not None:
+            status.stop()
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
         return 0 if res.passed else 1
@@ -157,6 +181,8 @@ def run_test(args: argparse.Namespace) -> int:
         con.print(f"Time to ready: {res.time_to_ready_s:.1f} s{uptime}")
     failed = [c for c in res.checks if not c.passed]
     if failed:
+        if res.blame is not None:
+            con.print(str(res.blame), markup=False)
         con.print(f"[bold red]FAILED[/]: {len(failed)} of {len(res.checks)} checks; "
                   "the console log is ", end="")
     else:

@@ -9,6 +9,16 @@ happens after CPU, memory, interrupt and timer set-up) within a few seconds.
 Otherwise the testbed falls back to TCG, which is slower but always works.
 
 ``CERULEAN_ACCEL=kvm|tcg`` skips the probe and forces a choice.
+
+Under TCG with more than one vCPU, QEMU normally runs one host thread per vCPU
+(multi-threaded TCG). Before QEMU 9.1 that mode has a race: a vCPU can translate
+guest code while another vCPU rewrites it, and keep running the old translation
+afterwards (fixed by "accel/tcg: Always lock pages before translation" in 8.1 and
+a follow-up for code that crosses a page in 9.1). A Linux guest rewrites its own
+code while it boots (static keys, alternatives): it plants an INT3, patches, and
+removes the INT3; a stale translation still holding the INT3 then ends in
+``Oops: int3`` and a panic, more often the busier the host. So :func:`tcg_threads`
+runs such guests single-threaded on an older QEMU.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +42,7 @@ from cerulean.testbed.arch import firmware, machine_args, profile, qemu_binary, 
 log = logging.getLogger("cerulean.testbed")
 
 ACCEL_ENV = "CERULEAN_ACCEL"
+TCG_THREADS_ENV = "CERULEAN_TCG_THREADS"
 ACCELS = ("auto", "kvm", "tcg")
 KVM_DEVICE = Path("/dev/kvm")
 PROBE_TIMEOUT_S = 10.0
@@ -43,6 +55,25 @@ _FIRMWARE_PROGRESS = (b"\x1b[2J", b"BdsDxe")
 class AccelChoice:
     accel: str  # "kvm" or "tcg"
     reason: str
+
+
+# The first QEMU release whose multi-threaded TCG keeps translations coherent with
+# code that other vCPUs modify (see the module's docstring).
+MTTCG_COHERENT_FROM = (9, 1)
+
+
+@dataclass(frozen=True)
+class TcgThreads:
+    """How TCG runs the vCPUs: "multi" (a host thread each) or "single" (one for all).
+
+    *racy* is true for several vCPUs on a multi-threaded TCG that is known to run
+    stale code (only when forced with ``CERULEAN_TCG_THREADS=multi``).
+    """
+
+    mode: str
+    reason: str
+    qemu_version: tuple[int, int, int] | None = None
+    racy: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,6 +109,44 @@ def choose_accel(arch: str, requested: str = "auto") -> AccelChoice:
     if probe.works:
         return AccelChoice("kvm", probe.detail)
     return AccelChoice("tcg", f"KVM does not work here ({probe.detail})")
+
+
+@functools.cache
+def qemu_version(binary: str) -> tuple[int, int, int] | None:
+    """The version *binary* prints (``QEMU emulator version 7.2.22 ...``), or None."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", out)
+    if m is None:
+        return None
+    return int(m[1]), int(m[2]), int(m[3] or 0)
+
+
+def tcg_threads(qemu: str, cpus: int) -> TcgThreads:
+    """Multi-threaded TCG where it is coherent, else one thread for all vCPUs.
+
+    ``CERULEAN_TCG_THREADS=multi|single`` forces a mode (to reproduce a crash, or to
+    measure one mode against the other).
+    """
+    version = qemu_version(qemu)
+    shown = "QEMU " + (".".join(map(str, version)) if version else "of unknown version")
+    coherent = version is not None and version[:2] >= MTTCG_COHERENT_FROM
+    forced = os.environ.get(TCG_THREADS_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("multi", "single"):
+            raise CeruleanError(f"${TCG_THREADS_ENV} is {forced!r}; valid values: multi, single.")
+        racy = forced == "multi" and cpus > 1 and not coherent
+        return TcgThreads(forced, f"{TCG_THREADS_ENV}={forced}", version, racy)
+    if cpus <= 1:
+        return TcgThreads("multi", "one vCPU", version)
+    if coherent:
+        return TcgThreads("multi", f"{shown}: one host thread per vCPU", version)
+    return TcgThreads(
+        "single", f"{shown} runs the {cpus} vCPUs in one thread: its multi-threaded "
+        "TCG can run stale code the guest has just rewritten (fixed in QEMU 9.1)", version)
 
 
 @functools.cache

@@ -37,13 +37,14 @@ def firmware(prof: ArchProfile) -> tuple[Path, Path]:
     return prof.firmware_code, prof.firmware_vars
 
 
-def machine_args(prof: ArchProfile, accel: str) -> list[str]:
-    """Machine, accelerator and CPU options for *accel* ("kvm" or "tcg")."""
+def machine_args(prof: ArchProfile, accel: str, tcg_thread: str = "multi") -> list[str]:
+    """Machine, accelerator and CPU options for *accel* ("kvm" or "tcg"); *tcg_thread*
+    is "multi" (one host thread per vCPU) or "single" (see :func:`accel.tcg_threads`)."""
     if accel == "kvm":
         return ["-machine", prof.machine, "-accel", "kvm", "-cpu", "host"]
-    # Multi-threaded TCG runs one host thread per vCPU; "max" enables every
-    # feature TCG can emulate, which modern distribution kernels expect.
-    return ["-machine", prof.machine, "-accel", "tcg,thread=multi", "-cpu", prof.tcg_cpu]
+    # "max" enables every feature TCG can emulate, which modern distribution kernels expect.
+    return ["-machine", prof.machine, "-accel", f"tcg,thread={tcg_thread}",
+            "-cpu", prof.tcg_cpu]
 
 
 def qemu_opt(value: str | Path) -> str:

@@ -7,6 +7,7 @@ checks that need it fail and say so, rather than being silently skipped.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -148,3 +149,61 @@ def _verity(report: ReadyReport) -> Check:
     if verity is None:
         return Check(USR_VERITY, False, "the READY report has no 'verity' key")
     return Check(USR_VERITY, False, f"verity={verity!r}, expected 'verified'")
+
+
+# What a stale translation of self-modified code looks like in an x86 guest: the INT3
+# the kernel planted while patching, run after the patch was done.
+_STRAY_INT3 = re.compile(r"\bOops: int3\b|\bint3: 0000\b")
+
+
+@dataclass(frozen=True)
+class Blame:
+    """Who failed a boot: "guest" (the image) or "emulator" (QEMU or the host), and why."""
+
+    who: str
+    why: str
+
+    def __str__(self) -> str:
+        if self.who == "emulator":
+            return f"The emulator failed, not the guest: {self.why}"
+        return f"The guest failed: {self.why}"
+
+
+def blame(outcome: Outcome, checks: Sequence[Check], events: Sequence[ConsoleEvent], *,
+          qemu_returncode: int | None, qemu_detail: str = "",
+          stalls: Sequence[ConsoleEvent] = (), racy_tcg: bool = False,
+          console_lines: int = 0) -> Blame | None:
+    """Whether a failed boot is the image's fault or the emulator's (None: it passed).
+
+    Only what is known to be QEMU's or the host's is put on the emulator: QEMU ending
+    with an error, a firmware that never printed, a stray INT3 under a multi-threaded
+    TCG that is known to run stale code (*racy_tcg*), and a timeout with the guest's
+    vCPUs starved. Everything else is the guest's; an oops is never hidden either way.
+    """
+    failed = [c for c in checks if not c.passed]
+    if not failed:
+        return None
+    if outcome is Outcome.EXITED and (qemu_returncode or 0) != 0:
+        return Blame("emulator", f"QEMU stopped with {qemu_detail or 'an error'}")
+    if events:
+        first = events[0]
+        if racy_tcg and any(_STRAY_INT3.search(e.text) for e in events):
+            return Blame("emulator", f"{first} is the INT3 the kernel plants while it patches "
+                                     "its own code, run from a stale translation by this QEMU's "
+                                     "multi-threaded TCG; run single-threaded TCG or a newer "
+                                     "QEMU")
+        return Blame("guest", str(first))
+    if outcome is Outcome.TIMEOUT:
+        if console_lines == 0:
+            return Blame("emulator", "nothing at all reached the serial console, not even "
+                                     "from the firmware")
+        if stalls:
+            return Blame("emulator", f"the host starved the guest's vCPUs ({len(stalls)} "
+                                     f"stall(s), first on console line {stalls[0].line}) "
+                                     "until the timeout; retry on a less busy host or "
+                                     "raise --timeout")
+        return Blame("guest", "no READY report before the timeout; the console log shows "
+                              "where the boot stopped")
+    if outcome is Outcome.EXITED:
+        return Blame("guest", "the guest rebooted or powered off before its READY report")
+    return Blame("guest", "; ".join(f"{c.name}: {c.detail}" for c in failed))

@@ -124,6 +124,7 @@ class ConsoleScanner:
         self.lines = 0
         self.report: ReadyReport | None = None
         self.events: list[ConsoleEvent] = []
+        self.last_line = ""  # the latest non-empty line, escapes stripped
 
     def feed(self, data: bytes) -> None:
         text = self._partial + self._decoder.decode(data)
@@ -143,6 +144,7 @@ class ConsoleScanner:
         line = strip_ansi(raw).strip()
         if not line:
             return
+        self.last_line = line
         if self.emulated and EMULATION_STALL.search(line):
             self.stalls.append(ConsoleEvent("emulation stall", self.lines, line))
             return

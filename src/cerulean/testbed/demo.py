@@ -133,7 +133,7 @@ def run_demo(disk: Path, data: Path, port: int = 8443, timeout_s: float = 1200,
         vm = process.start(launch.argv, stderr=data / "qemu.stderr")
         say(f"Booting {disk.name} in QEMU ({launch.accel.accel}); its agent enrolls by "
             f"itself with the credential cerulean.fleet (console: {console})")
-        host = _wait_for_host(api, before, vm, timeout_s, say)
+        host = _wait_for_host(api, before, vm, timeout_s, say, console)
         say("")
         say(f"  Dashboard:  {url}/hosts/{host['id']}")
         say(f"  Log in as:  admin / {password}   (also in {fleet / 'demo-login'})")
@@ -157,7 +157,52 @@ def run_demo(disk: Path, data: Path, port: int = 8443, timeout_s: float = 1200,
 
 
 def _wait_for_host(api: Api, before: set[str], vm: subprocess.Popen[bytes],
-                   timeout_s: float, say: Callable[[str], None]) -> dict[str, Any]:
+                   timeout_s: float, say: Callable[[str], None],
+                   console: Path | None = None) -> dict[str, Any]:
+    with _Progress(console) as progress:
+        return _poll_host(api, before, vm, timeout_s, say, progress)
+
+
+class _Progress:
+    """On a terminal, one status line: how long the demo has waited and the VM's console."""
+
+    def __init__(self, console: Path | None) -> None:
+        from rich.console import Console
+
+        self.con = Console(stderr=True, highlight=False)
+        self.console = console
+        self.started = time.monotonic()
+        self.status = self.con.status("", spinner="dots") if self.con.is_terminal else None
+
+    def __enter__(self) -> _Progress:
+        if self.status is not None:
+            self.status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+    def update(self, state: str) -> None:
+        if self.status is None:
+            return
+        from rich.markup import escape
+
+        from cerulean.testbed.console import scan
+
+        line = ""
+        if self.console is not None and self.console.exists():
+            with self.console.open("rb") as f:
+                f.seek(max(0, self.console.stat().st_size - 4096))
+                line = scan(f.read()).last_line
+        room = max(20, self.con.width - len(state) - 16)
+        line = line if len(line) <= room else line[:room - 1] + "…"
+        self.status.update(f"{state} ({time.monotonic() - self.started:.0f} s)  "
+                           f"[dim]{escape(line)}[/]")
+
+
+def _poll_host(api: Api, before: set[str], vm: subprocess.Popen[bytes], timeout_s: float,
+               say: Callable[[str], None], progress: _Progress) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     said = ""
     inventory_at = 0.0
@@ -181,5 +226,6 @@ def _wait_for_host(api: Api, before: set[str], vm: subprocess.Popen[bytes],
         if state != said:
             say(state)
             said = state
+        progress.update(state)
         time.sleep(3)
     raise CeruleanError(f"The VM did not enroll within {timeout_s:.0f} s; see its console.")

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from cerulean.errors import CeruleanError
 from cerulean.testbed import process
-from cerulean.testbed.accel import choose_accel
+from cerulean.testbed.accel import choose_accel, tcg_threads
 from cerulean.testbed.arch import firmware, profile, qemu_binary
 from cerulean.testbed.console import ConsoleScanner, ReadyReport, strip_ansi
 from cerulean.testbed.disk import inspect_disk
 from cerulean.testbed.guest import credential_args
-from cerulean.testbed.qemu import QemuConfig, build_argv
+from cerulean.testbed.qemu import QemuConfig, build_argv, vcpus
 
 
 @dataclass
@@ -63,11 +63,13 @@ class Machine:
         for name, value in sorted(self.credentials.items()):
             extra += credential_args(name, value)
         cfg = QemuConfig(**{**self.cfg.__dict__, "extra_args": (*self.cfg.extra_args, *extra)})
-        argv = build_argv(qemu=qemu_binary(prof), prof=prof,
-                          accel=choose_accel(arch, cfg.accel).accel, cfg=cfg,
+        qemu = qemu_binary(prof)
+        accel = choose_accel(arch, cfg.accel).accel
+        threads = tcg_threads(qemu, vcpus(cfg, accel)).mode if accel == "tcg" else "multi"
+        argv = build_argv(qemu=qemu, prof=prof, accel=accel, cfg=cfg,
                           firmware_code=code, vars_copy=nvram, overlay=self.disk,
                           console=self.console_log, disk_format=info.format,
-                          cache="writeback", reboot=True)
+                          cache="writeback", reboot=True, tcg_thread=threads)
         with self.console_log.open("ab") as f:
             f.write(f"\n===== power on {time.strftime('%H:%M:%S')} =====\n".encode())
         self._pos = self.restart_pos = self.console_log.stat().st_size

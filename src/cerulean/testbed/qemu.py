@@ -26,7 +26,13 @@ from typing import Any
 from cerulean.errors import CeruleanError
 from cerulean.run import require_tool, run
 from cerulean.testbed import process
-from cerulean.testbed.accel import AccelChoice, choose_accel, qemu_complaint
+from cerulean.testbed.accel import (
+    AccelChoice,
+    TcgThreads,
+    choose_accel,
+    qemu_complaint,
+    tcg_threads,
+)
 from cerulean.testbed.arch import (
     ArchProfile,
     firmware,
@@ -35,7 +41,7 @@ from cerulean.testbed.arch import (
     qemu_binary,
     qemu_opt,
 )
-from cerulean.testbed.checks import Check, Outcome, evaluate
+from cerulean.testbed.checks import Blame, Check, Outcome, blame, evaluate
 from cerulean.testbed.console import ConsoleEvent, ConsoleScanner, ReadyReport
 from cerulean.testbed.disk import DiskInfo, detect_arch, inspect_disk
 
@@ -54,6 +60,7 @@ log = logging.getLogger("cerulean.testbed")
 
 DEFAULT_TIMEOUT_S = 600.0
 POLL_S = 0.25
+PROGRESS_S = 1.0
 # After a panic or oops, let the trace reach the log before QEMU is stopped.
 FAILURE_GRACE_S = 2.0
 MIN_MEMORY_MIB = 256
@@ -65,7 +72,7 @@ class QemuConfig:
 
     arch: str | None = None
     memory_mib: int = 2048
-    cpus: int = 2
+    cpus: int = 0  # 0: one vCPU under TCG, two under KVM (see vcpus)
     accel: str = "auto"  # auto (probe KVM, else TCG), kvm or tcg
     extra_args: tuple[str, ...] = ()
     network: bool = True  # user-mode networking (NAT, no root needed)
@@ -78,7 +85,7 @@ class QemuConfig:
         if self.memory_mib < MIN_MEMORY_MIB:
             raise CeruleanError(f"The VM needs at least {MIN_MEMORY_MIB} MiB of memory, "
                                 f"not {self.memory_mib}.")
-        if self.cpus < 1:
+        if self.cpus < 0:
             raise CeruleanError(f"The VM needs at least one CPU, not {self.cpus}.")
         if self.ssh_port is not None:
             if not 1 <= self.ssh_port <= 65535:
@@ -98,6 +105,11 @@ class Launch:
     vars_copy: Path
     overlay_argv: list[str]
     argv: list[str]
+    threads: TcgThreads | None = None  # under TCG: one host thread per vCPU, or one for all
+
+    @property
+    def racy_tcg(self) -> bool:
+        return self.accel.accel == "tcg" and self.threads is not None and self.threads.racy
 
 
 @dataclass
@@ -122,6 +134,8 @@ class TestResult:
     qemu_stderr: str = ""
     argv: list[str] = field(default_factory=list)
     stalls: list[ConsoleEvent] = field(default_factory=list)  # soft lockups under TCG
+    threads: TcgThreads | None = None
+    blame: Blame | None = None  # who failed the boot (None: it passed)
 
     @property
     def passed(self) -> bool:
@@ -143,6 +157,8 @@ class TestResult:
             "arch": self.arch,
             "accel": self.accel.accel,
             "accel_reason": self.accel.reason,
+            "tcg_threads": self.threads.mode if self.threads else None,
+            "tcg_threads_reason": self.threads.reason if self.threads else None,
             "passed": self.passed,
             "outcome": self.outcome.value,
             "time_to_ready_s": _round(self.time_to_ready_s),
@@ -156,6 +172,8 @@ class TestResult:
             "stalls": [{"line": e.line, "text": e.text} for e in self.stalls],
             "console_log": str(self.console_log),
             "qemu_returncode": self.qemu_returncode,
+            "failed_by": self.blame.who if self.blame else None,
+            "failure": self.blame.why if self.blame else None,
         }
 
 
@@ -163,10 +181,22 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
+def vcpus(cfg: QemuConfig, accel: str) -> int:
+    """The guest's vCPUs: as configured, else one under TCG and two under KVM.
+
+    Under emulation every vCPU costs a host core, and a second one made boots no faster
+    on a 2-core host (measured in docs/benchmarks.md), while the suite runs two guests at
+    once; under KVM a second vCPU is nearly free.
+    """
+    if cfg.cpus:
+        return cfg.cpus
+    return 1 if accel == "tcg" else 2
+
+
 def build_argv(*, qemu: str, prof: ArchProfile, accel: str, cfg: QemuConfig,
                firmware_code: Path, vars_copy: Path, overlay: Path,
                console: Path | None, disk_format: str = "qcow2", cache: str = "unsafe",
-               reboot: bool = False) -> list[str]:
+               reboot: bool = False, tcg_thread: str = "multi") -> list[str]:
     """The QEMU command line; *console* None means the serial console on stdio.
 
     The disk is a throwaway *overlay* unless a caller boots a disk it owns
@@ -175,8 +205,8 @@ def build_argv(*, qemu: str, prof: ArchProfile, accel: str, cfg: QemuConfig,
     """
     argv = [
         qemu, "-name", "cerulean-testbed",
-        *machine_args(prof, accel),
-        "-smp", str(cfg.cpus), "-m", str(cfg.memory_mib),
+        *machine_args(prof, accel, tcg_thread),
+        "-smp", str(vcpus(cfg, accel)), "-m", str(cfg.memory_mib),
         # Only the devices listed here: no default VGA, CD-ROM or NIC.
         "-nodefaults", "-no-user-config",
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={qemu_opt(firmware_code)}",
@@ -234,6 +264,7 @@ def prepare(disk: Path, cfg: QemuConfig, workdir: Path, console: Path | None) ->
     qemu = qemu_binary(prof)
     code, vars_template = firmware(prof)
     accel = choose_accel(arch, cfg.accel)
+    threads = tcg_threads(qemu, vcpus(cfg, accel.accel)) if accel.accel == "tcg" else None
     overlay, vars_copy = workdir / "overlay.qcow2", workdir / "efivars.fd"
     if cfg.disk_size_mib is not None and cfg.disk_size_mib * 1024 * 1024 < info.virtual_size:
         raise CeruleanError(
@@ -243,8 +274,9 @@ def prepare(disk: Path, cfg: QemuConfig, workdir: Path, console: Path | None) ->
     overlay_argv = create_overlay(info, overlay, cfg.disk_size_mib)
     shutil.copyfile(vars_template, vars_copy)
     argv = build_argv(qemu=qemu, prof=prof, accel=accel.accel, cfg=cfg, firmware_code=code,
-                      vars_copy=vars_copy, overlay=overlay, console=console)
-    return Launch(info, arch, accel, overlay, vars_copy, overlay_argv, argv)
+                      vars_copy=vars_copy, overlay=overlay, console=console,
+                      tcg_thread=threads.mode if threads else "multi")
+    return Launch(info, arch, accel, overlay, vars_copy, overlay_argv, argv, threads)
 
 
 def boot_interactive(disk: Path, cfg: QemuConfig | None = None) -> int:
@@ -269,12 +301,14 @@ def boot_interactive(disk: Path, cfg: QemuConfig | None = None) -> int:
 
 def run_test(disk: Path, cfg: QemuConfig | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
              log_dir: Path | None = None, *,
-             on_start: Callable[[Launch, Path], None] | None = None) -> TestResult:
+             on_start: Callable[[Launch, Path], None] | None = None,
+             on_progress: Callable[[float, str], None] | None = None) -> TestResult:
     """Boot *disk* headless, watch its console and check it came up healthy.
 
     The console log is kept in *log_dir* (default: next to the disk) as
     ``<disk stem>.console.log``; *on_start* is told the launch and that path
-    once QEMU is about to start.
+    once QEMU is about to start; *on_progress* is told, about once a second, the
+    seconds since then and the console's latest line.
     """
     cfg = cfg or QemuConfig()
     if timeout_s <= 0:
@@ -292,7 +326,8 @@ def run_test(disk: Path, cfg: QemuConfig | None = None, timeout_s: float = DEFAU
         proc = process.start(launch.argv, stderr=stderr)
         try:
             outcome, scanner, ready_at = _watch(proc, console_log, started, timeout_s,
-                                                emulated=launch.accel.accel == "tcg")
+                                                emulated=launch.accel.accel == "tcg",
+                                                on_progress=on_progress)
         finally:
             returncode = process.stop(proc)
         elapsed = time.monotonic() - started
@@ -303,13 +338,16 @@ def run_test(disk: Path, cfg: QemuConfig | None = None, timeout_s: float = DEFAU
     checks = evaluate(outcome, scanner.report, scanner.events, timeout_s=timeout_s,
                       elapsed_s=elapsed, time_to_ready_s=time_to_ready, qemu_detail=qemu_detail,
                       stalls=scanner.stalls)
+    fault = blame(outcome, checks, scanner.events, qemu_returncode=returncode,
+                  qemu_detail=qemu_detail, stalls=scanner.stalls, racy_tcg=launch.racy_tcg,
+                  console_lines=scanner.lines)
     return TestResult(
         disk=Path(disk), arch=launch.arch, accel=launch.accel, outcome=outcome, checks=checks,
         console_log=console_log, timeout_s=timeout_s, elapsed_s=elapsed,
         time_to_ready_s=time_to_ready, report=scanner.report, events=scanner.events,
         stalls=scanner.stalls,
         qemu_pid=proc.pid, qemu_returncode=returncode, qemu_stderr=qemu_stderr,
-        argv=launch.argv,
+        argv=launch.argv, threads=launch.threads, blame=fault,
     )
 
 
@@ -323,16 +361,21 @@ def _start_log(console_log: Path) -> None:
 
 
 def _watch(proc: subprocess.Popen[bytes], console_log: Path, started: float,
-           timeout_s: float, emulated: bool = False
+           timeout_s: float, emulated: bool = False,
+           on_progress: Callable[[float, str], None] | None = None,
            ) -> tuple[Outcome, ConsoleScanner, float | None]:
     """Read the console as it grows until READY, a failure, QEMU's exit or the timeout."""
     scanner = ConsoleScanner(emulated)
     deadline = started + timeout_s
     failure_deadline: float | None = None
+    told = 0.0
     with open(console_log, "rb") as log_file:
         while True:
             scanner.feed(log_file.read())
             now = time.monotonic()
+            if on_progress is not None and now - told >= PROGRESS_S:
+                on_progress(now - started, scanner.last_line)
+                told = now
             if scanner.report is not None:
                 return Outcome.READY, scanner, now
             if scanner.events and failure_deadline is None:
