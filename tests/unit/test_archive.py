@@ -21,6 +21,7 @@ from debfactory import make_deb
 
 from cerulean.build.definition import load_definition
 from cerulean.build.plan import ensure_lock
+from cerulean.debian import archive as archive_module
 from cerulean.debian import fetch
 from cerulean.debian.archive import host_mirrors
 from cerulean.debian.cache import Cache
@@ -646,6 +647,49 @@ def test_host_mirrors_first_source_wins(tmp_path: Path) -> None:
         "http://mirror.example.invalid/debian",
         "http://security.example.invalid/debian-security",
     )
+
+
+UBUNTU_DEB822 = """\
+Types: deb
+URIs: http://archive.example.invalid/ubuntu/
+Suites: noble noble-updates noble-backports
+Components: main restricted universe multiverse
+Signed-By: /usr/share/keyrings/ubuntu-archive-keyring.gpg
+
+Types: deb
+URIs: http://security.example.invalid/ubuntu/
+Suites: noble-security
+Components: main restricted universe multiverse
+Signed-By: /usr/share/keyrings/ubuntu-archive-keyring.gpg
+"""
+
+UBUNTU_ONE_LINE = """\
+deb http://archive.example.invalid/ubuntu jammy main restricted
+deb http://archive.example.invalid/ubuntu jammy-updates main restricted
+deb http://security.example.invalid/ubuntu jammy-security main restricted
+deb http://ports.example.invalid/ubuntu-ports jammy-security main
+"""
+
+
+def test_an_ubuntu_host_names_no_debian_mirror(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ubuntu's archives are not taken for Debian's: not the main one, and not its security
+    archive either (which would otherwise look like a "-security" suite)."""
+    for name, text in (("deb822", {"ubuntu.sources": UBUNTU_DEB822}),
+                       ("one-line", {"ubuntu.list": UBUNTU_ONE_LINE})):
+        root = _apt_root(tmp_path / name, None, text)
+        assert host_mirrors(root) == (None, None), name
+    monkeypatch.setattr(archive_module, "APT_SOURCES", root)
+    monkeypatch.delenv("CERULEAN_MIRROR", raising=False)
+    monkeypatch.delenv("CERULEAN_SECURITY_MIRROR", raising=False)
+    with pytest.raises(CeruleanError, match=r"an Ubuntu archive is not a Debian mirror.*"
+                                            r"set CERULEAN_MIRROR"):
+        archive_module.default_archive()
+    # With a Debian mirror named, an Ubuntu host builds from it.
+    monkeypatch.setenv("CERULEAN_MIRROR", "http://mirror.example.invalid/debian")
+    cfg = archive_module.default_archive()
+    assert (cfg.mirror, cfg.security_mirror) == ("http://mirror.example.invalid/debian",
+                                                 "http://mirror.example.invalid/debian-security")
 
 
 def test_host_mirrors_none_configured(tmp_path: Path) -> None:

@@ -77,6 +77,8 @@ def host_mirrors(root: Path = APT_SOURCES) -> tuple[str | None, str | None]:
         uri = uri.rstrip("/")
         if not uri.startswith(("http://", "https://", "file:/")):
             continue
+        if uri.rsplit("/", 1)[-1].startswith("ubuntu"):
+            continue  # Ubuntu's archive and security archive are not Debian's
         if any(s.endswith("-security") or s.endswith("/updates") for s in suites):
             security = security or uri
         elif uri.endswith("/debian"):
@@ -94,13 +96,15 @@ def default_archive(
     components: tuple[str, ...] = DEFAULT_COMPONENTS,
 ) -> ArchiveConfig:
     """Archive settings from arguments, then environment, then the host's apt sources."""
-    host_m, host_s = host_mirrors()
+    host_m, host_s = host_mirrors(APT_SOURCES)
     m = mirror or os.environ.get("CERULEAN_MIRROR") or host_m
     s = security_mirror or os.environ.get("CERULEAN_SECURITY_MIRROR") or host_s
     if not m:
         raise CeruleanError(
-            "No Debian mirror is configured: set 'mirror' in the image's [archive] table "
-            "or CERULEAN_MIRROR (this host's apt sources name none)."
+            "No Debian mirror is configured: this host's apt sources name none (an Ubuntu "
+            "archive is not a Debian mirror), so set CERULEAN_MIRROR to a Debian mirror's URL "
+            "(the directory that holds dists/ and pool/) or 'mirror' in the image's [archive] "
+            "table."
         )
     if not s:
         s = m.rstrip("/").rsplit("/", 1)[0] + "/debian-security"
