@@ -119,3 +119,34 @@ def test_cli_prints_metrics(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["agent", "metrics"]) == 0
     out = capsys.readouterr().out
     assert "# TYPE node_cpu_seconds_total counter" in out and "node_memory_MemTotal_bytes" in out
+
+
+def test_the_fleet_is_tried_again_sooner_after_a_failure(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """A host whose network is not up yet when the agent starts enrolls seconds after it
+    is, not a whole interval later; once reports go through, the interval is back."""
+    from cerulean.agent import fleetlink
+
+    results = ["network is unreachable"] * 6 + [""] * 2
+    waits: list[float] = []
+
+    class Stop:
+        def wait(self, seconds: float) -> bool:
+            waits.append(seconds)
+            return not results
+
+    def enrolled(root: Path) -> object:
+        return object()
+
+    def sync(root: Path) -> object:
+        error = results.pop(0)
+        if error:
+            raise OSError(error)
+        return fleetlink.SyncResult({}, 1, 0, 0, False)
+
+    monkeypatch.setattr(fleetlink, "load_enrollment", enrolled)
+    monkeypatch.setattr(fleetlink, "sync", sync)
+    said: list[str] = []
+    daemon._fleet_loop(tmp_path, 60, Stop(), said.append)  # type: ignore[arg-type]
+    assert waits == [5, 10, 20, 40, 60, 60, 60, 60], waits
+    assert said == ["fleet: network is unreachable", "fleet: reports are delivered again"]

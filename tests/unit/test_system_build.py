@@ -651,6 +651,13 @@ def test_usr_slot_mib_must_be_a_non_negative_integer(tmp_path: Path, value: str)
         f"{tmp_path / 'img.toml'}: 'system.usr-slot-mib' must be a non-negative integer.")
 
 
+def test_initrd_drivers_are_kernel_module_names(tmp_path: Path) -> None:
+    defn = system_defn(tmp_path, 'initrd-drivers = ["virtio_blk", "dm-verity"]')
+    assert defn.system_initrd_drivers == ("virtio_blk", "dm-verity")
+    with pytest.raises(DefinitionError, match=r"'virtio blk' is not a valid kernel module name"):
+        system_defn(tmp_path, 'initrd-drivers = ["virtio blk"]')
+
+
 def test_usr_slot_mib_zero_is_automatic(tmp_path: Path) -> None:
     assert system_defn(tmp_path, "usr-slot-mib = 0").system_usr_slot_mib == 0
 
@@ -660,8 +667,8 @@ def test_unknown_system_key_and_kind(tmp_path: Path) -> None:
         system_defn(tmp_path, 'host-name = "x"')
     assert str(e.value) == (
         f"{tmp_path / 'img.toml'}: unknown key 'system.host-name'; valid in [system]: "
-        "agent, boot-tries, disable, enable, format, hostname, initrd-modules, kernel-cmdline, "
-        "read-only, setuid-allow, usr-slot-mib.")
+        "agent, boot-tries, disable, enable, format, hostname, initrd-drivers, initrd-modules, "
+        "kernel-cmdline, read-only, setuid-allow, usr-slot-mib.")
     with pytest.raises(DefinitionError) as e:
         system_defn(tmp_path, kind="vm")
     assert str(e.value) == (

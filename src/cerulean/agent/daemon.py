@@ -200,10 +200,13 @@ def _integrity_loop(root: Path, interval: int, stop: threading.Event,
 def _fleet_loop(root: Path, interval: int, stop: threading.Event,
                 say: Callable[[str], None]) -> None:
     """Report to the fleet every *interval* seconds, once the host is enrolled. A failure
-    is said once (not every round) and the reports wait in the outbox."""
+    is said once (not every round) and the reports wait in the outbox; after a failure the
+    next try comes sooner (5 s, doubling up to *interval*), so a host whose network comes
+    up after the agent enrolls within seconds of it."""
     from cerulean.agent import fleetlink
 
     last_error = ""
+    failures = 0
     while True:
         error = ""
         try:
@@ -220,7 +223,8 @@ def _fleet_loop(root: Path, interval: int, stop: threading.Event,
         if error != last_error:
             say(f"fleet: {error}" if error else "fleet: reports are delivered again")
             last_error = error
-        if stop.wait(interval):
+        failures = min(failures + 1, 16) if error else 0
+        if stop.wait(min(interval, 5 * 2 ** (failures - 1)) if failures else interval):
             return
 
 

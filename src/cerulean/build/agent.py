@@ -164,7 +164,7 @@ def install_agent(rootfs: Path, defn: ImageDefinition, work: Path) -> AgentDeb:
 
     deb = build_deb(work / "agent")
     run_in(rootfs, ["sh", "-c", f"dpkg --install /work/agent/{deb.path.name} >/dev/null && "
-                    f"python3 -m compileall -q /{PY_DEST}"],
+                    f"python3 -m compileall -q --invalidation-mode checked-hash /{PY_DEST}"],
            binds={work: "/work"}, what="Installing the cerulean-agent package")
     conf = rootfs / "usr/lib/cerulean/update.toml"
     conf.write_text(update_config(defn))

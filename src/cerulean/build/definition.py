@@ -163,6 +163,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("system", "setuid-allow", "list[str]", [],
             "Programs that may keep a setuid/setgid bit; every other one loses it."),
     Setting("system", "initrd-modules", "list[str]", [], "Extra dracut modules."),
+    Setting("system", "initrd-drivers", "list[str]", [],
+            "The kernel modules the initrd carries (with what they need): the drivers of "
+            "the disks the image boots from. Empty: every storage driver of the kernel, for "
+            "hardware nobody can list in advance.",
+            check=_names_ok(re.compile(r"^[A-Za-z0-9_-]+$"), "kernel module name")),
     Setting("system", "boot-tries", "int", 3,
             "Boots a new slot gets to reach boot-complete.target before systemd-boot falls "
             "back to the other slot (boot counting); 0 turns counting off.",
@@ -228,6 +233,7 @@ class ImageDefinition:
     system_disable: tuple[str, ...] = ()
     system_setuid_allow: tuple[str, ...] = ()
     system_initrd_modules: tuple[str, ...] = ()
+    system_initrd_drivers: tuple[str, ...] = ()
     system_boot_tries: int = 3
     system_read_only: bool = False
     system_agent: bool = True

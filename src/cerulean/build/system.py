@@ -9,7 +9,8 @@ debootstrap and mmdebstrap do it, with Cerulean's own pieces:
 2. ``dpkg --install`` runs inside a namespaced chroot, first for that closure,
    then for every other locked package (maintainer scripts run; services are
    kept from starting by a policy-rc.d);
-3. what must differ per host is removed (machine-id, SSH host keys, logs).
+3. Python's compiled modules are made hash-based (see :data:`HASH_PYCS`);
+4. what must differ per host is removed (machine-id, SSH host keys, logs).
 
 For a foreign architecture the chroot runs through qemu-user-static. The
 result is cached, keyed by the exact packages, so a rebuild copies it
@@ -38,11 +39,42 @@ from cerulean.debian.packages import Package
 from cerulean.debian.resolve import Universe, resolve
 from cerulean.errors import CeruleanError
 
-SYSTEM_FORMAT = 2  # bump when the way a rootfs is composed changes
+SYSTEM_FORMAT = 3  # bump when the way a rootfs is composed changes
 DEBS_INSIDE = "/run/cerulean-debs"
 POLICY_RC_D = "usr/sbin/policy-rc.d"
 
 Progress = Callable[[str], None]
+
+# Debian compiles Python modules with the source's modification time in each .pyc. The
+# /usr image gives every file one fixed time (a reproducible erofs), so those would all
+# be stale: Python would compile each module it imports again, on every start, and could
+# not save the result on the read-only /usr. The target's own Python rewrites each
+# header to "checked-hash" (PEP 552): valid while the source's hash matches, whatever its
+# time. The compiled code after the header is the same in both kinds.
+HASH_PYCS = """
+import importlib.util, os, sys
+magic = importlib.util.MAGIC_NUMBER
+for top in sys.argv[1:]:
+    for d, _, files in os.walk(top):
+        if os.path.basename(d) != "__pycache__":
+            continue
+        for f in files:
+            p = os.path.join(d, f)
+            if not f.endswith(".pyc") or os.path.islink(p):
+                continue
+            src = os.path.join(os.path.dirname(d), f.split(".")[0] + ".py")
+            with open(p, "rb") as fh:
+                data = fh.read()
+            if data[:4] != magic or len(data) < 16 or not os.path.isfile(src):
+                continue
+            with open(src, "rb") as fh:
+                digest = importlib.util.source_hash(fh.read())
+            tmp = p + ".tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(magic + (3).to_bytes(4, "little") + digest + data[16:])
+            os.chmod(tmp, os.stat(p).st_mode & 0o7777)
+            os.replace(tmp, p)
+"""
 
 
 def rootfs_key(arch: str, packages: Sequence[LockedPackage]) -> str:
@@ -113,8 +145,10 @@ def _dpkg_install(root: Path, arch: str, cache: Cache, pkgs: Sequence[LockedPack
         return
     debs = [f"{DEBS_INSIDE}/{p.sha256}" for p in pkgs]
     # INITRD=No: the kernel's postinst hooks build no initrd of their own (the image's
-    # is made later, once; under emulation dracut takes minutes).
-    run_in(root, ["dpkg", "--install", "--force-depends", "--force-confnew", *debs],
+    # is made later, once; under emulation dracut takes minutes). unsafe-io: no fsync per
+    # unpacked file; a composition cut short is thrown away whole, never used.
+    run_in(root, ["dpkg", "--install", "--force-depends", "--force-confnew",
+                  "--force-unsafe-io", *debs],
            ro_binds={cache.blob_path("x").parent: DEBS_INSIDE}, env={"INITRD": "No"},
            what=f"Installing the {what} packages for {arch} with dpkg", timeout=3600)
 
@@ -148,6 +182,10 @@ def install_rootfs(root: Path, arch: str, locked: Sequence[LockedPackage], cache
     if audit.stdout.strip():
         first_line = audit.stdout.strip().splitlines()[0]
         raise CeruleanError(f"dpkg left packages unconfigured for {arch}: {first_line}")
+    if (root / "usr/bin/python3").exists():
+        say("making Python's compiled modules hash-based")
+        run_in(root, ["python3", "-c", HASH_PYCS, "/usr/lib"],
+               what="Making Python's compiled modules hash-based")
     clean_host_specific(root)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from cerulean import arch as arches
 from cerulean.agent import integrity
 from cerulean.arch import host_arch
-from cerulean.build import disk, sysconfig
+from cerulean.build import disk, lean, sysconfig
 from cerulean.build.agent import install_agent
 from cerulean.build.chroot import run_in
 from cerulean.build.definition import ImageDefinition, images_dir, load_definition
@@ -75,7 +75,45 @@ def tools_tree(cache: Cache, say: Callable[[str], None], offline: bool) -> Path:
     return root
 
 
-INITRD_FORMAT = 2  # bump when what goes into the initrd changes
+INITRD_FORMAT = 3  # bump when what goes into the initrd changes
+# Exactly these dracut modules (and what they need), not dracut's default set: the initrd
+# opens the verity /usr, grows the root partition and mounts both. dracut-systemd keeps
+# rd.shell=0 and rd.emergency=reboot working (a failed boot reboots, so boot counting can
+# fall back).
+INITRD_MODULES = ("systemd", "systemd-initrd", "systemd-veritysetup", "systemd-repart", "dm",
+                  "dracut-systemd", "base")
+
+
+def kernel_modules(rootfs: Path, kver: str) -> set[str]:
+    """The names of the modules *kver* has, loadable or built in ('-' read as '_')."""
+    names = set()
+    base = rootfs / "usr/lib/modules" / kver
+    for index in ("modules.dep", "modules.builtin"):
+        path = base / index
+        if path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                name = line.split(":", 1)[0].rsplit("/", 1)[-1].split(".ko", 1)[0]
+                names.add(name.replace("-", "_"))
+    return names
+
+
+def dracut_argv(defn: ImageDefinition, kver: str, available: set[str] | None = None
+                ) -> list[str]:
+    """dracut's command line for *defn*: its modules and, if the definition lists them,
+    only the kernel drivers it boots with (else every storage driver). Drivers the
+    kernel does not have (*available*; e.g. VMware's on arm64) are left out."""
+    modules = [*INITRD_MODULES, *defn.system_initrd_modules]
+    drivers: list[str] = []
+    if defn.system_initrd_drivers:
+        wanted = [d for d in defn.system_initrd_drivers
+                  if available is None or d.replace("-", "_") in available]
+        drivers = ["--drivers", " ".join(wanted)]
+    else:
+        modules.append("kernel-modules")
+        drivers = ["--add-drivers", INITRD_DRIVERS]
+    return ["dracut", "--force", "--no-hostonly", "--reproducible", "--modules",
+            " ".join(modules), *drivers, "--omit", "plymouth network", "--compress=zstd",
+            "/work/initrd.img", kver]
 
 
 def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition, cache: Cache,
@@ -87,11 +125,7 @@ def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition, cach
     initrd, so it runs on one without IMAGE_VERSION, and the releases of one package
     set share an initrd. (The UKI's own os-release section names the version.)
     """
-    modules = " ".join(["systemd", "systemd-initrd", "systemd-veritysetup", "systemd-repart", "dm",
-                        *defn.system_initrd_modules])
-    argv = ["dracut", "--force", "--no-hostonly", "--reproducible", "--add", modules,
-            "--add-drivers", INITRD_DRIVERS, "--omit", "plymouth network",
-            "--compress=zstd", "/work/initrd.img", kver]
+    argv = dracut_argv(defn, kver, kernel_modules(rootfs, kver))
     # Everything the initrd is made from: the packages, dracut's arguments, the files
     # Cerulean adds to the image, and the image's identity (os-release, host name).
     key = hashlib.sha256("\0".join([
@@ -201,6 +235,15 @@ def _build_disk(defn: ImageDefinition, lock: Lock, arch: arches.Arch, rootfs: Pa
     sysconfig.write_fstab(rootfs, root_uuid, var_uuid)
     sysconfig.enable_units(rootfs, defn)
     sysconfig.strip_setuid(rootfs, defn.system_setuid_allow)
+    pruned = lean.prune_apparmor_profiles(rootfs)
+    if pruned:
+        say(f"{arch_name}: {len(pruned)} AppArmor profiles for programs not in the image "
+            "removed")
+    lean.mask_units(rootfs)
+    lean.mask_generators(rootfs)
+    lean.defer_boot_random_seed(rootfs)
+    lean.repart_in_initrd_only(rootfs)
+    lean.mark_updated(rootfs, epoch)
     if defn.wants_agent:
         # The baseline of the writable configuration, on /usr (so dm-verity covers it).
         manifest = rootfs / integrity.IMAGE_MANIFEST

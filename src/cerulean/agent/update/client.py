@@ -10,18 +10,11 @@ with one sentence, and the host's trusted metadata stays as it was.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
-from typing import TypeVar
-
-try:
-    from tuf.api import exceptions as tuf_errors
-    from tuf.ngclient import Updater, UpdaterConfig
-except ImportError:  # Debian 12 has no python3-tuf: such a server reports, it does not update
-    HAVE_TUF = False
-else:
-    HAVE_TUF = True
+from typing import TYPE_CHECKING, TypeVar
 
 from cerulean.agent.update.errors import UpdateError
 from cerulean.protocol.update import (
@@ -33,10 +26,20 @@ from cerulean.protocol.update import (
     release_path,
 )
 
+if TYPE_CHECKING:
+    from tuf.ngclient import Updater
+
+# python-tuf (and the cryptography it pulls in) is imported only when the repository is
+# read: `cerulean update health` and `status`, which run on every boot, never need it.
+# Debian 12 has no python3-tuf: such a server reports, it does not update.
+HAVE_TUF = importlib.util.find_spec("tuf") is not None
+
 T = TypeVar("T")
 
 
 def _explain(e: Exception, what: str) -> UpdateError:
+    from tuf.api import exceptions as tuf_errors
+
     if isinstance(e, UpdateError):
         return e  # already explained (by refresh, say)
     if isinstance(e, tuf_errors.ExpiredMetadataError):
@@ -84,6 +87,8 @@ class RepoClient:
 
     def refresh(self) -> None:
         """Fetch and verify the top-level metadata (timestamp, snapshot, targets)."""
+        from tuf.ngclient import Updater, UpdaterConfig
+
         try:
             up = Updater(str(self.meta_dir), self.url + "metadata/", str(self.download_dir),
                          self.url + "targets/", config=UpdaterConfig(app_user_agent="cerulean"))

@@ -1,0 +1,214 @@
+"""What a system image leaves out of its boot (cerulean.build.lean), on small trees."""
+
+from __future__ import annotations
+
+import compileall
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cerulean.build import lean
+from cerulean.build.definition import load_definition
+from cerulean.build.system import HASH_PYCS
+from cerulean.build.system_image import dracut_argv, kernel_modules
+from cerulean.errors import CeruleanError
+
+PROFILES = {
+    # A program the image has: kept.
+    "unix-chkpwd": "abi <abi/4.0>,\nprofile unix-chkpwd /{,usr/}{,s}bin/unix_chkpwd "
+                   "flags=(complain) {\n  include <abstractions/base>\n}\n",
+    # Programs it has not: removed, with their local include.
+    "firefox": "profile firefox /{usr/lib/firefox{,-esr},opt/firefox}/firefox{,-esr} "
+               "flags=(unconfined) {\n  userns,\n}\n",
+    "Discord": 'profile Discord "/usr/share/discord/Discord" flags=(unconfined) {\n}\n',
+    "old-style": "# a comment { with a brace\n/usr/sbin/tcpdump flags=(complain) {\n"
+                 "  /etc/** r,\n}\n",
+    # Entered by name only, a variable it cannot resolve, a ** inside a name: kept.
+    "unprivileged_userns": "profile unprivileged_userns flags=(complain) {\n}\n",
+    "chromium": "profile chromium /usr/lib/@{chromium}/@{chromium} flags=(unconfined) {\n}\n",
+    "globby": "profile globby /opt/**.bin {\n}\n",
+    # Several profiles: kept if any one of them is.
+    "pair": "profile gone /usr/bin/gone {\n}\nprofile here /usr/bin/here* {\n"
+            "  profile child /usr/bin/nothing {\n  }\n}\n",
+}
+
+
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    policy = root / "etc/apparmor.d"
+    for d in ("abstractions", "tunables", "local", "disable"):
+        (policy / d).mkdir(parents=True)
+    (policy / "abstractions/base").write_text("  /etc/ld.so.cache r,\n")
+    (policy / "tunables/global").write_text("@{HOME}=/home/*/\n")
+    for name, text in PROFILES.items():
+        (policy / name).write_text(text)
+    (policy / "local/firefox").write_text("# site additions\n")
+    (policy / "disable/Discord").symlink_to("../Discord")
+    for prog in ("usr/sbin/unix_chkpwd", "usr/bin/here-it-is"):
+        (root / prog).parent.mkdir(parents=True, exist_ok=True)
+        (root / prog).write_bytes(b"\x7fELF")
+    return root
+
+
+def test_profiles_of_absent_programs_go_and_the_rest_stay(tmp_path: Path) -> None:
+    root = tree(tmp_path)
+    removed = lean.prune_apparmor_profiles(root)
+    assert removed == ["Discord", "firefox", "old-style"]
+    policy = root / "etc/apparmor.d"
+    assert sorted(p.name for p in policy.iterdir() if p.is_file()) == [
+        "chromium", "globby", "pair", "unix-chkpwd", "unprivileged_userns"]
+    assert not (policy / "local/firefox").exists()
+    assert not (policy / "disable/Discord").is_symlink()
+    # What profiles include is never touched.
+    assert (policy / "abstractions/base").is_file() and (policy / "tunables/global").is_file()
+    assert lean.prune_apparmor_profiles(root) == []  # nothing more the second time
+
+
+def test_attachments_and_braces() -> None:
+    assert lean.profile_attachments(PROFILES["pair"]) == ["/usr/bin/gone", "/usr/bin/here*"]
+    assert lean.profile_attachments(PROFILES["old-style"]) == ["/usr/sbin/tcpdump"]
+    assert lean.profile_attachments(PROFILES["unprivileged_userns"]) == [None]
+    assert lean.profile_attachments("abi <abi/4.0>,\ninclude <tunables/global>\n") == []
+    assert lean._expand_braces("/{usr/,}{s,}bin/x") == [
+        "/usr/sbin/x", "/usr/bin/x", "/sbin/x", "/bin/x"]
+    assert lean._expand_braces("/a/{b{1,2},c}/d") == ["/a/b1/d", "/a/b2/d", "/a/c/d"]
+
+
+def test_no_apparmor_no_change(tmp_path: Path) -> None:
+    assert lean.prune_apparmor_profiles(tmp_path) == []
+
+
+def unit_tree(tmp_path: Path, units: dict[str, str]) -> Path:
+    root = tmp_path / "root"
+    system = root / "usr/lib/systemd/system"
+    system.mkdir(parents=True)
+    for name, text in units.items():
+        (system / name).write_text(text)
+    return root
+
+
+SEED = ("[Unit]\nDescription=Update Boot Loader Random Seed\nDefaultDependencies=no\n"
+        "After=local-fs.target systemd-random-seed.service\nConflicts=shutdown.target\n"
+        "Before=sysinit.target shutdown.target\n\n[Service]\nType=oneshot\n"
+        "ExecStart=bootctl --graceful random-seed\n")
+
+
+def test_the_boot_loader_seed_is_refreshed_once_the_system_is_up(tmp_path: Path) -> None:
+    root = unit_tree(tmp_path, {lean.RANDOM_SEED: SEED})
+    assert lean.defer_boot_random_seed(root)
+    text = (root / "etc/systemd/system" / lean.RANDOM_SEED).read_text()
+    assert "Before=sysinit.target" not in text and "\nBefore=shutdown.target\n" in text
+    assert "\nAfter=multi-user.target boot-complete.target\n" in text
+    assert "ExecStart=bootctl --graceful random-seed" in text  # the rest as shipped
+    # A unit ordered differently than expected is a build error, not a silent change.
+    changed = unit_tree(tmp_path / "other", {lean.RANDOM_SEED: SEED.replace(
+        "Before=sysinit.target shutdown.target", "Before=basic.target")})
+    with pytest.raises(CeruleanError, match="not ordered as Cerulean expects"):
+        lean.defer_boot_random_seed(changed)
+    assert not lean.defer_boot_random_seed(unit_tree(tmp_path / "none", {}))
+
+
+def test_masks_units_generators_and_repart_outside_the_initrd(tmp_path: Path) -> None:
+    root = unit_tree(tmp_path, {"modprobe@.service": "[Unit]\n",
+                                "systemd-repart.service": "[Unit]\n", "ssh.service": ""})
+    gens = root / lean.GENERATORS
+    gens.mkdir(parents=True)
+    for g in ("systemd-ssh-generator", "systemd-fstab-generator", "systemd-sysv-generator",
+              "systemd-rc-local-generator", "systemd-integritysetup-generator",
+              "systemd-debug-generator"):
+        (gens / g).write_bytes(b"\x7fELF")
+    (root / "etc/init.d").mkdir(parents=True)
+    (root / "etc/init.d/ssh").write_text("#!/bin/sh\n")  # has a unit: no need for sysv
+    (root / "etc/integritytab").write_text("")
+    assert lean.mask_units(root) == ["modprobe@drm.service"]
+    assert os.readlink(root / "etc/systemd/system/modprobe@drm.service") == "/dev/null"
+    assert lean.mask_generators(root) == [
+        "systemd-rc-local-generator", "systemd-ssh-generator", "systemd-sysv-generator"]
+    masked = root / "etc/systemd/system-generators"
+    assert {p.name: os.readlink(p) for p in masked.iterdir()} == {
+        g: "/dev/null" for g in ("systemd-rc-local-generator", "systemd-ssh-generator",
+                                 "systemd-sysv-generator")}
+    # A SysV script without a unit keeps the generator.
+    (masked / "systemd-sysv-generator").unlink()
+    (root / "etc/init.d/legacy").write_text("#!/bin/sh\n")
+    assert "systemd-sysv-generator" not in lean.mask_generators(root)
+    assert lean.repart_in_initrd_only(root)
+    dropin = root / "etc/systemd/system/systemd-repart.service.d"
+    assert "ConditionPathExists=/etc/initrd-release" in next(dropin.iterdir()).read_text()
+
+
+def test_first_boot_does_not_redo_what_the_build_did(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for d in ("etc", "var"):
+        (root / d).mkdir(parents=True)
+    lean.mark_updated(root, 1_764_547_200)
+    for d in ("etc", "var"):
+        stamp = root / d / ".updated"
+        assert "TIMESTAMP_NSEC=1764547200000000000\n" in stamp.read_text()
+        assert stamp.stat().st_mtime_ns == 1_764_547_200 * 10**9
+
+
+def test_compiled_modules_become_hash_based(tmp_path: Path) -> None:
+    """The header rewrite the composition runs with the image's Python, here with this one."""
+    lib = tmp_path / "usr/lib/python3/dist-packages/pkg"
+    lib.mkdir(parents=True)
+    source = lib / "mod.py"
+    source.write_text("VALUE = 42\n")
+    orphan = lib / "gone.py"
+    orphan.write_text("X = 1\n")
+    compileall.compile_dir(lib, quiet=1)
+    orphan.unlink()  # a .pyc without its source stays as it was
+    pyc = Path(importlib.util.cache_from_source(str(source)))
+    gone = Path(importlib.util.cache_from_source(str(orphan)))
+    before, gone_before = pyc.read_bytes(), gone.read_bytes()
+    assert int.from_bytes(before[4:8], "little") == 0  # timestamp-based, as Debian makes them
+    os.utime(source, (0, 0))  # what the /usr image does to every file's time
+    subprocess.run([sys.executable, "-c", HASH_PYCS, str(tmp_path / "usr/lib")], check=True)
+    after = pyc.read_bytes()
+    assert after[:4] == before[:4] and int.from_bytes(after[4:8], "little") == 3
+    assert after[8:16] == importlib.util.source_hash(source.read_bytes())
+    assert after[16:] == before[16:]  # the compiled code itself is unchanged
+    assert gone.read_bytes() == gone_before
+    # Python takes it as it is, whatever the source's time: no compiling again.
+    out = subprocess.run([sys.executable, "-v", "-c", "import pkg.mod"],
+                         cwd=tmp_path / "usr/lib/python3/dist-packages", capture_output=True,
+                         text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+                         check=True).stderr
+    assert f"matches {source}" in out and "bytecode is stale" not in out
+
+
+IMAGES = Path(__file__).resolve().parents[2] / "images"
+
+
+def test_initrd_modules_and_drivers_per_image() -> None:
+    vm = dracut_argv(load_definition(IMAGES / "vm.toml"), "6.12.0")
+    modules = vm[vm.index("--modules") + 1].split()
+    assert modules[:5] == ["systemd", "systemd-initrd", "systemd-veritysetup",
+                           "systemd-repart", "dm"] and "kernel-modules" not in modules
+    drivers = vm[vm.index("--drivers") + 1].split()
+    assert {"virtio_blk", "nvme", "hv_storvsc", "dm-verity", "erofs"} <= set(drivers)
+    assert "--add-drivers" not in vm
+    # metal boots on hardware nobody can list: every storage driver.
+    metal = dracut_argv(load_definition(IMAGES / "metal.toml"), "6.12.0")
+    assert "kernel-modules" in metal[metal.index("--modules") + 1].split()
+    assert "--drivers" not in metal and "--add-drivers" in metal
+
+
+def test_drivers_the_kernel_lacks_are_left_out(tmp_path: Path) -> None:
+    """One definition for both architectures: arm64's kernel has no VMware driver."""
+    mods = tmp_path / "usr/lib/modules/6.12.0-arm64"
+    mods.mkdir(parents=True)
+    (mods / "modules.dep").write_text(
+        "kernel/drivers/block/virtio_blk.ko.xz:\nkernel/drivers/md/dm-verity.ko.xz: "
+        "kernel/drivers/md/dm-bufio.ko.xz\nkernel/drivers/md/dm-mod.ko.xz:\n"
+        "kernel/fs/erofs/erofs.ko.xz:\nkernel/drivers/block/xen-blkfront.ko.xz:\n")
+    (mods / "modules.builtin").write_text("kernel/drivers/nvme/host/nvme.ko\n")
+    have = kernel_modules(tmp_path, "6.12.0-arm64")
+    assert {"virtio_blk", "dm_verity", "nvme", "xen_blkfront"} <= have
+    argv = dracut_argv(load_definition(IMAGES / "vm.toml"), "6.12.0-arm64", have)
+    assert argv[argv.index("--drivers") + 1].split() == [
+        "virtio_blk", "nvme", "xen-blkfront", "dm-mod", "dm-verity", "erofs"]
