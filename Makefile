@@ -16,7 +16,8 @@ APT_PACKAGES := gpgv gnupg zstd xz-utils binutils ca-certificates \
 DEMO_ARGS ?=
 DEMO_MINUTES := 15
 
-.PHONY: demo test check test-clock-ahead setup apt venv lint bench bench-system bench-update bench-agent bench-fleet \
+.PHONY: demo test check test-clock-ahead setup apt venv lint bench bench-system bench-boot \
+	bench-stress bench-update bench-agent bench-fleet \
 	compare-openscap clean
 
 # The archive moves on (security updates, point releases): the demo locks copies of the
@@ -40,8 +41,8 @@ demo: setup
 	$(BIN)/cerulean test $(OUT)/vm-amd64.qcow2
 	$(BIN)/cerulean demo $(OUT)/vm-amd64.qcow2 --dir $(OUT)/fleet-demo $(DEMO_ARGS)
 
-# The QEMU power-cut test cuts 20 times when run by itself; each cut is a boot of
-# about two minutes under emulation, so the whole suite runs 2 of them.
+# The amd64 update test cuts the power 20 times when run by itself; each cut is a boot
+# of one to two minutes under emulation, so the whole suite runs 2 of them.
 POWER_CUTS ?= 2
 
 PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
@@ -74,6 +75,20 @@ bench: setup
 
 bench-system: setup
 	$(BIN)/python benchmarks/system_bench.py
+
+# Boot time of the vm image next to plain Debian, amd64 and arm64, in one run
+# (BOOT_BENCH_ARGS: --arch, --boots, --work DIR to keep the disks).
+BOOT_BENCH_ARGS ?=
+bench-boot: setup
+	$(BIN)/python benchmarks/boot_bench.py $(BOOT_BENCH_ARGS)
+
+# The vm booted 30 times with the other core busy, counting every oops and panic
+# (STRESS_ARGS: --boots, --cpus; CERULEAN_TCG_THREADS=multi reproduces the old crash).
+STRESS_ARGS ?=
+bench-stress: setup
+	test -e $(OUT)/vm-amd64.qcow2 || $(BIN)/cerulean build images/vm.toml --arch amd64 \
+		--format qcow2 --out $(OUT)
+	$(BIN)/python benchmarks/boot_stress.py $(OUT)/vm-amd64.qcow2 $(STRESS_ARGS)
 
 bench-update: setup
 	$(BIN)/python benchmarks/update_bench.py

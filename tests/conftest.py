@@ -22,16 +22,19 @@ def project_root() -> Path:
 # image cache is shared between the workers (tests/vm/conftest.py). Everything
 # else runs after the tracks, on whichever worker is free.
 TRACKS: dict[str, tuple[str, ...]] = {
-    # arm64: package scripts under emulation, the slowest boots; then the boots of
-    # the built-in system images (and the checks inside the vm).
+    # arm64: package scripts under emulation, the slowest composition; then the vm's
+    # boot with the checks inside it, the integration tests and the disk formats.
     "track-1": ("test_updates.py::test_host_updates_itself_and_falls_back_from_a_broken_"
-                "release[arm64]", "tests/vm/test_system_images.py",
-                "tests/vm/test_testbed_boot.py", "tests/integration/"),
-    # amd64 updates: the power cuts, then scenarios (a), (c) and (e); and one
-    # system image's boot, for balance.
-    "track-2": ("test_updates.py::test_power_cuts", "test_updates.py::test_host_updates_"
-                "itself_and_falls_back_from_a_broken_release[amd64]",
-                "test_system_images.py::test_builtin_system_image_boots[container-host]"),
+                "release[arm64]", "test_system_images.py::test_inside_the_booted_vm",
+                "tests/vm/test_testbed_boot.py", "tests/integration/",
+                "test_system_images.py::test_disk_formats"),
+    # amd64 updates: scenarios (a), (d) power cuts, (e) and (c) on one host; then the
+    # boots of container-host and metal, and the too-small /usr slot.
+    "track-2": ("test_updates.py::test_host_updates_itself_and_falls_back_from_a_broken_"
+                "release[amd64]",
+                "test_system_images.py::test_builtin_system_image_boots[container-host]",
+                "test_system_images.py::test_builtin_system_image_boots[metal]",
+                "test_system_images.py::test_usr_slot_too_small_fails_cleanly"),
 }
 
 

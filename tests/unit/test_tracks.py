@@ -27,11 +27,6 @@ from record import rec
 def test_host_updates_itself_and_falls_back_from_a_broken_release(arch):
     rec(arch)
     time.sleep(1)
-
-
-def test_power_cuts_during_updates_leave_a_bootable_host():
-    rec("cuts")
-    time.sleep(1)
 '''
 IMAGES = '''
 import pytest
@@ -45,6 +40,15 @@ def test_builtin_system_image_boots(name):
 
 def test_inside_the_booted_vm():
     rec("inside")
+
+
+def test_usr_slot_too_small_fails_cleanly():
+    rec("slot")
+
+
+@pytest.mark.parametrize("fmt", ["vhd", "raw"])
+def test_disk_formats(fmt):
+    rec(fmt)
 '''
 UNIT = '''
 import pytest
@@ -75,6 +79,6 @@ def test_each_track_runs_on_one_worker(tmp_path: Path) -> None:
                        env={"PATH": "/usr/bin:/bin", "TRACK_LOG": str(log)})
     assert r.returncode == 0, r.stdout + r.stderr
     worker = dict(reversed(line.split()) for line in log.read_text().splitlines())
-    one = {worker[n] for n in ("arm64", "metal", "inside")}
-    two = {worker[n] for n in ("cuts", "amd64", "container-host")}
+    one = {worker[n] for n in ("arm64", "inside", "vhd", "raw")}
+    two = {worker[n] for n in ("amd64", "container-host", "metal", "slot")}
     assert len(one) == 1 and len(two) == 1 and one != two, worker

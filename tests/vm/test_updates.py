@@ -185,15 +185,18 @@ def attack_variants(repo: Repository, image: str, v4: str, tmp: Path) -> dict[st
 
 
 def updates_and_falls_back(m: Machine, releases: Releases, r3: Path | None, v1: str,
-                           v2: str, v3: str, timeout: float) -> None:
+                           v2: str, v3: str, timeout: float) -> tuple[ReadyReport, float]:
     """(a) v1 boots, finds v2, installs it into slot B and reboots into it; (b) with *r3*,
     v3 is installed, fails its health check, and the host comes back to v2 by itself and
-    does not try v3 again."""
+    does not try v3 again. Returns v2's READY report and how long v2's apply took."""
     first = m.ready(timeout)
     assert (first.get("version"), first.get("slot"), first.get("bless")) == \
         (v1, "A", "good"), first.values
     assert first.failed_units == [] and first.get("verity") == "verified", first.values
+    m.expect(rf"Installing {v2}", timeout)
+    began = time.monotonic()
     m.expect(rf"Rebooting into {v2}", timeout)
+    apply_s = time.monotonic() - began
     second = next_ready(m, v2, timeout)
     assert (second.get("slot"), second.get("verity"), second.get("bless")) == \
         ("B", "verified", "good"), second.values
@@ -201,7 +204,7 @@ def updates_and_falls_back(m: Machine, releases: Releases, r3: Path | None, v1: 
     # v1's updater wrote what it did to the audit trail (staged, rebooting) on /var.
     assert int(second.get("audit") or 0) >= 2, second.values
     if r3 is None:
-        return
+        return second, apply_s
 
     releases.publish(r3)
     m.expect(rf"Rebooting into {v3}", timeout)
@@ -211,21 +214,92 @@ def updates_and_falls_back(m: Machine, releases: Releases, r3: Path | None, v1: 
     assert (back.get("slot"), back.get("bless")) == ("B", "clean"), back.values
     m.expect(rf"{v3} failed on this host before", timeout)
     assert m.text().count(f"]: Rebooting into {v3}") == 1, m.console_log
+    return back, apply_s
+
+
+def last_step(text: str) -> str:
+    """What the host was doing at the end of *text* (console output since an apply began):
+    the updater's last step, or booting the new release."""
+    steps = [m for m in re.finditer(r"cerulean\[\d+\]: ([^\n]*)", text)
+             if not m.group(1).startswith(("result:", "message:"))]
+    if steps and "Linux version" in text[steps[-1].end():]:
+        return "booting the new release"
+    step = steps[-1].group(1).split(" (")[0] if steps else "Installing V"
+    return re.sub(r"\d+\.\d{8}\.\d+", "V", step)[:40]
+
+
+@dataclass
+class Running:
+    """The release a host runs, the slot it runs from, and the next version number."""
+
+    version: str
+    slot: str
+    serial: int
+
+
+def power_cuts(m: Machine, releases: Releases, good: str, running: Running, apply_s: float,
+               timeout: float) -> tuple[Running, str]:
+    """(d) The power is cut at a random moment of an apply, again and again: after every
+    cut the host boots a good slot with verity, and carries on. Returns what the host
+    runs and the newest release, which it has not installed yet (it is installing it,
+    or will once it looks again)."""
+    rng = random.Random(int(os.environ.get("CERULEAN_POWER_CUT_SEED", "0")) or None)
+    target = version(running.serial)
+    releases.publish(releases.build(good, target))
+    cuts: list[str] = []
+    m.mark()
+    for trial in range(POWER_CUTS):
+        # After a cut, the whole boot counts: the updater may start installing before
+        # the READY report is printed.
+        if trial:
+            m.mark(m.restart_pos)
+        m.expect(rf"Installing {target}", timeout)
+        began = time.monotonic()
+        # Anywhere in the apply, and a little past its end: cuts while the host reboots
+        # into the new release count too. The apply's length is measured again whenever
+        # one runs to its end before the cut.
+        at = rng.uniform(0, 1.15 * apply_s)
+        step_pos = m.mark()
+        if m.wait_for(rf"Rebooting into {target}", at) is not None:
+            apply_s = time.monotonic() - began
+        time.sleep(max(0.0, began + at - time.monotonic()))
+        m.kill()
+        step = last_step(m.text(step_pos))
+        m.start()
+        r = m.ready(timeout)
+        where = f"cut {trial + 1}, {at:.1f} s into an apply ({step})"
+        assert r.get("version") in (running.version, target), f"{where}: {r.values}"
+        assert r.get("verity") == "verified" and r.failed_units == [], f"{where}: {r.values}"
+        cuts.append(f"{at:5.1f} s  {step:40}  -> {r.get('version')}")
+        if r.get("version") == target:
+            # The cut came after the new boot entry was in place: the host runs the new
+            # release, so the next cut (or what follows) needs a newer one.
+            running = Running(target, r.get("slot") or "", running.serial + 1)
+            target = version(running.serial)
+            releases.publish(releases.build(good, target))
+        else:
+            running = Running(running.version, r.get("slot") or running.slot, running.serial)
+    print(f"power cuts (last apply {apply_s:.0f} s): moment, last step seen, booted")
+    print("\n".join(cuts))
+    return running, target
 
 
 @pytest.mark.parametrize("arch", ["amd64", "arm64"])
 def test_host_updates_itself_and_falls_back_from_a_broken_release(
         vm_env: dict[str, Path], tmp_path: Path, arch: str) -> None:
+    """(a) on both architectures, (b) on arm64; on amd64 then (d) power cuts during
+    applies, (c) what an attacker serves is refused, (e) a release whose hash tree is
+    corrupted on disk fails its tries and the host falls back."""
     releases = make_releases(vm_env, tmp_path, arch)
     good = releases.definition()
     # v3 is broken the way a bad release can be: its updater never starts, so the
     # health check fails.
     broken = releases.definition(cmdline=("systemd.mask=cerulean-update.timer",),
                                  variant="-broken")
-    v1, v2, v3, v4 = (version(n) for n in range(1, 5))
+    v1, v2, v3 = (version(n) for n in range(1, 4))
     r1 = releases.build(good, v1, disk=True)
     r2 = releases.build(good, v2)
-    # (b) on arm64; amd64 checks falling back through (e), which fails v4's boots.
+    # (b) on arm64; amd64 checks falling back through (e), which fails a release's boots.
     r3 = releases.build(broken, v3) if arch == "arm64" else None
     repo = releases.repo
     releases.publish(r1)
@@ -241,16 +315,40 @@ def test_host_updates_itself_and_falls_back_from_a_broken_release(
                     credentials(f"http://10.0.2.2:{port}"))
         with m:
             m.start()
-            updates_and_falls_back(m, releases, r3, v1, v2, v3, timeout)
+            at_v2, apply_s = updates_and_falls_back(m, releases, r3, v1, v2, v3, timeout)
             if arch != "amd64":
-                return  # (c) and (e) check the updater's logic, the same on every arch
+                return  # (c), (d) and (e) check the updater's logic, the same on every arch
+
+            running, pending = power_cuts(
+                m, releases, good, Running(v2, at_v2.get("slot") or "B", 3), apply_s, timeout)
+
+            # (e) The host installs the newest release by itself; its hash tree is then
+            # corrupted on disk before it boots: its boots fail (the initrd reboots), and
+            # after its two tries the host is back on the release it ran.
+            m.mark(m.restart_pos)  # since the last power-on: it may be done already
+            m.expect(rf"Rebooting into {pending}", timeout)
+            m.kill()
+            corrupt_hash_tree(disk, 1 if running.slot == "A" else 0)  # the other slot
+            m.start()
+            back = next_ready(m, running.version, 3 * timeout)
+            assert (back.get("slot"), back.get("bless")) == (running.slot, "clean"), \
+                back.values
+            since_restart = m.text(m.restart_pos)
+            assert since_restart.count("Linux version") >= 3, f"{pending} was not tried twice"
+            assert f"version={pending}" not in since_restart
+            # The updater may say so before the READY report (the agent's boot ends later).
+            m.mark(m.restart_pos)
+            m.expect(rf"{pending} was given up", timeout)
 
             # (c) What an attacker or a broken mirror serves is refused, the host stays.
-            r4 = releases.build(good, v4)
+            # It has given the pending release up, so the repository as it is offers it
+            # nothing; vn comes with a rotated targets key.
+            vn = version(running.serial + 1)
+            rn = releases.build(good, vn)
             served.show(copy_repo(repo, tmp_path / "frozen").path)
             repo.rotate_key("targets")
-            releases.publish(r4)
-            attacks = attack_variants(repo, releases.image, v4, tmp_path / "attacks")
+            releases.publish(rn)
+            attacks = attack_variants(repo, releases.image, vn, tmp_path / "attacks")
             attacks["rollback"] = old_state.path
             # The real repository moves past every version the attacks showed the host.
             repo.refresh(all_roles=True)
@@ -268,100 +366,4 @@ def test_host_updates_itself_and_falls_back_from_a_broken_release(
                 served.show(attacks[name])
                 m.mark()
                 m.expect(pattern, 300)
-            assert f"Rebooting into {v4}" not in m.text(), "an attack got through"
-
-            # (e) The real v4 installs; its hash tree is then corrupted on disk before it
-            # boots: its boots fail (the initrd reboots), and after its two tries the host
-            # is back on v2.
-            served.show(repo.path)
-            m.mark()
-            m.expect(rf"Rebooting into {v4}", timeout)
-            m.kill()
-            corrupt_hash_tree(disk, 0)  # v4 went into slot A (v2 runs from B)
-            m.start()
-            back = next_ready(m, v2, 3 * timeout)
-            assert (back.get("slot"), back.get("bless")) == ("B", "clean"), back.values
-            since_restart = m.text(m.restart_pos)
-            assert since_restart.count("Linux version") >= 3, "v4 was not tried twice"
-            assert f"version={v4}" not in since_restart
-            # The updater may say so before the READY report (the agent's boot ends later).
-            m.mark(m.restart_pos)
-            m.expect(rf"{v4} was given up", timeout)
-
-
-def last_step(text: str) -> str:
-    """What the host was doing at the end of *text* (console output since an apply began):
-    the updater's last step, or booting the new release."""
-    steps = [m for m in re.finditer(r"cerulean\[\d+\]: ([^\n]*)", text)
-             if not m.group(1).startswith(("result:", "message:"))]
-    if steps and "Linux version" in text[steps[-1].end():]:
-        return "booting the new release"
-    step = steps[-1].group(1).split(" (")[0] if steps else "Installing V"
-    return re.sub(r"\d+\.\d{8}\.\d+", "V", step)[:40]
-
-
-def test_power_cuts_during_updates_leave_a_bootable_host(
-        vm_env: dict[str, Path], tmp_path: Path) -> None:
-    """(d) The power is cut at a random moment of an apply, again and again: after every
-    cut the host boots a good slot with verity, and carries on."""
-    releases = make_releases(vm_env, tmp_path, "amd64")
-    good = releases.definition()
-    rng = random.Random(int(os.environ.get("CERULEAN_POWER_CUT_SEED", "0")) or None)
-    serial = 1
-    r1 = releases.build(good, version(serial), disk=True)
-    releases.publish(r1)
-    disk = releases.host_disk(r1, tmp_path / "host.raw")
-    timeout = TIMEOUT["amd64"]
-    with serving(releases.repo.path) as url:
-        port = url.rsplit(":", 1)[1]
-        m = Machine(disk, tmp_path / "machine", QemuConfig(arch="amd64"),
-                    credentials(f"http://10.0.2.2:{port}", first_check=3))
-        with m:
-            m.start()
-            running = version(serial)
-            assert m.ready(timeout).get("version") == running
-            # A whole apply first, to learn how long one takes on this machine.
-            serial += 1
-            target = version(serial)
-            releases.publish(releases.build(good, target))
-            m.expect(rf"Installing {target}", timeout)
-            began = time.monotonic()
-            m.expect(rf"Rebooting into {target}", timeout)
-            apply_s = time.monotonic() - began
-            running = target
-            assert next_ready(m, running, timeout).get("bless") == "good"
-            serial += 1
-            target = version(serial)
-            releases.publish(releases.build(good, target))
-            cuts: list[str] = []
-            for trial in range(POWER_CUTS):
-                # After a cut, the whole boot counts: the updater may start installing
-                # before the READY report is printed.
-                m.mark(m.restart_pos if trial else None)
-                m.expect(rf"Installing {target}", timeout)
-                began = time.monotonic()
-                # Anywhere in the apply, and a little past its end: cuts while the host
-                # reboots into the new release count too. The apply's length is measured
-                # again whenever one runs to its end before the cut.
-                at = rng.uniform(0, 1.15 * apply_s)
-                step_pos = m.mark()
-                if m.wait_for(rf"Rebooting into {target}", at) is not None:
-                    apply_s = time.monotonic() - began
-                time.sleep(max(0.0, began + at - time.monotonic()))
-                m.kill()
-                step = last_step(m.text(step_pos))
-                m.start()
-                r = m.ready(timeout)
-                where = f"cut {trial + 1}, {at:.1f} s into an apply ({step})"
-                assert r.get("version") in (running, target), f"{where}: {r.values}"
-                assert r.get("verity") == "verified" and r.failed_units == [], \
-                    f"{where}: {r.values}"
-                cuts.append(f"{at:5.1f} s  {step:40}  -> {r.get('version')}")
-                if r.get("version") == target:
-                    # The cut came after the new boot entry was in place: the host runs
-                    # the new release, so the next cut needs a newer one.
-                    running, serial = target, serial + 1
-                    target = version(serial)
-                    releases.publish(releases.build(good, target))
-    print(f"power cuts (last apply {apply_s:.0f} s): moment, last step seen, booted")
-    print("\n".join(cuts))
+            assert f"Rebooting into {vn}" not in m.text(), "an attack got through"
