@@ -13,6 +13,7 @@ benchmarks/results/boot.json and the last boot's blame per system.
     .venv/bin/python benchmarks/boot_bench.py [--arch amd64,arm64] [--boots 3]
         [--image vm] [--work DIR]  # DIR keeps the disks: a second run boots them again
         [--cerulean-disk ARCH=PATH]  # boot this image instead of building one
+        [--before-disk ARCH=PATH]    # and this one too, as "before" (an older build)
 """
 
 from __future__ import annotations
@@ -176,9 +177,12 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--work", type=Path, help="keep the disks here (default: a temporary one)")
     ap.add_argument("--cerulean-disk", action="append", default=[], metavar="ARCH=PATH")
+    ap.add_argument("--before-disk", action="append", default=[], metavar="ARCH=PATH",
+                    help="an older Cerulean image to boot in the same run")
     args = ap.parse_args()
     os.chdir(ROOT)  # the tools tree's definition is found in ./images
     given = dict(x.split("=", 1) for x in args.cerulean_disk)
+    before = dict(x.split("=", 1) for x in args.before_disk)
     url = mirror()
     result: dict[str, object] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                  "cpus": os.cpu_count(), "image": args.image, "arches": {}}
@@ -194,7 +198,9 @@ def main() -> int:
             disks = {"cerulean": Path(given[arch]) if arch in given
                      else build_cerulean(args.image, arch, work),
                      "debian": debian_disk(url, arch, work)}
-            rows: dict[str, list[dict[str, object]]] = {"cerulean": [], "debian": []}
+            if arch in before:
+                disks["before"] = Path(before[arch])
+            rows: dict[str, list[dict[str, object]]] = {name: [] for name in disks}
             for i in range(args.boots):
                 for name, disk in disks.items():  # in turn, so drift hits both alike
                     out = work / f"run-{arch}-{name}-{i}"
@@ -218,20 +224,21 @@ def main() -> int:
 
 def markdown(r: dict[str, object], boots: int) -> str:
     out = [f"Measured {r['when']} on {r['cpus']} CPUs, QEMU TCG, median of {boots} boots "
-           "each, the two systems booted in turn.", "",
-           "| arch | system | firmware + loader (s) | kernel (s) | initrd (s) | userspace (s) "
-           "| multi-user.target (s) | READY (s) | Cerulean / Debian |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "each, the systems booted in turn. Seconds since the kernel started (systemd's "
+           "timestamps); READY is Cerulean's report after boot-complete.target.", "",
+           "| arch | system | kernel | initrd | userspace | multi-user.target | READY "
+           "| multi-user, / Debian |",
+           "|---|---|---|---|---|---|---|---|"]
     arches: dict[str, dict[str, dict[str, dict[str, float | None]]]] = r["arches"]  # type: ignore[assignment]
     for arch, data in arches.items():
         med = data["median"]
         deb = med["debian"]["multi_user_s"]
         for name, m in med.items():
-            fw = (m["firmware_s"] or 0) + (m["loader_s"] or 0)
             ratio = (f"{(m['multi_user_s'] or 0) / deb:.2f}"
-                     if name == "cerulean" and deb else "")
-            label = f"Cerulean `{r['image']}`" if name == "cerulean" else "plain Debian"
-            out.append(f"| {arch} | {label} | {fw:.1f} | {m['kernel_s']} | {m['initrd_s']} | "
+                     if name != "debian" and deb else "")
+            label = {"cerulean": f"Cerulean `{r['image']}`", "debian": "plain Debian",
+                     "before": f"Cerulean `{r['image']}` before"}[name]
+            out.append(f"| {arch} | {label} | {m['kernel_s']} | {m['initrd_s'] or '-'} | "
                        f"{m['userspace_s']} | {m['multi_user_s']} | "
                        f"{m['ready_uptime_s'] or '-'} | {ratio} |")
     return "\n".join(out)
