@@ -53,18 +53,25 @@ echo "CERULEAN-GUEST-DONE rc=$rc" > /dev/console
 systemctl --no-block poweroff
 """
 
-_DEVICES = "dev-disk-by\\x2did-virtio\\x2dcerin.device dev-disk-by\\x2did-virtio\\x2dcerout.device"
+_DISKS = "/dev/disk/by-id/virtio-cerin /dev/disk/by-id/virtio-cerout"
 
+# The unit does not require the two disks' device units: a device job gives up after 90 s
+# (DefaultDeviceTimeoutSec), which an emulated guest on a busy host can take to find its
+# disks, and the script would never run. udevadm waits for them for up to 15 minutes, and
+# a guest that never finds them says so and powers off.
 UNIT_TEXT = f"""\
 [Unit]
 Description=Run a script handed in by cerulean.testbed
-After=multi-user.target {_DEVICES}
-Requires={_DEVICES}
+After=multi-user.target
 
 [Service]
 Type=oneshot
 ExecStart=/bin/sh -c 'echo "CERULEAN-GUEST-START uptime=$$(cut -d" " -f1 /proc/uptime)" \\
-  > /dev/console; mkdir -p /run/cerulean-guest/in && \\
+  > /dev/console; \\
+  if ! udevadm wait --timeout=900 {_DISKS}; then \\
+    echo "CERULEAN-GUEST-DONE rc=125 (the input and output disks did not appear)" \\
+      > /dev/console; systemctl --no-block poweroff; exit 1; fi; \\
+  mkdir -p /run/cerulean-guest/in && \\
   tar -xf /dev/disk/by-id/virtio-cerin -C /run/cerulean-guest/in && \\
   exec sh /run/cerulean-guest/in/.cerulean-runner'
 """
@@ -171,5 +178,8 @@ def run_in_guest(disk: Path, script: str, *, files: dict[str, Path] | None = Non
         if (s := _START.search(text)) is not None:
             uptime = float(s.group(1))
         if rc is not None:
+            if b"disks did not appear" in text:
+                raise CeruleanError(f"The guest never saw its input and output disks (its "
+                                    f"console: {console_log}).")
             _read_output(out_raw, out_dir / "result")
     return GuestRun(rc, out_dir / "result", console_log, elapsed, uptime)
