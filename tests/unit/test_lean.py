@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import compileall
+import configparser
 import importlib.util
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from cerulean.build import lean
 from cerulean.build.definition import load_definition
 from cerulean.build.system import HASH_PYCS
-from cerulean.build.system_image import dracut_argv, kernel_modules
+from cerulean.build.system_image import dracut_argv, kernel_modules, missing_drivers
 from cerulean.errors import CeruleanError
 
 PROFILES = {
@@ -31,6 +32,8 @@ PROFILES = {
     "unprivileged_userns": "profile unprivileged_userns flags=(complain) {\n}\n",
     "chromium": "profile chromium /usr/lib/@{chromium}/@{chromium} flags=(unconfined) {\n}\n",
     "globby": "profile globby /opt/**.bin {\n}\n",
+    # A confining profile for a place a host can write to: the program may come later.
+    "srvtool": "profile srvtool /srv/tools/bin/tool {\n  /srv/data/** rw,\n}\n",
     # Several profiles: kept if any one of them is.
     "pair": "profile gone /usr/bin/gone {\n}\nprofile here /usr/bin/here* {\n"
             "  profile child /usr/bin/nothing {\n  }\n}\n",
@@ -60,7 +63,7 @@ def test_profiles_of_absent_programs_go_and_the_rest_stay(tmp_path: Path) -> Non
     assert removed == ["Discord", "firefox", "old-style"]
     policy = root / "etc/apparmor.d"
     assert sorted(p.name for p in policy.iterdir() if p.is_file()) == [
-        "chromium", "globby", "pair", "unix-chkpwd", "unprivileged_userns"]
+        "chromium", "globby", "pair", "srvtool", "unix-chkpwd", "unprivileged_userns"]
     assert not (policy / "local/firefox").exists()
     assert not (policy / "disable/Discord").is_symlink()
     # What profiles include is never touched.
@@ -76,6 +79,15 @@ def test_attachments_and_braces() -> None:
     assert lean._expand_braces("/{usr/,}{s,}bin/x") == [
         "/usr/sbin/x", "/usr/bin/x", "/sbin/x", "/bin/x"]
     assert lean._expand_braces("/a/{b{1,2},c}/d") == ["/a/b1/d", "/a/b2/d", "/a/c/d"]
+
+
+def test_globs_in_the_build_root_and_apparmor_sets(tmp_path: Path) -> None:
+    root = tmp_path / "ro[o]t*"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/here-it-is").write_bytes(b"")
+    assert lean._attachment_present(root, "/usr/bin/here*") is True
+    assert lean._attachment_present(root, "/usr/bin/h[^x]re-it-is") is True
+    assert lean._attachment_present(root, "/usr/bin/h[^e]re-it-is") is False
 
 
 def test_no_apparmor_no_change(tmp_path: Path) -> None:
@@ -100,7 +112,8 @@ SEED = ("[Unit]\nDescription=Update Boot Loader Random Seed\nDefaultDependencies
 def test_the_boot_loader_seed_is_refreshed_once_the_system_is_up(tmp_path: Path) -> None:
     root = unit_tree(tmp_path, {lean.RANDOM_SEED: SEED})
     assert lean.defer_boot_random_seed(root)
-    text = (root / "etc/systemd/system" / lean.RANDOM_SEED).read_text()
+    text = (root / lean.UNITS / lean.RANDOM_SEED).read_text()
+    assert not (root / "etc").exists()  # /usr only: the next release can undo it
     assert "Before=sysinit.target" not in text and "\nBefore=shutdown.target\n" in text
     assert "\nAfter=multi-user.target boot-complete.target\n" in text
     assert "ExecStart=bootctl --graceful random-seed" in text  # the rest as shipped
@@ -125,19 +138,21 @@ def test_masks_units_generators_and_repart_outside_the_initrd(tmp_path: Path) ->
     (root / "etc/init.d/ssh").write_text("#!/bin/sh\n")  # has a unit: no need for sysv
     (root / "etc/integritytab").write_text("")
     assert lean.mask_units(root) == ["modprobe@drm.service"]
-    assert os.readlink(root / "etc/systemd/system/modprobe@drm.service") == "/dev/null"
+    assert os.readlink(root / lean.UNITS / "modprobe@drm.service") == "/dev/null"
     assert lean.mask_generators(root) == [
         "systemd-rc-local-generator", "systemd-ssh-generator", "systemd-sysv-generator"]
-    masked = root / "etc/systemd/system-generators"
-    assert {p.name: os.readlink(p) for p in masked.iterdir()} == {
+    assert {p.name: os.readlink(p) for p in gens.iterdir() if p.is_symlink()} == {
         g: "/dev/null" for g in ("systemd-rc-local-generator", "systemd-ssh-generator",
                                  "systemd-sysv-generator")}
+    assert (gens / "systemd-fstab-generator").read_bytes() == b"\x7fELF"
+    assert not (root / "etc/systemd").exists()  # /usr only: the next release can undo it
     # A SysV script without a unit keeps the generator.
-    (masked / "systemd-sysv-generator").unlink()
+    (gens / "systemd-sysv-generator").unlink()
+    (gens / "systemd-sysv-generator").write_bytes(b"\x7fELF")
     (root / "etc/init.d/legacy").write_text("#!/bin/sh\n")
     assert "systemd-sysv-generator" not in lean.mask_generators(root)
     assert lean.repart_in_initrd_only(root)
-    dropin = root / "etc/systemd/system/systemd-repart.service.d"
+    dropin = root / lean.UNITS / "systemd-repart.service.d"
     assert "ConditionPathExists=/etc/initrd-release" in next(dropin.iterdir()).read_text()
 
 
@@ -209,6 +224,40 @@ def test_drivers_the_kernel_lacks_are_left_out(tmp_path: Path) -> None:
     (mods / "modules.builtin").write_text("kernel/drivers/nvme/host/nvme.ko\n")
     have = kernel_modules(tmp_path, "6.12.0-arm64")
     assert {"virtio_blk", "dm_verity", "nvme", "xen_blkfront"} <= have
-    argv = dracut_argv(load_definition(IMAGES / "vm.toml"), "6.12.0-arm64", have)
+    vm = load_definition(IMAGES / "vm.toml")
+    argv = dracut_argv(vm, "6.12.0-arm64", have)
     assert argv[argv.index("--drivers") + 1].split() == [
         "virtio_blk", "nvme", "xen-blkfront", "dm-mod", "dm-verity", "erofs"]
+    assert {"vmw_pvscsi", "ahci", "virtio_scsi"} <= set(missing_drivers(vm, have))
+    # A list the kernel has none of (a typo, an unreadable modules.dep) is an error.
+    with pytest.raises(CeruleanError, match="None of system\\.initrd-drivers"):
+        dracut_argv(vm, "6.12.0-arm64", set())
+
+
+UNIT_DIR = Path(__file__).resolve().parents[2] / "src/cerulean/agent/units"
+
+
+def _seconds(value: str) -> float:
+    units = {"min": 60.0, "s": 1.0, "ms": 0.001}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            return float(value.removesuffix(suffix)) * factor
+    return float(value)
+
+
+def test_a_crash_looping_agent_lets_the_boot_be_judged() -> None:
+    """The health check waits for the agent's start job; systemd keeps that job pending
+    through automatic restarts until the start limit is hit, so the limit must be
+    reachable at the agent's restart pace, or the boot is never judged."""
+    agent = configparser.ConfigParser(strict=False, interpolation=None)
+    agent.read(UNIT_DIR / "cerulean-agent.service")
+    health = configparser.ConfigParser(strict=False, interpolation=None)
+    health.read(UNIT_DIR / "cerulean-health.service")
+    assert "cerulean-agent.service" in health["Unit"]["After"].split()
+    burst = int(agent["Unit"]["StartLimitBurst"])
+    interval = _seconds(agent["Unit"]["StartLimitIntervalSec"])
+    restart = _seconds(agent["Service"]["RestartSec"])
+    start = _seconds(agent["Service"]["TimeoutStartSec"])
+    assert agent["Service"]["Restart"] != "always"
+    # Even starts that fail only at their timeout all fit in the interval.
+    assert burst > 0 and burst * start + (burst - 1) * restart < interval

@@ -23,12 +23,17 @@ holds. Each step here removes work from the boot without removing a protection:
   message catalog, hwdb, ...) rebuild on the first boot of a new ``/usr`` what the
   build has just made from that very ``/usr``; ``/etc/.updated`` and
   ``/var/.updated`` stamped with ``/usr``'s time say it is done, as systemd intends
-  for images. They still run on the first boot of the next release.
+  for images. They run again on the first boot of a release whose ``/usr`` has
+  another time (one built from a changed lock).
 - :func:`defer_boot_random_seed` and :func:`repart_in_initrd_only`: two units that
   hold back ``sysinit.target`` (and so everything) are moved off that path: the boot
   loader's random seed is refreshed once the system is up (systemd-boot itself
   refreshes the seed file on every boot before using it), and the root partition,
   which the initrd has already grown, is not repartitioned a second time.
+
+Masks, unit changes and drop-ins go into ``/usr`` (the vendor unit and generator
+directories), never ``/etc``: ``/usr`` is what each release replaces, while ``/etc``
+is written once when a host is installed, so a later release can undo any of them.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ _OLD_STYLE = re.compile(r'^\s*("/[^"]*"|/\S+)\s+(?:flags=\([^)]*\)\s*)?\{')
 
 # Units masked in every system image (each one with its reason in docs/system-images.md).
 MASKED_UNITS = ("modprobe@drm.service",)
+UNITS = "usr/lib/systemd/system"
 GENERATORS = "usr/lib/systemd/system-generators"
 # Generators masked always, and those masked when what they read is absent.
 MASKED_GENERATORS = ("systemd-ssh-generator", "systemd-hibernate-resume-generator",
@@ -87,7 +93,9 @@ def _attachment_present(root: Path, attachment: str) -> bool | None:
         if "**" in pattern.replace("/**/", "/").removesuffix("/**"):
             return None  # ** inside a name: more than glob can say
         if any(c in pattern for c in "*?["):
-            if glob.glob(str(root) + pattern, recursive=True):
+            # AppArmor negates a set with [^...], Python's glob with [!...].
+            if glob.glob(glob.escape(str(root)) + pattern.replace("[^", "[!"),
+                         recursive=True):
                 return True
         elif os.path.lexists(str(root) + pattern):
             return True
@@ -110,12 +118,26 @@ def profile_attachments(text: str) -> list[str | None]:
     return found
 
 
+def _in_usr(attachment: str) -> bool:
+    """Whether every path the attachment names is in /usr (merged: /bin, /sbin, /lib
+    too), which only a release changes."""
+    return all(re.match(r"/(usr|bin|sbin|lib[a-z0-9]*)/", p)
+               for p in _expand_braces(attachment.strip('"')))
+
+
+def _unconfined(text: str) -> bool:
+    """Whether the file's profiles are ``flags=(unconfined)``: they confine nothing."""
+    flags = re.findall(r"flags\s*=\s*\(([^)]*)\)", text)
+    return bool(flags) and all(re.search(r"\bunconfined\b", f) for f in flags)
+
+
 def prune_apparmor_profiles(root: Path) -> list[str]:
     """Remove the profiles of programs *root* does not have; returns their file names.
 
     A file is kept if any of its profiles has no path, a path that is present, or a
     path this cannot judge (variables); files with no profile at all (abstractions,
-    tunables, includes) and the subdirectories are never touched.
+    tunables, includes) and the subdirectories are never touched. A confining profile
+    for a path outside /usr is kept too: a program may be put there after the build.
     """
     policy = root / APPARMOR_DIR
     if not policy.is_dir():
@@ -124,11 +146,14 @@ def prune_apparmor_profiles(root: Path) -> list[str]:
     for f in sorted(policy.iterdir()):
         if not f.is_file() or f.is_symlink():
             continue
-        attachments = profile_attachments(f.read_text(errors="replace"))
+        text = f.read_text(errors="replace")
+        attachments = profile_attachments(text)
         if not attachments:
             continue
         if any(a is None or _attachment_present(root, a) is not False for a in attachments):
             continue
+        if not (_unconfined(text) or all(_in_usr(a) for a in attachments if a)):
+            continue  # the program may come later where a host can write (/opt, /srv...)
         f.unlink()
         for extra in (policy / "local" / f.name, policy / "force-complain" / f.name,
                       policy / "disable" / f.name):
@@ -139,19 +164,24 @@ def prune_apparmor_profiles(root: Path) -> list[str]:
 
 
 def mask_units(root: Path, units: tuple[str, ...] = MASKED_UNITS) -> list[str]:
-    """Mask *units* that exist in *root* (a link to /dev/null in /etc/systemd/system)."""
+    """Mask *units* that exist in *root*: a link to /dev/null among the vendor units in
+    ``/usr`` (as Debian's systemd package masks units itself), so the next release can
+    unmask it."""
     masked = []
     for unit in units:
         template = unit.split("@", 1)[0] + "@.service" if "@" in unit else unit
         if _unit_file(root, template) is None:
             continue
-        link = root / "etc/systemd/system" / unit
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to("/dev/null")
+        _null_link(root / UNITS / unit)
         masked.append(unit)
     return masked
+
+
+def _null_link(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    path.symlink_to("/dev/null")
 
 
 def mark_updated(root: Path, usr_time: int) -> None:
@@ -170,8 +200,9 @@ RANDOM_SEED = "systemd-boot-random-seed.service"
 
 
 def defer_boot_random_seed(root: Path) -> bool:
-    """Install a copy of ``systemd-boot-random-seed.service`` that no longer runs before
-    ``sysinit.target`` but after ``multi-user.target``; False if the image has none."""
+    """Change ``systemd-boot-random-seed.service`` (in ``/usr``) to run after
+    ``multi-user.target`` instead of before ``sysinit.target``; False if the image has
+    none. (A drop-in cannot take an ordering away, so the unit itself is changed.)"""
     unit = _unit_file(root, RANDOM_SEED)
     if unit is None:
         return False
@@ -184,9 +215,7 @@ def defer_boot_random_seed(root: Path) -> bool:
         "\n# Cerulean: once the system is up, not before sysinit.target (systemd-boot has\n"
         "# already refreshed the seed file before it was used).\n"
         "Before=shutdown.target\nAfter=multi-user.target boot-complete.target\n")
-    dest = root / "etc/systemd/system" / RANDOM_SEED
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(text)
+    unit.write_text(text)  # in /usr: the next release brings its own
     return True
 
 
@@ -195,7 +224,7 @@ def repart_in_initrd_only(root: Path) -> bool:
     partition) and not again in the booted system; False if the image has no repart."""
     if _unit_file(root, "systemd-repart.service") is None:
         return False
-    dropin = root / "etc/systemd/system/systemd-repart.service.d/50-cerulean-initrd-only.conf"
+    dropin = root / UNITS / "systemd-repart.service.d/50-cerulean-initrd-only.conf"
     dropin.parent.mkdir(parents=True, exist_ok=True)
     dropin.write_text("# Cerulean: the initrd has grown the partition; once is enough.\n"
                       "[Unit]\nConditionPathExists=/etc/initrd-release\n")
@@ -210,8 +239,8 @@ def _unit_file(root: Path, unit: str) -> Path | None:
 
 
 def mask_generators(root: Path) -> list[str]:
-    """Mask the generators an image does not need (``/etc/systemd/system-generators/NAME``
-    linked to /dev/null, as systemd documents); returns their names."""
+    """Mask the generators an image does not need (the program in ``/usr`` replaced by
+    a link to /dev/null, which systemd skips); returns their names."""
     present = {p.name for p in (root / GENERATORS).iterdir()} if (root / GENERATORS).is_dir() \
         else set()
     off = [g for g in MASKED_GENERATORS if g in present]
@@ -219,13 +248,8 @@ def mask_generators(root: Path) -> list[str]:
             if g in present and not (root / needs).exists()]
     if "systemd-sysv-generator" in present and not _sysv_only_services(root):
         off.append("systemd-sysv-generator")
-    masks = root / "etc/systemd/system-generators"
-    masks.mkdir(parents=True, exist_ok=True)
     for g in off:
-        link = masks / g
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to("/dev/null")
+        _null_link(root / GENERATORS / g)
     return sorted(off)
 
 

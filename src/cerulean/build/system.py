@@ -230,6 +230,9 @@ def cached_rootfs(arch: str, locked: Sequence[LockedPackage], cache: Cache,
             (tmp / "rootfs").mkdir(parents=True)
             try:
                 install_rootfs(tmp / "rootfs", arch, locked, cache, progress)
+                # dpkg ran with --force-unsafe-io: the tree reaches the disk before it is
+                # marked complete, or a crash could leave a "complete" one with empty files.
+                os.sync()
                 (tmp / "complete").write_text(json.dumps({"arch": arch,
                                                           "packages": len(locked)}))
                 shutil.rmtree(entry, ignore_errors=True)  # an incomplete one

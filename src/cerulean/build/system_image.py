@@ -30,7 +30,7 @@ from cerulean.build.chroot import run_in
 from cerulean.build.definition import ImageDefinition, images_dir, load_definition
 from cerulean.build.image import lock_downloads
 from cerulean.build.plan import archive_for, ensure_lock
-from cerulean.build.system import cached_rootfs, overlay, rootfs_key
+from cerulean.build.system import Progress, cached_rootfs, overlay, rootfs_key
 from cerulean.debian.archive import ArchiveConfig
 from cerulean.debian.cache import Cache
 from cerulean.debian.fetch import fetch_all
@@ -75,7 +75,7 @@ def tools_tree(cache: Cache, say: Callable[[str], None], offline: bool) -> Path:
     return root
 
 
-INITRD_FORMAT = 3  # bump when what goes into the initrd changes
+INITRD_FORMAT = 4  # bump when what goes into the initrd changes
 # Exactly these dracut modules (and what they need), not dracut's default set: the initrd
 # opens the verity /usr, grows the root partition and mounts both. dracut-systemd keeps
 # rd.shell=0 and rd.emergency=reboot working (a failed boot reboots, so boot counting can
@@ -106,7 +106,12 @@ def dracut_argv(defn: ImageDefinition, kver: str, available: set[str] | None = N
     drivers: list[str] = []
     if defn.system_initrd_drivers:
         wanted = [d for d in defn.system_initrd_drivers
-                  if available is None or d.replace("-", "_") in available]
+                  if d not in missing_drivers(defn, available)]
+        if not wanted:
+            raise CeruleanError(
+                f"None of system.initrd-drivers is a module of kernel {kver} "
+                f"({', '.join(defn.system_initrd_drivers)}): the initrd could not open a "
+                "disk. Check the names against the kernel's modules.dep.")
         drivers = ["--drivers", " ".join(wanted)]
     else:
         modules.append("kernel-modules")
@@ -116,8 +121,15 @@ def dracut_argv(defn: ImageDefinition, kver: str, available: set[str] | None = N
             "/work/initrd.img", kver]
 
 
+def missing_drivers(defn: ImageDefinition, available: set[str] | None) -> list[str]:
+    """The drivers of ``system.initrd-drivers`` that the kernel (*available*) lacks."""
+    if available is None:
+        return []
+    return [d for d in defn.system_initrd_drivers if d.replace("-", "_") not in available]
+
+
 def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition, cache: Cache,
-                rootfs_id: str) -> Path:
+                rootfs_id: str, progress: Progress | None = None) -> Path:
     """The initrd, built by dracut inside the image (cached: dracut takes ~10 s, minutes
     under emulation).
 
@@ -125,7 +137,12 @@ def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition, cach
     initrd, so it runs on one without IMAGE_VERSION, and the releases of one package
     set share an initrd. (The UKI's own os-release section names the version.)
     """
-    argv = dracut_argv(defn, kver, kernel_modules(rootfs, kver))
+    available = kernel_modules(rootfs, kver)
+    argv = dracut_argv(defn, kver, available)
+    if (missing := missing_drivers(defn, available)) and progress:
+        # One definition serves both architectures (arm64 has no VMware driver), so a
+        # name the kernel lacks is said, not an error (unless none is left).
+        progress(f"initrd: kernel {kver} has no {', '.join(missing)}; left out")
     # Everything the initrd is made from: the packages, dracut's arguments, the files
     # Cerulean adds to the image, and the image's identity (os-release, host name).
     key = hashlib.sha256("\0".join([
@@ -253,7 +270,8 @@ def _build_disk(defn: ImageDefinition, lock: Lock, arch: arches.Arch, rootfs: Pa
     kver = sysconfig.kernel_version(rootfs)
     say(f"{arch_name}: building the initrd (kernel {kver})")
     initrd = make_initrd(rootfs, work, kver, defn, cache,
-                         rootfs_key(arch_name, lock.packages[arch_name]))
+                         rootfs_key(arch_name, lock.packages[arch_name]),
+                         lambda m: say(f"{arch_name}: {m}"))
     kernel = work / "vmlinuz"
     shutil.copy(rootfs / f"boot/vmlinuz-{kver}", kernel)
     say(f"{arch_name}: making the /usr image and its verity hash tree")

@@ -73,6 +73,10 @@ class RepoClient:
     def __init__(self, url: str, state_dir: Path, trusted_root: Path) -> None:
         if not HAVE_TUF:
             raise UpdateError("Updates need python3-tuf, which is not installed on this host.")
+        try:
+            import tuf.ngclient  # noqa: F401  (here, so that a broken install is one sentence)
+        except ImportError as e:
+            raise UpdateError(f"Updates need python3-tuf, which does not load here: {e}") from e
         self.url = url.rstrip("/") + "/"
         self.meta_dir = state_dir / "metadata"
         self.download_dir = state_dir / "downloads"
