@@ -193,6 +193,8 @@ def updates_and_falls_back(m: Machine, releases: Releases, r3: Path | None, v1: 
     assert (first.get("version"), first.get("slot"), first.get("bless")) == \
         (v1, "A", "good"), first.values
     assert first.failed_units == [] and first.get("verity") == "verified", first.values
+    # The updater may start before the READY report is printed: the whole boot counts.
+    m.mark(m.restart_pos)
     m.expect(rf"Installing {v2}", timeout)
     began = time.monotonic()
     m.expect(rf"Rebooting into {v2}", timeout)
@@ -247,8 +249,12 @@ def power_cuts(m: Machine, releases: Releases, good: str, running: Running, appl
     target = version(running.serial)
     releases.publish(releases.build(good, target))
     cuts: list[str] = []
+    # Stratified: cut i falls somewhere in the i-th of POWER_CUTS equal parts of the
+    # span, the parts taken in a random order, so even two cuts hit both halves.
+    strata = list(range(POWER_CUTS))
+    rng.shuffle(strata)
     m.mark()
-    for trial in range(POWER_CUTS):
+    for trial, stratum in enumerate(strata):
         # After a cut, the whole boot counts: the updater may start installing before
         # the READY report is printed.
         if trial:
@@ -258,7 +264,7 @@ def power_cuts(m: Machine, releases: Releases, good: str, running: Running, appl
         # Anywhere in the apply, and a little past its end: cuts while the host reboots
         # into the new release count too. The apply's length is measured again whenever
         # one runs to its end before the cut.
-        at = rng.uniform(0, 1.15 * apply_s)
+        at = (stratum + rng.random()) / POWER_CUTS * 1.15 * apply_s
         step_pos = m.mark()
         if m.wait_for(rf"Rebooting into {target}", at) is not None:
             apply_s = time.monotonic() - began
