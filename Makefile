@@ -61,7 +61,8 @@ check: setup
 CLOCK_AHEAD_DAYS ?= 365
 FAKETIME_SLEEP := $(VENV)/lib/faketime-sleep.so
 
-$(FAKETIME_SLEEP): tests/support/faketime_sleep.c $(VENV)/.apt-stamp
+$(FAKETIME_SLEEP): tests/support/faketime_sleep.c $(VENV)/.apt-stamp $(VENV)/.pip-stamp
+	mkdir -p $(@D)
 	cc -shared -fPIC -O2 -Wall -o $@ $< -ldl
 
 test-clock-ahead: setup $(FAKETIME_SLEEP)
@@ -83,7 +84,8 @@ bench-boot: setup
 	$(BIN)/python benchmarks/boot_bench.py $(BOOT_BENCH_ARGS)
 
 # The vm booted 30 times with the other core busy, counting every oops and panic
-# (STRESS_ARGS: --boots, --cpus; CERULEAN_TCG_THREADS=multi reproduces the old crash).
+# (STRESS_ARGS: --boots, --cpus, --label; the old crash needs two vCPUs on one thread
+# each: CERULEAN_TCG_THREADS=multi STRESS_ARGS="--cpus 2 --label before").
 STRESS_ARGS ?=
 bench-stress: setup
 	test -e $(OUT)/vm-amd64.qcow2 || $(BIN)/cerulean build images/vm.toml --arch amd64 \
@@ -117,7 +119,7 @@ apt: $(VENV)/.apt-stamp
 venv: $(VENV)/.pip-stamp
 
 $(VENV)/.apt-stamp: Makefile
-	@. /etc/os-release 2>/dev/null; if [ "$${ID:-}" != debian ]; then \
+	@if [ -r /etc/os-release ]; then . /etc/os-release; fi; if [ "$${ID:-}" != debian ]; then \
 		echo "make demo and make test set up a Debian 12 or 13 host; this one is" \
 			"$${PRETTY_NAME:-not Debian} (on Ubuntu, chromium is a snap and apt names no" \
 			"Debian mirror: see README.md)." >&2; exit 1; fi

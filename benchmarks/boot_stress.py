@@ -7,8 +7,10 @@ never retried. Each boot runs ``cerulean.testbed.qemu.run_test`` exactly as
 `cerulean test` does, so the TCG threading and vCPU count are the testbed's own
 unless ``--cpus`` or ``CERULEAN_TCG_THREADS=multi|single`` say otherwise.
 
-    .venv/bin/python benchmarks/boot_stress.py DISK [--boots 30] [--busy 1] [--cpus 2]
-    CERULEAN_TCG_THREADS=multi .venv/bin/python benchmarks/boot_stress.py DISK   # before
+    .venv/bin/python benchmarks/boot_stress.py DISK [--boots 30] [--busy 1] [--cpus N]
+    # before the fix: two vCPUs, one host thread each
+    CERULEAN_TCG_THREADS=multi .venv/bin/python benchmarks/boot_stress.py DISK --cpus 2 \
+        --label before
 
 It prints one line per boot and a Markdown summary (for docs/benchmarks.md), and
 writes benchmarks/results/boot-stress-LABEL.json; the console logs of failed boots
@@ -50,6 +52,11 @@ def count(res: TestResult) -> dict[str, int]:
             "int3": text.count("Oops: int3")}
 
 
+def smp(argv: list[str]) -> int | None:
+    """The guest's vCPUs as QEMU was told (``-smp N``)."""
+    return int(argv[argv.index("-smp") + 1]) if "-smp" in argv else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,7 +87,7 @@ def main() -> int:
                     "boot": i, "passed": res.passed, "outcome": res.outcome.value,
                     "time_to_ready_s": res.time_to_ready_s, "uptime_s": res.guest_uptime_s,
                     "tcg_threads": res.threads.mode if res.threads else None,
-                    "cpus": cfg.cpus, "failed_by": res.blame.who if res.blame else None,
+                    "cpus": smp(res.argv), "failed_by": res.blame.who if res.blame else None,
                     "failure": res.blame.why if res.blame else None, **c}
                 boots.append(row)
                 if not res.passed:
@@ -95,9 +102,10 @@ def main() -> int:
     ready_times = [float(b["time_to_ready_s"]) for b in boots  # type: ignore[arg-type]
                    if b["time_to_ready_s"] is not None]
     threads = boots[0]["tcg_threads"] if boots else None
+    cpus = boots[0]["cpus"] if boots else None
     summary = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "disk": str(args.disk),
-        "label": args.label, "boots": len(boots), "busy_cores": args.busy, "cpus": cfg.cpus,
+        "label": args.label, "boots": len(boots), "busy_cores": args.busy, "cpus": cpus,
         "tcg_threads": threads, "passed": sum(1 for b in boots if b["passed"]),
         "oopses": sum(int(b["oops"]) for b in boots),  # type: ignore[call-overload]
         "panics": sum(int(b["panic"]) for b in boots),  # type: ignore[call-overload]
@@ -109,7 +117,7 @@ def main() -> int:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"boot-stress-{args.label}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n| {args.label} | {cfg.cpus} | {threads} | {summary['boots']} | {summary['passed']} "
+    print(f"\n| {args.label} | {cpus} | {threads} | {summary['boots']} | {summary['passed']} "
           f"| {summary['oopses']} ({summary['int3']} int3) | {summary['panics']} | "
           f"{summary['boots_with_stalls']} | {summary['median_time_to_ready_s']} |")
     return 0
