@@ -105,8 +105,8 @@ def dracut_argv(defn: ImageDefinition, kver: str, available: set[str] | None = N
     modules = [*INITRD_MODULES, *defn.system_initrd_modules]
     drivers: list[str] = []
     if defn.system_initrd_drivers:
-        wanted = [d for d in defn.system_initrd_drivers
-                  if d not in missing_drivers(defn, available)]
+        missing = set(missing_drivers(defn, available))
+        wanted = [d for d in defn.system_initrd_drivers if d not in missing]
         if not wanted:
             raise CeruleanError(
                 f"None of system.initrd-drivers is a module of kernel {kver} "
