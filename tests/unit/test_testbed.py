@@ -407,10 +407,16 @@ def test_a_stray_int3_is_the_emulator_only_under_a_racy_tcg() -> None:
     # Single-threaded TCG, or a QEMU without the race: the same oops is the guest's.
     fair = who(Outcome.FAILED, ok("basic.target") + INT3, qemu_returncode=-15)
     assert fair is not None and fair.who == "guest" and "kernel oops" in fair.why, fair
-    # Any other oops is the guest's even on a racy TCG.
+    # Any other oops is the guest's even on a racy TCG, and the report says the emulator
+    # may be behind it and how to tell; on a sound TCG it says nothing of the kind.
     gpf = who(Outcome.FAILED, "[ 5.0] Oops: general protection fault\r\n",
               qemu_returncode=-15, racy_tcg=True)
     assert gpf is not None and gpf.who == "guest", gpf
+    assert "general protection fault" in gpf.why and "emulator may be the cause" in gpf.why
+    assert "single-threaded TCG" in gpf.why
+    sound = who(Outcome.FAILED, "[ 5.0] Oops: general protection fault\r\n",
+                qemu_returncode=-15)
+    assert sound is not None and "emulator" not in sound.why, sound
 
 
 def test_qemu_failing_and_a_silent_console_are_the_emulator() -> None:

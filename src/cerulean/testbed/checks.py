@@ -178,7 +178,8 @@ def blame(outcome: Outcome, checks: Sequence[Check], events: Sequence[ConsoleEve
     Only what is known to be QEMU's or the host's is put on the emulator: QEMU ending
     with an error, a firmware that never printed, a stray INT3 under a multi-threaded
     TCG that is known to run stale code (*racy_tcg*), and a timeout with the guest's
-    vCPUs starved. Everything else is the guest's; an oops is never hidden either way.
+    vCPUs starved. Everything else is the guest's; an oops is never hidden either way,
+    and on a racy TCG the guest's crash says that the emulator may be behind it.
     """
     failed = [c for c in checks if not c.passed]
     if not failed:
@@ -192,6 +193,12 @@ def blame(outcome: Outcome, checks: Sequence[Check], events: Sequence[ConsoleEve
                                      "its own code, run from a stale translation by this QEMU's "
                                      "multi-threaded TCG; run single-threaded TCG or a newer "
                                      "QEMU")
+        if racy_tcg:
+            # Other crashes can come from the same stale code; they stay the guest's
+            # (nothing known clears the image), but the report says how to tell.
+            return Blame("guest", f"{first}; this QEMU's multi-threaded TCG is known to run "
+                                  "stale code with several vCPUs, so the emulator may be the "
+                                  "cause: boot again with single-threaded TCG to tell")
         return Blame("guest", str(first))
     if outcome is Outcome.TIMEOUT:
         if console_lines == 0:

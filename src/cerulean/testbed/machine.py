@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from cerulean.testbed.arch import firmware, profile, qemu_binary
 from cerulean.testbed.console import ConsoleScanner, ReadyReport, strip_ansi
 from cerulean.testbed.disk import inspect_disk
 from cerulean.testbed.guest import credential_args
+from cerulean.testbed.monitor import MAX_SOCKET_PATH, ask, describe, monitor_args
 from cerulean.testbed.qemu import QemuConfig, build_argv, vcpus
 
 
@@ -41,10 +43,18 @@ class Machine:
     _pos: int = field(init=False, default=0)
     boots: int = field(init=False, default=0)
     restart_pos: int = field(init=False, default=0)  # where the last power-on began
+    monitor: Path = field(init=False)  # QEMU's monitor socket, asked when a wait times out
+    arch: str = field(init=False, default="")  # the guest's, once started
+
+    # How many console lines a timeout's message quotes.
+    TAIL_LINES = 12
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.console_log = self.workdir / "console.log"
+        self.monitor = self.workdir / "monitor.sock"
+        if len(str(self.monitor)) > MAX_SOCKET_PATH:
+            self.monitor = Path(tempfile.mkdtemp(prefix="cerulean-mon-")) / "monitor.sock"
 
     def start(self) -> None:
         """Power on (a new console log section starts; earlier text stays in the file)."""
@@ -54,6 +64,7 @@ class Machine:
         arch = self.cfg.arch or detected
         if arch is None:
             raise CeruleanError(f"Cannot tell the architecture of {self.disk}.")
+        self.arch = arch
         prof = profile(arch)
         code, vars_template = firmware(prof)
         nvram = self.workdir / "efivars.fd"
@@ -70,6 +81,7 @@ class Machine:
                           firmware_code=code, vars_copy=nvram, overlay=self.disk,
                           console=self.console_log, disk_format=info.format,
                           cache="writeback", reboot=True, tcg_thread=threads)
+        argv += monitor_args(self.monitor)
         with self.console_log.open("ab") as f:
             f.write(f"\n===== power on {time.strftime('%H:%M:%S')} =====\n".encode())
         self._pos = self.restart_pos = self.console_log.stat().st_size
@@ -89,8 +101,7 @@ class Machine:
         """Wait until *pattern* (a regex) shows on the console after the last mark."""
         m = self.wait_for(pattern, timeout)
         if m is None:
-            raise CeruleanError(f"{pattern!r} did not show on the console within "
-                                f"{timeout:.0f} s (log: {self.console_log}).")
+            raise self._stuck(f"{pattern!r} did not show on the console within {timeout:.0f} s")
         return m
 
     def wait_for(self, pattern: str, timeout: float) -> re.Match[str] | None:
@@ -129,9 +140,22 @@ class Machine:
             if self.proc is None or self.proc.poll() is not None:
                 raise CeruleanError("QEMU stopped before the next READY report.")
             if time.monotonic() > deadline:
-                raise CeruleanError(f"No READY report within {timeout:.0f} s "
-                                    f"(log: {self.console_log}).")
+                raise self._stuck(f"No READY report within {timeout:.0f} s")
             time.sleep(0.25)
+
+    def _stuck(self, what: str) -> CeruleanError:
+        """The error for a wait that timed out: what the console showed last, and where
+        the vCPU is (its registers are kept beside the console log)."""
+        lines = [ln for ln in self.text(self._pos).splitlines() if ln.strip()]
+        shown = "\n".join(f"  | {ln[:200]}" for ln in lines[-self.TAIL_LINES:])
+        last = (f"the console's last lines since then:\n{shown}" if lines
+                else "the console showed nothing since then")
+        vcpu = describe(self.monitor, self.arch)
+        registers = ask(self.monitor, "info registers")
+        if registers:
+            (self.workdir / "registers.txt").write_text(registers + "\n")
+            vcpu += f" (registers: {self.workdir / 'registers.txt'})"
+        return CeruleanError(f"{what} (log: {self.console_log}); {vcpu}; {last}")
 
     def kill(self) -> None:
         """Cut the power: SIGKILL, no shutdown, no flush inside the guest."""
