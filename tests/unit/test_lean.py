@@ -5,6 +5,7 @@ from __future__ import annotations
 import compileall
 import configparser
 import importlib.util
+import marshal
 import os
 import subprocess
 import sys
@@ -14,7 +15,13 @@ import pytest
 
 from cerulean.build import lean
 from cerulean.build.definition import load_definition
-from cerulean.build.system import HASH_PYCS
+from cerulean.build.system import (
+    COMPILE_PYCS,
+    HASH_PYCS,
+    PY_COMPILE_STUB,
+    held_back_compilers,
+    native_python,
+)
 from cerulean.build.system_image import dracut_argv, kernel_modules, missing_drivers
 from cerulean.errors import CeruleanError
 
@@ -194,6 +201,69 @@ def test_compiled_modules_become_hash_based(tmp_path: Path) -> None:
                          text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
                          check=True).stderr
     assert f"matches {source}" in out and "bytecode is stale" not in out
+
+
+
+def test_modules_are_compiled_for_the_tree_they_are_in(tmp_path: Path) -> None:
+    """What a foreign architecture's composition runs with the tools tree's Python (here
+    this one) over the target tree: checked-hash files whose code names the path the
+    target sees, a symlinked module read as the target resolves it, failures said."""
+    root = tmp_path / "root"
+    std = root / "usr/lib/python3.13"
+    pkg = root / "usr/lib/python3/dist-packages/pkg"
+    for d in (std, pkg, root / "etc/python3.13"):
+        d.mkdir(parents=True)
+    (std / "mod.py").write_text("def where():\n    return __file__\n")
+    (root / "etc/python3.13/sitecustomize.py").write_text("SITE = 'the target'\n")
+    (std / "sitecustomize.py").symlink_to("/etc/python3.13/sitecustomize.py")
+    (std / "dangling.py").symlink_to("/etc/nowhere.py")
+    (pkg / "broken.py").write_text("def (:\n")
+    (pkg / "ok.py").write_text("X = 1\n")
+    out = subprocess.run([sys.executable, "-c", COMPILE_PYCS, str(root), "usr/lib/python3.13",
+                          "usr/lib/python3/dist-packages", "usr/share/python3"],
+                         capture_output=True, text=True, check=True).stderr
+    assert "not compiled: /usr/lib/python3/dist-packages/pkg/broken.py" in out, out
+    assert "1 modules not compiled" in out, out
+    for src in (std / "mod.py", std / "sitecustomize.py", pkg / "ok.py"):
+        pyc = Path(importlib.util.cache_from_source(str(src)))
+        data = pyc.read_bytes()
+        assert int.from_bytes(data[4:8], "little") == 3, src  # checked-hash
+        real = src.resolve() if not src.is_symlink() else root / "etc/python3.13/sitecustomize.py"
+        assert data[8:16] == importlib.util.source_hash(real.read_bytes()), src
+        code = marshal.loads(data[16:])
+        assert code.co_filename == "/" + str(src.relative_to(root)), code.co_filename
+    for src in (pkg / "broken.py", std / "dangling.py"):
+        assert not Path(importlib.util.cache_from_source(str(src))).exists()
+
+
+def test_compilers_are_held_back_and_put_back(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/lib/python3.13").mkdir(parents=True)
+    py3compile = root / "usr/bin/py3compile"
+    py3compile.write_text("#!/usr/bin/python3\nreal\n")
+    py_compile = root / "usr/lib/python3.13/py_compile.py"
+    py_compile.write_text("the real py_compile\n")
+    (root / "usr/bin/python3.13").write_text("")
+    native = tmp_path / "tools"
+    (native / "usr/bin").mkdir(parents=True)
+    (native / "usr/lib/python3.13").mkdir(parents=True)
+    (native / "usr/lib/python3.13/py_compile.py").write_text("")
+    assert native_python(root, native) is None  # the tools tree has no python3.13 program
+    (native / "usr/bin/python3.13").write_text("")
+    assert native_python(root, native) == "python3.13"
+    with pytest.raises(RuntimeError), held_back_compilers(root, "python3.13"):
+        assert not py3compile.exists()  # its callers skip it
+        assert py_compile.read_bytes() == PY_COMPILE_STUB
+        # The stub runs as a script and imports without compiling anything.
+        subprocess.run([sys.executable, "-E", "-S", str(py_compile), str(py_compile)],
+                       check=True)
+        raise RuntimeError("a package's script failed")
+    assert py3compile.read_text() == "#!/usr/bin/python3\nreal\n"
+    assert py_compile.read_text() == "the real py_compile\n"
+    assert sorted(p.name for p in (root / "usr/lib/python3.13").iterdir()) == ["py_compile.py"]
+    with held_back_compilers(root, None):  # no native Python: nothing is touched
+        assert py3compile.exists() and py_compile.read_text() == "the real py_compile\n"
 
 
 IMAGES = Path(__file__).resolve().parents[2] / "images"

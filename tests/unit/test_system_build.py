@@ -895,7 +895,7 @@ def test_two_builds_of_one_package_set_compose_it_once(tmp_path: Path,
     composed: list[Path] = []
 
     def install(root: Path, arch: str, locked: object, cache: object,
-                progress: object = None) -> None:
+                progress: object = None, native: object = None) -> None:
         time.sleep(0.5)
         (root / "marker").write_text("composed")
         composed.append(root)

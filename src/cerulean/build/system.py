@@ -12,9 +12,11 @@ debootstrap and mmdebstrap do it, with Cerulean's own pieces:
 3. Python's compiled modules are made hash-based (see :data:`HASH_PYCS`);
 4. what must differ per host is removed (machine-id, SSH host keys, logs).
 
-For a foreign architecture the chroot runs through qemu-user-static. The
-result is cached, keyed by the exact packages, so a rebuild copies it
-instead of installing again.
+For a foreign architecture the chroot runs through qemu-user-static. Python's
+modules are then compiled by a Python of the host's architecture and the same
+version (the tools tree's), not by the target's under emulation, where it took
+minutes (see :func:`native_python`). The result is cached, keyed by the exact
+packages, so a rebuild copies it instead of installing again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from cerulean.arch import host_arch
 from cerulean.build.chroot import ensure_binfmt, run_in
 from cerulean.build.tree import Tree
 from cerulean.build.unpack import load_package, unpack_into
@@ -39,7 +42,7 @@ from cerulean.debian.packages import Package
 from cerulean.debian.resolve import Universe, resolve
 from cerulean.errors import CeruleanError
 
-SYSTEM_FORMAT = 3  # bump when the way a rootfs is composed changes
+SYSTEM_FORMAT = 4  # bump when the way a rootfs is composed changes
 DEBS_INSIDE = "/run/cerulean-debs"
 POLICY_RC_D = "usr/sbin/policy-rc.d"
 
@@ -74,6 +77,65 @@ for top in sys.argv[1:]:
                 fh.write(magic + (3).to_bytes(4, "little") + digest + data[16:])
             os.chmod(tmp, os.stat(p).st_mode & 0o7777)
             os.replace(tmp, p)
+"""
+
+
+# Where Debian's packages have their Python modules compiled when they are configured
+# (python3.X's postinst: the standard library; py3compile: dist-packages and debpython).
+PYTHON_DIRS = ("usr/lib/{python}", "usr/lib/python3/dist-packages", "usr/share/python3")
+# The compilers the packages' scripts call: hidden while they run when the modules are
+# compiled natively afterwards. py3compile's callers skip it when it is missing; python's
+# own postinst runs py_compile.py, which a no-op takes the place of.
+PY3COMPILE = "usr/bin/py3compile"
+PY_COMPILE = "usr/lib/{python}/py_compile.py"
+HELD = ".cerulean-held"
+# Run as a script (python's postinst) it does nothing; imported, it compiles nothing.
+PY_COMPILE_STUB = b"""\
+# Modules are compiled after configuration, by cerulean (build/system.py).
+import enum
+class PyCompileError(Exception):
+    pass
+class PycInvalidationMode(enum.Enum):
+    TIMESTAMP = 1
+    CHECKED_HASH = 2
+    UNCHECKED_HASH = 3
+def compile(*args, **kwargs):
+    return None
+def main():
+    return 0
+"""
+
+# Compile every module under ROOT/DIR... for the tree at ROOT, checked-hash (PEP 552), the
+# way the packages' own scripts would have, with the paths the target sees in the code
+# objects. A symlinked module is read through its link as the target would resolve it.
+COMPILE_PYCS = """
+import importlib.util, os, py_compile, sys
+root, tops = sys.argv[1].rstrip("/"), sys.argv[2:]
+mode = py_compile.PycInvalidationMode.CHECKED_HASH
+failed = 0
+for top in tops:
+    for d, dirs, files in os.walk(root + "/" + top):
+        dirs.sort()
+        for f in sorted(files):
+            src = os.path.join(d, f)
+            if not f.endswith(".py") or "/__pycache__" in d:
+                continue
+            real = src
+            for _ in range(40):
+                if not os.path.islink(real):
+                    break
+                link = os.readlink(real)
+                real = root + link if link.startswith("/") else os.path.join(
+                    os.path.dirname(real), link)
+            if not os.path.isfile(real) or not real.startswith(root + "/"):
+                continue
+            try:
+                py_compile.compile(real, cfile=importlib.util.cache_from_source(src),
+                                   dfile=src[len(root):], doraise=True, invalidation_mode=mode)
+            except py_compile.PyCompileError as e:
+                failed += 1
+                print(f"not compiled: {src[len(root):]}: {e.msg}", file=sys.stderr)
+print(f"{failed} modules not compiled", file=sys.stderr)
 """
 
 
@@ -141,21 +203,29 @@ def export_tree(tree: Tree, root: Path) -> None:
 
 def _dpkg_install(root: Path, arch: str, cache: Cache, pkgs: Sequence[LockedPackage],
                   what: str) -> None:
+    _dpkg(root, arch, cache, pkgs, what, "--install")
+
+
+def _dpkg(root: Path, arch: str, cache: Cache, pkgs: Sequence[LockedPackage], what: str,
+          action: str) -> None:
     if not pkgs:
         return
     debs = [f"{DEBS_INSIDE}/{p.sha256}" for p in pkgs]
     # INITRD=No: the kernel's postinst hooks build no initrd of their own (the image's
     # is made later, once; under emulation dracut takes minutes). unsafe-io: no fsync per
     # unpacked file; a composition cut short is thrown away whole, never used.
-    run_in(root, ["dpkg", "--install", "--force-depends", "--force-confnew",
+    doing = "Unpacking" if action == "--unpack" else "Installing"
+    run_in(root, ["dpkg", action, "--force-depends", "--force-confnew",
                   "--force-unsafe-io", *debs],
            ro_binds={cache.blob_path("x").parent: DEBS_INSIDE}, env={"INITRD": "No"},
-           what=f"Installing the {what} packages for {arch} with dpkg", timeout=3600)
+           what=f"{doing} the {what} packages for {arch} with dpkg", timeout=3600)
 
 
 def install_rootfs(root: Path, arch: str, locked: Sequence[LockedPackage], cache: Cache,
-                   progress: Progress | None = None) -> None:
-    """Compose a configured rootfs from *locked* into the empty directory *root*."""
+                   progress: Progress | None = None, native: Path | None = None) -> None:
+    """Compose a configured rootfs from *locked* into the empty directory *root*; for a
+    foreign *arch*, *native* (a tree of the host's architecture, such as the tools tree)
+    compiles Python's modules if it has the same Python."""
     say = progress or (lambda _m: None)
     ensure_binfmt(arch)
     for p in locked:
@@ -177,16 +247,69 @@ def install_rootfs(root: Path, arch: str, locked: Sequence[LockedPackage], cache
     say(f"installing {len(first)} essential packages with dpkg")
     _dpkg_install(root, arch, cache, first, "essential")
     say(f"installing {len(rest)} packages with dpkg")
-    _dpkg_install(root, arch, cache, rest, "remaining")
+    if rest and arch != host_arch() and native is not None:
+        # Unpack first: what the packages ship tells whether the native Python fits.
+        _dpkg(root, arch, cache, rest, "remaining", "--unpack")
+        compiler = native_python(root, native)
+        with held_back_compilers(root, compiler):
+            run_in(root, ["dpkg", "--configure", "--pending", "--force-depends",
+                          "--force-confnew", "--force-unsafe-io"], env={"INITRD": "No"},
+                   what=f"Configuring the remaining packages for {arch} with dpkg",
+                   timeout=3600)
+    else:
+        compiler = None
+        _dpkg_install(root, arch, cache, rest, "remaining")
     audit = run_in(root, ["dpkg", "--audit"], check=False)
     if audit.stdout.strip():
         first_line = audit.stdout.strip().splitlines()[0]
         raise CeruleanError(f"dpkg left packages unconfigured for {arch}: {first_line}")
-    if (root / "usr/bin/python3").exists():
+    if compiler is not None and native is not None:
+        say(f"compiling Python's modules with the tools tree's {compiler}")
+        dirs = [d.format(python=compiler) for d in PYTHON_DIRS]
+        run_in(native, [compiler, "-c", COMPILE_PYCS, "/mnt", *dirs], binds={root: "/mnt"},
+               what="Compiling Python's modules")
+        run_in(native, [compiler, "-c", HASH_PYCS, "/mnt/usr/lib"], binds={root: "/mnt"},
+               what="Making Python's compiled modules hash-based")
+    elif (root / "usr/bin/python3").exists():
         say("making Python's compiled modules hash-based")
         run_in(root, ["python3", "-c", HASH_PYCS, "/usr/lib"],
                what="Making Python's compiled modules hash-based")
     clean_host_specific(root)
+
+
+def native_python(root: Path, native: Path) -> str | None:
+    """The ``python3.X`` that both *root* (unpacked) and the host-architecture tree
+    *native* have, or None: then the target's own Python compiles its modules."""
+    def versions(tree: Path) -> set[str]:
+        return {p.parent.name for p in (tree / "usr/lib").glob("python3.*/py_compile.py")
+                if (tree / "usr/bin" / p.parent.name).exists()}
+    mine = versions(root)
+    both = mine & versions(native)
+    return next(iter(both)) if len(mine) == 1 and both else None
+
+
+@contextmanager
+def held_back_compilers(root: Path, python: str | None) -> Iterator[None]:
+    """While dpkg configures, the packages' scripts compile nothing (when *python* is
+    set): ``py3compile`` is moved aside and ``py_compile.py`` is a no-op. Both are put
+    back as they were, whatever happens."""
+    if python is None:
+        yield
+        return
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for rel in (PY3COMPILE, PY_COMPILE.format(python=python)):
+            path = root / rel
+            if path.is_file() and not path.is_symlink():
+                aside = path.with_name(path.name + HELD)
+                os.replace(path, aside)
+                moved.append((aside, path))
+                if rel.endswith("py_compile.py"):
+                    path.write_bytes(PY_COMPILE_STUB)
+        yield
+    finally:
+        for aside, path in moved:
+            os.replace(aside, path)
 
 
 def clean_host_specific(root: Path) -> None:
@@ -205,8 +328,10 @@ def clean_host_specific(root: Path) -> None:
 
 
 def cached_rootfs(arch: str, locked: Sequence[LockedPackage], cache: Cache,
-                  progress: Progress | None = None) -> tuple[Path, bool]:
-    """The cached configured rootfs for *locked*, composing it first if needed.
+                  progress: Progress | None = None, native: Path | None = None
+                  ) -> tuple[Path, bool]:
+    """The cached configured rootfs for *locked*, composing it first if needed (*native*:
+    see :func:`install_rootfs`).
 
     Returns (its directory, whether it was already cached). Callers must not
     change it: they work on an overlay (see :func:`overlay`).
@@ -229,7 +354,7 @@ def cached_rootfs(arch: str, locked: Sequence[LockedPackage], cache: Cache,
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rootfs").mkdir(parents=True)
             try:
-                install_rootfs(tmp / "rootfs", arch, locked, cache, progress)
+                install_rootfs(tmp / "rootfs", arch, locked, cache, progress, native)
                 # dpkg ran with --force-unsafe-io: the tree reaches the disk before it is
                 # marked complete, or a crash could leave a "complete" one with empty files.
                 os.sync()

@@ -227,7 +227,7 @@ def build_disk(defn: ImageDefinition, lock: Lock, arch_name: str, tools: Path, w
     started = time.monotonic()
     arch = arches.get(arch_name)
     say(f"{arch_name}: composing the root file system")
-    base, hit = cached_rootfs(arch_name, lock.packages[arch_name], cache, say)
+    base, hit = cached_rootfs(arch_name, lock.packages[arch_name], cache, say, native=tools)
     with overlay(base, work / "rootfs") as rootfs:
         return _build_disk(defn, lock, arch, rootfs, tools, work, cache, job, say,
                            started, hit)
