@@ -7,6 +7,7 @@ import configparser
 import importlib.util
 import marshal
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,19 @@ def test_masks_units_generators_and_repart_outside_the_initrd(tmp_path: Path) ->
     (root / "etc/integritytab").write_text("")
     assert lean.mask_units(root) == ["modprobe@drm.service"]
     assert os.readlink(root / lean.UNITS / "modprobe@drm.service") == "/dev/null"
+    # e2scrub's units go where there is no LVM for them to check through, and stay where
+    # there is.
+    for unit in ("e2scrub_reap.service", "e2scrub_all.timer", "e2scrub_all.service"):
+        (root / lean.UNITS / unit).write_text("[Unit]\n")
+    with_lvm = tmp_path / "with-lvm"
+    shutil.copytree(root, with_lvm, symlinks=True)
+    (with_lvm / "usr/sbin").mkdir(parents=True, exist_ok=True)
+    (with_lvm / lean.LVM).write_bytes(b"\x7fELF")
+    assert lean.mask_units(with_lvm) == ["modprobe@drm.service"]
+    assert (with_lvm / lean.UNITS / "e2scrub_reap.service").read_text() == "[Unit]\n"
+    assert lean.mask_units(root) == ["modprobe@drm.service", "e2scrub_reap.service",
+                                     "e2scrub_all.timer", "e2scrub_all.service"]
+    assert os.readlink(root / lean.UNITS / "e2scrub_reap.service") == "/dev/null"
     assert lean.mask_generators(root) == [
         "systemd-rc-local-generator", "systemd-ssh-generator", "systemd-sysv-generator"]
     assert {p.name: os.readlink(p) for p in gens.iterdir() if p.is_symlink()} == {

@@ -11,7 +11,8 @@ holds. Each step here removes work from the boot without removing a protection:
   programs in the image, and profiles with no path (entered by name), stay and are
   enforced as before.
 - :func:`mask_units`: units that only cost time on a server (``modprobe@drm``, which
-  systemd-logind waits for, loads the graphics core with no graphics device).
+  systemd-logind waits for, loads the graphics core with no graphics device), and
+  e2scrub's when the image has no LVM to check through.
 - :func:`mask_generators`: systemd runs every generator on every boot (and again on
   each reload). Those for features a Cerulean image does not use are masked:
   ``systemd-ssh-generator`` (sshd over AF_VSOCK and AF_UNIX: it loads the vsock
@@ -52,6 +53,12 @@ _OLD_STYLE = re.compile(r'^\s*("/[^"]*"|/\S+)\s+(?:flags=\([^)]*\)\s*)?\{')
 
 # Units masked in every system image (each one with its reason in docs/system-images.md).
 MASKED_UNITS = ("modprobe@drm.service",)
+# Units masked when the image lacks what they work on: e2scrub checks ext4 volumes
+# through LVM snapshots, and does nothing without LVM; its reaper holds
+# multi-user.target back (a oneshot it wants, in the idle scheduling class) all the same.
+LVM = "usr/sbin/lvm"
+MASKED_WITHOUT = {"e2scrub_reap.service": LVM, "e2scrub_all.timer": LVM,
+                  "e2scrub_all.service": LVM}
 UNITS = "usr/lib/systemd/system"
 GENERATORS = "usr/lib/systemd/system-generators"
 # Generators masked always, and those masked when what they read is absent.
@@ -164,11 +171,12 @@ def prune_apparmor_profiles(root: Path) -> list[str]:
 
 
 def mask_units(root: Path, units: tuple[str, ...] = MASKED_UNITS) -> list[str]:
-    """Mask *units* that exist in *root*: a link to /dev/null among the vendor units in
-    ``/usr`` (as Debian's systemd package masks units itself), so the next release can
-    unmask it."""
+    """Mask *units* that exist in *root*, and those of :data:`MASKED_WITHOUT` whose
+    subject *root* lacks: a link to /dev/null among the vendor units in ``/usr`` (as
+    Debian's systemd package masks units itself), so the next release can unmask it."""
     masked = []
-    for unit in units:
+    absent = [u for u, needs in MASKED_WITHOUT.items() if not (root / needs).exists()]
+    for unit in (*units, *absent):
         template = unit.split("@", 1)[0] + "@.service" if "@" in unit else unit
         if _unit_file(root, template) is None:
             continue
