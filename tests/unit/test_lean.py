@@ -231,13 +231,25 @@ def test_modules_are_compiled_for_the_tree_they_are_in(tmp_path: Path) -> None:
     (root / "etc/python3.13/sitecustomize.py").write_text("SITE = 'the target'\n")
     (std / "sitecustomize.py").symlink_to("/etc/python3.13/sitecustomize.py")
     (std / "dangling.py").symlink_to("/etc/nowhere.py")
-    (pkg / "broken.py").write_text("def (:\n")
     (pkg / "ok.py").write_text("X = 1\n")
-    out = subprocess.run([sys.executable, "-c", COMPILE_PYCS, str(root), "usr/lib/python3.13",
-                          "usr/lib/python3/dist-packages", "usr/share/python3"],
-                         capture_output=True, text=True, check=True).stderr
-    assert "not compiled: /usr/lib/python3/dist-packages/pkg/broken.py" in out, out
-    assert "1 modules not compiled" in out, out
+    # Links that climb out of the tree: ".." stops at its top, and what is outside is
+    # never read (here the file exists outside only).
+    (tmp_path / "outside.py").write_text("SECRET = 1\n")
+    (pkg / "escape.py").symlink_to("../../../../../../../../outside.py")
+    (pkg / "via-abs-dir.py").symlink_to("/etc/python3.13/../../outside.py")
+
+    def compile_all() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", COMPILE_PYCS, str(root),
+                               "usr/lib/python3.13", "usr/lib/python3/dist-packages",
+                               "usr/share/python3"], capture_output=True, text=True)
+
+    assert compile_all().returncode == 0
+    # A module that does not compile fails the run, as it fails Debian's postinst.
+    (pkg / "broken.py").write_text("def (:\n")
+    bad = compile_all()
+    assert bad.returncode != 0, bad
+    assert "not compiled: /usr/lib/python3/dist-packages/pkg/broken.py" in bad.stderr
+    assert "1 modules do not compile" in bad.stderr, bad.stderr
     for src in (std / "mod.py", std / "sitecustomize.py", pkg / "ok.py"):
         pyc = Path(importlib.util.cache_from_source(str(src)))
         data = pyc.read_bytes()
@@ -246,8 +258,14 @@ def test_modules_are_compiled_for_the_tree_they_are_in(tmp_path: Path) -> None:
         assert data[8:16] == importlib.util.source_hash(real.read_bytes()), src
         code = marshal.loads(data[16:])
         assert code.co_filename == "/" + str(src.relative_to(root)), code.co_filename
-    for src in (pkg / "broken.py", std / "dangling.py"):
-        assert not Path(importlib.util.cache_from_source(str(src))).exists()
+    for src in (pkg / "broken.py", std / "dangling.py", pkg / "escape.py",
+                pkg / "via-abs-dir.py"):
+        assert not Path(importlib.util.cache_from_source(str(src))).exists(), src
+    # The same climbing link, once the tree has the file at its top: read from the tree.
+    (root / "outside.py").write_text("INSIDE = 1\n")
+    compile_all()
+    escape = Path(importlib.util.cache_from_source(str(pkg / "escape.py"))).read_bytes()
+    assert escape[8:16] == importlib.util.source_hash(b"INSIDE = 1\n")
 
 
 def test_compilers_are_held_back_and_put_back(tmp_path: Path) -> None:
@@ -263,9 +281,22 @@ def test_compilers_are_held_back_and_put_back(tmp_path: Path) -> None:
     (native / "usr/bin").mkdir(parents=True)
     (native / "usr/lib/python3.13").mkdir(parents=True)
     (native / "usr/lib/python3.13/py_compile.py").write_text("")
+
+    def status(tree: Path, version: str) -> None:
+        (tree / "var/lib/dpkg").mkdir(parents=True, exist_ok=True)
+        (tree / "var/lib/dpkg/status").write_text(
+            "Package: libc6\nStatus: install ok installed\nVersion: 2.41-12\n\n"
+            f"Package: python3.13-minimal\nStatus: install ok unpacked\nVersion: {version}\n"
+            "Description: a\n multi-line field: with a colon\n")
+
+    status(root, "3.13.5-2")
+    status(native, "3.13.5-2")
     assert native_python(root, native) is None  # the tools tree has no python3.13 program
     (native / "usr/bin/python3.13").write_text("")
     assert native_python(root, native) == "python3.13"
+    status(native, "3.13.7-1")  # another patch release may compile differently
+    assert native_python(root, native) is None
+    status(native, "3.13.5-2")
     with pytest.raises(RuntimeError), held_back_compilers(root, "python3.13"):
         assert not py3compile.exists()  # its callers skip it
         assert py_compile.read_bytes() == PY_COMPILE_STUB

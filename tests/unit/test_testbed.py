@@ -413,7 +413,10 @@ def test_a_stray_int3_is_the_emulator_only_under_a_racy_tcg() -> None:
               qemu_returncode=-15, racy_tcg=True)
     assert gpf is not None and gpf.who == "guest", gpf
     assert "general protection fault" in gpf.why and "emulator may be the cause" in gpf.why
-    assert "single-threaded TCG" in gpf.why
+    assert "CERULEAN_TCG_THREADS=single" in gpf.why
+    shell = who(Outcome.FAILED, "[ 9.0] You are in emergency mode.\r\n", qemu_returncode=-15,
+                racy_tcg=True)
+    assert shell is not None and "emulator" not in shell.why, shell
     sound = who(Outcome.FAILED, "[ 5.0] Oops: general protection fault\r\n",
                 qemu_returncode=-15)
     assert sound is not None and "emulator" not in sound.why, sound

@@ -107,35 +107,57 @@ def main():
 
 # Compile every module under ROOT/DIR... for the tree at ROOT, checked-hash (PEP 552), the
 # way the packages' own scripts would have, with the paths the target sees in the code
-# objects. A symlinked module is read through its link as the target would resolve it.
+# objects. A symlinked module is read as the target resolves it: absolute links from
+# ROOT, ".." never above it. A module that does not compile fails the run, as it fails
+# the postinst of the package under Debian's own compile.
 COMPILE_PYCS = """
 import importlib.util, os, py_compile, sys
 root, tops = sys.argv[1].rstrip("/"), sys.argv[2:]
 mode = py_compile.PycInvalidationMode.CHECKED_HASH
-failed = 0
+
+def inside(path):
+    done, todo, hops = [], [p for p in path.split("/") if p], 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            done = done[:-1]
+            continue
+        here = root + "/" + "/".join(done + [part])
+        if os.path.islink(here):
+            hops += 1
+            if hops > 40:
+                return None
+            link = os.readlink(here)
+            if link.startswith("/"):
+                done = []
+            todo = [p for p in link.split("/") if p] + todo
+            continue
+        done.append(part)
+    return root + "/" + "/".join(done)
+
+failed = []
 for top in tops:
     for d, dirs, files in os.walk(root + "/" + top):
-        dirs.sort()
+        dirs[:] = sorted(x for x in dirs if x != "__pycache__")
+        if os.path.islink(os.path.join(d, "__pycache__")):
+            continue
         for f in sorted(files):
             src = os.path.join(d, f)
-            if not f.endswith(".py") or "/__pycache__" in d:
+            if not f.endswith(".py"):
                 continue
-            real = src
-            for _ in range(40):
-                if not os.path.islink(real):
-                    break
-                link = os.readlink(real)
-                real = root + link if link.startswith("/") else os.path.join(
-                    os.path.dirname(real), link)
-            if not os.path.isfile(real) or not real.startswith(root + "/"):
+            real = inside(src[len(root):])
+            if real is None or not os.path.isfile(real):
                 continue
             try:
                 py_compile.compile(real, cfile=importlib.util.cache_from_source(src),
                                    dfile=src[len(root):], doraise=True, invalidation_mode=mode)
             except py_compile.PyCompileError as e:
-                failed += 1
+                failed.append(src[len(root):])
                 print(f"not compiled: {src[len(root):]}: {e.msg}", file=sys.stderr)
-print(f"{failed} modules not compiled", file=sys.stderr)
+if failed:
+    sys.exit(f"{len(failed)} modules do not compile, the first {failed[0]}")
 """
 
 
@@ -264,12 +286,12 @@ def install_rootfs(root: Path, arch: str, locked: Sequence[LockedPackage], cache
         first_line = audit.stdout.strip().splitlines()[0]
         raise CeruleanError(f"dpkg left packages unconfigured for {arch}: {first_line}")
     if compiler is not None and native is not None:
+        # Checked-hash from the start: HASH_PYCS has nothing left to do (and run here it
+        # would read absolute symlinks in the tools tree).
         say(f"compiling Python's modules with the tools tree's {compiler}")
         dirs = [d.format(python=compiler) for d in PYTHON_DIRS]
         run_in(native, [compiler, "-c", COMPILE_PYCS, "/mnt", *dirs], binds={root: "/mnt"},
                what="Compiling Python's modules")
-        run_in(native, [compiler, "-c", HASH_PYCS, "/mnt/usr/lib"], binds={root: "/mnt"},
-               what="Making Python's compiled modules hash-based")
     elif (root / "usr/bin/python3").exists():
         say("making Python's compiled modules hash-based")
         run_in(root, ["python3", "-c", HASH_PYCS, "/usr/lib"],
@@ -278,14 +300,34 @@ def install_rootfs(root: Path, arch: str, locked: Sequence[LockedPackage], cache
 
 
 def native_python(root: Path, native: Path) -> str | None:
-    """The ``python3.X`` that both *root* (unpacked) and the host-architecture tree
-    *native* have, or None: then the target's own Python compiles its modules."""
-    def versions(tree: Path) -> set[str]:
-        return {p.parent.name for p in (tree / "usr/lib").glob("python3.*/py_compile.py")
+    """The ``python3.X`` that *root* (unpacked) has and the host-architecture tree
+    *native* has in exactly the same Debian version, or None: then the target's own
+    Python compiles its modules (another patch release could compile differently)."""
+    def versions(tree: Path) -> dict[str, str]:
+        status = installed_versions(tree)
+        return {p.parent.name: status.get(f"{p.parent.name}-minimal", "")
+                for p in (tree / "usr/lib").glob("python3.*/py_compile.py")
                 if (tree / "usr/bin" / p.parent.name).exists()}
-    mine = versions(root)
-    both = mine & versions(native)
-    return next(iter(both)) if len(mine) == 1 and both else None
+    mine, theirs = versions(root), versions(native)
+    if len(mine) != 1:
+        return None
+    (name, version), = mine.items()
+    return name if version and theirs.get(name) == version else None
+
+
+def installed_versions(tree: Path) -> dict[str, str]:
+    """Package → version from *tree*'s dpkg status (unpacked or configured)."""
+    out: dict[str, str] = {}
+    try:
+        text = (tree / "var/lib/dpkg/status").read_text(errors="replace")
+    except OSError:
+        return out
+    for stanza in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines()
+                      if ": " in line and not line.startswith(" "))
+        if "Package" in fields and "Version" in fields:
+            out[fields["Package"]] = fields["Version"]
+    return out
 
 
 @contextmanager

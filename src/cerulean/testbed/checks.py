@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from cerulean.testbed.accel import TCG_THREADS_ENV
 from cerulean.testbed.console import ConsoleEvent, ReadyReport
 
 NO_TIMEOUT = "no timeout"
@@ -153,6 +154,8 @@ def _verity(report: ReadyReport) -> Check:
 
 # What a stale translation of self-modified code looks like in an x86 guest: the INT3
 # the kernel planted while patching, run after the patch was done.
+# The console events a stale translation can cause (not an emergency or rescue shell).
+_CRASHES = ("kernel panic", "kernel oops", "kernel BUG")
 _STRAY_INT3 = re.compile(r"\bOops: int3\b|\bint3: 0000\b")
 
 
@@ -193,12 +196,12 @@ def blame(outcome: Outcome, checks: Sequence[Check], events: Sequence[ConsoleEve
                                      "its own code, run from a stale translation by this QEMU's "
                                      "multi-threaded TCG; run single-threaded TCG or a newer "
                                      "QEMU")
-        if racy_tcg:
+        if racy_tcg and first.kind in _CRASHES:
             # Other crashes can come from the same stale code; they stay the guest's
             # (nothing known clears the image), but the report says how to tell.
             return Blame("guest", f"{first}; this QEMU's multi-threaded TCG is known to run "
                                   "stale code with several vCPUs, so the emulator may be the "
-                                  "cause: boot again with single-threaded TCG to tell")
+                                  f"cause: boot again with {TCG_THREADS_ENV}=single to tell")
         return Blame("guest", str(first))
     if outcome is Outcome.TIMEOUT:
         if console_lines == 0:

@@ -26,7 +26,7 @@ from cerulean.testbed.arch import firmware, profile, qemu_binary
 from cerulean.testbed.console import ConsoleScanner, ReadyReport, strip_ansi
 from cerulean.testbed.disk import inspect_disk
 from cerulean.testbed.guest import credential_args
-from cerulean.testbed.monitor import MAX_SOCKET_PATH, ask, describe, monitor_args
+from cerulean.testbed.monitor import ask, fits, monitor_args, where
 from cerulean.testbed.qemu import QemuConfig, build_argv, vcpus
 
 
@@ -53,8 +53,10 @@ class Machine:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.console_log = self.workdir / "console.log"
         self.monitor = self.workdir / "monitor.sock"
-        if len(str(self.monitor)) > MAX_SOCKET_PATH:
-            self.monitor = Path(tempfile.mkdtemp(prefix="cerulean-mon-")) / "monitor.sock"
+        self._monitor_dir: Path | None = None  # a short directory of our own, when needed
+        if not fits(self.monitor):
+            self._monitor_dir = Path(tempfile.mkdtemp(prefix="cerulean-mon-"))
+            self.monitor = self._monitor_dir / "monitor.sock"
 
     def start(self) -> None:
         """Power on (a new console log section starts; earlier text stays in the file)."""
@@ -150,11 +152,13 @@ class Machine:
         shown = "\n".join(f"  | {ln[:200]}" for ln in lines[-self.TAIL_LINES:])
         last = (f"the console's last lines since then:\n{shown}" if lines
                 else "the console showed nothing since then")
-        vcpu = describe(self.monitor, self.arch)
         registers = ask(self.monitor, "info registers")
         if registers:
             (self.workdir / "registers.txt").write_text(registers + "\n")
-            vcpu += f" (registers: {self.workdir / 'registers.txt'})"
+            vcpu = (f"{where(registers, self.arch)} "
+                    f"(registers: {self.workdir / 'registers.txt'})")
+        else:
+            vcpu = "QEMU's monitor did not answer"
         return CeruleanError(f"{what} (log: {self.console_log}); {vcpu}; {last}")
 
     def kill(self) -> None:
@@ -174,3 +178,5 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        if self._monitor_dir is not None:
+            shutil.rmtree(self._monitor_dir, ignore_errors=True)

@@ -2,13 +2,14 @@
 
 A guest that stops printing leaves only its console behind, and the console cannot
 tell a kernel spinning in a loop from firmware that never started. QEMU's human
-monitor (HMP) on a Unix socket can: ``info registers`` shows each vCPU's program
-counter and ``info cpus`` whether it is halted.
+monitor (HMP) on a Unix socket can: ``info registers`` shows the vCPU's program
+counter, its privilege level and (x86) whether it is halted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import time
@@ -22,12 +23,21 @@ MAX_SOCKET_PATH = 107
 # How much of an answer is read at most: info registers is a few KiB per vCPU.
 MAX_ANSWER = 256 * 1024
 
-_PC = re.compile(r"\b(RIP|PC)=([0-9a-fA-F]+)")
+# x86 prints RIP= in 64-bit code and EIP= otherwise (real mode at the reset vector).
+_PC = re.compile(r"\b(RIP|EIP|PC)=([0-9a-fA-F]+)")
+_CPL = re.compile(r"\bCPL=(\d)")
+_EL = re.compile(r"\bPSTATE=[0-9a-fA-F]+ \S+ (?:N?S )?EL(\d)")
 
 
 def monitor_args(sock: Path) -> list[str]:
     """QEMU options for an HMP monitor listening on *sock*."""
-    return ["-monitor", f"unix:{sock},server=on,wait=off"]
+    path = str(sock).replace(",", ",,")  # QEMU's option lists escape a comma as two
+    return ["-monitor", f"unix:{path},server=on,wait=off"]
+
+
+def fits(sock: Path) -> bool:
+    """Whether *sock* is short enough for a Unix socket address."""
+    return len(os.fsencode(sock)) <= MAX_SOCKET_PATH
 
 
 def ask(sock: Path, command: str, timeout: float = 5.0) -> str:
@@ -66,29 +76,16 @@ def where(registers: str, arch: str) -> str:
     if m is None:
         return "the monitor did not say where the vCPU is"
     pc = int(m.group(2), 16)
-    return f"the vCPU is at {m.group(1)}={pc:#x}, {region(pc, registers, arch)}"
+    halted = " (halted)" if re.search(r"\bHLT=1\b", registers) else ""
+    return f"the vCPU is at {m.group(1)}={pc:#x}, {region(pc, registers, arch)}{halted}"
 
 
 def region(pc: int, registers: str, arch: str) -> str:
-    """A guess at what runs at *pc*: the kernel, user space, or firmware."""
+    """What runs at *pc*: user space by the privilege level, else the kernel by its
+    address range, else firmware (or a boot loader)."""
+    level = _CPL.search(registers) if arch == "amd64" else _EL.search(registers)
+    if level is not None and level.group(1) == ("3" if arch == "amd64" else "0"):
+        return "in user space"
     if pc >= 0xFFFF_0000_0000_0000:
         return "in the Linux kernel"
-    if arch == "amd64":
-        cr0 = re.search(r"\bCR0=([0-9a-fA-F]+)", registers)
-        paging = cr0 is not None and int(cr0.group(1), 16) & 0x8000_0000
-        # UEFI firmware runs identity-mapped below 4 GiB; the reset vector is at 0xfffffff0.
-        if not paging or pc < 0x1_0000_0000:
-            return "in the firmware (or a boot loader)"
-    elif pc < 0x1_0000_0000:
-        return "in the firmware (or a boot loader)"
-    return "in user space"
-
-
-def describe(sock: Path, arch: str) -> str:
-    """One sentence on where a running machine's first vCPU is, for an error message."""
-    registers = ask(sock, "info registers")
-    if not registers:
-        return "QEMU's monitor did not answer"
-    state = ask(sock, "info cpus")
-    halted = " (halted)" if "halted" in state else ""
-    return where(registers, arch) + halted
+    return "in the firmware (or a boot loader)"
