@@ -152,10 +152,10 @@ def _verity(report: ReadyReport) -> Check:
     return Check(USR_VERITY, False, f"verity={verity!r}, expected 'verified'")
 
 
-# What a stale translation of self-modified code looks like in an x86 guest: the INT3
-# the kernel planted while patching, run after the patch was done.
 # The console events a stale translation can cause (not an emergency or rescue shell).
 _CRASHES = ("kernel panic", "kernel oops", "kernel BUG")
+# What a stale translation of self-modified code looks like in an x86 guest: the INT3
+# the kernel planted while patching, run after the patch was done.
 _STRAY_INT3 = re.compile(r"\bOops: int3\b|\bint3: 0000\b")
 
 

@@ -15,6 +15,7 @@ import socket
 import time
 from pathlib import Path
 
+from cerulean.testbed.arch import qemu_opt
 from cerulean.testbed.console import strip_ansi
 
 PROMPT = b"(qemu) "
@@ -31,8 +32,7 @@ _EL = re.compile(r"\bPSTATE=[0-9a-fA-F]+ \S+ (?:N?S )?EL(\d)")
 
 def monitor_args(sock: Path) -> list[str]:
     """QEMU options for an HMP monitor listening on *sock*."""
-    path = str(sock).replace(",", ",,")  # QEMU's option lists escape a comma as two
-    return ["-monitor", f"unix:{path},server=on,wait=off"]
+    return ["-monitor", f"unix:{qemu_opt(sock)},server=on,wait=off"]
 
 
 def fits(sock: Path) -> bool:
