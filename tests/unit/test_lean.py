@@ -18,12 +18,20 @@ from cerulean.build import lean
 from cerulean.build.definition import load_definition
 from cerulean.build.system import (
     COMPILE_PYCS,
+    DEFERRED_CALLS,
     HASH_PYCS,
     PY_COMPILE_STUB,
+    deferred_tools,
     held_back_compilers,
     native_python,
+    recorded_calls,
 )
-from cerulean.build.system_image import dracut_argv, kernel_modules, missing_drivers
+from cerulean.build.system_image import (
+    compress_natively,
+    dracut_argv,
+    kernel_modules,
+    missing_drivers,
+)
 from cerulean.errors import CeruleanError
 
 PROFILES = {
@@ -311,6 +319,54 @@ def test_compilers_are_held_back_and_put_back(tmp_path: Path) -> None:
         assert py3compile.exists() and py_compile.read_text() == "the real py_compile\n"
 
 
+def test_tools_the_tools_tree_stands_in_for_record_their_calls(tmp_path: Path) -> None:
+    root, native = tmp_path / "root", tmp_path / "tools"
+    for tree, udev in ((root, "257.13-1"), (native, "257.13-1")):
+        for d in ("usr/bin", "usr/sbin", "var/lib/dpkg", "etc/ca-certificates/update.d"):
+            (tree / d).mkdir(parents=True)
+        (tree / "var/lib/dpkg/status").write_text(
+            f"Package: udev\nVersion: {udev}\n\nPackage: kmod\nVersion: 34.2-2\n")
+        (tree / "usr/bin/systemd-hwdb").write_text("hwdb\n")
+        (tree / "usr/bin/kmod").write_text("kmod\n")
+        (tree / "usr/sbin/depmod").symlink_to("../bin/kmod")
+    (root / "usr/sbin/update-ca-certificates").write_text("#!/bin/sh\n")
+    (native / "usr/bin/openssl").write_text("")
+    # run-parts is missing from the tools tree: the target's own script runs then.
+    with deferred_tools(root, native) as chosen:
+        assert [d.path for d in chosen] == ["usr/bin/systemd-hwdb", "usr/sbin/depmod"]
+        for name, args in (("systemd-hwdb", ["--usr", "update"]),
+                           ("depmod", ["6.12.1-arm64"]),
+                           ("systemd-hwdb", ["--usr", "update"]),  # once is enough
+                           ("depmod", ["-a", "with space", "%s 'q'"])):
+            stub = root / "usr" / ("bin" if name == "systemd-hwdb" else "sbin") / name
+            text = stub.read_text().replace(f"/{DEFERRED_CALLS}", str(root / DEFERRED_CALLS))
+            subprocess.run(["sh", "-c", text, name, *args], check=True)
+    assert (root / "usr/bin/systemd-hwdb").read_text() == "hwdb\n"
+    assert os.readlink(root / "usr/sbin/depmod") == "../bin/kmod"
+    assert not list((root / "usr/sbin").glob("*.cerulean-held"))
+    calls = root / DEFERRED_CALLS
+    assert recorded_calls((calls / "systemd-hwdb").read_text()) == [("--usr", "update")]
+    assert recorded_calls((calls / "depmod").read_text()) == [
+        ("6.12.1-arm64",), ("-a", "with space", "%s 'q'")]
+    with pytest.raises(CeruleanError, match="could not be read back"):
+        recorded_calls("Aone\nsecond line of one argument\nE\n")
+    with pytest.raises(CeruleanError, match="cut short"):
+        recorded_calls("Aone\n")
+    # Another udev in the tools tree, a hook to run, or a failure: nothing is deferred,
+    # and what was changed is put back.
+    (native / "usr/bin/run-parts").write_text("")
+    (root / "etc/ca-certificates/update.d/jks").write_text("#!/bin/sh\n")
+    (native / "var/lib/dpkg/status").write_text("Package: udev\nVersion: 258-1\n")
+    with pytest.raises(RuntimeError), deferred_tools(root, native) as chosen:
+        assert chosen == []
+        raise RuntimeError("dpkg failed")
+    (root / "etc/ca-certificates/update.d/jks").unlink()
+    with pytest.raises(RuntimeError), deferred_tools(root, native) as chosen:
+        assert [d.path for d in chosen] == ["usr/sbin/update-ca-certificates"]
+        raise RuntimeError("dpkg failed")
+    assert (root / "usr/sbin/update-ca-certificates").read_text() == "#!/bin/sh\n"
+
+
 IMAGES = Path(__file__).resolve().parents[2] / "images"
 
 
@@ -326,6 +382,11 @@ def test_initrd_modules_and_drivers_per_image() -> None:
     metal = dracut_argv(load_definition(IMAGES / "metal.toml"), "6.12.0")
     assert "kernel-modules" in metal[metal.index("--modules") + 1].split()
     assert "--drivers" not in metal and "--add-drivers" in metal
+    # Compressed afterwards by the tools tree: the same command with no compression.
+    plain = compress_natively(vm)
+    assert "--no-compress" in plain and "--compress=zstd" in vm
+    assert [a for a in plain if a != "--no-compress"] == [a for a in vm
+                                                           if a != "--compress=zstd"]
 
 
 def test_drivers_the_kernel_lacks_are_left_out(tmp_path: Path) -> None:

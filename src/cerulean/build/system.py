@@ -15,7 +15,9 @@ debootstrap and mmdebstrap do it, with Cerulean's own pieces:
 For a foreign architecture the chroot runs through qemu-user-static. Python's
 modules are then compiled by a Python of the host's architecture and the same
 version (the tools tree's), not by the target's under emulation, where it took
-minutes (see :func:`native_python`). The result is cached, keyed by the exact
+minutes (see :func:`native_python`); likewise the hardware database, the kernel
+modules' index and the CA certificate links are made by the tools tree's own
+programs (see :data:`DEFERRED`). The result is cached, keyed by the exact
 packages, so a rebuild copies it instead of installing again.
 """
 
@@ -29,6 +31,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from cerulean.arch import host_arch
@@ -42,7 +45,7 @@ from cerulean.debian.packages import Package
 from cerulean.debian.resolve import Universe, resolve
 from cerulean.errors import CeruleanError
 
-SYSTEM_FORMAT = 4  # bump when the way a rootfs is composed changes
+SYSTEM_FORMAT = 5  # bump when the way a rootfs is composed changes
 DEBS_INSIDE = "/run/cerulean-debs"
 POLICY_RC_D = "usr/sbin/policy-rc.d"
 
@@ -161,6 +164,50 @@ if failed:
 """
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A program the packages' scripts run whose work is the same on every architecture
+    and slow under emulation. For a foreign composition, a stub that records each call
+    takes its place while dpkg configures; afterwards the calls are replayed in the
+    tools tree, with *native* before the recorded arguments, the target at /mnt and its
+    *binds* (a path in the target, where it goes in the tools tree) in place, so that
+    the program reads and writes the target's files under the names the target sees.
+    *package* must be installed in the same version in both trees (the same program);
+    with *package* empty the target's own script runs, and *needs* lists the tools tree
+    programs it calls."""
+
+    path: str
+    package: str
+    native: tuple[str, ...]
+    binds: tuple[tuple[str, str], ...] = ()
+    needs: tuple[str, ...] = ()
+
+
+DEFERRED = (
+    # udev's postinst and trigger: the 13 MB hardware database, from the target's hwdb.d
+    # (it records each entry's file name: the target's own names).
+    Deferred("usr/bin/systemd-hwdb", "udev", ("systemd-hwdb",),
+             binds=(("usr/lib/udev", "/usr/lib/udev"), ("etc/udev", "/etc/udev"))),
+    # The kernel's postinst: the modules' dependency index.
+    Deferred("usr/sbin/depmod", "kmod", ("depmod", "--basedir=/mnt")),
+    # ca-certificates' postinst and triggers: a shell loop over ~150 certificates
+    # (a sed, readlink and ln each, every one a program started under emulation).
+    Deferred("usr/sbin/update-ca-certificates", "",
+             ("sh", "/mnt/usr/sbin/update-ca-certificates"),
+             binds=(("etc/ssl", "/etc/ssl"), ("etc/ca-certificates", "/etc/ca-certificates"),
+                    ("etc/ca-certificates.conf", "/etc/ca-certificates.conf"),
+                    ("usr/share/ca-certificates", "/usr/share/ca-certificates"),
+                    ("usr/local/share/ca-certificates", "/usr/local/share/ca-certificates")),
+             needs=("usr/bin/openssl", "usr/bin/run-parts")),
+)
+DEFERRED_CALLS = "var/lib/cerulean-deferred"
+# One line per argument ("A" + the argument), then "E": the call's end.
+DEFERRED_STUB = """#!/bin/sh
+# Recorded while dpkg configures, and run afterwards by cerulean (build/system.py).
+{{ for a in "$@"; do printf 'A%s\\n' "$a"; done; echo E; }} >> /{calls}/{name}
+"""
+
+
 def rootfs_key(arch: str, packages: Sequence[LockedPackage]) -> str:
     h = hashlib.sha256(f"system-v{SYSTEM_FORMAT}:{arch}\n".encode())
     for p in sorted(packages, key=lambda p: p.name):
@@ -273,11 +320,12 @@ def install_rootfs(root: Path, arch: str, locked: Sequence[LockedPackage], cache
         # Unpack first: what the packages ship tells whether the native Python fits.
         _dpkg(root, arch, cache, rest, "remaining", "--unpack")
         compiler = native_python(root, native)
-        with held_back_compilers(root, compiler):
+        with held_back_compilers(root, compiler), deferred_tools(root, native) as deferred:
             run_in(root, ["dpkg", "--configure", "--pending", "--force-depends",
                           "--force-confnew", "--force-unsafe-io"], env={"INITRD": "No"},
                    what=f"Configuring the remaining packages for {arch} with dpkg",
                    timeout=3600)
+        replay_deferred(root, native, deferred, say)
     else:
         compiler = None
         _dpkg_install(root, arch, cache, rest, "remaining")
@@ -352,6 +400,83 @@ def held_back_compilers(root: Path, python: str | None) -> Iterator[None]:
     finally:
         for aside, path in moved:
             os.replace(aside, path)
+
+
+def _deferrable(root: Path, native: Path, d: Deferred, versions: tuple[dict[str, str],
+                dict[str, str]]) -> bool:
+    target = root / d.path
+    if not (target.is_file() or target.is_symlink()):
+        return False
+    if d.package:
+        mine, theirs = versions
+        tool = native / "usr/bin" / d.native[0]
+        return bool(mine.get(d.package)) and mine.get(d.package) == theirs.get(d.package) \
+            and (tool.exists() or (native / "usr/sbin" / d.native[0]).exists())
+    if not all((native / n).exists() for n in d.needs):
+        return False
+    # Hooks would be run by the tools tree: keep the target's own program then.
+    hooks = root / "etc/ca-certificates/update.d"
+    return not (hooks.is_dir() and any(hooks.iterdir()))
+
+
+@contextmanager
+def deferred_tools(root: Path, native: Path) -> Iterator[list[Deferred]]:
+    """While dpkg configures, the :data:`DEFERRED` programs the tools tree *native* can
+    stand in for only record their calls; yields those programs. The originals are put
+    back as they were, whatever happens."""
+    versions = (installed_versions(root), installed_versions(native))
+    chosen = [d for d in DEFERRED if _deferrable(root, native, d, versions)]
+    moved: list[tuple[Path, Path]] = []
+    try:
+        calls = root / DEFERRED_CALLS
+        calls.mkdir(parents=True, exist_ok=True)
+        for d in chosen:
+            path = root / d.path
+            aside = path.with_name(path.name + HELD)
+            os.replace(path, aside)
+            moved.append((aside, path))
+            path.write_text(DEFERRED_STUB.format(calls=DEFERRED_CALLS, name=path.name))
+            path.chmod(0o755)
+        yield chosen
+    finally:
+        for aside, path in moved:
+            path.unlink(missing_ok=True)
+            os.replace(aside, path)
+
+
+def recorded_calls(text: str) -> list[tuple[str, ...]]:
+    """The calls a stub recorded (see :data:`DEFERRED_STUB`), each once, in order."""
+    calls: list[tuple[str, ...]] = []
+    args: list[str] = []
+    for line in text.splitlines():
+        if line == "E":
+            if tuple(args) not in calls:
+                calls.append(tuple(args))
+            args = []
+        elif line.startswith("A"):
+            args.append(line[1:])
+        else:
+            raise CeruleanError(f"A recorded call could not be read back: {line[:80]!r}")
+    if args:
+        raise CeruleanError("A recorded call was cut short.")
+    return calls
+
+
+def replay_deferred(root: Path, native: Path, deferred: Sequence[Deferred],
+                    say: Progress) -> None:
+    """Run what the packages' scripts asked of the :data:`DEFERRED` programs, with the
+    tools tree's programs on the target at /mnt; then remove the records."""
+    calls_dir = root / DEFERRED_CALLS
+    for d in deferred:
+        record = calls_dir / Path(d.path).name
+        calls = recorded_calls(record.read_text()) if record.is_file() else []
+        binds = {root: "/mnt", **{root / rel: inside for rel, inside in d.binds
+                                  if (root / rel).exists()}}
+        for args in calls:
+            say(f"running {Path(d.path).name} {' '.join(args)} with the tools tree's programs")
+            run_in(native, [*d.native, *args], binds=binds,
+                   what=f"{Path(d.path).name} for the image (tools tree)")
+    shutil.rmtree(calls_dir, ignore_errors=True)
 
 
 def clean_host_specific(root: Path) -> None:
