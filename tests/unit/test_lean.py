@@ -183,6 +183,12 @@ def test_masks_units_generators_and_repart_outside_the_initrd(tmp_path: Path) ->
     assert lean.repart_in_initrd_only(root)
     dropin = root / lean.UNITS / "systemd-repart.service.d"
     assert "ConditionPathExists=/etc/initrd-release" in next(dropin.iterdir()).read_text()
+    assert not lean.networkd_without_bpf(root)  # no networkd, no drop-in
+    assert not (root / lean.UNITS / f"{lean.NETWORKD}.d").exists()
+    (root / lean.UNITS / lean.NETWORKD).write_text("[Service]\nSystemCallFilter=@system-service\n")
+    assert lean.networkd_without_bpf(root)
+    conf = next((root / lean.UNITS / f"{lean.NETWORKD}.d").iterdir()).read_text()
+    assert "[Service]\nSystemCallFilter=~bpf\n" in conf
 
 
 def test_first_boot_does_not_redo_what_the_build_did(tmp_path: Path) -> None:

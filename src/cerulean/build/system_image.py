@@ -289,6 +289,7 @@ def _build_disk(defn: ImageDefinition, lock: Lock, arch: arches.Arch, rootfs: Pa
     lean.mask_generators(rootfs)
     lean.defer_boot_random_seed(rootfs)
     lean.repart_in_initrd_only(rootfs)
+    lean.networkd_without_bpf(rootfs)
     lean.mark_updated(rootfs, epoch)
     if defn.wants_agent:
         # The baseline of the writable configuration, on /usr (so dm-verity covers it).
