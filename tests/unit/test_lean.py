@@ -18,13 +18,17 @@ from cerulean.build import lean
 from cerulean.build.definition import load_definition
 from cerulean.build.system import (
     COMPILE_PYCS,
+    DEFERRED,
     DEFERRED_CALLS,
     HASH_PYCS,
     PY_COMPILE_STUB,
     deferred_tools,
     held_back_compilers,
     native_python,
+    native_refusal,
+    plain_path,
     recorded_calls,
+    replay_deferred,
 )
 from cerulean.build.system_image import (
     compress_natively,
@@ -343,7 +347,8 @@ def test_tools_the_tools_tree_stands_in_for_record_their_calls(tmp_path: Path) -
         for name, args in (("systemd-hwdb", ["--usr", "update"]),
                            ("depmod", ["6.12.1-arm64"]),
                            ("systemd-hwdb", ["--usr", "update"]),  # once is enough
-                           ("depmod", ["-a", "with space", "%s 'q'"])):
+                           ("depmod", ["-a", "with space\nand a line", "%s 'q'", ""]),
+                           ("depmod", ["6.12.1-arm64"])):  # where it was made last
             stub = root / "usr" / ("bin" if name == "systemd-hwdb" else "sbin") / name
             text = stub.read_text().replace(f"/{DEFERRED_CALLS}", str(root / DEFERRED_CALLS))
             subprocess.run(["sh", "-c", text, name, *args], check=True)
@@ -351,13 +356,14 @@ def test_tools_the_tools_tree_stands_in_for_record_their_calls(tmp_path: Path) -
     assert os.readlink(root / "usr/sbin/depmod") == "../bin/kmod"
     assert not list((root / "usr/sbin").glob("*.cerulean-held"))
     calls = root / DEFERRED_CALLS
-    assert recorded_calls((calls / "systemd-hwdb").read_text()) == [("--usr", "update")]
-    assert recorded_calls((calls / "depmod").read_text()) == [
-        ("6.12.1-arm64",), ("-a", "with space", "%s 'q'")]
+    assert recorded_calls((calls / "systemd-hwdb").read_bytes()) == [("--usr", "update")]
+    assert recorded_calls((calls / "depmod").read_bytes()) == [
+        ("-a", "with space\nand a line", "%s 'q'", ""), ("6.12.1-arm64",)]
     with pytest.raises(CeruleanError, match="could not be read back"):
-        recorded_calls("Aone\nsecond line of one argument\nE\n")
-    with pytest.raises(CeruleanError, match="cut short"):
-        recorded_calls("Aone\n")
+        recorded_calls(b"Aone\0Xtwo\0E\0")
+    for cut in (b"Aone\0", b"Aone\0E\0Atw"):
+        with pytest.raises(CeruleanError, match="cut short"):
+            recorded_calls(cut)
     # Another udev in the tools tree, a hook to run, or a failure: nothing is deferred,
     # and what was changed is put back.
     (native / "usr/bin/run-parts").write_text("")
@@ -371,6 +377,62 @@ def test_tools_the_tools_tree_stands_in_for_record_their_calls(tmp_path: Path) -
         assert [d.path for d in chosen] == ["usr/sbin/update-ca-certificates"]
         raise RuntimeError("dpkg failed")
     assert (root / "usr/sbin/update-ca-certificates").read_text() == "#!/bin/sh\n"
+
+
+def test_replayed_calls_run_natively_only_as_the_target_would(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, native = tmp_path / "root", tmp_path / "tools"
+    hwdb, depmod, certs = DEFERRED
+    for d in ("usr/lib/udev/hwdb.d", "usr/lib/modules/6.12.1", "etc/ssl/certs",
+              "usr/share/ca-certificates/mozilla", DEFERRED_CALLS):
+        (root / d).mkdir(parents=True)
+    (root / "etc/ca-certificates.conf").write_text("mozilla/A.crt\n")
+    assert native_refusal(root, hwdb, ["--usr", "update"]) == ""
+    assert native_refusal(root, depmod, ["-a", "-F", "/boot/System.map-6.12.1", "6.12.1"]) \
+        == "an argument is a path"
+    assert native_refusal(root, depmod, ["--basedir=/srv", "6.12.1"]) == \
+        "an argument is a path"
+    # A link inside the tree, relative or absolute, is fine; one that leads out is not.
+    (root / "etc/ssl/certs/A.pem").symlink_to("/usr/share/ca-certificates/mozilla/A.crt")
+    (root / "etc/ssl/certs/3513523f.0").symlink_to("A.pem")
+    assert native_refusal(root, certs, []) == ""
+    (root / "etc/ssl/certs/B.pem").symlink_to("../../../opt/B.crt")
+    assert native_refusal(root, certs, []) == \
+        "a link leads out of the directories it works on"
+    (root / "etc/ssl/certs/B.pem").unlink()
+    # A bound directory reached through a link could be the host's own.
+    shutil.rmtree(root / "usr/lib/udev")
+    (root / "usr/lib/udev").symlink_to("/usr/lib/udev")
+    assert native_refusal(root, hwdb, ["--usr", "update"]) == \
+        "/usr/lib/udev is reached through a link"
+    assert not plain_path(root, "usr/lib/udev/hwdb.d") and plain_path(root, "etc/ssl/certs")
+    (root / "usr/lib/udev").unlink()
+    assert native_refusal(root, hwdb, ["--usr", "update"]) == "the image has no /usr/lib/udev"
+
+    ran: list[tuple[Path, list[str], dict[Path, str]]] = []
+
+    def fake_run_in(tree: Path, argv: list[str], **kw: object) -> None:
+        binds = kw.get("binds") or {}
+        assert isinstance(binds, dict)
+        ran.append((tree, argv, {k: v for k, v in binds.items()}))
+        for source in binds:  # an optional bind the image lacks is an empty directory
+            assert source.exists(), source
+
+    monkeypatch.setattr("cerulean.build.system.run_in", fake_run_in)
+    (root / DEFERRED_CALLS / "depmod").write_bytes(b"A6.12.1\0E\0A-F\0A/boot/map\0E\0")
+    (root / DEFERRED_CALLS / "update-ca-certificates").write_bytes(b"E\0")
+    said: list[str] = []
+    replay_deferred(root, native, [depmod, certs], said.append)
+    assert [(tree, argv) for tree, argv, _ in ran] == [
+        (native, ["depmod", "6.12.1"]),
+        (root, ["/usr/sbin/depmod", "-F", "/boot/map"]),
+        (native, ["sh", "-e", "/mnt/usr/sbin/update-ca-certificates"])]
+    binds = ran[0][2]
+    assert binds[root] == "/mnt" and binds[root / "usr/lib/modules"] == "/usr/lib/modules"
+    assert sorted(v for k, v in binds.items() if not str(k).startswith(str(root))) == [
+        "/etc/depmod.d", "/usr/lib/depmod.d", "/usr/local/lib/depmod.d"]
+    assert "under emulation (an argument is a path)" in said[1]
+    assert not (root / DEFERRED_CALLS).exists()
 
 
 IMAGES = Path(__file__).resolve().parents[2] / "images"

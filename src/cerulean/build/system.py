@@ -16,8 +16,8 @@ For a foreign architecture the chroot runs through qemu-user-static. Python's
 modules are then compiled by a Python of the host's architecture and the same
 version (the tools tree's), not by the target's under emulation, where it took
 minutes (see :func:`native_python`); likewise the hardware database, the kernel
-modules' index and the CA certificate links are made by the tools tree's own
-programs (see :data:`DEFERRED`). The result is cached, keyed by the exact
+modules' index and the CA certificate links are made in the tools tree, on the
+target's files (see :data:`DEFERRED`). The result is cached, keyed by the exact
 packages, so a rebuild copies it instead of installing again.
 """
 
@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,8 +46,11 @@ from cerulean.debian.packages import Package
 from cerulean.debian.resolve import Universe, resolve
 from cerulean.errors import CeruleanError
 
-SYSTEM_FORMAT = 5  # bump when the way a rootfs is composed changes
+SYSTEM_FORMAT = 6  # bump when the way a rootfs is composed changes
 DEBS_INSIDE = "/run/cerulean-debs"
+# Dependencies are the lock's business (its order is not dpkg's); a changed conffile takes
+# the package's version; no fsync per file (a composition cut short is thrown away).
+DPKG_FORCE = ("--force-depends", "--force-confnew", "--force-unsafe-io")
 POLICY_RC_D = "usr/sbin/policy-rc.d"
 
 Progress = Callable[[str], None]
@@ -165,46 +169,72 @@ if failed:
 
 
 @dataclass(frozen=True)
+class Bind:
+    """A path of the target (*rel*) mounted at *inside* in the tools tree for a replay;
+    *optional*: if the target has none, an empty directory takes its place (so the tools
+    tree's own files are never read instead)."""
+
+    rel: str
+    inside: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
 class Deferred:
     """A program the packages' scripts run whose work is the same on every architecture
     and slow under emulation. For a foreign composition, a stub that records each call
-    takes its place while dpkg configures; afterwards the calls are replayed in the
-    tools tree, with *native* before the recorded arguments, the target at /mnt and its
-    *binds* (a path in the target, where it goes in the tools tree) in place, so that
-    the program reads and writes the target's files under the names the target sees.
-    *package* must be installed in the same version in both trees (the same program);
-    with *package* empty the target's own script runs, and *needs* lists the tools tree
-    programs it calls."""
+    takes its place while dpkg configures; afterwards each call is replayed in the tools
+    tree, with *native* before the recorded arguments and the target's *binds* mounted
+    where the program reads and writes, so that it works on the target's files under the
+    names the target sees. *package* must be installed in the same version in both
+    trees (the same program); with *package* empty the target's own script runs, with
+    the tools tree's shell and the programs in *needs*. With *links_within*, every link
+    in the bound directories must point into them (the script follows links).
+
+    A call that the tools tree cannot make the way the target would (an argument that
+    is a path, a bound path the target lacks or reaches through a link) is made by the
+    target's own program under emulation instead. A replayed call that fails fails the
+    build (the stub had let the caller go on)."""
 
     path: str
     package: str
     native: tuple[str, ...]
-    binds: tuple[tuple[str, str], ...] = ()
+    binds: tuple[Bind, ...]
     needs: tuple[str, ...] = ()
+    links_within: bool = False
 
 
 DEFERRED = (
     # udev's postinst and trigger: the 13 MB hardware database, from the target's hwdb.d
     # (it records each entry's file name: the target's own names).
     Deferred("usr/bin/systemd-hwdb", "udev", ("systemd-hwdb",),
-             binds=(("usr/lib/udev", "/usr/lib/udev"), ("etc/udev", "/etc/udev"))),
-    # The kernel's postinst: the modules' dependency index.
-    Deferred("usr/sbin/depmod", "kmod", ("depmod", "--basedir=/mnt")),
+             (Bind("usr/lib/udev", "/usr/lib/udev"),
+              Bind("etc/udev", "/etc/udev", optional=True))),
+    # The kernel's postinst: the modules' dependency index, with the target's settings.
+    Deferred("usr/sbin/depmod", "kmod", ("depmod",),
+             (Bind("usr/lib/modules", "/usr/lib/modules"),
+              Bind("etc/depmod.d", "/etc/depmod.d", optional=True),
+              Bind("usr/lib/depmod.d", "/usr/lib/depmod.d", optional=True),
+              Bind("usr/local/lib/depmod.d", "/usr/local/lib/depmod.d", optional=True))),
     # ca-certificates' postinst and triggers: a shell loop over ~150 certificates
-    # (a sed, readlink and ln each, every one a program started under emulation).
+    # (a sed, readlink and ln each, every one a program started under emulation). The
+    # script's own "#!/bin/sh -e": -e.
     Deferred("usr/sbin/update-ca-certificates", "",
-             ("sh", "/mnt/usr/sbin/update-ca-certificates"),
-             binds=(("etc/ssl", "/etc/ssl"), ("etc/ca-certificates", "/etc/ca-certificates"),
-                    ("etc/ca-certificates.conf", "/etc/ca-certificates.conf"),
-                    ("usr/share/ca-certificates", "/usr/share/ca-certificates"),
-                    ("usr/local/share/ca-certificates", "/usr/local/share/ca-certificates")),
-             needs=("usr/bin/openssl", "usr/bin/run-parts")),
+             ("sh", "-e", "/mnt/usr/sbin/update-ca-certificates"),
+             (Bind("etc/ssl", "/etc/ssl"), Bind("etc/ca-certificates.conf",
+                                                "/etc/ca-certificates.conf"),
+              Bind("etc/ca-certificates", "/etc/ca-certificates", optional=True),
+              Bind("usr/share/ca-certificates", "/usr/share/ca-certificates"),
+              Bind("usr/local/share/ca-certificates", "/usr/local/share/ca-certificates",
+                   optional=True)),
+             needs=("usr/bin/openssl", "usr/bin/run-parts"), links_within=True),
 )
 DEFERRED_CALLS = "var/lib/cerulean-deferred"
-# One line per argument ("A" + the argument), then "E": the call's end.
+# Each argument as "A" + the argument + NUL, then "E" + NUL: the call's end (an argument
+# cannot hold a NUL).
 DEFERRED_STUB = """#!/bin/sh
 # Recorded while dpkg configures, and run afterwards by cerulean (build/system.py).
-{{ for a in "$@"; do printf 'A%s\\n' "$a"; done; echo E; }} >> /{calls}/{name}
+{{ for a in "$@"; do printf 'A%s\\000' "$a"; done; printf 'E\\000'; }} >> /{calls}/{name}
 """
 
 
@@ -270,22 +300,15 @@ def export_tree(tree: Tree, root: Path) -> None:
             os.lchown(dst, e.uid, e.gid, )
 
 
-def _dpkg_install(root: Path, arch: str, cache: Cache, pkgs: Sequence[LockedPackage],
-                  what: str) -> None:
-    _dpkg(root, arch, cache, pkgs, what, "--install")
-
-
 def _dpkg(root: Path, arch: str, cache: Cache, pkgs: Sequence[LockedPackage], what: str,
           action: str) -> None:
     if not pkgs:
         return
     debs = [f"{DEBS_INSIDE}/{p.sha256}" for p in pkgs]
     # INITRD=No: the kernel's postinst hooks build no initrd of their own (the image's
-    # is made later, once; under emulation dracut takes minutes). unsafe-io: no fsync per
-    # unpacked file; a composition cut short is thrown away whole, never used.
+    # is made later, once; under emulation dracut takes minutes).
     doing = "Unpacking" if action == "--unpack" else "Installing"
-    run_in(root, ["dpkg", action, "--force-depends", "--force-confnew",
-                  "--force-unsafe-io", *debs],
+    run_in(root, ["dpkg", action, *DPKG_FORCE, *debs],
            ro_binds={cache.blob_path("x").parent: DEBS_INSIDE}, env={"INITRD": "No"},
            what=f"{doing} the {what} packages for {arch} with dpkg", timeout=3600)
 
@@ -314,21 +337,21 @@ def install_rootfs(root: Path, arch: str, locked: Sequence[LockedPackage], cache
     tree.add_file(POLICY_RC_D, b"#!/bin/sh\nexit 101\n", 0o755)
     export_tree(tree, root)
     say(f"installing {len(first)} essential packages with dpkg")
-    _dpkg_install(root, arch, cache, first, "essential")
+    _dpkg(root, arch, cache, first, "essential", "--install")
     say(f"installing {len(rest)} packages with dpkg")
     if rest and arch != host_arch() and native is not None:
         # Unpack first: what the packages ship tells whether the native Python fits.
         _dpkg(root, arch, cache, rest, "remaining", "--unpack")
         compiler = native_python(root, native)
         with held_back_compilers(root, compiler), deferred_tools(root, native) as deferred:
-            run_in(root, ["dpkg", "--configure", "--pending", "--force-depends",
-                          "--force-confnew", "--force-unsafe-io"], env={"INITRD": "No"},
+            run_in(root, ["dpkg", "--configure", "--pending", *DPKG_FORCE],
+                   env={"INITRD": "No"},
                    what=f"Configuring the remaining packages for {arch} with dpkg",
                    timeout=3600)
         replay_deferred(root, native, deferred, say)
     else:
         compiler = None
-        _dpkg_install(root, arch, cache, rest, "remaining")
+        _dpkg(root, arch, cache, rest, "remaining", "--install")
     audit = run_in(root, ["dpkg", "--audit"], check=False)
     if audit.stdout.strip():
         first_line = audit.stdout.strip().splitlines()[0]
@@ -402,10 +425,22 @@ def held_back_compilers(root: Path, python: str | None) -> Iterator[None]:
             os.replace(aside, path)
 
 
+def plain_path(root: Path, rel: str, last_may_link: bool = False) -> bool:
+    """Whether *rel* is reached in *root* without following a link (its last part may be
+    one with *last_may_link*): such a path cannot lead out of the tree."""
+    here, parts = root, Path(rel).parts
+    for i, part in enumerate(parts):
+        here = here / part
+        if here.is_symlink() and not (last_may_link and i == len(parts) - 1):
+            return False
+    return True
+
+
 def _deferrable(root: Path, native: Path, d: Deferred, versions: tuple[dict[str, str],
                 dict[str, str]]) -> bool:
     target = root / d.path
-    if not (target.is_file() or target.is_symlink()):
+    if not plain_path(root, d.path, last_may_link=True) or \
+            not (target.is_file() or target.is_symlink()):
         return False
     if d.package:
         mine, theirs = versions
@@ -444,38 +479,88 @@ def deferred_tools(root: Path, native: Path) -> Iterator[list[Deferred]]:
             os.replace(aside, path)
 
 
-def recorded_calls(text: str) -> list[tuple[str, ...]]:
-    """The calls a stub recorded (see :data:`DEFERRED_STUB`), each once, in order."""
+def recorded_calls(data: bytes) -> list[tuple[str, ...]]:
+    """The calls a stub recorded (see :data:`DEFERRED_STUB`), each once, where it was
+    made last."""
     calls: list[tuple[str, ...]] = []
     args: list[str] = []
-    for line in text.splitlines():
-        if line == "E":
-            if tuple(args) not in calls:
-                calls.append(tuple(args))
+    tokens = data.split(b"\0")
+    if tokens[-1]:
+        raise CeruleanError("A recorded call was cut short.")
+    for token in tokens[:-1]:
+        if token == b"E":
+            call = tuple(args)
+            if call in calls:
+                calls.remove(call)
+            calls.append(call)
             args = []
-        elif line.startswith("A"):
-            args.append(line[1:])
+        elif token.startswith(b"A"):
+            args.append(os.fsdecode(token[1:]))
         else:
-            raise CeruleanError(f"A recorded call could not be read back: {line[:80]!r}")
+            raise CeruleanError(f"A recorded call could not be read back: {token[:80]!r}")
     if args:
         raise CeruleanError("A recorded call was cut short.")
     return calls
 
 
+def _links_within(root: Path, dirs: Sequence[str]) -> bool:
+    """Whether every link under *dirs* (of *root*) points, as the target sees it, into
+    one of *dirs*."""
+    tops = [Path("/", d) for d in dirs]
+    for d in dirs:
+        for here, subdirs, files in os.walk(root / d):
+            for name in subdirs + files:
+                link = Path(here, name)
+                if not link.is_symlink():
+                    continue
+                seen = Path("/", link.relative_to(root)).parent
+                to = Path(os.path.normpath(seen / os.readlink(link)))
+                if not any(to == t or t in to.parents for t in tops):
+                    return False
+    return True
+
+
+def native_refusal(root: Path, d: Deferred, args: Sequence[str]) -> str:
+    """Why the tools tree cannot make this call as the target would ("" if it can)."""
+    if any(a.startswith("/") or "=/" in a for a in args):
+        return "an argument is a path"
+    for b in d.binds:
+        if not plain_path(root, b.rel):
+            return f"/{b.rel} is reached through a link"
+        if not (root / b.rel).exists() and not b.optional:
+            return f"the image has no /{b.rel}"
+    if d.links_within and not _links_within(root, [b.rel for b in d.binds]):
+        return "a link leads out of the directories it works on"
+    return ""
+
+
 def replay_deferred(root: Path, native: Path, deferred: Sequence[Deferred],
                     say: Progress) -> None:
-    """Run what the packages' scripts asked of the :data:`DEFERRED` programs, with the
-    tools tree's programs on the target at /mnt; then remove the records."""
+    """Make the calls the packages' scripts made to the :data:`DEFERRED` programs (the
+    originals are back in place): in the tools tree where it can, else under
+    emulation; then remove the records."""
     calls_dir = root / DEFERRED_CALLS
     for d in deferred:
-        record = calls_dir / Path(d.path).name
-        calls = recorded_calls(record.read_text()) if record.is_file() else []
-        binds = {root: "/mnt", **{root / rel: inside for rel, inside in d.binds
-                                  if (root / rel).exists()}}
-        for args in calls:
-            say(f"running {Path(d.path).name} {' '.join(args)} with the tools tree's programs")
-            run_in(native, [*d.native, *args], binds=binds,
-                   what=f"{Path(d.path).name} for the image (tools tree)")
+        name = Path(d.path).name
+        record = calls_dir / name
+        for args in recorded_calls(record.read_bytes()) if record.is_file() else []:
+            shown = " ".join([name, *args])
+            if why := native_refusal(root, d, args):
+                say(f"running {shown} under emulation ({why})")
+                run_in(root, [f"/{d.path}", *args], what=f"{name} in the image",
+                       timeout=3600)
+                continue
+            say(f"running {shown} with the tools tree's programs")
+            with tempfile.TemporaryDirectory(prefix="cerulean-empty-") as empty:
+                binds = {root: "/mnt"}
+                for i, b in enumerate(d.binds):
+                    source = root / b.rel
+                    if not source.exists():  # optional (native_refusal): an empty one
+                        source = Path(empty, str(i))
+                        source.mkdir()
+                    binds[source] = b.inside
+                run_in(native, [*d.native, *args], binds=binds,
+                       what=f"{name} for the image (tools tree)", timeout=3600)
     shutil.rmtree(calls_dir, ignore_errors=True)
 
 

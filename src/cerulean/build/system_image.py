@@ -30,7 +30,13 @@ from cerulean.build.chroot import run_in
 from cerulean.build.definition import ImageDefinition, images_dir, load_definition
 from cerulean.build.image import lock_downloads
 from cerulean.build.plan import archive_for, ensure_lock
-from cerulean.build.system import Progress, cached_rootfs, overlay, rootfs_key
+from cerulean.build.system import (
+    Progress,
+    cached_rootfs,
+    installed_versions,
+    overlay,
+    rootfs_key,
+)
 from cerulean.debian.archive import ArchiveConfig
 from cerulean.debian.cache import Cache
 from cerulean.debian.fetch import fetch_all
@@ -121,7 +127,7 @@ def dracut_argv(defn: ImageDefinition, kver: str, available: set[str] | None = N
             "/work/initrd.img", kver]
 
 
-# dracut's own zstd arguments (dracut-functions.sh), run by the tools tree's zstd on
+# dracut's own zstd arguments (dracut.sh), run by the tools tree's zstd on
 # the archive dracut wrote uncompressed: under emulation the target's zstd took two
 # minutes of an arm64 build. Multi-threaded zstd writes the same bytes whatever the
 # number of threads.
@@ -161,9 +167,11 @@ def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition, cach
         progress(f"initrd: kernel {kver} has no {', '.join(missing)}; left out")
     # Everything the initrd is made from: the packages, dracut's arguments, the files
     # Cerulean adds to the image, and the image's identity (os-release, host name).
+    # (and the zstd that compresses it: another version may write other bytes).
+    zstd = ["zstd", installed_versions(tools).get("zstd", ""), *ZSTD] if tools else []
     key = hashlib.sha256("\0".join([
         f"initrd-v{INITRD_FORMAT}", rootfs_id, *argv, sysconfig.files_digest(), defn.name,
-        defn.image_version, defn.system_hostname,
+        defn.image_version, defn.system_hostname, *zstd,
     ]).encode()).hexdigest()[:32]
     cached = cache.subdir("initrd") / key
     out = work / "initrd.img"
@@ -188,7 +196,7 @@ def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition, cach
                 plain = out.with_name("initrd.cpio")
                 out.replace(plain)
                 run_in(tools, [*ZSTD, "-o", "/work/initrd.img", "/work/initrd.cpio"],
-                       binds={work: "/work"}, what="Compressing the initrd")
+                       binds={work: "/work"}, what="Compressing the initrd", timeout=900)
                 plain.unlink()
     finally:
         osr.write_bytes(release)
