@@ -16,6 +16,7 @@ import pytest
 
 from cerulean.build import lean
 from cerulean.build.definition import load_definition
+from cerulean.build.sysconfig import FILES
 from cerulean.build.system import (
     COMPILE_PYCS,
     DEFERRED,
@@ -31,6 +32,7 @@ from cerulean.build.system import (
     replay_deferred,
 )
 from cerulean.build.system_image import (
+    USR_CHECK_AT,
     compress_natively,
     dracut_argv,
     kernel_modules,
@@ -450,6 +452,13 @@ def test_initrd_modules_and_drivers_per_image() -> None:
     metal = dracut_argv(load_definition(IMAGES / "metal.toml"), "6.12.0")
     assert "kernel-modules" in metal[metal.index("--modules") + 1].split()
     assert "--drivers" not in metal and "--add-drivers" in metal
+    # The initrd's check of /usr: the drop-in from build/files, and dd to read a block.
+    at = vm.index("--include")
+    assert vm[at + 1:at + 3] == ["/work/initrd-usr-check.conf", USR_CHECK_AT]
+    assert vm[vm.index("--install") + 1] == "dd"
+    check = (FILES / "initrd-usr-check.conf").read_text()
+    assert "OnFailure=emergency.target" in check
+    assert "dd if=/dev/mapper/usr of=/dev/null" in check
     # Compressed afterwards by the tools tree: the same command with no compression.
     plain = compress_natively(vm)
     assert "--no-compress" in plain and "--compress=zstd" in vm

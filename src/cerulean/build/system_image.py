@@ -81,13 +81,17 @@ def tools_tree(cache: Cache, say: Callable[[str], None], offline: bool) -> Path:
     return root
 
 
-INITRD_FORMAT = 5  # bump when what goes into the initrd changes
+INITRD_FORMAT = 6  # bump when what goes into the initrd changes
 # Exactly these dracut modules (and what they need), not dracut's default set: the initrd
 # opens the verity /usr, grows the root partition and mounts both. dracut-systemd keeps
 # rd.shell=0 and rd.emergency=reboot working (a failed boot reboots, so boot counting can
 # fall back).
 INITRD_MODULES = ("systemd", "systemd-initrd", "systemd-veritysetup", "systemd-repart", "dm",
                   "dracut-systemd", "base")
+# A drop-in for the initrd's veritysetup unit (build/files/initrd-usr-check.conf): a /usr
+# that fails verification fails the boot at once (it reads a block with dd).
+USR_CHECK = "initrd-usr-check.conf"
+USR_CHECK_AT = "/usr/lib/systemd/system/systemd-veritysetup@usr.service.d/50-cerulean-check.conf"
 
 
 def kernel_modules(rootfs: Path, kver: str) -> set[str]:
@@ -123,8 +127,9 @@ def dracut_argv(defn: ImageDefinition, kver: str, available: set[str] | None = N
         modules.append("kernel-modules")
         drivers = ["--add-drivers", INITRD_DRIVERS]
     return ["dracut", "--force", "--no-hostonly", "--reproducible", "--modules",
-            " ".join(modules), *drivers, "--omit", "plymouth network", "--compress=zstd",
-            "/work/initrd.img", kver]
+            " ".join(modules), *drivers, "--omit", "plymouth network",
+            "--include", f"/work/{USR_CHECK}", USR_CHECK_AT, "--install", "dd",
+            "--compress=zstd", "/work/initrd.img", kver]
 
 
 # dracut's own zstd arguments (dracut.sh), run by the tools tree's zstd on
@@ -182,6 +187,7 @@ def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition, cach
     release = osr.read_bytes()
     osr.write_bytes(b"".join(line for line in release.splitlines(keepends=True)
                              if not line.startswith(b"IMAGE_VERSION=")))
+    (work / USR_CHECK).write_bytes(sysconfig.FILES.joinpath(USR_CHECK).read_bytes())
     try:
         dracut = compress_natively(argv) if tools is not None else argv
         run_in(rootfs, dracut, binds={work: "/work"}, env={"SOURCE_DATE_EPOCH": "0"},
