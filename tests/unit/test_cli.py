@@ -85,3 +85,54 @@ def test_entry_point_runs() -> None:
     r = subprocess.run([Path(sys.executable).parent / "cerulean", "--version"],
                        capture_output=True, text=True, check=False)
     assert r.returncode == 0 and r.stdout.startswith("cerulean ")
+
+
+SIGTERM_PROBE = """
+import sys, time
+from pathlib import Path
+from cerulean.cli import images, main
+
+def run(args):
+    try:
+        print("running", flush=True)
+        time.sleep(60)
+    finally:
+        Path(sys.argv[1]).write_text("cleaned up")
+    return 0
+
+images.run = run
+sys.exit(main(["images"]))
+"""
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path: Path) -> None:
+    """A command stopped with SIGTERM unwinds (its finally blocks run: mounts, temporary
+    trees, VMs and servers are cleaned up) and exits 143 with one word, no traceback."""
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_PROBE, str(marker)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "running\n"
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143
+    assert err.strip() == "terminated"
+    assert marker.read_text() == "cleaned up"
+
+
+def test_main_puts_the_sigterm_handler_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from cerulean.cli import images
+
+    monkeypatch.chdir(ROOT)
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def run(args: object) -> int:
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return 0
+
+    monkeypatch.setattr(images, "run", run)
+    assert main(["images"]) == 0
+    assert seen and seen[0] is not before
+    assert signal.getsignal(signal.SIGTERM) is before

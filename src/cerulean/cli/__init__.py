@@ -1,19 +1,22 @@
 """The ``cerulean`` command: one thin module per command group, no logic of its own.
 
 Errors meant for users (:class:`CeruleanError`) are printed as one sentence
-with a non-zero exit; an interrupt exits 130 without a traceback.
+with a non-zero exit; an interrupt exits 130 and SIGTERM 143, each without a
+traceback and after the command has cleaned up (mounts, temporary trees, VMs).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from cerulean import __version__
 from cerulean.cli import agentdeb, build, fleet, images, lock, release, testbed
-from cerulean.errors import CeruleanError
+from cerulean.errors import CeruleanError, Terminated
 
 DESCRIPTION = """\
 Cerulean Linux: build minimal, reproducible OS images from the Debian archive.
@@ -65,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         p.print_help()
         return 2
+    # SIGTERM (a service manager, `timeout`, a CI runner) unwinds like Ctrl-C; by
+    # default Python would die on the spot and leave mounts, temporary trees or a
+    # fleet server behind.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         rc: int = args.func(args)
         return rc
@@ -74,6 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":  # pragma: no cover

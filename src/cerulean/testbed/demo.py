@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -109,8 +110,10 @@ def run_demo(disk: Path, data: Path, port: int = 8443, timeout_s: float = 1200,
     api = Api(url, token, fleet / "ca.crt")
     log = data / "server.log"
     with open(log, "ab") as out:
+        # Stopped below; should this process be killed outright, the kernel stops it.
         server = subprocess.Popen([sys.executable, "-m", "cerulean.cli", "fleet", "serve",
-                                   "--data", str(fleet)], stdout=out, stderr=subprocess.STDOUT)
+                                   "--data", str(fleet)], stdout=out, stderr=subprocess.STDOUT,
+                                  preexec_fn=process.die_with_parent(signal.SIGTERM))
     vm: subprocess.Popen[bytes] | None = None
     work: Path | None = None  # the VM's overlay disk and firmware variables
     try:

@@ -42,7 +42,7 @@ def _prctl() -> Callable[..., Any] | None:
         return None
 
 
-def _die_with_parent(sig: signal.Signals) -> functools.partial[None] | None:
+def die_with_parent(sig: signal.Signals) -> functools.partial[None] | None:
     prctl = _prctl()
     if prctl is None:
         return None
@@ -63,12 +63,12 @@ def start(argv: Sequence[str], *, stderr: Path | None = None,
     try:
         if not background:
             # SIGTERM, so an orphaned interactive QEMU still restores the terminal.
-            return subprocess.Popen(list(argv), preexec_fn=_die_with_parent(signal.SIGTERM))
+            return subprocess.Popen(list(argv), preexec_fn=die_with_parent(signal.SIGTERM))
         with open(stderr or "/dev/null", "wb") as err:
             return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.DEVNULL, stderr=err,
                                     start_new_session=True,
-                                    preexec_fn=_die_with_parent(signal.SIGKILL))
+                                    preexec_fn=die_with_parent(signal.SIGKILL))
     except OSError as e:
         raise CeruleanError(f"Could not start {argv[0]}: {e.strerror or e}.") from None
 
