@@ -33,6 +33,7 @@ from cerulean.build.system import (
 )
 from cerulean.build.system_image import (
     USR_CHECK_AT,
+    _check_initrd,
     compress_natively,
     dracut_argv,
     kernel_modules,
@@ -514,3 +515,30 @@ def test_a_crash_looping_agent_lets_the_boot_be_judged() -> None:
     assert agent["Service"]["Restart"] != "always"
     # Even starts that fail only at their timeout all fit in the interval.
     assert burst > 0 and burst * start + (burst - 1) * restart < interval
+
+
+def _newc(names: list[str]) -> bytes:
+    """A cpio archive in dracut's format (newc) holding empty files named *names*."""
+    out = b""
+    for name in [*names, "TRAILER!!!"]:
+        raw = name.encode() + b"\0"
+        head = b"070701" + b"".join(b"%08X" % v for v in (
+            0, 0o100644, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(raw), 0))
+        out += head + raw
+        out += b"\0" * (-len(out) % 4)
+    return out
+
+
+def test_an_initrd_without_the_usr_check_fails_the_build(tmp_path: Path) -> None:
+    """dracut logs a file it cannot add and goes on: the build checks the archive."""
+    archive = tmp_path / "initrd.cpio"
+    archive.write_bytes(_newc(["usr", USR_CHECK_AT.lstrip("/"), "usr/bin/dd"]))
+    _check_initrd(archive, "")
+    archive.write_bytes(_newc(["usr", USR_CHECK_AT.lstrip("/"), "usr/bin/ddx"]))
+    with pytest.raises(CeruleanError, match=r"left /usr/bin/dd out of the initrd: "
+                       r"dracut\[E\]: ERROR: installing 'dd'"):
+        _check_initrd(archive, "dracut[I]: ok\ndracut[E]: ERROR: installing 'dd'\n")
+    archive.write_bytes(_newc(["usr/bin/dd"]))
+    with pytest.raises(CeruleanError, match=r"50-cerulean-check\.conf out of the initrd: it "
+                       "gave no error"):
+        _check_initrd(archive, "")

@@ -147,6 +147,17 @@ def compress_natively(argv: list[str]) -> list[str]:
     return ["--no-compress" if a == "--compress=zstd" else a for a in argv]
 
 
+def _check_initrd(archive: Path, output: str) -> None:
+    """dracut only logs a file it could not include: the uncompressed *archive* (cpio
+    names are plain text) must hold the /usr check and the dd it runs."""
+    data = archive.read_bytes()
+    for name in (USR_CHECK_AT, "/usr/bin/dd"):
+        if name.lstrip("/").encode() + b"\0" not in data:
+            said = [line.strip() for line in output.splitlines() if "error" in line.lower()][-2:]
+            raise CeruleanError(f"dracut left {name} out of the initrd: "
+                                f"{' | '.join(said) or 'it gave no error'}.")
+
+
 def missing_drivers(defn: ImageDefinition, available: set[str] | None) -> list[str]:
     """The drivers of ``system.initrd-drivers`` that the kernel (*available*) lacks."""
     if available is None:
@@ -187,12 +198,15 @@ def make_initrd(rootfs: Path, work: Path, kver: str, defn: ImageDefinition, cach
     release = osr.read_bytes()
     osr.write_bytes(b"".join(line for line in release.splitlines(keepends=True)
                              if not line.startswith(b"IMAGE_VERSION=")))
-    (work / USR_CHECK).write_bytes(sysconfig.FILES.joinpath(USR_CHECK).read_bytes())
     try:
+        check = work / USR_CHECK
+        check.write_bytes(sysconfig.FILES.joinpath(USR_CHECK).read_bytes())
+        check.chmod(0o644)  # dracut keeps the mode: not the builder's umask
         dracut = compress_natively(argv) if tools is not None else argv
-        run_in(rootfs, dracut, binds={work: "/work"}, env={"SOURCE_DATE_EPOCH": "0"},
-               what="Building the initrd with dracut", timeout=3600)
+        built = run_in(rootfs, dracut, binds={work: "/work"}, env={"SOURCE_DATE_EPOCH": "0"},
+                       what="Building the initrd with dracut", timeout=3600)
         if tools is not None:
+            _check_initrd(out, built.stderr + built.stdout)
             with out.open("rb") as f:
                 early = EARLY_CPIO in f.read(4096)
             if early:
