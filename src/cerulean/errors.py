@@ -16,9 +16,3 @@ class VerificationError(CeruleanError):
 
 class NetworkError(CeruleanError):
     """The archive could not be reached or kept failing after retries."""
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived: raised in the main thread so that cleanup (``finally`` blocks,
-    context managers: mounts, temporary trees, child processes) runs as it does for
-    Ctrl-C. Not an :class:`Exception`, so no ``except Exception`` swallows it."""

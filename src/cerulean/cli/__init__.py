@@ -1,8 +1,9 @@
 """The ``cerulean`` command: one thin module per command group, no logic of its own.
 
 Errors meant for users (:class:`CeruleanError`) are printed as one sentence
-with a non-zero exit; an interrupt exits 130 and SIGTERM 143, each without a
-traceback and after the command has cleaned up (mounts, temporary trees, VMs).
+with a non-zero exit; an interrupt exits 130, and SIGTERM ends the process by the
+signal, each without a traceback and after the command has cleaned up (mounts,
+temporary trees, VMs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from types import FrameType
 
 from cerulean import __version__
 from cerulean.cli import agentdeb, build, fleet, images, lock, release, testbed
-from cerulean.errors import CeruleanError, Terminated
+from cerulean.errors import CeruleanError
 
 DESCRIPTION = """\
 Cerulean Linux: build minimal, reproducible OS images from the Debian archive.
@@ -68,10 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         p.print_help()
         return 2
-    # SIGTERM (a service manager, `timeout`, a CI runner) unwinds like Ctrl-C; by
-    # default Python would die on the spot and leave mounts, temporary trees or a
-    # fleet server behind.
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    # SIGTERM (a service manager, `timeout`, a CI runner) unwinds like Ctrl-C, then
+    # ends the process by the signal as before; by default Python would die on the spot
+    # and leave mounts, temporary trees or a fleet server behind. A handler set by
+    # whoever started us (SIG_IGN included) is left alone.
+    ours = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if ours:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         rc: int = args.func(args)
         return rc
@@ -83,13 +87,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Terminated:
         print("terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+        return 128 + signal.SIGTERM  # not reached
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived: raised in the main thread so that cleanup (``finally`` blocks,
+    context managers: mounts, temporary trees, child processes) runs as for Ctrl-C. A
+    SystemExit, so no ``except Exception`` swallows it and an event loop (asyncio,
+    uvloop) stops on it instead of logging it and carrying on."""
 
 
 def _terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated
+    raise Terminated(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":  # pragma: no cover
