@@ -74,20 +74,22 @@ test-clock-ahead: setup $(FAKETIME_SLEEP)
 bench: setup
 	$(BIN)/python benchmarks/build_bench.py
 
+# $(call bench_tool,PROGRAM): installs the Debian package of that name unless the program
+# is there; for tools only a benchmark needs.
+bench_tool = command -v $(1) >/dev/null || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(1); }
+
 # mmdebstrap needs arch-test to build the plain Debian system for a foreign architecture;
 # only these benchmarks build one.
-BENCH_APT = command -v arch-test >/dev/null || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends arch-test; }
-
 bench-system: setup
-	@$(BENCH_APT)
+	@$(call bench_tool,arch-test)
 	$(BIN)/python benchmarks/system_bench.py
 
 # Boot time of the vm image next to plain Debian, amd64 and arm64, in one run
 # (BOOT_BENCH_ARGS: --arch, --boots, --work DIR to keep the disks).
 BOOT_BENCH_ARGS ?=
 bench-boot: setup
-	@$(BENCH_APT)
+	@$(call bench_tool,arch-test)
 	$(BIN)/python benchmarks/boot_bench.py $(BOOT_BENCH_ARGS)
 
 # The vm booted 30 times with the other core busy, counting every oops and panic
@@ -104,8 +106,7 @@ bench-update: setup
 
 # AIDE is the reference for the integrity scan; only this benchmark needs it.
 bench-agent: setup
-	@command -v aide >/dev/null || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends aide; }
+	@$(call bench_tool,aide)
 	$(BIN)/python benchmarks/agent_bench.py
 
 # Simulated agents against a real fleet server on SQLite and PostgreSQL (FLEET_BENCH_ARGS:
