@@ -34,10 +34,15 @@ def test_create_writes_every_role_and_keeps_keys_private(repo: Repository) -> No
     names = sorted(p.name for p in repo.meta.iterdir())
     assert names == ["1.root.json", "1.snapshot.json", "1.targets.json", "root.json",
                      "timestamp.json"]
-    roles = sorted(k.role for k in key_files(repo.keys))
-    assert roles == ["root", "snapshot", "targets", "timestamp"]
-    assert repo.keys.stat().st_mode & 0o777 == 0o700
-    assert all(k.path.stat().st_mode & 0o777 == 0o600 for k in key_files(repo.keys))
+    # The online keys on one side, the root keys (2 of 3 by default) on the other.
+    assert sorted(k.role for k in key_files(repo.keys)) == ["snapshot", "targets", "timestamp"]
+    assert [k.role for k in key_files(repo.root_keys)] == ["root"] * 3
+    assert repo.root_keys == repo.keys.parent / "root-keys"
+    assert repo.load("root").signed.roles["root"].threshold == 2
+    for d in (repo.keys, repo.root_keys):
+        assert d.stat().st_mode & 0o777 == 0o700
+        assert all(k.path.stat().st_mode & 0o777 == 0o600 for k in key_files(d))
+        assert all(b"ENCRYPTED" not in k.path.read_bytes() for k in key_files(d))
     # Private keys never land in the served tree.
     assert not list(repo.path.rglob("*.pem"))
 
@@ -47,6 +52,8 @@ def test_create_refuses_an_existing_repository(repo: Repository, tmp_path: Path)
         Repository.create(repo.path, tmp_path / "other-keys")
     with pytest.raises(CeruleanError, match="threshold"):
         Repository.create(tmp_path / "r2", tmp_path / "k2", root_keys=1, root_threshold=2)
+    with pytest.raises(CeruleanError, match="directory of their own"):
+        Repository.create(tmp_path / "r3", tmp_path / "k3", root_keys_dir=tmp_path / "k3")
 
 
 def test_client_reads_a_published_channel_and_payload(repo: Repository, tmp_path: Path) -> None:
@@ -111,9 +118,15 @@ def test_older_metadata_is_refused_as_a_rollback(repo: Repository, tmp_path: Pat
 def test_key_rotation_is_followed_and_the_revoked_key_refused(repo: Repository,
                                                               tmp_path: Path) -> None:
     old_targets = next(k for k in key_files(repo.keys) if k.role == "targets")
-    new_id = repo.rotate_key("targets")
+    # The thief copied the key before it was rotated: rotation destroys it on disk.
+    stolen = tmp_path / "stolen.pem"
+    shutil.copyfile(old_targets.path, stolen)
+    done = repo.rotate_key("targets")
+    assert f"destroyed {old_targets.path.name}" in done
+    assert not old_targets.path.exists()
+    assert not list(repo.keys.rglob(f"*{old_targets.keyid}*"))
+    new_id = next(k.keyid for k in key_files(repo.keys) if k.role == "targets")
     assert new_id != old_targets.keyid
-    assert (repo.keys / "retired" / old_targets.path.name).exists()
     assert repo.root_version() == 2
     repo.save_channel(ChannelDoc("stable"))
     with serving(repo.path) as url:
@@ -129,7 +142,7 @@ def test_key_rotation_is_followed_and_the_revoked_key_refused(repo: Repository,
         "releases/vm/99.20991231.0/amd64/uki.efi.zst", str(evil), ["sha256"])
     md.signed.version += 1
     root = repo.load("root").signed
-    repo._write("targets", md, [load_signer(repo.keys / "retired" / old_targets.path.name)])
+    repo._write("targets", md, [load_signer(stolen, "targets")])
     signers = {r: repo.signers(r, root) for r in ("snapshot", "timestamp")}
     repo._commit(signers, datetime.now(UTC).replace(microsecond=0), md.signed.version)
     with serving(repo.path) as url:
@@ -140,11 +153,17 @@ def test_key_rotation_is_followed_and_the_revoked_key_refused(repo: Repository,
 
 def test_root_rotation_is_signed_by_old_and_new_root_keys(repo: Repository,
                                                           tmp_path: Path) -> None:
+    old = {k.keyid for k in key_files(repo.root_keys)}
     repo.rotate_key("root")
     v2 = Metadata.from_file(str(repo.meta / "2.root.json"))
     v1 = Metadata.from_file(str(repo.meta / "1.root.json"))
     v1.signed.verify_delegate("root", v2.signed_bytes, v2.signatures)  # old keys vouch
-    v2.signed.verify_delegate("root", v2.signed_bytes, v2.signatures)  # and the new key
+    v2.signed.verify_delegate("root", v2.signed_bytes, v2.signatures)  # and the new keys
+    # Every key replaced, the threshold kept (2 of 3), the old keys gone.
+    assert v2.signed.roles["root"].threshold == 2
+    assert len(v2.signed.roles["root"].keyids) == 3
+    assert not old & set(v2.signed.roles["root"].keyids)
+    assert not old & {k.keyid for k in key_files(repo.root_keys)}
     with serving(repo.path) as url:
         client(tmp_path, url, repo).refresh()
 

@@ -157,9 +157,11 @@ def copy_repo(repo: Repository, dest: Path) -> Repository:
     return Repository(dest / "repo", dest / "keys")
 
 
-def attack_variants(repo: Repository, image: str, v4: str, tmp: Path) -> dict[str, Path]:
+def attack_variants(repo: Repository, image: str, v4: str, tmp: Path,
+                    stolen: Path) -> dict[str, Path]:
     """Repository states an attacker (or a broken mirror) could serve, from the real one
-    that has just published v4 with a rotated targets key."""
+    that has just published v4 with a rotated targets key (*stolen*: a copy of the old
+    key, taken before the rotation destroyed it)."""
     tampered = copy_repo(repo, tmp / "tampered")
     doc = ReleaseDoc.from_json(json.loads(tampered.read_target(f"releases/{image}/{v4}/"
                                                                "release.json")))
@@ -173,12 +175,11 @@ def attack_variants(repo: Repository, image: str, v4: str, tmp: Path) -> dict[st
     expired = copy_repo(repo, tmp / "expired")
     expired.refresh(now=datetime.now(UTC).replace(microsecond=0) - timedelta(days=3))
     revoked = copy_repo(repo, tmp / "revoked")
-    retired = next((revoked.keys / "retired").glob("targets-*.pem"))
     md = revoked.load("targets")
     md.signed.version += 1
     md.signed.expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
     root = revoked.load("root").signed
-    revoked._write("targets", md, [load_signer(retired)])
+    revoked._write("targets", md, [load_signer(stolen, "targets")])
     revoked._commit({r: revoked.signers(r, root) for r in ("snapshot", "timestamp")},
                     datetime.now(UTC).replace(microsecond=0), md.signed.version)
     return {"tampered": tampered.path, "expired": expired.path, "revoked": revoked.path}
@@ -352,9 +353,11 @@ def test_host_updates_itself_and_falls_back_from_a_broken_release(
             vn = version(running.serial + 1)
             rn = releases.build(good, vn)
             served.show(copy_repo(repo, tmp_path / "frozen").path)
+            stolen = tmp_path / "stolen-targets.pem"
+            shutil.copyfile(next(repo.keys.glob("targets-*.pem")), stolen)
             repo.rotate_key("targets")
             releases.publish(rn)
-            attacks = attack_variants(repo, releases.image, vn, tmp_path / "attacks")
+            attacks = attack_variants(repo, releases.image, vn, tmp_path / "attacks", stolen)
             attacks["rollback"] = old_state.path
             # The real repository moves past every version the attacks showed the host.
             repo.refresh(all_roles=True)

@@ -13,13 +13,17 @@ from cerulean.cli.common import add_cache_options, find_definition, open_cache, 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from cerulean.release.repo import Repository
+
 REPO = Path("releases/repo")
 KEYS = Path("releases/keys")
+ROOT_KEYS = Path("releases/root-keys")
 OUT = Path("releases")
 
 EPILOG = """\
 A first release and its rollout:
-  cerulean release init                                 create releases/repo and releases/keys
+  cerulean release init                                 releases/repo, releases/keys (online)
+                                                        and releases/root-keys (take it offline)
   cerulean release build images/vm.toml --disk qcow2    releases/vm/VERSION/ (+ a disk to install)
   cerulean release publish releases/vm/VERSION --channel stable --waves now
   cerulean release serve                                serve releases/repo on :8080
@@ -28,16 +32,24 @@ Later:
   cerulean release build images/vm.toml                 the next version, notes with CVEs
   cerulean release publish releases/vm/NEXT             in waves: 1% first, all after 3 days
   cerulean release pause vm NEXT                        stop the waves (resume, withdraw)
-  cerulean release refresh                              re-sign the timestamp (daily, from a timer)
+  cerulean release refresh                              re-sign the timestamp (the publisher does)
+Root ceremonies, where the root keys are (see `cerulean release root --help`):
+  cerulean release root status                          keys, thresholds, expiry
+  cerulean release root renew                           a new root version before it expires
+  cerulean release root rotate targets                  new targets key, the old one destroyed
 """
 
 
-def _repo_args(p: argparse.ArgumentParser, keys: bool = True) -> None:
+def _repo_args(p: argparse.ArgumentParser, keys: bool = True, root: bool = False) -> None:
     p.add_argument("--repo", type=Path, default=REPO,
                    help=f"the repository directory (default: {REPO})")
     if keys:
         p.add_argument("--keys", type=Path, default=KEYS,
-                       help=f"the private keys directory, never served (default: {KEYS})")
+                       help=f"the online keys (targets, snapshot, timestamp), never served "
+                            f"(default: {KEYS})")
+    if root:
+        p.add_argument("--root-keys", type=Path, default=ROOT_KEYS,
+                       help=f"the root keys, kept offline (default: {ROOT_KEYS})")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,11 +62,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     a = rs.add_parser("init", help="create an empty update repository and its keys",
                       description="Create a TUF repository (root, targets, snapshot, timestamp; "
-                                  "ed25519 keys) and the key files, mode 0600.")
-    _repo_args(a)
-    a.add_argument("--root-keys", type=int, default=1, help="number of root keys (default 1)")
-    a.add_argument("--root-threshold", type=int, default=1,
-                   help="root signatures needed to change root (default 1)")
+                                  "ed25519 keys). The online keys go to --keys, the root keys "
+                                  "to their own directory, --root-keys, meant for removable "
+                                  "media: move it off the publishing host. Key files are mode "
+                                  "0600, sealed with a passphrase when CERULEAN_KEYS_PASSPHRASE "
+                                  "(online keys) or CERULEAN_ROOT_KEYS_PASSPHRASE (root keys) "
+                                  "is set, or the systemd credentials cerulean.keys-passphrase "
+                                  "and cerulean.root-keys-passphrase.")
+    _repo_args(a, root=True)
+    a.add_argument("--root-key-count", type=int, default=3,
+                   help="number of root keys (default 3)")
+    a.add_argument("--root-threshold", type=int, default=2,
+                   help="root signatures needed to change root (default 2)")
     a.set_defaults(func=run_init)
 
     a = rs.add_parser("build", help="build the next release of a system image",
@@ -116,19 +135,68 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("--all", action="store_true", help="re-sign targets and snapshot too")
     a.set_defaults(func=run_refresh)
 
-    a = rs.add_parser("rotate-key", help="replace a role's key (the old one is revoked)",
-                      description="Generate a new key for ROLE, publish a new root version that "
-                                  "trusts only it (signed by the current root keys), and "
-                                  "re-sign. The old private key moves to KEYS/retired/.")
-    a.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
-    _repo_args(a)
-    a.set_defaults(func=run_rotate)
+    _register_root(rs)
 
     a = rs.add_parser("serve", help="serve the repository over HTTP (for trying it out)")
     _repo_args(a, keys=False)
     a.add_argument("--host", default="127.0.0.1", help="address to listen on")
     a.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     a.set_defaults(func=run_serve)
+
+    def usage(_a: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=usage)
+
+
+ROOT_EPILOG = """\
+A root ceremony runs on the machine that holds the root keys (offline), with the
+repository's metadata at hand (the repository itself, or a copy whose new
+metadata/N.root.json and root.json are then copied back). Each new root version
+is signed by a threshold of the old root keys and of the new ones, so every host
+can walk from the root it shipped with to the new one. Replaced keys are
+destroyed (overwritten, then removed) unless --archive names a directory outside
+the repository. Root expires after 365 days: renew it well before (the publisher's
+status and metrics say when).
+  cerulean release root status
+  cerulean release root renew
+  cerulean release root rotate root --key 3f2a       replace one root key, threshold kept
+  cerulean release root rotate timestamp              the online keys directory gets the new key
+  cerulean release root threshold root 3 --add-keys 2  3 of 5 root keys from now on
+"""
+
+
+def _register_root(rs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = rs.add_parser("root", help="root ceremonies: renew root, rotate keys, change thresholds",
+                      description="Change the repository's root metadata where the root keys "
+                                  "are.", epilog=ROOT_EPILOG,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = p.add_subparsers(dest="root_cmd", metavar="ACTION")
+    a = r.add_parser("status", help="root version, expiry, every role's keys and threshold")
+    _repo_args(a, root=True)
+    a.add_argument("--json", action="store_true", help="print the result as JSON")
+    a.set_defaults(func=run_root_status)
+    a = r.add_parser("renew", help="a new root version with a fresh expiry, same keys")
+    _repo_args(a, root=True)
+    a.set_defaults(func=run_root, action="renew")
+    a = r.add_parser("rotate", help="replace a role's key (one, or all of them)",
+                     description="Replace --key (or every key) of ROLE by a new one; the number "
+                                 "of keys and the threshold stay. The replaced private keys are "
+                                 "destroyed, or moved to --archive.")
+    a.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
+    a.add_argument("--key", help="the key ID (or its first characters) to replace")
+    a.add_argument("--archive", type=Path,
+                   help="keep the replaced private keys in this directory (outside the "
+                        "repository) instead of destroying them")
+    _repo_args(a, root=True)
+    a.set_defaults(func=run_root, action="rotate")
+    a = r.add_parser("threshold", help="change how many of a role's keys must sign")
+    a.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
+    a.add_argument("threshold", type=int)
+    a.add_argument("--add-keys", type=int, default=0, help="new keys to add to the role first")
+    _repo_args(a, root=True)
+    a.set_defaults(func=run_root, action="threshold")
 
     def usage(_a: argparse.Namespace) -> int:
         p.print_help()
@@ -144,11 +212,18 @@ def _console() -> Console:
 
 
 def run_init(args: argparse.Namespace) -> int:
+    from cerulean.release.keys import passphrase
     from cerulean.release.repo import Repository
 
-    repo = Repository.create(args.repo, args.keys, root_keys=args.root_keys,
-                             root_threshold=args.root_threshold)
-    print(f"Created the update repository {repo.path} (keys in {repo.keys}, mode 0600).")
+    repo = Repository.create(args.repo, args.keys, root_keys_dir=args.root_keys,
+                             root_keys=args.root_key_count, root_threshold=args.root_threshold)
+    print(f"Created the update repository {repo.path}.")
+    print(f"Online keys (targets, snapshot, timestamp): {repo.keys}"
+          f"{'' if passphrase('online') else ' (not sealed with a passphrase)'}.")
+    print(f"Root keys ({args.root_threshold} of {args.root_key_count} sign a new root): "
+          f"{repo.root_keys}{'' if passphrase('root') else ' (not sealed with a passphrase)'}.")
+    print("  Move the root keys to removable media and off this host; bring them back only "
+          "for a root ceremony (cerulean release root --help).")
     print(f"Images trust it through {repo.meta / '1.root.json'}: set [update] root to it.")
     return 0
 
@@ -167,7 +242,7 @@ def run_build(args: argparse.Namespace) -> int:
                      show_progress=not args.json)
     known: list[str] = []
     if args.repo:
-        known = [d.version for d in published_releases(Repository.open(args.repo, KEYS),
+        known = [d.version for d in published_releases(Repository.read_only(args.repo),
                                                        defn.name)]
 
     def say(msg: str) -> None:
@@ -234,7 +309,7 @@ def run_state(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     from cerulean.release.repo import Repository
 
-    repo = Repository.open(args.repo, KEYS)
+    repo = Repository.read_only(args.repo)
     now = datetime.now(UTC)
     out = {}
     for name in repo.channels():
@@ -257,21 +332,69 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+ROOT_WARN_DAYS = 60
+
+
+def root_expiry_warning(repo: Repository, now: datetime | None = None) -> str | None:
+    """A sentence when root expires within ROOT_WARN_DAYS (hosts then stop updating)."""
+    expires = repo.load("root").signed.expires
+    left = expires - (now or datetime.now(UTC))
+    if left.days >= ROOT_WARN_DAYS:
+        return None
+    when = "has expired" if left.total_seconds() <= 0 else f"expires in {left.days} days"
+    return (f"Root v{repo.root_version()} {when} ({expires:%Y-%m-%d}): hosts stop updating "
+            "then. Renew it where the root keys are: cerulean release root renew.")
+
+
 def run_refresh(args: argparse.Namespace) -> int:
     from cerulean.release.repo import Repository
 
-    done = Repository.open(args.repo, args.keys).refresh(all_roles=args.all)
+    repo = Repository.open(args.repo, args.keys)
+    done = repo.refresh(all_roles=args.all)
     print(f"Re-signed {', '.join(done)}.")
+    warning = root_expiry_warning(repo)
+    if warning:
+        _console().print(f"[yellow]{warning}[/]")
     return 0
 
 
-def run_rotate(args: argparse.Namespace) -> int:
+def run_root_status(args: argparse.Namespace) -> int:
+    from cerulean.release.keys import ROLES, key_files
     from cerulean.release.repo import Repository
 
-    repo = Repository.open(args.repo, args.keys)
-    keyid = repo.rotate_key(args.role)
-    print(f"The {args.role} role now trusts only key {keyid[:16]}… (root "
-          f"v{repo.root_version()}); the old key is in {repo.keys / 'retired'}.")
+    repo = Repository.open(args.repo, KEYS, args.root_keys)
+    root = repo.load("root").signed
+    held = {k.keyid for k in key_files(repo.root_keys)} | {k.keyid for k in key_files(KEYS)}
+    roles = {role: {"threshold": root.roles[role].threshold,
+                    "keys": [{"id": k, "here": k in held} for k in root.roles[role].keyids]}
+             for role in ROLES}
+    if args.json:
+        print(json.dumps({"version": root.version, "expires": root.expires.isoformat(),
+                          "roles": roles}, indent=2))
+        return 0
+    print(f"{repo.path}: root v{root.version}, expires {root.expires:%Y-%m-%d %H:%M} UTC")
+    for role, r in roles.items():
+        ids = ", ".join(f"{k['id'][:16]}{'' if k['here'] else ' (not here)'}"
+                        for k in r["keys"])
+        print(f"  {role}: {r['threshold']} of {len(r['keys'])}: {ids}")
+    warning = root_expiry_warning(repo)
+    if warning:
+        print(warning)
+    return 0
+
+
+def run_root(args: argparse.Namespace) -> int:
+    from cerulean.release.repo import Repository
+
+    repo = Repository.open(args.repo, args.keys, args.root_keys)
+    if args.action == "renew":
+        done = repo.renew_root()
+    elif args.action == "rotate":
+        done = repo.rotate_key(args.role, args.key, archive=args.archive)
+    else:
+        done = repo.set_threshold(args.role, args.threshold, add_keys=args.add_keys)
+    for line in done:
+        print(line[0].upper() + line[1:] + ".")
     return 0
 
 
@@ -279,7 +402,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from cerulean.release.repo import Repository
     from cerulean.release.serve import make_server
 
-    Repository.open(args.repo, KEYS)
+    Repository.read_only(args.repo)
     srv = make_server(args.repo, args.host, args.port, quiet=False)
     print(f"Serving {args.repo} at http://{args.host}:{srv.server_address[1]}/ (Ctrl-C stops)")
     try:

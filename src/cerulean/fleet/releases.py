@@ -46,7 +46,7 @@ def offered(repo_dir: Path, now: datetime | None = None) -> list[Release]:
     hit = _cache.get(repo_dir)
     if hit and hit[0] == stamp:
         return hit[1]
-    repo = Repository.open(repo_dir, repo_dir / ".no-keys")
+    repo = Repository.read_only(repo_dir)
     root, targets = repo.load("root"), repo.load("targets")
     try:
         root.signed.verify_delegate("targets", targets.signed_bytes, targets.signatures)

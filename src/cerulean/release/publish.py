@@ -155,6 +155,16 @@ def publish(repo: Repository, release_dir: Path, channel: str, waves: list[tuple
         raise CeruleanError(f"--channel {channel!r} is not one of {', '.join(CHANNELS)}.")
     now = now or datetime.now(UTC).replace(microsecond=0)
     doc = read_release_dir(release_dir)
+    # One publication at a time, from reading the channel to committing it: two
+    # concurrent runs would otherwise each add their entry to the same old channel
+    # document, and the second commit would drop the first one's entry.
+    with repo.locked():
+        return _publish_locked(repo, release_dir, doc, channel, waves, deltas, now, say, level)
+
+
+def _publish_locked(repo: Repository, release_dir: Path, doc: ReleaseDoc, channel: str,
+                    waves: list[tuple[int, float]], deltas: bool, now: datetime,
+                    say: Callable[[str], None], level: int) -> ReleaseDoc:
     chan = repo.channel(channel)
     if chan.find(doc.image, doc.version):
         raise CeruleanError(f"{doc.image} {doc.version} is already in the {channel} channel.")
@@ -193,6 +203,12 @@ def set_state(repo: Repository, channel: str, image: str, version: str, state: s
               *, now: datetime | None = None) -> str:
     """Pause, resume or withdraw a release in a channel; returns what was done."""
     now = now or datetime.now(UTC).replace(microsecond=0)
+    with repo.locked():
+        return _set_state_locked(repo, channel, image, version, state, now)
+
+
+def _set_state_locked(repo: Repository, channel: str, image: str, version: str, state: str,
+                      now: datetime) -> str:
     chan = repo.channel(channel)
     e = chan.find(image, version)
     if e is None:

@@ -9,13 +9,15 @@ Layout of a repository directory (serve it as static files over HTTP(S)):
     metadata/timestamp.json    the one file clients fetch first, rewritten last
     targets/.../SHA256.NAME    payloads and documents, named by their hash
 
-Private keys live in a separate directory (never served), one PEM file per
-key, ``ROLE-KEYID.pem``, mode 0600. Every change to the repository writes new
-files first and replaces ``timestamp.json`` last, under a lock, so a client
-never sees a half-published state.
+Private keys are never in the served tree (see :mod:`cerulean.release.keys`):
+the online keys (targets, snapshot, timestamp) in one directory, the root
+keys in another, kept offline and used only for a root ceremony. Every change
+to the repository writes new files first and replaces ``timestamp.json``
+last, under a lock, so a client never sees a half-published state.
 
 Roles and their default expiry: root 365 days, targets 90, snapshot 7,
-timestamp 1 (re-sign it with ``cerulean release refresh`` from a timer).
+timestamp 1 (the publisher re-signs the online roles before they expire;
+root is renewed in a ceremony, :meth:`Repository.renew_root`).
 """
 
 from __future__ import annotations
@@ -27,14 +29,11 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from securesystemslib.signer import CryptoSigner, SSlibKey
+from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import (
     Metadata,
     MetaFile,
@@ -49,8 +48,17 @@ from tuf.api.serialization.json import JSONSerializer
 from cerulean.agent.fileio import write_atomic
 from cerulean.errors import CeruleanError
 from cerulean.protocol.update import ChannelDoc, ProtocolError, channel_path
+from cerulean.release.keys import (
+    ONLINE_ROLES,
+    ROLES,
+    KeyFile,
+    generate_key,
+    key_files,
+    load_signer,
+    refuse_inside_repo,
+    retire,
+)
 
-ROLES = ("root", "targets", "snapshot", "timestamp")
 EXPIRY = {"root": timedelta(days=365), "targets": timedelta(days=90),
           "snapshot": timedelta(days=7), "timestamp": timedelta(days=1)}
 _SERIALIZER = JSONSerializer(compact=False)
@@ -61,73 +69,52 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-@dataclass(frozen=True)
-class KeyFile:
-    role: str
-    keyid: str
-    path: Path
-
-
-def generate_key(keys_dir: Path, role: str) -> tuple[SSlibKey, CryptoSigner]:
-    """A new ed25519 key for *role*, written to *keys_dir* (0600) before it is used."""
-    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(keys_dir, 0o700)
-    private = ed25519.Ed25519PrivateKey.generate()
-    public = SSlibKey.from_crypto(private.public_key())
-    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    write_atomic(keys_dir / f"{role}-{public.keyid}.pem", pem, 0o600, durable=True)
-    return public, CryptoSigner(private, public)
-
-
-def load_signer(path: Path) -> CryptoSigner:
-    try:
-        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as e:
-        raise CeruleanError(f"The key {path} cannot be read: {e}.") from e
-    if not isinstance(private, ed25519.Ed25519PrivateKey):
-        raise CeruleanError(f"The key {path} is not an ed25519 private key.")
-    return CryptoSigner(private, SSlibKey.from_crypto(private.public_key()))
-
-
-def key_files(keys_dir: Path) -> list[KeyFile]:
-    out = []
-    for p in sorted(keys_dir.glob("*.pem")) if keys_dir.is_dir() else []:
-        m = re.fullmatch(r"(root|targets|snapshot|timestamp)-([0-9a-f]{64})\.pem", p.name)
-        if m:
-            out.append(KeyFile(m[1], m[2], p))
-    return out
+def default_root_keys(keys: Path) -> Path:
+    """Where root keys go when not named: ``root-keys`` beside the online keys."""
+    return keys.parent / "root-keys"
 
 
 class Repository:
-    """A TUF repository on disk and the keys that sign it."""
+    """A TUF repository on disk, its online keys and (for a root ceremony) its root keys."""
 
-    def __init__(self, path: Path, keys: Path) -> None:
+    def __init__(self, path: Path, keys: Path, root_keys: Path | None = None, *,
+                 read_only: bool = False) -> None:
         self.path = path
         self.keys = keys
+        self.root_keys = root_keys if root_keys is not None else default_root_keys(keys)
         self.meta = path / "metadata"
         self.targets_dir = path / "targets"
+        self._lock_depth = 0
+        if not read_only:
+            refuse_inside_repo(keys, path)
+            refuse_inside_repo(self.root_keys, path, "root keys")
 
     # -- creating ----------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: Path, keys: Path, *, root_keys: int = 1, root_threshold: int = 1,
+    def create(cls, path: Path, keys: Path, *, root_keys_dir: Path | None = None,
+               root_keys: int = 3, root_threshold: int = 2,
                now: datetime | None = None) -> Repository:
+        """A new repository: online keys in *keys*, root keys in *root_keys_dir*."""
         if root_threshold < 1 or root_threshold > root_keys:
             raise CeruleanError(
                 f"The root threshold must be between 1 and the number of root keys "
                 f"({root_keys}); got {root_threshold}.")
+        repo = cls(path, keys, root_keys_dir)
         if (path / "metadata").exists():
             raise CeruleanError(f"{path} already holds an update repository.")
-        if key_files(keys):
-            raise CeruleanError(f"{keys} already holds keys: use an empty directory.")
+        for d in (keys, repo.root_keys):
+            if key_files(d):
+                raise CeruleanError(f"{d} already holds keys: use an empty directory.")
+        if repo.root_keys.resolve() == keys.resolve():
+            raise CeruleanError("The root keys need a directory of their own (they are kept "
+                                "offline), not the online keys directory.")
         now = now or _now()
-        repo = cls(path, keys)
         root = Root(expires=now + EXPIRY["root"], consistent_snapshot=True)
         signers: dict[str, list[CryptoSigner]] = {}
         for role in ROLES:
             for _ in range(root_keys if role == "root" else 1):
-                public, signer = generate_key(keys, role)
+                public, signer = generate_key(repo.root_keys if role == "root" else keys, role)
                 root.add_key(public, role)
                 signers.setdefault(role, []).append(signer)
         root.roles["root"].threshold = root_threshold
@@ -139,11 +126,20 @@ class Repository:
         return repo
 
     @classmethod
-    def open(cls, path: Path, keys: Path) -> Repository:
-        repo = cls(path, keys)
+    def open(cls, path: Path, keys: Path, root_keys: Path | None = None) -> Repository:
+        return cls._check(cls(path, keys, root_keys))
+
+    @classmethod
+    def read_only(cls, path: Path) -> Repository:
+        """The repository for reading: no keys, so nothing can be signed."""
+        repo = cls(path, Path(os.devnull), Path(os.devnull), read_only=True)
+        return cls._check(repo)
+
+    @classmethod
+    def _check(cls, repo: Repository) -> Repository:
         if not (repo.meta / "timestamp.json").is_file():
             raise CeruleanError(
-                f"{path} is not an update repository (no metadata/timestamp.json): "
+                f"{repo.path} is not an update repository (no metadata/timestamp.json): "
                 "create one with `cerulean release init`.")
         return repo
 
@@ -213,12 +209,15 @@ class Repository:
         """The private keys of *role* that the current root trusts (at least its threshold)."""
         root = root or self.load("root").signed
         wanted = set(root.roles[role].keyids)
-        out = [load_signer(k.path) for k in key_files(self.keys)
+        where = self.root_keys if role == "root" else self.keys
+        out = [load_signer(k.path, role) for k in key_files(where)
                if k.role == role and k.keyid in wanted]
         if len(out) < root.roles[role].threshold:
+            hint = (" Root keys are kept offline: run this where they are, with --root-keys."
+                    if role == "root" else "")
             raise CeruleanError(
                 f"Signing {role} metadata needs {root.roles[role].threshold} of its keys, but "
-                f"{self.keys} has {len(out)}.")
+                f"{where} has {len(out)}.{hint}")
         return out
 
     def _write(self, role: str, md: Metadata, signers: list[CryptoSigner]) -> None:
@@ -255,10 +254,24 @@ class Repository:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        """The repository's lock (one writer at a time, across processes); reentrant."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         self.meta.mkdir(parents=True, exist_ok=True)
         with open(self.path / ".lock", "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
-            yield
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+
+    locked = _locked
 
     # -- changing ----------------------------------------------------------------
 
@@ -302,19 +315,31 @@ class Repository:
         body = json.dumps(doc.to_json(), indent=2, sort_keys=True).encode() + b"\n"
         self.add_targets({channel_path(doc.channel): body}, now=now)
 
-    def refresh(self, *, now: datetime | None = None, all_roles: bool = False) -> list[str]:
-        """Re-sign the timestamp, and snapshot/targets when half their life is gone.
+    def _signed_by_current_keys(self, role: str, md: Metadata, root: Root) -> bool:
+        from tuf.api.exceptions import UnsignedMetadataError
 
-        Returns the roles that were re-signed.
+        try:
+            root.verify_delegate(role, md.signed_bytes, md.signatures)
+        except UnsignedMetadataError:
+            return False
+        return True
+
+    def refresh(self, *, now: datetime | None = None, all_roles: bool = False) -> list[str]:
+        """Re-sign the timestamp, and snapshot/targets when half their life is gone or
+        when they are not signed by the keys the current root names (after a rotation).
+
+        Returns the roles that were re-signed. Root is not among them: its keys are
+        offline (see :meth:`renew_root`); :meth:`root_expires` says when it is due.
         """
         now = now or _now()
         done = []
         with self._locked():
             root: Root = self.load("root").signed
-            signers = {r: self.signers(r, root) for r in ("targets", "snapshot", "timestamp")}
+            signers = {r: self.signers(r, root) for r in ONLINE_ROLES}
             md = self.load("targets")
             t: Targets = md.signed
-            if all_roles or t.expires - now < EXPIRY["targets"] / 2:
+            if (all_roles or t.expires - now < EXPIRY["targets"] / 2
+                    or not self._signed_by_current_keys("targets", md, root)):
                 t.version += 1
                 t.expires = now + EXPIRY["targets"]
                 self._write("targets", md, signers["targets"])
@@ -323,42 +348,105 @@ class Repository:
             done += ["snapshot", "timestamp"]
         return done
 
-    def rotate_key(self, role: str, *, now: datetime | None = None) -> str:
-        """Replace *role*'s keys with one new key; returns the new key ID.
+    def expiries(self) -> dict[str, datetime]:
+        """When each role's current metadata expires."""
+        return {role: self.load(role).signed.expires for role in ROLES}
 
-        A new root version lists the new key and drops the old ones. It is
-        signed by the old root keys (so clients can verify the step) and, when
-        root itself rotates, by the new one too. The role's metadata is then
-        re-signed with the new key; the old private keys move to
-        ``KEYS/retired/``.
+    # -- root ceremonies (where the root keys are) --------------------------------
+
+    def _change_root(self, change: Callable[[Root], list[KeyFile]], *,
+                     archive: Path | None, now: datetime | None,
+                     online_changed: bool = False) -> list[str]:
+        """Make root version N+1 with *change*, signed by a threshold of the old root's
+        keys and of the new root's keys, then retire the keys *change* dropped.
+
+        Returns what was done, one line each.
+        """
+        now = now or _now()
+        if archive is not None:
+            refuse_inside_repo(archive, self.path, "archive")
+        with self._locked():
+            root_md = self.load("root")
+            old = Metadata.from_bytes(root_md.to_bytes()).signed
+            old_signers = self.signers("root", old)
+            retired = change(root_md.signed)
+            root: Root = root_md.signed
+            root.version += 1
+            root.expires = now + EXPIRY["root"]
+            for role in ROLES:
+                r = root.roles[role]
+                if not 1 <= r.threshold <= len(r.keyids):
+                    raise CeruleanError(
+                        f"The {role} threshold must be between 1 and its number of keys "
+                        f"({len(r.keyids)}); it would be {r.threshold}.")
+            new_signers = self.signers("root", root)
+            by_id = {s.public_key.keyid: s for s in old_signers + new_signers}
+            self._write("root", root_md, list(by_id.values()))
+            done = [f"root v{root.version} written, expires {root.expires:%Y-%m-%d}"]
+            for k in retired:
+                done.append(retire(k, archive, self.path))
+            try:
+                resigned = self.refresh(now=now)
+            except CeruleanError as e:
+                if not online_changed:
+                    return done
+                done.append(f"the online metadata still needs re-signing with the new keys "
+                            f"({e}); run `cerulean release refresh` where the online keys are")
+            else:
+                done.append(f"re-signed {', '.join(resigned)}")
+            return done
+
+    def renew_root(self, *, now: datetime | None = None) -> list[str]:
+        """A new root version with the same keys and a fresh expiry."""
+        return self._change_root(lambda _root: [], archive=None, now=now)
+
+    def rotate_key(self, role: str, keyid: str | None = None, *, archive: Path | None = None,
+                   now: datetime | None = None) -> list[str]:
+        """Replace one key of *role* (*keyid*), or each of its keys, by a new one.
+
+        The number of keys and the threshold stay as they are. Root itself rotates
+        one key at a time or all at once; either way the new root is signed by a
+        threshold of the old keys and of the new ones. The replaced private keys
+        are destroyed, or moved to *archive* (outside the repository).
         """
         if role not in ROLES:
             raise CeruleanError(f"{role!r} is not a TUF role ({', '.join(ROLES)}).")
-        now = now or _now()
-        with self._locked():
-            root_md = self.load("root")
-            root: Root = root_md.signed
-            old_root_signers = self.signers("root", root)
-            old_ids = list(root.roles[role].keyids)
-            public, signer = generate_key(self.keys, role)
-            for keyid in old_ids:
-                root.revoke_key(keyid, role)
-            root.add_key(public, role)
-            root.roles[role].threshold = 1
-            root.version += 1
-            root.expires = now + EXPIRY["root"]
-            root_signers = old_root_signers + ([signer] if role == "root" else [])
-            self._write("root", root_md, root_signers)
-            retired = self.keys / "retired"
-            retired.mkdir(mode=0o700, exist_ok=True)
-            for k in key_files(self.keys):
-                if k.role == role and k.keyid in old_ids:
-                    os.replace(k.path, retired / k.path.name)
-            signers = {r: self.signers(r, root) for r in ("targets", "snapshot", "timestamp")}
-            md = self.load("targets")
-            t: Targets = md.signed
-            t.version += 1
-            t.expires = now + EXPIRY["targets"]
-            self._write("targets", md, signers["targets"])
-            self._commit(signers, now, t.version)
-            return str(public.keyid)
+
+        def change(root: Root) -> list[KeyFile]:
+            ids = list(root.roles[role].keyids)
+            if keyid is not None:
+                match = [k for k in ids if k.startswith(keyid)]
+                if len(match) != 1:
+                    raise CeruleanError(
+                        f"{keyid!r} names {'no' if not match else 'more than one'} {role} "
+                        f"key; the {role} keys are {', '.join(k[:16] for k in ids)}.")
+                ids = match
+            where = self.root_keys if role == "root" else self.keys
+            have = {k.keyid: k for k in key_files(where) if k.role == role}
+            for old_id in ids:
+                public, _signer = generate_key(where, role)
+                root.revoke_key(old_id, role)
+                root.add_key(public, role)
+            return [have[i] for i in ids if i in have]
+
+        return self._change_root(change, archive=archive, now=now,
+                                 online_changed=role != "root")
+
+    def set_threshold(self, role: str, threshold: int, *, add_keys: int = 0,
+                      now: datetime | None = None) -> list[str]:
+        """Change *role*'s threshold, after adding *add_keys* new keys to it."""
+        if role not in ROLES:
+            raise CeruleanError(f"{role!r} is not a TUF role ({', '.join(ROLES)}).")
+        if add_keys < 0:
+            raise CeruleanError("--add-keys cannot be negative.")
+
+        def change(root: Root) -> list[KeyFile]:
+            where = self.root_keys if role == "root" else self.keys
+            for _ in range(add_keys):
+                public, _signer = generate_key(where, role)
+                root.add_key(public, role)
+            root.roles[role].threshold = threshold
+            return []
+
+        return self._change_root(change, archive=None, now=now,
+                                 online_changed=role != "root")

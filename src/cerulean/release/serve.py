@@ -2,7 +2,9 @@
 
 Production repositories are static files behind any web server or CDN (TUF
 makes the transport untrusted); this is the small server for a laptop or a
-test: read-only, no directory listings, nothing outside the repository.
+test: read-only, no directory listings, nothing outside the repository, no
+hidden files (the lock, a publication in progress) and no key files; and it
+refuses to start on a directory that holds a private key.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import functools
 import http.server
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +22,13 @@ from typing import Any
 class _Handler(http.server.SimpleHTTPRequestHandler):
     def list_directory(self, path: str | Any) -> None:
         self.send_error(404, "No listing")
+
+    def send_head(self) -> Any:
+        parts = urllib.parse.unquote(self.path.split("?", 1)[0].split("#", 1)[0]).split("/")
+        if any(p.startswith(".") for p in parts if p) or parts[-1].endswith((".pem", ".key")):
+            self.send_error(404, "Not served")
+            return None
+        return super().send_head()
 
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.quiet:  # type: ignore[attr-defined]
@@ -33,6 +43,9 @@ class RepoServer(http.server.ThreadingHTTPServer):
 
 def make_server(root: Path, host: str = "127.0.0.1", port: int = 0,
                 quiet: bool = True) -> RepoServer:
+    from cerulean.release.keys import refuse_to_serve
+
+    refuse_to_serve(root)
     handler = functools.partial(_Handler, directory=str(root))
     srv = RepoServer((host, port), handler)
     srv.quiet = quiet
