@@ -1,8 +1,8 @@
 """A synthetic, signed Debian archive served over local HTTP, for archive-access tests.
 
-* ``gpg_keys`` (session): two ed25519 keys made with gpg in a temporary GNUPGHOME,
-  a "trusted" one (exported alone to a binary keyring, the one Cerulean is given)
-  and an "unknown" one.
+* ``gpg_keys`` (session): two ed25519 keys made with gpg in a temporary GNUPGHOME
+  (:mod:`support.openpgp`), a "trusted" one (exported alone to a binary keyring,
+  the one Cerulean is given) and an "unknown" one.
 * ``archive_server``: a ThreadingHTTPServer on 127.0.0.1 serving an in-memory
   ``{path: bytes}`` map, with injectable HTTP errors and a request log.
 * ``archive``: a :class:`SyntheticArchive` on that server, laid out like Debian's
@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import lzma
-import os
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,11 +28,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from debfactory import index_entry, make_deb
 
 from cerulean.debian import fetch
 from cerulean.debian.archive import ArchiveConfig
 from cerulean.debian.cache import Cache
+from support.debfactory import index_entry, make_deb
+from support.openpgp import GpgKeys, make_keys, stop_agent
 
 SUITE = "testing"
 ARCH = "amd64"
@@ -44,59 +43,15 @@ PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PRO
 # --- OpenPGP keys -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GpgKeys:
-    home: Path
-    trusted: str  # fingerprint of the key Cerulean trusts
-    unknown: str  # fingerprint of a key it does not know
-    keyring: Path  # binary keyring holding the trusted key only
-
-    def gpg(self, *args: str, data: bytes | None = None) -> bytes:
-        proc = subprocess.run(
-            ["gpg", "--batch", "--no-tty", "--quiet", *args],
-            input=data,
-            capture_output=True,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GNUPGHOME": str(self.home),
-                 "LC_ALL": "C"},
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise AssertionError(f"gpg {' '.join(args)} failed: {proc.stderr.decode()}")
-        return proc.stdout
-
-    def clearsign(self, text: bytes, fingerprint: str) -> bytes:
-        return self.gpg("--local-user", fingerprint, "--digest-algo", "SHA256", "--clearsign",
-                        data=text)
-
-
-def _fingerprint(keys: GpgKeys, uid: str) -> str:
-    out = keys.gpg("--with-colons", "--list-keys", uid).decode()
-    return next(line.split(":")[9] for line in out.splitlines() if line.startswith("fpr:"))
-
-
 @pytest.fixture(scope="session")
 def gpg_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpgKeys]:
     if shutil.which("gpg") is None:
         pytest.skip("gpg is needed to sign the synthetic archive (install gnupg)")
-    home = tmp_path_factory.mktemp("gnupg")
-    home.chmod(0o700)
-    keys = GpgKeys(home, "", "", home / "keyring.gpg")
-    for uid in ("Test Archive <test@example.invalid>", "Unknown Signer <unknown@example.invalid>"):
-        keys.gpg("--passphrase", "", "--quick-gen-key", uid, "ed25519", "sign", "never")
-    keys = GpgKeys(
-        home,
-        _fingerprint(keys, "test@example.invalid"),
-        _fingerprint(keys, "unknown@example.invalid"),
-        home / "keyring.gpg",
-    )
-    keys.keyring.write_bytes(keys.gpg("--export", keys.trusted))
-    assert keys.keyring.stat().st_size > 0
+    keys = make_keys(tmp_path_factory.mktemp("gnupg"))
     try:
         yield keys
     finally:
-        # Stop the gpg-agent this GNUPGHOME started (and only that one).
-        subprocess.run(["gpgconf", "--kill", "gpg-agent"],
-                       env={**os.environ, "GNUPGHOME": str(home)}, capture_output=True, check=False)
+        stop_agent(keys.home)
 
 
 # --- HTTP server ------------------------------------------------------------------------------

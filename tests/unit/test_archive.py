@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from debfactory import make_deb
 
 from cerulean.build.definition import load_definition
 from cerulean.build.plan import ensure_lock
@@ -39,6 +38,7 @@ from cerulean.debian.lock import (
 from cerulean.debian.packages import Package, load_packages
 from cerulean.debian.release import IndexFile, Release, load_release
 from cerulean.errors import CeruleanError, NetworkError, VerificationError
+from support.debfactory import make_deb
 
 if TYPE_CHECKING:
     from archive_fixture import SyntheticArchive

@@ -5,12 +5,11 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from debfactory import make_deb
-
 from cerulean.debian.cache import Cache
 from cerulean.debian.changelog import changelog_of, cves_between, package_changes
 from cerulean.debian.lock import LockedPackage
 from cerulean.release.notes import notes_markdown
+from support.debfactory import make_deb
 
 CHANGELOG = """\
 krb5 (1.21.3-5+deb13u2) trixie-security; urgency=medium

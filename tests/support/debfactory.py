@@ -6,7 +6,7 @@ deterministic (fixed mtimes, owners and compression headers), so the same
 arguments always give the same sha256. ``index_entry`` writes the Packages
 index paragraph an archive would publish for such a file.
 
-Import it from tests in this directory as ``from debfactory import make_deb``.
+Import it as ``from support.debfactory import make_deb``.
 """
 
 from __future__ import annotations
