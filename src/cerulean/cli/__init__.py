@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from cerulean import __version__
-from cerulean.cli import agentdeb, build, fleet, images, lock, release, testbed
+from cerulean.cli import agentdeb, build, fleet, images, lock, publisher, release, testbed
 from cerulean.errors import CeruleanError
 
 DESCRIPTION = """\
@@ -30,6 +30,7 @@ Typical use:
   cerulean test out/base.amd64.raw         boot a disk image in QEMU and check it is healthy
   cerulean boot out/base.amd64.raw         boot a disk image with its console on this terminal
   cerulean release --help                  releases, the signed update repository, rollouts
+  cerulean publisher --help                security fixes to signed releases, unattended
   cerulean agent-deb                       the host agent's .deb, for existing Debian servers
   cerulean fleet --help                    the fleet server: enrollment, inventory, alerts
   cerulean demo out/vm-amd64.qcow2         a fleet server and a VM that enrolls in it
@@ -54,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cerulean {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step and command")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (images, lock, build, release, testbed, agentdeb, fleet):
+    for module in (images, lock, build, release, publisher, testbed, agentdeb, fleet):
         module.register(sub)
     return p
 

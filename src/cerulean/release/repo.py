@@ -348,6 +348,20 @@ class Repository:
             done += ["snapshot", "timestamp"]
         return done
 
+    def refresh_due(self, now: datetime, margin: timedelta) -> bool:
+        """Whether :meth:`refresh` has work: the timestamp expires within *margin*,
+        snapshot or targets are past half their life, or an online role is not signed
+        by the keys the current root names."""
+        root: Root = self.load("root").signed
+        for role in ONLINE_ROLES:
+            md = self.load(role)
+            left = md.signed.expires - now
+            if left < (margin if role == "timestamp" else EXPIRY[role] / 2):
+                return True
+            if not self._signed_by_current_keys(role, md, root):
+                return True
+        return False
+
     def expiries(self) -> dict[str, datetime]:
         """When each role's current metadata expires."""
         return {role: self.load(role).signed.expires for role in ROLES}

@@ -1,0 +1,302 @@
+"""The publisher's logic: configuration, state that survives a torn write, steps that are
+not done twice after a restart, back-off, and metadata re-signed whatever else fails.
+
+The slow parts (refreshing a lock against the archive, building a system image) are
+replaced here by small stand-ins that write what the real ones write; the real loop
+runs in tests/vm/test_publisher_loop.py. The repository, its keys, publishing and
+the audit trail are the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_updater import release_dir
+
+from cerulean.agent.audit import AuditLog
+from cerulean.cli import main
+from cerulean.errors import CeruleanError
+from cerulean.release import publisher as pub
+from cerulean.release.repo import Repository
+
+DEFINITION = """\
+[image]
+kind = "system"
+description = "test"
+[packages]
+include = ["systemd-sysv"]
+"""
+
+
+@dataclass
+class Fakes:
+    """Stand-ins for the archive and the image build, counting their calls."""
+
+    tmp: Path
+    inrelease: bytes = b"v1"
+    lock_text: str = "lock 1"
+    mirror_down: bool = False
+    build_fails: bool = False
+    builds: list[str] = field(default_factory=list)
+    refreshes: int = 0
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Fakes]]:
+    Repository.create(tmp_path / "repo", tmp_path / "keys")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "vm.toml").write_text(DEFINITION)
+    (tmp_path / "images" / "vm.lock").write_text("lock 1")
+    config = tmp_path / "publisher.toml"
+    config.write_text('repo = "repo"\nkeys = "keys"\nwork = "work"\npoll = "1m"\n'
+                      '[[image]]\ndefinition = "images/vm.toml"\narches = ["amd64"]\n'
+                      'channels = { stable = "now", preview = "0:0.5,1:1" }\n')
+    f = Fakes(tmp_path)
+
+    import cerulean.build.plan as plan
+    import cerulean.debian.fetch as fetch
+    import cerulean.release.build as build
+
+    def get_bytes(_http: object, url: str, what: str, **_kw: object) -> bytes:
+        if f.mirror_down:
+            raise CeruleanError(f"Downloading {what} failed: connection refused.")
+        return f.inrelease
+
+    @dataclass
+    class Sec:
+        changes: dict[str, list[Any]]
+
+    def refresh_security(defn: Any, _cache: Any, **_kw: Any) -> Sec:
+        f.refreshes += 1
+        if f.mirror_down:
+            raise CeruleanError("The archive cannot be reached.")
+        if defn.lock_path.read_text() != f.lock_text:
+            defn.lock_path.write_text(f.lock_text)
+        return Sec({})
+
+    @dataclass
+    class Built:
+        path: Path
+        doc: Any
+        seconds: float = 1.0
+
+    def build_release(defn: Any, _lock: Any, _cfg: Any, arches: list[str], out: Path,
+                      _cache: Any, *, known_versions: list[str], **_kw: Any) -> Built:
+        if f.build_fails:
+            raise CeruleanError("The build failed: dpkg said no.")
+        version = f"13.20261201.{len(f.builds)}"
+        f.builds.append(version)
+        (out / "vm").mkdir(parents=True, exist_ok=True)
+        d = release_dir(out / "vm", version, version.encode() * 2000, b"v" * 4096, b"k" * 512)
+        from cerulean.release.publish import read_release_dir
+
+        return Built(d, read_release_dir(d))
+
+    monkeypatch.setattr(fetch, "get_bytes", get_bytes)
+    monkeypatch.setattr(plan, "refresh_security", refresh_security)
+    monkeypatch.setattr(plan, "read_lock", lambda _p: _FakeLock())
+    monkeypatch.setattr("cerulean.debian.lock.read_lock", lambda _p: _FakeLock())
+    monkeypatch.setattr(build, "build_release", build_release)
+    yield config, f
+
+
+class _FakeLock:
+    def snapshot_date(self, suite: str) -> datetime:
+        return datetime(2026, 12, 1, 6, 0, tzinfo=UTC)
+
+
+def publisher(config: Path, **kw: Any) -> pub.Publisher:
+    return pub.Publisher(pub.load_config(config), **kw)
+
+
+def actions(config: Path) -> list[str]:
+    return [e["action"] for e in AuditLog(config.parent / "work" / "audit.jsonl").entries()]
+
+
+def test_a_first_release_then_only_when_the_lock_changes(world: tuple[Path, Fakes]) -> None:
+    config, f = world
+    out = publisher(config).run_once()
+    assert out.errors == []
+    assert out.published == ["vm 13.20261201.0 stable", "vm 13.20261201.0 preview"]
+    repo = Repository.open(config.parent / "repo", config.parent / "keys")
+    assert repo.channel("stable").find("vm", "13.20261201.0")
+    # Nothing changed in the archive: nothing is looked at again, nothing built.
+    out = publisher(config).run_once()
+    assert (out.published, f.builds, f.refreshes) == ([], ["13.20261201.0"], 1)
+    # A new InRelease whose fix moves the lock: one new release.
+    f.inrelease, f.lock_text = b"v2", "lock 2"
+    out = publisher(config).run_once()
+    assert out.changed == ["trixie", "trixie-updates", "trixie-security"] or out.changed
+    assert out.published == ["vm 13.20261201.1 stable", "vm 13.20261201.1 preview"]
+    # A new InRelease that does not touch the image's packages: no release.
+    f.inrelease = b"v3"
+    out = publisher(config).run_once()
+    assert out.published == [] and len(f.builds) == 2
+    assert actions(config).count("release.published") == 4
+    assert "archive.changed" in actions(config)
+    assert main(["publisher", "audit", "--config", str(config)]) == 0
+    st = publisher(config).status()
+    assert st["images"]["vm"]["version"] == "13.20261201.1"
+    assert st["published"][-1]["fix_to_release_seconds"] > 0
+    assert set(st["expires"]) == {"root", "targets", "snapshot", "timestamp"}
+
+
+def test_a_restart_after_the_build_does_not_build_again(world: tuple[Path, Fakes],
+                                                        monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    config, f = world
+    import cerulean.release.publish as publish_mod
+
+    def dies(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt  # the service is stopped right after the build
+
+    monkeypatch.setattr(publish_mod, "publish", dies)
+    with pytest.raises(KeyboardInterrupt):
+        publisher(config).run_once()
+    assert f.builds == ["13.20261201.0"]
+    monkeypatch.undo()  # fakes gone too: put back the ones the rest needs
+    monkeypatch.setattr("cerulean.debian.fetch.get_bytes", lambda *_a, **_k: f.inrelease)
+    monkeypatch.setattr("cerulean.build.plan.refresh_security",
+                        lambda *_a, **_k: type("S", (), {"changes": {}})())
+    monkeypatch.setattr("cerulean.debian.lock.read_lock", lambda _p: _FakeLock())
+    out = publisher(config).run_once()
+    assert out.published == ["vm 13.20261201.0 stable", "vm 13.20261201.0 preview"]
+    assert f.builds == ["13.20261201.0"]  # the complete build was found and used
+
+
+def test_a_restart_between_channels_publishes_the_rest_once(world: tuple[Path, Fakes],
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    config, _f = world
+    import cerulean.release.publish as publish_mod
+
+    real = publish_mod.publish
+    calls: list[str] = []
+
+    def once_then_die(repo: Any, d: Path, channel: str, *a: Any, **k: Any) -> Any:
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(channel)
+        return real(repo, d, channel, *a, **k)
+
+    monkeypatch.setattr(publish_mod, "publish", once_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        publisher(config).run_once()
+    monkeypatch.setattr(publish_mod, "publish", real)
+    out = publisher(config).run_once()
+    assert out.published == ["vm 13.20261201.0 preview"]
+    repo = Repository.open(config.parent / "repo", config.parent / "keys")
+    assert [e.version for e in repo.channel("stable").entries] == ["13.20261201.0"]
+
+
+def test_failures_back_off_and_never_stop_the_timestamp(world: tuple[Path, Fakes]) -> None:
+    config, f = world
+    clock = [datetime.now(UTC).replace(microsecond=0)]
+    p = publisher(config, now=lambda: clock[0])
+    f.mirror_down = True
+    out = p.run_once()
+    assert out.errors and "connection refused" in out.errors[0]
+    st = p.state.images["vm"]
+    assert st.failures == 1
+    retry = datetime.fromisoformat(st.retry_at.replace("Z", "+00:00"))
+    assert timedelta(minutes=4) < retry - clock[0] < timedelta(minutes=6)
+    # A day later the timestamp is due: it is re-signed although the mirror is still down,
+    # and the failures grow the back-off.
+    clock[0] += timedelta(hours=13)
+    out = p.run_once()
+    assert out.refreshed == ["snapshot", "timestamp"]
+    assert p.state.images["vm"].failures == 2
+    repo = Repository.open(config.parent / "repo", config.parent / "keys")
+    assert repo.expiries()["timestamp"] == clock[0] + timedelta(days=1)
+    assert "publisher.failed" in actions(config) and "metadata.refreshed" in actions(config)
+    # Within the back-off the image is left alone (the mirror is not hammered).
+    clock[0] += timedelta(minutes=1)
+    before = f.refreshes
+    p.run_once()
+    assert f.refreshes == before
+    f.mirror_down = False
+    clock[0] += timedelta(hours=1)
+    out = p.run_once()
+    assert out.errors == [] and out.published
+    assert p.state.images["vm"].failures == 0
+    metrics = (config.parent / "work" / "metrics.prom").read_text()
+    assert 'cerulean_publisher_failures{image="vm"} 0' in metrics
+    assert 'cerulean_publisher_metadata_expires_timestamp_seconds{role="timestamp"}' in metrics
+    assert "cerulean_publisher_last_success_timestamp_seconds" in metrics
+
+
+def test_a_failed_build_publishes_nothing(world: tuple[Path, Fakes]) -> None:
+    config, f = world
+    f.build_fails = True
+    out = publisher(config).run_once()
+    assert "dpkg said no" in out.errors[0]
+    repo = Repository.open(config.parent / "repo", config.parent / "keys")
+    assert repo.channels() == []
+
+
+def test_a_torn_state_file_is_recovered_from_its_copy(world: tuple[Path, Fakes]) -> None:
+    config, f = world
+    publisher(config).run_once()
+    state = config.parent / "work" / "state.json"
+    good = json.loads(state.read_bytes())
+    state.write_bytes(state.read_bytes()[:40])  # a torn write
+    p = publisher(config)
+    assert p.state.images["vm"].version == good["images"]["vm"]["version"]
+    assert "publisher.state-recovered" in actions(config)
+    # Both copies wrongly typed: start afresh, say so, and publish nothing twice.
+    for path in (state, state.with_name("state.json.bak")):
+        path.write_text('{"images": {"vm": {"failures": "many"}}}')
+    p = publisher(config)
+    assert p.state.images == {}
+    out = p.run_once()
+    assert out.errors == [] and out.published == [] and f.builds == ["13.20261201.0"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('repo = "r"\nkeys = "k"\n', "name at least one [[image]]"),
+    ('repo = "r"\nkeys = "k"\nsurprise = 1\n', "unknown key 'surprise'"),
+    ('repo = "r"\nkeys = "k"\npoll = "soon"\n[[image]]\ndefinition = "x.toml"\n',
+     "'poll' must be seconds or a duration"),
+    ('repo = "r"\nkeys = "k"\n[[image]]\ndefinition = "x.toml"\nchannels = {beta = "now"}\n',
+     "channel 'beta' is not one of"),
+    ('repo = "r"\nkeys = "k"\n[[image]]\ndefinition = "x.toml"\n'
+     'channels = {stable = "0:0.5"}\n', "never reaches every host"),
+    ('repo = "r"\nkeys = "k"\n[[image]]\ndefinition = "x.toml"\nrefresh = "some"\n',
+     "'refresh' must be"),
+    ('repo = \n', "cannot be read"),
+])
+def test_configuration_mistakes_are_one_sentence(tmp_path: Path, text: str, message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "publisher.toml"
+    config.write_text(text)
+    assert main(["publisher", "status", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_the_work_directory_may_not_be_served(tmp_path: Path) -> None:
+    Repository.create(tmp_path / "repo", tmp_path / "keys")
+    config = tmp_path / "publisher.toml"
+    config.write_text('repo = "repo"\nkeys = "keys"\nwork = "repo/work"\n'
+                      '[[image]]\ndefinition = "vm.toml"\n')
+    with pytest.raises(CeruleanError, match="inside the served repository"):
+        publisher(config)
+
+
+def test_install_writes_the_unit_and_an_example(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "etc" / "publisher.toml"
+    assert main(["publisher", "install", "--config", str(config),
+                 "--unit-dir", str(tmp_path / "units")]) == 0
+    assert "edit it before starting" in capsys.readouterr().out
+    unit = (tmp_path / "units" / "cerulean-publisher.service").read_text()
+    assert f"publisher run --config {config}" in unit
+    assert "@" not in unit.replace("@EXEC@", "")
+    assert "ReadWritePaths=-/srv/cerulean/repo -/var/lib/cerulean-publisher " in unit
+    assert pub.load_config(config).images[0].channels == {"stable": "default", "preview": "now"}
