@@ -144,6 +144,11 @@ def run_init(args: argparse.Namespace) -> int:
         v = getattr(args, s.key.replace("-", "_"))
         if v is not None:
             values[s.key] = v
+    for key in ("update-repo", "update-root"):
+        # A path given here is the one meant here (fleet.toml's own are beside it).
+        v = values.get(key)
+        if v and not v.startswith(("http://", "https://")) and not Path(v).is_absolute():
+            values[key] = str(Path(v).resolve())
     old = args.data / "fleet.toml"
     if old.exists():
         import tomllib
