@@ -231,8 +231,10 @@ def test_rollouts_choose_from_the_update_repository(fleet: Fleet, tmp_path: Path
         "--update-root", str(repo.meta / "1.root.json"))
     fleet.kill_and_restart()
     status, rel = fleet.api("GET", "/api/v1/releases")
-    assert status == 200 and [(r["channel"], r["version"]) for r in rel] == [
-        ("stable", "1.20261120.0"), ("stable", "1.20261101.0")]
+    assert status == 200 and [(r["channel"], r["version"], r["cves"], r["cve_count"])
+                              for r in rel] == [
+        ("stable", "1.20261120.0", ["CVE-2026-2222", "CVE-2026-3333"], 2),
+        ("stable", "1.20261101.0", ["CVE-2026-1111"], 1)]
     enroll_group(fleet, tmp_path, "web", 1)
     status, body = fleet.api("POST", "/api/v1/rollouts", {
         "name": "typo", "group": "web", "target": "1.20261121.0"})

@@ -31,6 +31,7 @@ V1, V2 = "1.20261101.0", "1.20261120.0"
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(releases, "_cache", {})
+    monkeypatch.setattr(releases, "_documents", {})
 
 
 def publish(repo: Repository, version: str, cves: tuple[str, ...] = (),
@@ -63,9 +64,11 @@ def trusted_root_version(src: Source) -> int:
     return int(root.version)
 
 
-def test_releases_come_verified(repo: Repository, tmp_path: Path) -> None:
+def test_releases_come_verified_with_their_cves(repo: Repository, tmp_path: Path) -> None:
     src = source(repo, tmp_path)
-    assert [(r.channel, r.version) for r in offered(src)] == [("stable", V2), ("stable", V1)]
+    assert [(r.channel, r.version, r.cves) for r in offered(src)] == [
+        ("stable", V2, ("CVE-2026-2222", "CVE-2026-3333")),
+        ("stable", V1, ("CVE-2026-1111",))]
     # What it verified is kept under the data directory, for the next rollback check.
     kept = releases.trust_dir(src)
     assert kept.parent == tmp_path / "fleet/update-trust"
@@ -118,6 +121,14 @@ def test_a_tampered_channel_document_is_refused(repo: Repository, tmp_path: Path
         offered(src)
 
 
+def test_a_tampered_release_document_is_refused(repo: Repository, tmp_path: Path) -> None:
+    target = repo.target_file(release_path("vm", V1))
+    target.write_bytes(target.read_bytes().replace(b"CVE-2026-1111", b"CVE-2026-1112"))
+    with pytest.raises(CeruleanError, match=r"releases/vm/1\.20261101\.0/release\.json does "
+                       "not match its signed length and hash"):
+        offered(source(repo, tmp_path))
+
+
 def test_older_metadata_is_refused_as_a_rollback(repo: Repository, tmp_path: Path) -> None:
     src = source(repo, tmp_path)
     old = (repo.meta / "timestamp.json").read_bytes()
@@ -137,7 +148,7 @@ def test_rotated_roots_are_followed_and_retired_keys_refused(repo: Repository,
     repo.rotate_key("root")
     publish(repo, "1.20261122.0", ("CVE-2026-4444",))
     rel = offered(src)
-    assert rel[0].version == "1.20261122.0"
+    assert (rel[0].version, rel[0].cves) == ("1.20261122.0", ("CVE-2026-4444",))
     assert trusted_root_version(src) == 3
     # A fleet that starts now, from root 1, walks the same chain.
     fresh = Source(src.repo, src.root, tmp_path / "other-fleet")
@@ -195,6 +206,27 @@ def test_what_the_fleet_cannot_trust_is_one_sentence(repo: Repository, tmp_path:
     other = Repository.create(tmp_path / "other", tmp_path / "other-keys")
     with pytest.raises(CeruleanError, match="not signed by the keys the fleet trusts"):
         offered(Source(src.repo, other.meta / "1.root.json", src.data))
+
+
+def test_a_release_without_its_document_is_refused(repo: Repository, tmp_path: Path) -> None:
+    chan = repo.channel("lts")
+    chan.entries.append(ChannelEntry("vm", "1.20261123.0", utc_iso(datetime.now(UTC)),
+                                     [(0, 1.0)]))
+    repo.save_channel(chan)
+    with pytest.raises(CeruleanError, match=r"^The update repository offers vm 1\.20261123\.0 "
+                       r"but has no releases/vm/1\.20261123\.0/release\.json; hosts could not "
+                       r"install it\.$"):
+        offered(source(repo, tmp_path))
+
+
+def test_a_release_document_of_another_release_is_refused(repo: Repository,
+                                                          tmp_path: Path) -> None:
+    doc = ReleaseDoc("vm", V2, "2026-11-20T00:00:00Z", None, {})
+    repo.add_targets({release_path("vm", V1): json.dumps(doc.to_json()).encode()})
+    with pytest.raises(CeruleanError, match=r"^The update repository's releases/vm/"
+                       r"1\.20261101\.0/release\.json describes vm 1\.20261120\.0; refusing "
+                       r"it\.$"):
+        offered(source(repo, tmp_path))
 
 
 def test_the_file_fetcher_stays_in_the_repository(repo: Repository, tmp_path: Path) -> None:

@@ -423,7 +423,10 @@ def create_app(state: FleetState) -> FastAPI:
         fleet has no update-repo)."""
         if state.update_repo is None:
             return []
-        return [sc.ReleaseOut(**vars(r)) for r in releases.offered(state.update_repo)]
+        return [sc.ReleaseOut(channel=r.channel, image=r.image, version=r.version,
+                              published=r.published, state=r.state, cves=list(r.cves),
+                              cve_count=len(r.cves))
+                for r in releases.offered(state.update_repo)]
 
     @app.get(f"{API}/rollouts", tags=["rollouts"])
     def list_rollouts(s: Db, _p: Auditor, group: str | None = None,

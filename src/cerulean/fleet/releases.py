@@ -6,7 +6,9 @@ python-tuf's ngclient, and trusts it no more: it starts from a root it was
 given (``update-root``, the repository's ``root.json``), walks the root chain
 from there, checks the signatures, thresholds, versions (no rollback) and
 expiry of timestamp, snapshot and targets, and checks each channel and release
-document against its signed length and hash. What it has verified is kept in
+document against its signed length and hash. Each release comes with the CVEs
+its release document says it fixes; a release document, named by its signed
+hash, is read once. What it has verified is kept in
 the data directory (``update-trust/``), so a repository that goes back to older
 metadata later is refused.
 
@@ -40,7 +42,9 @@ from cerulean.protocol.update import (
     CHANNELS,
     ChannelDoc,
     ProtocolError,
+    ReleaseDoc,
     channel_path,
+    release_path,
     version_key,
 )
 
@@ -56,6 +60,7 @@ class Release:
     version: str
     published: str
     state: str
+    cves: tuple[str, ...] = ()  # the CVEs its package changes fix (from its release.json)
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,10 @@ def _updater(src: Source, trusted: Path) -> Updater:
                    config=config)
 
 
+# Release documents already read, by target path and sha256: they never change.
+_documents: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
 def _read(up: Updater, path: str, work: Path, src: Source) -> bytes | None:
     """A target's bytes, verified against the signed targets metadata (None: not there)."""
     dest = work / hashlib.sha256(path.encode()).hexdigest()
@@ -252,12 +261,39 @@ def _verify(src: Source) -> list[Release]:
                 except (ValueError, ProtocolError) as e:
                     raise CeruleanError(f"The update repository's {channel_path(name)} is not "
                                         f"valid: {e}") from e
-                out += [Release(name, e.image, e.version, e.published, e.state)
-                        for e in doc.entries]
+                for ent in doc.entries:
+                    cves = _cves(up, ent.image, ent.version, work, src)
+                    out.append(Release(name, ent.image, ent.version, ent.published, ent.state,
+                                       cves))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     out.sort(key=lambda r: (version_key(r.version), r.channel, r.image), reverse=True)
     return out
+
+
+def _cves(up: Updater, image: str, version: str, work: Path, src: Source) -> tuple[str, ...]:
+    path = release_path(image, version)
+    try:
+        info = up.get_targetinfo(path)
+    except Exception as e:
+        raise _explain(e, path, src) from e
+    if info is None:
+        raise CeruleanError(f"The update repository offers {image} {version} but has no "
+                            f"{path}; hosts could not install it.")
+    key = (path, info.hashes.get("sha256", ""))
+    if key in _documents:
+        return _documents[key]
+    data = _read(up, path, work, src)
+    assert data is not None
+    try:
+        doc = ReleaseDoc.from_json(json.loads(data))
+    except (ValueError, ProtocolError) as e:
+        raise CeruleanError(f"The update repository's {path} is not valid: {e}") from e
+    if (doc.image, doc.version) != (image, version):
+        raise CeruleanError(f"The update repository's {path} describes {doc.image} "
+                            f"{doc.version}; refusing it.")
+    _documents[key] = tuple(doc.cves)
+    return _documents[key]
 
 
 def _stamp(src: Source) -> tuple[int, ...] | None:
