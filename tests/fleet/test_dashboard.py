@@ -1,5 +1,6 @@
 """The web dashboard in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright):
-log in, filter hosts, open a host, start and pause a rollout, read a compliance report."""
+log in, filter hosts, open a host, start and pause a rollout, read a compliance report, see
+the releases of the update repository and the CVEs they fix."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from cerulean.agent.compliance import STORE, PolicyStore
 from cerulean.agent.policy import CheckResult, Report, RuleResult
 from support.fleet_server import Fleet, cli
 
-from .test_rollouts import cerulean_host
+from .test_rollouts import cerulean_host, release_repository
 
 pytestmark = pytest.mark.fleet
 CHROMIUM = "/usr/bin/chromium"
@@ -216,3 +217,41 @@ def test_people_and_tokens_are_made_in_the_dashboard(  # type: ignore[no-untyped
     expect(page.locator("#enrollment-tokens")).to_contain_text("lab")
     assert page.locator("#new-enrollment-token").count() == 0
     assert page.locator("#new-user").count() == 0
+
+
+def test_releases_show_the_cves_they_fix(  # type: ignore[no-untyped-def]
+        page, fleet: Fleet, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    repo = release_repository(tmp_path)
+    cli("fleet", "init", "--data", str(fleet.data), "--update-repo", str(repo.path),
+        "--update-root", str(repo.meta / "1.root.json"))
+    fleet.kill_and_restart()
+    cli("fleet", "user", "add", "otto", "--role", "auditor", "--password-stdin",
+        "--data", str(fleet.data), stdin=PASSWORD + "\n")
+    _log_in(page, "otto")
+    page.click("text=Rollouts")
+    rows = page.locator("#releases-table tr")
+    expect(rows).to_have_count(3)
+    newest, older = rows.nth(1), rows.nth(2)
+    expect(newest).to_contain_text("1.20261120.0")
+    expect(newest.locator(".cves summary")).to_have_text("2 CVEs")
+    expect(older.locator(".cves summary")).to_have_text("1 CVE")
+    # The list opens on a click; each CVE links to Debian's security tracker.
+    link = newest.locator(".cves a", has_text="CVE-2026-3333")
+    expect(link).not_to_be_visible()
+    newest.locator(".cves summary").click()
+    expect(link).to_be_visible()
+    assert link.get_attribute("href") == (
+        "https://security-tracker.debian.org/tracker/CVE-2026-3333")
+    assert page.locator(".error").count() == 0
+
+    # A repository that no longer verifies: the page says why instead of listing it.
+    tampered = repo.target_file("channels/stable.json")
+    tampered.write_bytes(tampered.read_bytes().replace(b"1.20261101.0", b"1.20261102.0"))
+    (repo.path / "metadata/timestamp.json").touch()
+    page.reload()
+    expect(page.get_by_role("alert")).to_have_text(
+        "The update repository's channels/stable.json does not match its signed length and "
+        "hash; refusing it.")
+    assert page.locator("#releases-table").count() == 0

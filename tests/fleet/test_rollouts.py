@@ -10,6 +10,7 @@ import json
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,21 +189,52 @@ def test_a_group_policy_reaches_its_hosts_and_auditors_get_reports(
         ("cis-debian12-l1-server", 50.0, 1)]
 
 
-def test_rollouts_choose_from_the_update_repository(fleet: Fleet, tmp_path: Path) -> None:
+def release_repository(tmp_path: Path) -> Any:
+    """An update repository whose stable channel has two releases that fix CVEs."""
     from datetime import UTC, datetime
 
-    from cerulean.protocol.update import ChannelDoc, ChannelEntry, utc_iso
+    from cerulean.protocol.update import (
+        ChannelDoc,
+        ChannelEntry,
+        PackageChange,
+        ReleaseDoc,
+        release_path,
+        utc_iso,
+    )
     from cerulean.release.repo import Repository
 
     repo = Repository.create(tmp_path / "repo", tmp_path / "keys")
+    cves = {"1.20261101.0": ("CVE-2026-1111",),
+            "1.20261120.0": ("CVE-2026-2222", "CVE-2026-3333")}
+    repo.add_targets({release_path("vm", v): json.dumps(ReleaseDoc(
+        "vm", v, "2026-11-20T00:00:00Z", None, {},
+        (PackageChange("openssl", "3.5.1-1", "3.5.1-2", c),)).to_json()).encode()
+        for v, c in cves.items()})
     repo.save_channel(ChannelDoc("stable", [
-        ChannelEntry("vm", v, utc_iso(datetime.now(UTC)), [(0, 1.0)])
-        for v in ("1.20261101.0", "1.20261120.0")]))
-    cli("fleet", "init", "--data", str(fleet.data), "--update-repo", str(repo.path))
+        ChannelEntry("vm", v, utc_iso(datetime.now(UTC)), [(0, 1.0)]) for v in cves]))
+    return repo
+
+
+def test_rollouts_choose_from_the_update_repository(fleet: Fleet, tmp_path: Path) -> None:
+
+    repo = release_repository(tmp_path)
+    # Without a root to verify it by (a fleet.toml from before update-root), the fleet
+    # does not read it, and says what to do.
+    toml = fleet.data / "fleet.toml"
+    toml.write_text(toml.read_text().replace('update-repo = ""',
+                                             f'update-repo = "{repo.path}"'))
+    fleet.kill_and_restart()
+    status, body = fleet.api("GET", "/api/v1/releases")
+    assert status == 503 and body["detail"].startswith(
+        "The fleet has an update-repo but no update-root to verify it by")
+    cli("fleet", "init", "--data", str(fleet.data), "--update-repo", str(repo.path),
+        "--update-root", str(repo.meta / "1.root.json"))
     fleet.kill_and_restart()
     status, rel = fleet.api("GET", "/api/v1/releases")
-    assert status == 200 and [(r["channel"], r["version"]) for r in rel] == [
-        ("stable", "1.20261120.0"), ("stable", "1.20261101.0")]
+    assert status == 200 and [(r["channel"], r["version"], r["cves"], r["cve_count"])
+                              for r in rel] == [
+        ("stable", "1.20261120.0", ["CVE-2026-2222", "CVE-2026-3333"], 2),
+        ("stable", "1.20261101.0", ["CVE-2026-1111"], 1)]
     enroll_group(fleet, tmp_path, "web", 1)
     status, body = fleet.api("POST", "/api/v1/rollouts", {
         "name": "typo", "group": "web", "target": "1.20261121.0"})
@@ -216,4 +248,6 @@ def test_rollouts_choose_from_the_update_repository(fleet: Fleet, tmp_path: Path
     tampered.write_bytes(tampered.read_bytes().replace(b"1.20261120.0", b"1.20261199.0"))
     (repo.path / "metadata/timestamp.json").touch()
     status, body = fleet.api("GET", "/api/v1/releases")
-    assert status == 503 and "does not match its targets metadata" in body["detail"]
+    assert status == 503 and body["detail"] == (
+        "The update repository's channels/stable.json does not match its signed length and "
+        "hash; refusing it.")

@@ -311,3 +311,17 @@ def test_the_enrollment_credential_is_read_or_refused(tmp_path: Path,
         '{"server": "https://f:8443", "token": "t", "ca-sha256": "md5:x"}')
     with pytest.raises(FleetLinkError, match="--ca-sha256 must be"):
         enroll_from_credential(tmp_path)
+
+
+def test_init_again_changes_only_the_settings_given(tmp_path: Path) -> None:
+    from cerulean.cli import main
+
+    data = tmp_path / "d"
+    assert main(["fleet", "init", "--data", str(data), "--workers", "3", "--keep-alive", "7",
+                 "--max-connections", "500", "--public-url", "https://f.example"]) == 0
+    assert main(["fleet", "init", "--data", str(data), "--cert-hours", "12"]) == 0
+    cfg = load_config(data)
+    assert (cfg.workers, cfg.keep_alive, cfg.max_connections, cfg.public_url,
+            cfg.cert_hours) == (3, 7, 500, "https://f.example", 12)
+    assert cfg.database.startswith("sqlite:///")  # still the default, not a fixed path
+    assert 'database = ""' in (data / "fleet.toml").read_text()

@@ -144,14 +144,23 @@ def run_init(args: argparse.Namespace) -> int:
         v = getattr(args, s.key.replace("-", "_"))
         if v is not None:
             values[s.key] = v
+    for key in ("update-repo", "update-root"):
+        # A path given here is the one meant here (fleet.toml's own are beside it).
+        v = values.get(key)
+        if v and not v.startswith(("http://", "https://")) and not Path(v).is_absolute():
+            values[key] = str(Path(v).resolve())
     old = args.data / "fleet.toml"
     if old.exists():
-        from cerulean.fleet.server import load_config
+        import tomllib
 
-        cur = load_config(args.data)
-        kept = {"database": cur.database if "sqlite" not in cur.database else "",
-                "listen": cur.listen, "public-url": cur.public_url, "names": cur.names,
-                "cert-hours": cur.cert_hours}
+        from cerulean.fleet.server import FleetConfigError, check_settings, load_config
+
+        load_config(args.data)  # a clear sentence if it cannot be read
+        try:
+            # Every setting as fleet.toml has it; only those given here change.
+            kept = check_settings(tomllib.loads(old.read_text()), str(old))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise FleetConfigError(f"{old} cannot be read: {e}.") from e
         values = {**kept, **values}
     cfg, created = init(args.data, values)
     from cerulean.fleet.ca import FleetCA

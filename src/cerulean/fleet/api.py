@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -80,7 +79,8 @@ class FleetState:
     ca: FleetCA
     cert_lifetime: timedelta = timedelta(hours=24)
     public_url: str = ""  # how hosts reach the server (for the enroll command it prints)
-    update_repo: Path | None = None  # the TUF repository rollouts choose releases from
+    # The TUF repository rollouts choose releases from, and its trust anchor.
+    update_repo: releases.Source | None = None
     threads: int = 40  # request threads: no more than the database pool's connections
 
 
@@ -423,7 +423,10 @@ def create_app(state: FleetState) -> FastAPI:
         fleet has no update-repo)."""
         if state.update_repo is None:
             return []
-        return [sc.ReleaseOut(**vars(r)) for r in releases.offered(state.update_repo)]
+        return [sc.ReleaseOut(channel=r.channel, image=r.image, version=r.version,
+                              published=r.published, state=r.state, cves=list(r.cves),
+                              cve_count=len(r.cves))
+                for r in releases.offered(state.update_repo)]
 
     @app.get(f"{API}/rollouts", tags=["rollouts"])
     def list_rollouts(s: Db, _p: Auditor, group: str | None = None,

@@ -221,3 +221,6 @@ class ReleaseOut(BaseModel):
     version: str
     published: str
     state: str
+    cves: list[str] = Field(description="the CVEs its package changes fix, from its signed "
+                            "release.json")
+    cve_count: int

@@ -6,10 +6,12 @@ A data directory holds everything one fleet needs::
     ca.crt ca.key  the fleet CA (ca.key: mode 0600)
     server.crt server.key
     fleet.db       the SQLite database, unless `database` names a PostgreSQL one
+    update-trust/  the update repository's metadata verified so far (fleet.releases)
 
 Several servers on one PostgreSQL database are replicas: give each a copy of
 the same directory (the CA must be the same) and put any TCP load balancer in
-front; they keep no state of their own. TLS must reach the servers (TCP
+front; they keep no state of their own but the verified update metadata, which
+each gets again from the repository. TLS must reach the servers (TCP
 pass-through), since the host's certificate is checked there.
 """
 
@@ -54,8 +56,10 @@ SETTINGS = (
             "request"),
     Setting("max-connections", int, 10000, "open connections per server process; more "
             "are answered 503"),
-    Setting("update-repo", str, "", "the TUF update repository (a directory) whose channels "
-            "rollouts choose releases from; empty: any release version"),
+    Setting("update-repo", str, "", "the TUF update repository (a directory or an http(s) "
+            "URL) whose channels rollouts choose releases from; empty: any release version"),
+    Setting("update-root", str, "", "the repository's root.json the fleet verifies it by "
+            "(needed with update-repo)"),
 )
 
 
@@ -71,6 +75,20 @@ class FleetConfig:
     update_repo: str = ""
     keep_alive: int = 30
     max_connections: int = 10000
+    update_root: str = ""
+
+    @property
+    def update_source(self) -> Any:
+        """Where rollouts' releases come from (a releases.Source), or None."""
+        from cerulean.fleet.releases import Source
+
+        if not self.update_repo:
+            return None
+        repo = self.update_repo
+        if not repo.startswith(("http://", "https://")):
+            repo = str(self.data / repo)  # a relative path is beside fleet.toml
+        return Source(repo, self.data / self.update_root if self.update_root else None,
+                      self.data)
 
     @property
     def cert_lifetime(self) -> timedelta:
@@ -113,6 +131,8 @@ def check_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
         raise FleetConfigError(f"{where}: 'workers' must be between 1 and 64.")
     if not 1 <= out["keep-alive"] <= 3600:
         raise FleetConfigError(f"{where}: 'keep-alive' must be between 1 and 3600 seconds.")
+    if out["update-root"] and not out["update-repo"]:
+        raise FleetConfigError(f"{where}: 'update-root' is set but 'update-repo' is not.")
     if not 100 <= out["max-connections"] <= 1_000_000:
         raise FleetConfigError(f"{where}: 'max-connections' must be between 100 and "
                                "1000000.")
@@ -142,7 +162,7 @@ def load_config(data: Path) -> FleetConfig:
     database = v["database"] or f"sqlite:///{(data / 'fleet.db').resolve()}"
     return FleetConfig(data, database, v["listen"], v["public-url"], list(v["names"]),
                        v["cert-hours"], v["workers"], v["update-repo"], v["keep-alive"],
-                       v["max-connections"])
+                       v["max-connections"], v["update-root"])
 
 
 def init(data: Path, values: dict[str, Any]) -> tuple[FleetConfig, bool]:
@@ -152,6 +172,8 @@ def init(data: Path, values: dict[str, Any]) -> tuple[FleetConfig, bool]:
     from cerulean.fleet.db import make_engine, migrate
 
     v = check_settings(values, "fleet init")
+    if v["update-repo"]:
+        _check_update_root(data, v["update-root"])
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = data / ".fleet.toml.tmp"
     tmp.write_text(_toml(v))
@@ -167,6 +189,17 @@ def init(data: Path, values: dict[str, Any]) -> tuple[FleetConfig, bool]:
     finally:
         engine.dispose()
     return cfg, created
+
+
+def _check_update_root(data: Path, value: str) -> None:
+    from cerulean.fleet.releases import read_anchor
+
+    if not value:
+        raise FleetConfigError(
+            "fleet init: 'update-repo' needs 'update-root', the repository's root.json that "
+            "the fleet verifies it by (such as REPO/metadata/1.root.json, copied from the "
+            "publisher).")
+    read_anchor(Path(value) if Path(value).is_absolute() else data / value)
 
 
 def local_actor() -> str:
@@ -185,7 +218,7 @@ def build_app(cfg: FleetConfig) -> Any:
     engine = make_engine(cfg.database)
     return create_app(FleetState(sessions(engine), FleetCA.load(cfg.data),
                                  cfg.cert_lifetime, cfg.public_url,
-                                 Path(cfg.update_repo) if cfg.update_repo else None,
+                                 cfg.update_source,
                                  threads=engine.pool.size()))  # type: ignore[attr-defined]
 
 

@@ -119,7 +119,7 @@ def _failed(s: Session, name: str, now: datetime) -> None:
     s.add(LoginFailure(name=name, time=now))
 
 
-def router(Db: Any, update_repo: Path | None = None, public_url: str = "",
+def router(Db: Any, update_repo: releases.Source | None = None, public_url: str = "",
            ca_sha256: str = "") -> APIRouter:
     """The pages; *Db* is the API's session dependency (one limit for both)."""
     r = APIRouter(include_in_schema=False)

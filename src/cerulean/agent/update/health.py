@@ -7,17 +7,29 @@ of a host that had a network when it installed it, a default route (see
 Hooks are executables in ``/usr/lib/cerulean/health.d/`` (from the image) and
 ``/etc/cerulean/health.d/`` (the administrator's; a file of the same name
 replaces the image's, an empty one turns it off). Each gets 60 seconds.
+
+A host with an update repository must also be able to update from this release
+(:func:`update_client`): its configuration reads, python3-tuf loads, the TUF
+client sets up and verifies the root this host trusts, and, when there is a
+default route, a real refresh of the metadata (60 seconds at most) fails for no
+reason of this release's own. What the repository or the network answers
+(unreachable, expired, older or badly signed metadata) is printed, not held
+against the release: the previous release would get the same answer, anyone on
+the network path can produce it, and a release given up is never tried again.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cerulean.agent.update.host import Host
+from cerulean.agent.update.client import RepoClient
+from cerulean.agent.update.errors import UpdateError
+from cerulean.agent.update.host import Host, load_config
 
 IGNORED_UNITS = ("cerulean-health.service", "cerulean-health-failed.service")
 
@@ -51,8 +63,74 @@ def hooks(host: Host) -> list[Path]:
             if by_name[n].stat().st_size > 0 and os.access(by_name[n], os.X_OK)]
 
 
+def _root_verifies(meta_dir: Path) -> str:
+    """A problem if this release cannot read and verify the root the host trusts."""
+    try:
+        from tuf.api.metadata import Metadata, Root
+
+        md = Metadata.from_file(str(meta_dir / "root.json"))
+        if not isinstance(md.signed, Root):
+            raise ValueError(f"it is {md.signed.type} metadata")
+        md.signed.verify_delegate(Root.type, md.signed_bytes, md.signatures)
+    except Exception as e:  # whatever it is, this release cannot verify its updates
+        return (f"the update client cannot verify the root this host trusts "
+                f"({meta_dir / 'root.json'}): {str(e).rstrip('.') or type(e).__name__}")
+    return ""
+
+
+def update_client(host: Host, *, ask: bool = True, wait: float = 60,
+                  say: Callable[[str], None] = print) -> list[str]:
+    """Problems that keep this release from updating (empty: none found, or updates off).
+
+    *ask*: refresh the metadata from the repository (there is a network to ask it
+    over), for *wait* seconds at most.
+    """
+    try:
+        cfg = load_config(host)
+    except UpdateError as e:
+        return [f"the update configuration cannot be read: {e}"]
+    if not cfg.url or cfg.never:
+        return []
+    try:
+        client = RepoClient(cfg.url, host.state_dir, host.trusted_root)
+    except (UpdateError, OSError) as e:
+        return [f"the update client cannot be set up: {e}"]
+    problem = _root_verifies(client.meta_dir)
+    if problem:
+        return [problem]
+    if not ask:
+        say("note: no network, so the update repository was not asked")
+        return []
+    failed: list[BaseException] = []
+    done = threading.Event()
+
+    def refresh() -> None:
+        try:
+            client.refresh()
+        except BaseException as e:  # handed over to the health check's thread
+            failed.append(e)
+        done.set()
+
+    # A daemon thread: one that hangs past *wait* is left behind as the check ends.
+    threading.Thread(target=refresh, name="health-update-refresh", daemon=True).start()
+    if not done.wait(wait):
+        say(f"note: the update repository did not answer within {wait:g} s; this "
+            "release is not judged by it")
+        return []
+    if not failed:
+        return []
+    from tuf.api.exceptions import DownloadError, RepositoryError
+
+    err = failed[0]
+    if isinstance(err, UpdateError) and isinstance(err.__cause__,
+                                                   DownloadError | RepositoryError):
+        say(f"note: {err} This release is not judged by what the repository answers.")
+        return []
+    return [f"the update client fails on this release: {err}"]
+
+
 def check(host: Host, *, network: bool = True, network_wait: float = 90,
-          say: Callable[[str], None] = print) -> list[str]:
+          repo_wait: float = 60, say: Callable[[str], None] = print) -> list[str]:
     """Every problem found (empty: healthy); *network*: a default route is required."""
     problems = []
     if network:
@@ -63,6 +141,7 @@ def check(host: Host, *, network: bool = True, network_wait: float = 90,
             problems.append("no default route (the network is not up)")
     if _run(["systemctl", "is-active", "--quiet", "cerulean-update.timer"]).returncode != 0:
         problems.append("the updater (cerulean-update.timer) is not active")
+    problems += update_client(host, ask=default_route(), wait=repo_wait, say=say)
     for hook in hooks(host):
         r = _run([str(hook)], timeout=60)
         if r.returncode != 0:
