@@ -18,7 +18,7 @@ import pytest
 from cerulean.agent.audit import AuditLog
 from cerulean.agent.update import boot, disk, health
 from cerulean.agent.update.errors import UpdateError
-from cerulean.agent.update.host import Host, load_state
+from cerulean.agent.update.host import Host, load_state, save_state
 from cerulean.agent.update.updater import Updater
 from cerulean.protocol.update import ReleaseDoc, verity_uuids
 from cerulean.protocol.window import DAYS
@@ -411,3 +411,78 @@ def test_the_booted_slot_is_told_without_opening_a_device(tmp_path: Path) -> Non
     with pytest.raises(UpdateError, match="known to udev"):
         disk.booted_slot_name(f"systemd.verity_usr_data=PARTUUID={'c' * 8}-0000-4000-8000-"
                               f"{'0' * 12}", tmp_path)
+
+
+def _staged_with_a_failed_release(world: World) -> Path:
+    """v2 staged (no reboot) and v3 given up before: what state.json must not forget."""
+    world.publish(V2)
+    assert world.updater().run(reboot=False).result == "staged"
+    st = load_state(world.host)
+    st.bad[V3] = "its health check failed: app.service"
+    save_state(world.host, st)
+    path = world.host.state_dir / "state.json"
+    assert json.loads((world.host.state_dir / "state.json.bak").read_bytes()) == \
+        json.loads(path.read_bytes())
+    return path
+
+
+def _recoveries(world: World) -> list[str]:
+    return [e["detail"]["message"] for e in AuditLog(world.host.audit_log).entries()
+            if e["action"] == "update.recovered"]
+
+
+def test_a_torn_state_file_is_recovered_from_its_copy(world: World) -> None:
+    path = _staged_with_a_failed_release(world)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a cut in the middle of a write
+    st = load_state(world.host)  # read-only callers (status, metrics) get the copy
+    assert st.staged is not None and st.staged["version"] == V2 and V3 in st.bad
+    # The next run keeps going with the staged release and the failed one remembered,
+    # says so in the audit trail, and writes both copies whole again.
+    out = world.updater().run(reboot=False)
+    assert out.result == "staged" and out.version == V2
+    assert [m for m in _recoveries(world)] == [
+        f"{path} was not valid JSON (cut short?); recovered it from state.json.bak."]
+    assert json.loads(path.read_bytes())["bad"] == {V3: "its health check failed: app.service"}
+    assert not load_state(world.host).repairs
+    assert AuditLog(world.host.audit_log).verify().ok
+
+
+def test_wrongly_typed_fields_are_taken_from_the_copy(world: World) -> None:
+    path = _staged_with_a_failed_release(world)
+    d = json.loads(path.read_bytes())
+    d["bad"] = [V3]
+    d["staged"] = V2
+    d["history"] = [*d["history"], "staged", 3]
+    path.write_text(json.dumps(d))
+    st = load_state(world.host)
+    assert st.bad == {V3: "its health check failed: app.service"}
+    assert st.staged is not None and st.staged["version"] == V2
+    assert all(isinstance(h, dict) for h in st.history)
+    assert st.repairs == [f"{path} had damaged fields (bad, staged, history); recovered them "
+                          "from state.json.bak."]
+    world.publish(V3)  # v3 is offered, but it failed here before: never again
+    assert world.updater().run(reboot=False).result == "staged"
+    assert [e.version for e in boot.entries(world.esp)] == [V1, V2]
+    assert len(_recoveries(world)) == 1
+
+
+def test_both_copies_damaged_start_afresh_and_keep_the_fallback(world: World) -> None:
+    path = _staged_with_a_failed_release(world)
+    world.boot_into(V2)
+    world.status = "indeterminate"  # v2's first boot, judged by its health check
+    path.write_bytes(b'{"bad": {"13.2026')
+    (path.parent / "state.json.bak").write_text(json.dumps({"bad": [V3], "staged": "B",
+                                                            "last": {}, "history": [1]}))
+    st = load_state(world.host)
+    assert (st.bad, st.staged, st.history) == ({}, None, [])
+    assert not world.updater().network_expected()  # no traceback, no network required
+    # The health check fails: the fallback still marks the boot bad, reboots into v1,
+    # and remembers v2 as failed from then on.
+    out = world.updater().health_failed(["failed units: app.service"])
+    assert out.result == "rebooting" and world.blessed == ["bad"] and world.reboots
+    assert V2 in load_state(world.host).bad
+    msgs = _recoveries(world)
+    assert len(msgs) == 1 and "are both damaged; started afresh without the failed " \
+        "releases, the staged release, the history" in msgs[0], msgs
+    assert "not valid JSON" in msgs[0] and "(bad, staged, history)" in msgs[0]

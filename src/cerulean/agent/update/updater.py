@@ -134,6 +134,9 @@ class Updater:
                 raise UpdateError("Another update run is in progress.") from None
             state = load_state(self.host)
             self._audited = (state.last.get("result"), state.last.get("message"))
+            for repair in state.repairs:  # into the audit trail, and both copies rewritten
+                self.say(f"warning: {repair}")
+                state.record("recovered", repair, self.now())
             try:
                 yield state
             finally:
