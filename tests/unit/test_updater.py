@@ -486,3 +486,40 @@ def test_both_copies_damaged_start_afresh_and_keep_the_fallback(world: World) ->
     assert len(msgs) == 1 and "are both damaged; started afresh without the failed " \
         "releases, the staged release, the history" in msgs[0], msgs
     assert "not valid JSON" in msgs[0] and "(bad, staged, history)" in msgs[0]
+
+
+def test_a_refused_repository_is_recorded_for_the_audit_trail_and_the_fleet(
+        world: World) -> None:
+    from datetime import timedelta
+
+    from cerulean.agent.fleetlink import update_state
+
+    # A mirror frozen three days ago: its timestamp has expired since.
+    past = datetime.now(UTC).replace(microsecond=0) - timedelta(days=3)
+    world.repo.save_channel(world.repo.channel("stable"), now=past)
+    for _ in range(2):
+        with pytest.raises(UpdateError, match="metadata has expired") as info:
+            world.updater().run()
+        assert len(str(info.value).splitlines()) == 1
+    st = load_state(world.host)
+    assert st.last["result"] == "refused" and "expired" in st.last["message"]
+    refused = [e for e in AuditLog(world.host.audit_log).entries()
+               if e["action"] == "update.refused"]
+    assert len(refused) == 1 and "expired" in refused[0]["detail"]["message"]  # once
+    report = update_state(world.host.root)
+    assert report["last"]["result"] == "refused" and report["version"] == V1
+    # The fleet takes the report as it is, and refuses one whose update state is not typed.
+    from cerulean.fleet.ingest import BadReport, _update
+
+    assert _update({"update": report})["last"]["result"] == "refused"
+    for bad in ({"last": "refused"}, {"last": {"result": 3}}, {"failed_releases": [V2]},
+                {"staged": {"version": V2}}, {"hold": "yes"}):
+        with pytest.raises(BadReport, match=r"'update\."):
+            _update({"update": bad})
+    # A repository that is merely unreachable is said in the state, not in the audit trail.
+    world.url = "http://127.0.0.1:9"  # discard: nobody listens
+    with pytest.raises(UpdateError, match=r"Downloading the metadata .* failed"):
+        world.updater().run()
+    assert load_state(world.host).last["result"] == "unreachable"
+    assert [e["action"] for e in AuditLog(world.host.audit_log).entries()] == [
+        "update.refused"]

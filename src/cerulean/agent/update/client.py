@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from cerulean.agent.update.errors import UpdateError
+from cerulean.agent.update.errors import RefusedError, TransientError, UpdateError
 from cerulean.protocol.update import (
     ChannelDoc,
     Payload,
@@ -38,27 +38,32 @@ T = TypeVar("T")
 
 
 def _explain(e: Exception, what: str) -> UpdateError:
+    """One sentence for what ngclient raised: RefusedError for what TUF refuses (the
+    repository cannot be trusted as it is), TransientError for what did not arrive."""
     from tuf.api import exceptions as tuf_errors
 
     if isinstance(e, UpdateError):
         return e  # already explained (by refresh, say)
     if isinstance(e, tuf_errors.ExpiredMetadataError):
-        return UpdateError(f"The update repository's metadata has expired ({e}); refusing it.")
+        return RefusedError(
+            f"The update repository's metadata has expired ({e}); refusing it.")
     if isinstance(e, tuf_errors.BadVersionNumberError | tuf_errors.EqualVersionNumberError):
-        return UpdateError(
+        return RefusedError(
             f"The update repository offered older metadata than this host already trusts "
             f"(a rollback; {e}); refusing it.")
     if isinstance(e, tuf_errors.UnsignedMetadataError):
-        return UpdateError(
+        return RefusedError(
             f"The update repository's metadata is not signed by the keys this host trusts "
             f"({e}); refusing it.")
-    if isinstance(e, tuf_errors.LengthOrHashMismatchError):
-        return UpdateError(
+    if isinstance(e, tuf_errors.LengthOrHashMismatchError
+                  | tuf_errors.DownloadLengthMismatchError):
+        return RefusedError(
             f"{what} does not match its signed length and hash ({e}); refusing it.")
     if isinstance(e, tuf_errors.DownloadError):
-        return UpdateError(f"Downloading {what} from the update repository failed: {e}.")
+        return TransientError(f"Downloading {what} from the update repository failed: "
+                              f"{str(e).rstrip('.') or type(e).__name__}.")
     if isinstance(e, tuf_errors.RepositoryError):
-        return UpdateError(f"The update repository is not trustworthy: {e}.")
+        return RefusedError(f"The update repository is not trustworthy: {e}.")
     return UpdateError(f"Reading {what} from the update repository failed: "
                        f"{str(e).rstrip('.')}.")
 

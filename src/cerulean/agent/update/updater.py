@@ -42,7 +42,7 @@ from cerulean.agent import integrity
 from cerulean.agent.audit import AuditLog
 from cerulean.agent.update import boot, disk, health
 from cerulean.agent.update.client import RepoClient
-from cerulean.agent.update.errors import UpdateError
+from cerulean.agent.update.errors import RefusedError, TransientError, UpdateError
 from cerulean.agent.update.host import Config, Host, State, load_config, load_state, save_state
 from cerulean.agent.update.host import seed as host_seed
 from cerulean.errors import CeruleanError
@@ -70,7 +70,9 @@ def _zstd_stream(args: list[str]) -> Iterator[bytes]:
 
 
 # Results that change nothing on the host and are not written to the audit trail.
-QUIET = ("up-to-date", "disabled")
+# A repository that cannot be reached is said in state.json (and so to the fleet), not
+# in the audit trail: an offline host would fill it.
+QUIET = ("up-to-date", "disabled", "unreachable")
 
 
 @dataclass
@@ -228,7 +230,21 @@ class Updater:
         """What the repository offers this host now (changes nothing on disk)."""
         with self.locked() as state:
             self.reconcile(state)
-            return self._offer(state)[0]
+            return self._read_offer(state)[0]
+
+    def _read_offer(self, state: State) -> tuple[Outcome, RepoClient | None,
+                                                  ReleaseDoc | None]:
+        """:meth:`_offer`, with a refused or unreachable repository recorded: the result
+        shows in ``update status``, the next fleet report and (refused) the audit trail."""
+        try:
+            return self._offer(state)
+        except (RefusedError, TransientError) as e:
+            self._record_repo_error(state, e)
+            raise
+
+    def _record_repo_error(self, state: State, e: UpdateError) -> None:
+        result = "refused" if isinstance(e, RefusedError) else "unreachable"
+        state.record(result, str(e), self.now())
 
     def _offer(self, state: State) -> tuple[Outcome, RepoClient | None, ReleaseDoc | None]:
         if self.config.never:
@@ -265,7 +281,7 @@ class Updater:
                                "check.", self.host.version)
             if state.staged:
                 return self._maybe_reboot(state, reboot, ignore_window)
-            outcome, client, rel = self._offer(state)
+            outcome, client, rel = self._read_offer(state)
             if rel is None or client is None or not apply:
                 if outcome.result in ("up-to-date", "disabled"):
                     state.record(outcome.result, outcome.message, self.now())
