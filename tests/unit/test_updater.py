@@ -523,3 +523,20 @@ def test_a_refused_repository_is_recorded_for_the_audit_trail_and_the_fleet(
     assert load_state(world.host).last["result"] == "unreachable"
     assert [e["action"] for e in AuditLog(world.host.audit_log).entries()] == [
         "update.refused"]
+
+
+def test_the_service_is_stopped_after_the_downloads_deadline_with_room_to_write() -> None:
+    import configparser
+
+    from cerulean.agent.update.client import Limits
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(Path(__file__).resolve().parents[2]
+              / "src/cerulean/agent/units/cerulean-update.service")
+    value = unit["Service"]["TimeoutStartSec"]
+    assert value.endswith("h")
+    budget = Limits().run_budget
+    # The downloads stop first, with one sentence; a stop by systemd is the last resort.
+    assert budget + 20 * 60 <= float(value.removesuffix("h")) * 3600 <= 4 * 3600
+    # ~300 MB of payloads at the slowest rate allowed still fit in one run.
+    assert Limits().slack + 300e6 / Limits().min_rate < budget

@@ -41,7 +41,7 @@ from typing import Any
 from cerulean.agent import integrity
 from cerulean.agent.audit import AuditLog
 from cerulean.agent.update import boot, disk, health
-from cerulean.agent.update.client import RepoClient
+from cerulean.agent.update.client import Limits, RepoClient
 from cerulean.agent.update.errors import RefusedError, TransientError, UpdateError
 from cerulean.agent.update.host import Config, Host, State, load_config, load_state, save_state
 from cerulean.agent.update.host import seed as host_seed
@@ -96,6 +96,7 @@ class Updater:
     bless_cmd: Callable[[str], None] = boot.bless
     reboot_cmd: Callable[[], object] = lambda: subprocess.run(["systemctl", "reboot"],
                                                               check=False)
+    limits: Limits = field(default_factory=Limits)  # how long downloads may take
     config: Config = field(init=False)
     # The last result written to (or already in) the audit trail: (result, message).
     _audited: tuple[str | None, str | None] = field(init=False, default=(None, None))
@@ -124,7 +125,7 @@ class Updater:
         if not url:
             raise UpdateError(
                 "No update repository is configured: set url in /etc/cerulean/update.toml.")
-        return RepoClient(url, self.host.state_dir, self.host.trusted_root)
+        return RepoClient(url, self.host.state_dir, self.host.trusted_root, self.limits)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[State]:
