@@ -540,3 +540,28 @@ def test_the_service_is_stopped_after_the_downloads_deadline_with_room_to_write(
     assert budget + 20 * 60 <= float(value.removesuffix("h")) * 3600 <= 4 * 3600
     # ~300 MB of payloads at the slowest rate allowed still fit in one run.
     assert Limits().slack + 300e6 / Limits().min_rate < budget
+
+
+def test_a_damaged_trusted_root_is_seeded_again_and_the_chain_walked(world: World) -> None:
+    world.repo.rotate_key("root")  # root v2, signed by v1's key and its own
+    world.repo.rotate_key("targets")  # root v3: what v1 trusted for targets is revoked
+    world.publish(V2)
+    assert world.updater().check().result == "available"
+    trusted = world.host.state_dir / "metadata/root.json"
+    assert json.loads(trusted.read_bytes())["signed"]["version"] == 3
+    for n, damage in enumerate((trusted.read_bytes()[:100],  # torn
+                                b'{"signed": {}, "signatures": []}'), start=1):  # not a root
+        trusted.write_bytes(damage)
+        assert world.updater().check().result == "available"
+        assert json.loads(trusted.read_bytes())["signed"]["version"] == 3
+        msgs = [e["detail"]["message"] for e in AuditLog(world.host.audit_log).entries()
+                if e["action"] == "update.recovered"]
+        assert len(msgs) == n
+        assert msgs[-1].startswith(f"The trusted {trusted} was damaged (")
+        assert msgs[-1].endswith(f"it was seeded again from the image's "
+                                 f"{world.host.trusted_root} and the chain of newer roots "
+                                 "is followed again from there."), msgs[-1]
+    # Whole again: nothing more is repaired, and the release installs.
+    assert world.updater().run(reboot=False).result == "staged"
+    assert len([e for e in AuditLog(world.host.audit_log).entries()
+                if e["action"] == "update.recovered"]) == 2

@@ -14,12 +14,13 @@ import contextlib
 import http.client
 import importlib.util
 import json
+import os
 import shutil
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
@@ -188,7 +189,8 @@ class RepoClient:
     """
 
     def __init__(self, url: str, state_dir: Path, trusted_root: Path,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None,
+                 note: Callable[[str], None] | None = None) -> None:
         if not HAVE_TUF:
             raise UpdateError("Updates need python3-tuf, which is not installed on this host.")
         try:
@@ -207,20 +209,46 @@ class RepoClient:
             shutil.copyfile(trusted_root, self.meta_dir / "root.json")
         self._updater: Updater | None = None
         self.limits = limits or Limits()
+        self.trusted_root = trusted_root
+        self.note = note or (lambda _: None)  # told what was repaired
         self._fetcher = _fetcher_class()(self.limits, time.monotonic() + self.limits.run_budget)
 
     def refresh(self) -> None:
         """Fetch and verify the top-level metadata (timestamp, snapshot, targets)."""
         from tuf.ngclient import Updater, UpdaterConfig
 
+        def updater() -> Updater:
+            return Updater(str(self.meta_dir), self.url + "metadata/", str(self.download_dir),
+                           self.url + "targets/", fetcher=self._fetcher,
+                           config=UpdaterConfig(app_user_agent="cerulean"))
+
         try:
-            up = Updater(str(self.meta_dir), self.url + "metadata/", str(self.download_dir),
-                         self.url + "targets/", fetcher=self._fetcher,
-                         config=UpdaterConfig(app_user_agent="cerulean"))
+            try:
+                up = updater()
+            except Exception as e:  # only the trusted root.json is read here
+                self._reseed(e)
+                up = updater()
             up.refresh()
         except Exception as e:  # ngclient raises many kinds; each becomes one sentence
             raise _explain(e, "the metadata") from e
         self._updater = up
+
+    def _reseed(self, e: Exception) -> None:
+        """The trusted root.json does not load (torn, edited, not signed by its own keys):
+        start again from the image's root; ngclient then walks the chain of newer roots
+        from the repository (N+1.root.json, each signed by the one before)."""
+        root = self.meta_dir / "root.json"
+        if not self.trusted_root.is_file():
+            raise UpdateError(f"The trusted {root} is damaged ({e}) and this host has no "
+                              f"root to start again from ({self.trusted_root} is missing).")
+        tmp = root.with_name(".root.json.tmp")
+        shutil.copyfile(self.trusted_root, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, root)
+        self.note(f"The trusted {root} was damaged ({str(e).rstrip('.') or type(e).__name__}); "
+                  f"it was seeded again from the image's {self.trusted_root} and the chain "
+                  "of newer roots is followed again from there.")
 
     @property
     def updater(self) -> Updater:

@@ -73,6 +73,9 @@ def _zstd_stream(args: list[str]) -> Iterator[bytes]:
 # A repository that cannot be reached is said in state.json (and so to the fleet), not
 # in the audit trail: an offline host would fill it.
 QUIET = ("up-to-date", "disabled", "unreachable")
+# Results written to the audit trail every time, even when the last one said the same:
+# each is a repair of its own, not a state that lasts.
+EVENTS = ("recovered",)
 
 
 @dataclass
@@ -120,12 +123,18 @@ class Updater:
         assert self.arch is not None
         return disk.layout(self.disk_path, self.arch, cmdline)
 
-    def client(self) -> RepoClient:
+    def client(self, state: State | None = None) -> RepoClient:
         url = self.url or self.config.url
         if not url:
             raise UpdateError(
                 "No update repository is configured: set url in /etc/cerulean/update.toml.")
-        return RepoClient(url, self.host.state_dir, self.host.trusted_root, self.limits)
+
+        def note(repair: str) -> None:  # a damaged trusted root.json, seeded again
+            self.say(f"warning: {repair}")
+            if state is not None:
+                state.record("recovered", repair, self.now())
+
+        return RepoClient(url, self.host.state_dir, self.host.trusted_root, self.limits, note)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[State]:
@@ -153,7 +162,8 @@ class Updater:
         log = AuditLog(self.host.audit_log)
         records, state.recorded = state.recorded, []
         for r in records:
-            if r["result"] in QUIET or (r["result"], r["message"]) == self._audited:
+            if r["result"] in QUIET or (r["result"] not in EVENTS
+                                        and (r["result"], r["message"]) == self._audited):
                 continue
             self._audited = (r["result"], r["message"])
             try:
@@ -253,7 +263,7 @@ class Updater:
         if self.config.hold:
             return Outcome("held", "The fleet holds updates for this host: its rollout is "
                            "paused or has not reached it yet."), None, None
-        client = self.client()
+        client = self.client(state)
         current, image = self.host.version, self.host.image
         doc = client.channel(self.config.channel)
         offer = choose(doc, image, current, host_seed(self.host), self.now(),
