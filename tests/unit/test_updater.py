@@ -565,3 +565,71 @@ def test_a_damaged_trusted_root_is_seeded_again_and_the_chain_walked(world: Worl
     assert world.updater().run(reboot=False).result == "staged"
     assert len([e for e in AuditLog(world.host.audit_log).entries()
                 if e["action"] == "update.recovered"]) == 2
+
+
+@pytest.mark.parametrize("how", ["withdrawn", "removed"])
+def test_a_release_withdrawn_after_it_was_staged_is_not_booted(world: World,
+                                                               how: str) -> None:
+    from cerulean.release.publish import set_state
+
+    world.publish(V2)
+    assert world.updater().run(reboot=False).result == "staged"
+    assert world.slot("B").data.label == "usr-B"
+    if how == "withdrawn":
+        set_state(world.repo, "stable", "vm", V2, "withdrawn")
+        why = "it was withdrawn from the stable channel"
+    else:  # gone from the channel altogether
+        chan = world.repo.channel("stable")
+        chan.entries = [e for e in chan.entries if e.version != V2]
+        world.repo.save_channel(chan)
+        why = "the stable channel no longer offers it"
+    # The maintenance window is open: without the check, this run would reboot into v2.
+    out = world.updater().run()
+    assert out.result == "withdrawn" and not world.reboots
+    assert out.message == (f"{V2} is not booted: {why} after it was staged; its boot entry is "
+                           "removed and slot B invalidated.")
+    assert [e.version for e in boot.entries(world.esp)] == [V1]
+    assert (world.slot("B").data.label, world.slot("B").hash.label) == (disk.EMPTY, disk.EMPTY)
+    st = load_state(world.host)
+    assert st.staged is None and st.last["result"] == "withdrawn" and V2 not in st.bad
+    assert [e["action"] for e in AuditLog(world.host.audit_log).entries()][-1] == \
+        "update.withdrawn"
+    # Nothing newer is offered, and v2 is not installed again.
+    out = world.updater().run()
+    assert out.result == "up-to-date" and not world.reboots
+    assert [e.version for e in boot.entries(world.esp)] == [V1]
+
+
+def test_a_paused_release_stays_staged_unbootable_until_resumed(world: World) -> None:
+    from cerulean.release.publish import set_state
+
+    world.publish(V2)
+    assert world.updater().run(reboot=False).result == "staged"
+    entry = world.esp / "EFI/Linux" / f"cerulean_{V2}+3.efi"
+    set_state(world.repo, "stable", "vm", V2, "paused")
+    for _ in range(2):  # and the next hourly run the same: not given up as failed
+        out = world.updater().run()
+        assert out.result == "paused" and not world.reboots
+        assert "its boot entry is set aside until it is resumed" in out.message
+        # An unplanned reboot now boots v1: the boot loader does not see v2's entry.
+        assert [e.version for e in boot.entries(world.esp)] == [V1]
+        assert boot.paused(world.esp, V2) == [entry.with_name(entry.name + ".paused")]
+        st = load_state(world.host)
+        assert st.staged is not None and st.staged["version"] == V2 and V2 not in st.bad
+    assert [e["action"] for e in AuditLog(world.host.audit_log).entries()].count(
+        "update.paused") == 1
+    set_state(world.repo, "stable", "vm", V2, "active")
+    out = world.updater().run()
+    assert out.result == "rebooting" and world.reboots == ["reboot"]
+    assert entry.read_bytes() == world.content[V2][2] and not boot.paused(world.esp, V2)
+
+
+def test_a_staged_release_is_not_booted_unconfirmed(world: World) -> None:
+    world.publish(V2)
+    assert world.updater().run(reboot=False).result == "staged"
+    world.url = "http://127.0.0.1:9"
+    with pytest.raises(UpdateError, match=f"; {V2} stays staged and is not rebooted into "
+                       "until the repository confirms it.$"):
+        world.updater().run()
+    assert not world.reboots and load_state(world.host).last["result"] == "unreachable"
+    assert [e.version for e in boot.entries(world.esp)] == [V1, V2]

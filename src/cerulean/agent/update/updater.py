@@ -14,7 +14,9 @@ boots a good slot:
 5. The UKI is written under a name the boot loader ignores, checked, and
    renamed to ``cerulean_VERSION+TRIES.efi``: from here on the next boot tries
    the new release, and until here it cannot.
-6. Reboot inside the maintenance window, or stay staged.
+6. Reboot inside the maintenance window, or stay staged; before the reboot the
+   channel is read again: a release withdrawn since is unstaged, a paused one
+   waits with its boot entry set aside.
 
 After the reboot the health check (part of ``boot-complete.target``) decides:
 healthy, and systemd-bless-boot marks the entry good; unhealthy, and the entry
@@ -197,6 +199,8 @@ class Updater:
                 msg = f"The boot entry of {v} was damaged; it will be installed again."
                 state.record("damaged", msg, self.now())
                 self.say(msg)
+            elif not mine and boot.paused(self.esp(), v):
+                pass  # set aside while its rollout is paused: still staged
             elif not mine or mine[0].exhausted:
                 why = state.bad.get(v) or "it did not come up healthy within its boot tries"
                 state.bad.setdefault(v, why)
@@ -291,6 +295,9 @@ class Updater:
                                f"{state.staged.get('slot', '?')} and waits for its health "
                                "check.", self.host.version)
             if state.staged:
+                held = self._recheck_staged(state)
+                if held is not None:
+                    return held
                 return self._maybe_reboot(state, reboot, ignore_window)
             outcome, client, rel = self._read_offer(state)
             if rel is None or client is None or not apply:
@@ -309,6 +316,76 @@ class Updater:
                 state.record("failed", msg, self.now())
                 raise UpdateError(msg) from e
             return self._maybe_reboot(state, reboot, ignore_window)
+
+    def _recheck_staged(self, state: State) -> Outcome | None:
+        """Whether the repository still offers the staged release; None: it does.
+
+        Withdrawn (or gone from the channel, or no longer the fleet's target): its boot
+        entry is removed and the slot invalidated, so that no reboot boots it. Paused:
+        its entry is set aside until the release is resumed. A repository that cannot
+        be read (or is refused) confirms nothing: the release stays staged, no reboot.
+        """
+        assert state.staged is not None
+        v = state.staged["version"]
+        if self.config.never:
+            return None  # nothing is read from the repository
+        try:
+            doc = self.client(state).channel(self.config.channel)
+        except (RefusedError, TransientError) as e:
+            self._record_repo_error(state, e)
+            raise UpdateError(f"{str(e).rstrip('.')}; {v} stays staged and is not "
+                              "rebooted into until the repository confirms it.") from e
+        entry = doc.find(self.host.image, v)
+        esp = self.esp()
+        if entry is None or entry.state == "withdrawn":
+            where = f"the {self.config.channel} channel"
+            why = (f"it was withdrawn from {where}" if entry is not None
+                   else f"{where} no longer offers it")
+            return self._unstage(state, "withdrawn", why)
+        if self.config.target and self.config.target != v:
+            return self._unstage(state, "unstaged",
+                                 f"the fleet's target is now {self.config.target}")
+        live = [ent for ent in boot.entries(esp) if ent.version == v]
+        if entry.state == "paused":
+            for ent in live:
+                boot.pause(ent)
+            msg = (f"{v} is staged, but its rollout in the {self.config.channel} channel is "
+                   "paused: its boot entry is set aside until it is resumed.")
+            state.record("paused", msg, self.now())
+            self.say(msg)
+            return Outcome("paused", msg, v)
+        for path in boot.paused(esp, v):
+            if live:
+                boot.remove(path)
+            else:
+                boot.resume(path)
+                self.say(f"{v} was resumed; its boot entry is back.")
+        return None
+
+    def _unstage(self, state: State, result: str, why: str) -> Outcome:
+        """Make sure the staged release is never booted: its entry goes, then its slot."""
+        assert state.staged is not None
+        v = state.staged["version"]
+        esp = self.esp()
+        for e in boot.entries(esp):
+            if e.version == v:
+                boot.remove(e.path)
+        for path in boot.paused(esp, v):
+            boot.remove(path)
+        slot = "?"
+        try:
+            lay = self.layout()
+            slot = lay.other.name
+            disk.set_partition(lay.disk, lay.other.data, label=disk.EMPTY)
+            disk.set_partition(lay.disk, lay.other.hash, label=disk.EMPTY)
+        except (UpdateError, OSError) as e:  # the entry is gone: it cannot boot anyway
+            self.say(f"warning: slot {slot} could not be marked empty: {e}")
+        state.staged = None
+        msg = (f"{v} is not booted: {why} after it was staged; its boot entry is removed "
+               f"and slot {slot} invalidated.")
+        state.record(result, msg, self.now())
+        self.say(msg)
+        return Outcome(result, msg, v)
 
     def _maybe_reboot(self, state: State, reboot: bool | None, ignore_window: bool) -> Outcome:
         assert state.staged is not None
