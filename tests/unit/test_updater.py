@@ -633,3 +633,63 @@ def test_a_staged_release_is_not_booted_unconfirmed(world: World) -> None:
         world.updater().run()
     assert not world.reboots and load_state(world.host).last["result"] == "unreachable"
     assert [e.version for e in boot.entries(world.esp)] == [V1, V2]
+
+
+def _v2_payloads(world: World) -> list[Path]:
+    doc = ReleaseDoc.from_json(json.loads(world.repo.read_target(
+        f"releases/vm/{V2}/release.json")))
+    return [world.repo.target_file(p.path) for part in doc.arches["amd64"].parts.values()
+            for p in [part.full, *(d.payload for d in part.deltas.values())]]
+
+
+def test_a_release_that_fails_to_install_three_times_is_given_up(world: World) -> None:
+    world.publish(V2)
+    for f in _v2_payloads(world):  # a bad mirror: every payload of v2 is corrupt
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 1
+        f.write_bytes(bytes(data))
+    for n in (1, 2):
+        with pytest.raises(UpdateError, match="does not match its signed length and hash"):
+            world.updater().run()
+        assert load_state(world.host).install_failures == {V2: n}
+        assert V2 not in load_state(world.host).bad
+    with pytest.raises(UpdateError, match="does not match its signed length and hash"):
+        world.updater().run()
+    st = load_state(world.host)
+    assert st.install_failures == {} and st.bad[V2].startswith(
+        "installing it failed 3 times, the last: ") and "signed length and hash" in st.bad[V2]
+    assert st.last == {"time": st.last["time"], "result": "given-up", "message":
+                       f"{V2} is given up: installing it failed 3 times; it is not tried "
+                       "again."}
+    # From then on it is skipped, not downloaded again every hour.
+    out = world.updater().run()
+    assert out.result == "up-to-date" and "failed on this host before" in out.message
+    actions = [e["action"] for e in AuditLog(world.host.audit_log).entries()]
+    assert actions == ["update.failed", "update.given-up"], actions
+    assert [e.version for e in boot.entries(world.esp)] == [V1] and not world.reboots
+
+
+def test_a_repository_missing_payloads_does_not_count_against_the_release(
+        world: World) -> None:
+    world.publish(V2)
+    kept = {f: f.read_bytes() for f in _v2_payloads(world)}
+    for f in kept:  # a mirror half synced: 404 for the payloads
+        f.unlink()
+    for _ in range(4):
+        with pytest.raises(UpdateError, match="HTTP 404"):
+            world.updater().run()
+    st = load_state(world.host)
+    assert st.last["result"] == "failed" and st.install_failures == {} and V2 not in st.bad
+    # Once the mirror has them, v2 installs.
+    for f, data in kept.items():
+        f.write_bytes(data)
+    assert world.updater().run(reboot=False).result == "staged"
+
+
+def test_a_failed_install_count_ends_when_the_release_installs(world: World) -> None:
+    world.publish(V2)
+    st = load_state(world.host)
+    st.install_failures[V2] = 2
+    save_state(world.host, st)
+    assert world.updater().run(reboot=False).result == "staged"
+    assert load_state(world.host).install_failures == {}

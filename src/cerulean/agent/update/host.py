@@ -149,6 +149,8 @@ class State:
     staged: dict[str, str] | None = None  # version, slot, from, uki_size, uki_sha256
     last: dict[str, str] = field(default_factory=dict)  # {"time", "result", "message"}
     history: list[dict[str, str]] = field(default_factory=list)
+    # version -> installs of it that failed for a reason of the release's (see updater)
+    install_failures: dict[str, int] = field(default_factory=dict)
     recorded: list[dict[str, str]] = field(default_factory=list)  # this run's (not saved)
     # What loading found damaged and how it was recovered (not saved; a run records it).
     repairs: list[str] = field(default_factory=list)
@@ -176,9 +178,13 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], Callable[[], Any]]] = {
                lambda: None),
     "last": (_strings, dict),
     "history": (lambda v: isinstance(v, list) and all(_strings(h) for h in v), list),
+    "install_failures": (lambda v: isinstance(v, dict) and all(
+        is_version(k) and isinstance(n, int) and not isinstance(n, bool) and n > 0
+        for k, n in v.items()), dict),
 }
 WHAT = {"bad": "the failed releases", "staged": "the staged release",
-        "last": "the last result", "history": "the history"}
+        "last": "the last result", "history": "the history",
+        "install_failures": "the count of failed installs"}
 
 
 def _read_state(path: Path) -> tuple[dict[str, Any] | None, str]:
@@ -220,7 +226,8 @@ def load_state(host: Host) -> State:
         else:
             values[name] = empty()
             lost.append(name)
-    state = State(values["bad"], values["staged"], values["last"], values["history"])
+    state = State(values["bad"], values["staged"], values["last"], values["history"],
+                  values["install_failures"])
     main, backup = docs[0][1] or ", ".join(damaged[0]), docs[1][1] or ", ".join(damaged[1])
     if not main and not lost:
         return state  # state.json is whole (a damaged copy is rewritten with it)
@@ -252,7 +259,8 @@ def save_state(host: Host, state: State) -> None:
     damaged file leaves at least one good copy."""
     host.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     data = json.dumps({"bad": state.bad, "staged": state.staged, "last": state.last,
-                       "history": state.history}, indent=2, sort_keys=True).encode() + b"\n"
+                       "history": state.history, "install_failures": state.install_failures},
+                      indent=2, sort_keys=True).encode() + b"\n"
     _write_atomic(host.state_dir / STATE_FILE, data)
     _write_atomic(host.state_dir / BACKUP_FILE, data)
 

@@ -29,6 +29,7 @@ that never reaches the health check (a kernel that does not boot, a corrupt
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import platform
@@ -53,6 +54,7 @@ from cerulean.protocol.window import in_window, next_opening
 
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 CHUNK = 1 << 20
+INSTALL_TRIES = 3  # failed installs of one release before it is given up
 
 
 def _zstd_stream(args: list[str]) -> Iterator[bytes]:
@@ -224,7 +226,7 @@ class Updater:
             "window": self.config.window or "any time", "reboot": self.config.reboot,
             "never": self.config.never, "target": self.config.target or None,
             "hold": self.config.hold, "staged": state.staged, "last": state.last or None,
-            "failed_releases": state.bad,
+            "failed_releases": state.bad, "failed_installs": state.install_failures,
         }
         try:
             lay = self.layout()
@@ -314,7 +316,9 @@ class Updater:
                 msg = str(e) if isinstance(e, UpdateError) else \
                     f"Installing {rel.version} failed: {e.strerror or e}."
                 state.record("failed", msg, self.now())
+                self._count_failure(state, rel.version, e, msg)
                 raise UpdateError(msg) from e
+            state.install_failures.pop(rel.version, None)
             return self._maybe_reboot(state, reboot, ignore_window)
 
     def _recheck_staged(self, state: State) -> Outcome | None:
@@ -386,6 +390,26 @@ class Updater:
         state.record(result, msg, self.now())
         self.say(msg)
         return Outcome(result, msg, v)
+
+    def _count_failure(self, state: State, version: str, e: Exception, msg: str) -> None:
+        """A failed install counts against the release when the release's own bytes or
+        their writing failed (a signed hash that does not match, a payload that does not
+        unpack, a slot that does not read back, an I/O error), not when nothing was
+        wrong with it (an unreachable or too slow repository, a full disk: TransientError,
+        ENOSPC). After INSTALL_TRIES such failures it is given up like a failed boot."""
+        if isinstance(e, TransientError) or (
+                isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return
+        n = state.install_failures.get(version, 0) + 1
+        if n < INSTALL_TRIES:
+            state.install_failures[version] = n
+            return
+        state.install_failures.pop(version, None)
+        state.bad[version] = f"installing it failed {n} times, the last: {msg.rstrip('.')}"
+        text = (f"{version} is given up: installing it failed {n} times; it is not tried "
+                "again.")
+        state.record("given-up", text, self.now())
+        self.say(text)
 
     def _maybe_reboot(self, state: State, reboot: bool | None, ignore_window: bool) -> Outcome:
         assert state.staged is not None
@@ -509,7 +533,7 @@ class Updater:
                 base_path.unlink(missing_ok=True)
                 patch_path.unlink(missing_ok=True)
         if free < 2 * part.full.size + 16 * CHUNK:
-            raise UpdateError(
+            raise TransientError(
                 f"Installing needs {(2 * part.full.size) // CHUNK + 16} MiB free in {work}; "
                 f"there are {free // CHUNK} MiB.")
         full = client.payload(part.full, work / f"{name}.zst")
