@@ -325,3 +325,21 @@ def test_init_again_changes_only_the_settings_given(tmp_path: Path) -> None:
             cfg.cert_hours) == (3, 7, 500, "https://f.example", 12)
     assert cfg.database.startswith("sqlite:///")  # still the default, not a fixed path
     assert 'database = ""' in (data / "fleet.toml").read_text()
+
+
+def test_the_host_page_shows_a_refused_update_run() -> None:
+    from types import SimpleNamespace as NS
+
+    from cerulean.fleet.reports import templates
+
+    last = {"time": "2026-11-26T02:00:00Z", "result": "refused",
+            "message": "The update repository's metadata has expired; refusing it."}
+    h = NS(id="h1", hostname="web-1", group="default", labels={}, arch="x86_64",
+           kernel="6.12", update={"version": "13.20261125.0", "last": last},
+           enrolled_at=datetime.now(UTC), last_seen=None, reports=1, dropped=0,
+           audit_head={}, revoked=False)
+    html = templates().get_template("host.html").render(
+        who=None, h=h, summary=NS(os="Cerulean"), packages=[], alerts=[], latest={},
+        trend={}, rollout=None, rollout_state=None)
+    assert ('<dt>Last update run</dt><dd class="sev-error">refused · 2026-11-26T02:00:00Z: '
+            "The update repository&#39;s metadata has expired; refusing it.</dd>") in html

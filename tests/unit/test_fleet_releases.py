@@ -144,6 +144,8 @@ def test_rotated_roots_are_followed_and_retired_keys_refused(repo: Repository,
                                                              tmp_path: Path) -> None:
     src = source(repo, tmp_path)
     offered(src)
+    stolen = tmp_path / "stolen-targets.pem"  # copied before the rotation destroys it
+    stolen.write_bytes(next(repo.keys.glob("targets-*.pem")).read_bytes())
     repo.rotate_key("targets")
     repo.rotate_key("root")
     publish(repo, "1.20261122.0", ("CVE-2026-4444",))
@@ -155,7 +157,7 @@ def test_rotated_roots_are_followed_and_retired_keys_refused(repo: Repository,
     releases._cache.clear()
     assert [r.version for r in offered(fresh)] == [r.version for r in rel]
     # Targets metadata signed with the retired key is refused.
-    retired = next((repo.keys / "retired").glob("targets-*.pem"))
+    retired = stolen
     md = repo.load("targets")
     md.signed.version += 1
     md.signatures.clear()
@@ -203,7 +205,8 @@ def test_what_the_fleet_cannot_trust_is_one_sentence(repo: Repository, tmp_path:
                        "read: No such file or directory\\.$"):
         offered(Source(str(tmp_path / "elsewhere"), src.root, src.data))
     # The root of another repository: its signatures do not verify this one's.
-    other = Repository.create(tmp_path / "other", tmp_path / "other-keys")
+    other = Repository.create(tmp_path / "other", tmp_path / "other-keys",
+                              root_keys_dir=tmp_path / "other-root-keys")
     with pytest.raises(CeruleanError, match="not signed by the keys the fleet trusts"):
         offered(Source(src.repo, other.meta / "1.root.json", src.data))
 

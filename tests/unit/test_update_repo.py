@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tuf.api.metadata import Metadata, TargetFile
 
-from cerulean.agent.update.client import RepoClient, UpdateError
+from cerulean.agent.update.client import Limits, RepoClient, UpdateError
+from cerulean.agent.update.errors import TransientError
 from cerulean.errors import CeruleanError
 from cerulean.protocol.update import ChannelDoc, ChannelEntry, utc_iso
 from cerulean.release.repo import Repository, key_files, load_signer
@@ -174,3 +181,90 @@ def test_signing_without_the_keys_fails_clearly(repo: Repository, tmp_path: Path
             k.path.unlink()
     with pytest.raises(CeruleanError, match="needs 1 of its keys"):
         repo.refresh()
+
+
+@contextmanager
+def trickling(root: Path, slow: str, delay: float) -> Iterator[str]:
+    """Serve *root*, but send any file whose name ends in *slow* a byte every *delay*
+    seconds: a mirror that is not down, only hopelessly slow."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            path = Path(self.translate_path(self.path))
+            if not path.name.endswith(slow) or not path.is_file():
+                return super().do_GET()
+            data = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for i in range(len(data)):
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(delay)
+            except OSError:
+                pass  # the client gave up
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_trickling_mirror_cannot_hold_a_download_for_ever(repo: Repository,
+                                                            tmp_path: Path) -> None:
+    payload = tmp_path / "usr.erofs.zst"
+    payload.write_bytes(b"erofs" * 2000)
+    target = "releases/vm/13.20261126.0/amd64/usr.erofs.zst"
+    repo.add_targets({target: payload})
+    trusted = tmp_path / "root.json"
+    shutil.copyfile(repo.meta / "1.root.json", trusted)
+    # A byte every 20 ms: 10 000 bytes take 200 s, and no read ever waits 30 s.
+    with trickling(repo.path, "usr.erofs.zst", 0.02) as url:
+        # Each download's own deadline: 1 s plus its length at 1 GB/s.
+        c = RepoClient(url, tmp_path / "a", trusted,
+                       Limits(slack=1.0, min_rate=1e9, read_timeout=30.0))
+        c.refresh()  # the metadata comes at full speed
+        start = time.monotonic()
+        with pytest.raises(UpdateError, match=r"^Downloading [0-9a-f]{64}\.usr\.erofs\.zst "
+                           r"took longer than its deadline of 1 s \(a download must average "
+                           r"976562 KiB/s, with 1 s to spare\); giving up\.$"):
+            c.fetch(target, tmp_path / "dl" / "usr")
+        assert time.monotonic() - start < 3
+        assert not (tmp_path / "dl" / "usr").exists()
+        # The run's deadline, when it comes first.
+        c = RepoClient(url, tmp_path / "b", trusted, Limits(run_budget=1.5))
+        c.refresh()
+        start = time.monotonic()
+        with pytest.raises(UpdateError, match=r"^The downloads of this update run took "
+                           r"longer than 0 minutes together \(stopped at [0-9a-f]{64}\.usr"
+                           r"\.erofs\.zst\); giving up, the next run starts afresh\.$") as e:
+            c.fetch(target, tmp_path / "dl" / "usr")
+        assert isinstance(e.value, TransientError)
+        assert time.monotonic() - start < 3
+        # Once the budget is spent, nothing more is even asked for.
+        with pytest.raises(UpdateError, match="The downloads of this update run"):
+            c.fetch(target, tmp_path / "dl" / "usr")
+
+
+def test_http_errors_are_one_sentence_and_a_missing_root_ends_the_chain(
+        repo: Repository, tmp_path: Path) -> None:
+    repo.save_channel(ChannelDoc("stable"))
+    with serving(repo.path) as url:
+        c = client(tmp_path, url, repo)
+        assert c.channel("stable").entries == []  # 2.root.json: 404, the chain ends there
+        (repo.path / "targets").rename(repo.path / "gone")
+        c = client(tmp_path, url, repo, name="other")
+        with pytest.raises(TransientError, match=r"^Downloading channels/stable\.json from "
+                           r"the update repository failed: HTTP 404 File not found\.$"):
+            c.channel("stable")

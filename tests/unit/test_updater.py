@@ -18,7 +18,7 @@ import pytest
 from cerulean.agent.audit import AuditLog
 from cerulean.agent.update import boot, disk, health
 from cerulean.agent.update.errors import UpdateError
-from cerulean.agent.update.host import Host, load_state
+from cerulean.agent.update.host import Host, load_state, save_state
 from cerulean.agent.update.updater import Updater
 from cerulean.protocol.update import ReleaseDoc, verity_uuids
 from cerulean.protocol.window import DAYS
@@ -411,3 +411,285 @@ def test_the_booted_slot_is_told_without_opening_a_device(tmp_path: Path) -> Non
     with pytest.raises(UpdateError, match="known to udev"):
         disk.booted_slot_name(f"systemd.verity_usr_data=PARTUUID={'c' * 8}-0000-4000-8000-"
                               f"{'0' * 12}", tmp_path)
+
+
+def _staged_with_a_failed_release(world: World) -> Path:
+    """v2 staged (no reboot) and v3 given up before: what state.json must not forget."""
+    world.publish(V2)
+    assert world.updater().run(reboot=False).result == "staged"
+    st = load_state(world.host)
+    st.bad[V3] = "its health check failed: app.service"
+    save_state(world.host, st)
+    path = world.host.state_dir / "state.json"
+    assert json.loads((world.host.state_dir / "state.json.bak").read_bytes()) == \
+        json.loads(path.read_bytes())
+    return path
+
+
+def _recoveries(world: World) -> list[str]:
+    return [e["detail"]["message"] for e in AuditLog(world.host.audit_log).entries()
+            if e["action"] == "update.recovered"]
+
+
+def test_a_torn_state_file_is_recovered_from_its_copy(world: World) -> None:
+    path = _staged_with_a_failed_release(world)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a cut in the middle of a write
+    st = load_state(world.host)  # read-only callers (status, metrics) get the copy
+    assert st.staged is not None and st.staged["version"] == V2 and V3 in st.bad
+    # The next run keeps going with the staged release and the failed one remembered,
+    # says so in the audit trail, and writes both copies whole again.
+    out = world.updater().run(reboot=False)
+    assert out.result == "staged" and out.version == V2
+    assert [m for m in _recoveries(world)] == [
+        f"{path} was not valid JSON (cut short?); recovered it from state.json.bak."]
+    assert json.loads(path.read_bytes())["bad"] == {V3: "its health check failed: app.service"}
+    assert not load_state(world.host).repairs
+    assert AuditLog(world.host.audit_log).verify().ok
+
+
+def test_wrongly_typed_fields_are_taken_from_the_copy(world: World) -> None:
+    path = _staged_with_a_failed_release(world)
+    d = json.loads(path.read_bytes())
+    d["bad"] = [V3]
+    d["staged"] = V2
+    d["history"] = [*d["history"], "staged", 3]
+    path.write_text(json.dumps(d))
+    st = load_state(world.host)
+    assert st.bad == {V3: "its health check failed: app.service"}
+    assert st.staged is not None and st.staged["version"] == V2
+    assert all(isinstance(h, dict) for h in st.history)
+    assert st.repairs == [f"{path} had damaged fields (bad, staged, history); recovered them "
+                          "from state.json.bak."]
+    world.publish(V3)  # v3 is offered, but it failed here before: never again
+    assert world.updater().run(reboot=False).result == "staged"
+    assert [e.version for e in boot.entries(world.esp)] == [V1, V2]
+    assert len(_recoveries(world)) == 1
+
+
+def test_both_copies_damaged_start_afresh_and_keep_the_fallback(world: World) -> None:
+    path = _staged_with_a_failed_release(world)
+    world.boot_into(V2)
+    world.status = "indeterminate"  # v2's first boot, judged by its health check
+    path.write_bytes(b'{"bad": {"13.2026')
+    (path.parent / "state.json.bak").write_text(json.dumps({"bad": [V3], "staged": "B",
+                                                            "last": {}, "history": [1]}))
+    st = load_state(world.host)
+    assert (st.bad, st.staged, st.history) == ({}, None, [])
+    assert not world.updater().network_expected()  # no traceback, no network required
+    # The health check fails: the fallback still marks the boot bad, reboots into v1,
+    # and remembers v2 as failed from then on.
+    out = world.updater().health_failed(["failed units: app.service"])
+    assert out.result == "rebooting" and world.blessed == ["bad"] and world.reboots
+    assert V2 in load_state(world.host).bad
+    msgs = _recoveries(world)
+    assert len(msgs) == 1 and "are both damaged; started afresh without the failed " \
+        "releases, the staged release, the history" in msgs[0], msgs
+    assert "not valid JSON" in msgs[0] and "(bad, staged, history)" in msgs[0]
+
+
+def test_a_refused_repository_is_recorded_for_the_audit_trail_and_the_fleet(
+        world: World) -> None:
+    from datetime import timedelta
+
+    from cerulean.agent.fleetlink import update_state
+
+    # A mirror frozen three days ago: its timestamp has expired since.
+    past = datetime.now(UTC).replace(microsecond=0) - timedelta(days=3)
+    world.repo.save_channel(world.repo.channel("stable"), now=past)
+    for _ in range(2):
+        with pytest.raises(UpdateError, match="metadata has expired") as info:
+            world.updater().run()
+        assert len(str(info.value).splitlines()) == 1
+    st = load_state(world.host)
+    assert st.last["result"] == "refused" and "expired" in st.last["message"]
+    refused = [e for e in AuditLog(world.host.audit_log).entries()
+               if e["action"] == "update.refused"]
+    assert len(refused) == 1 and "expired" in refused[0]["detail"]["message"]  # once
+    report = update_state(world.host.root)
+    assert report["last"]["result"] == "refused" and report["version"] == V1
+    # The fleet takes the report as it is, and refuses one whose update state is not typed.
+    from cerulean.fleet.ingest import BadReport, _update
+
+    assert _update({"update": report})["last"]["result"] == "refused"
+    for bad in ({"last": "refused"}, {"last": {"result": 3}}, {"failed_releases": [V2]},
+                {"staged": {"version": V2}}, {"hold": "yes"}):
+        with pytest.raises(BadReport, match=r"'update\."):
+            _update({"update": bad})
+    # A repository that is merely unreachable is said in the state, not in the audit trail.
+    world.url = "http://127.0.0.1:9"  # discard: nobody listens
+    with pytest.raises(UpdateError, match=r"Downloading the metadata .* failed"):
+        world.updater().run()
+    assert load_state(world.host).last["result"] == "unreachable"
+    assert [e["action"] for e in AuditLog(world.host.audit_log).entries()] == [
+        "update.refused"]
+
+
+def test_the_service_is_stopped_after_the_downloads_deadline_with_room_to_write() -> None:
+    import configparser
+
+    from cerulean.agent.update.client import Limits
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(Path(__file__).resolve().parents[2]
+              / "src/cerulean/agent/units/cerulean-update.service")
+    value = unit["Service"]["TimeoutStartSec"]
+    assert value.endswith("h")
+    budget = Limits().run_budget
+    # The downloads stop first, with one sentence; a stop by systemd is the last resort.
+    assert budget + 20 * 60 <= float(value.removesuffix("h")) * 3600 <= 4 * 3600
+    # ~300 MB of payloads at the slowest rate allowed still fit in one run.
+    assert Limits().slack + 300e6 / Limits().min_rate < budget
+
+
+def test_a_damaged_trusted_root_is_seeded_again_and_the_chain_walked(world: World) -> None:
+    world.repo.rotate_key("root")  # root v2, signed by v1's key and its own
+    world.repo.rotate_key("targets")  # root v3: what v1 trusted for targets is revoked
+    world.publish(V2)
+    assert world.updater().check().result == "available"
+    trusted = world.host.state_dir / "metadata/root.json"
+    assert json.loads(trusted.read_bytes())["signed"]["version"] == 3
+    for n, damage in enumerate((trusted.read_bytes()[:100],  # torn
+                                b'{"signed": {}, "signatures": []}'), start=1):  # not a root
+        trusted.write_bytes(damage)
+        assert world.updater().check().result == "available"
+        assert json.loads(trusted.read_bytes())["signed"]["version"] == 3
+        msgs = [e["detail"]["message"] for e in AuditLog(world.host.audit_log).entries()
+                if e["action"] == "update.recovered"]
+        assert len(msgs) == n
+        assert msgs[-1].startswith(f"The trusted {trusted} was damaged (")
+        assert msgs[-1].endswith(f"it was seeded again from the image's "
+                                 f"{world.host.trusted_root} and the chain of newer roots "
+                                 "is followed again from there."), msgs[-1]
+    # Whole again: nothing more is repaired, and the release installs.
+    assert world.updater().run(reboot=False).result == "staged"
+    assert len([e for e in AuditLog(world.host.audit_log).entries()
+                if e["action"] == "update.recovered"]) == 2
+
+
+@pytest.mark.parametrize("how", ["withdrawn", "removed"])
+def test_a_release_withdrawn_after_it_was_staged_is_not_booted(world: World,
+                                                               how: str) -> None:
+    from cerulean.release.publish import set_state
+
+    world.publish(V2)
+    assert world.updater().run(reboot=False).result == "staged"
+    assert world.slot("B").data.label == "usr-B"
+    if how == "withdrawn":
+        set_state(world.repo, "stable", "vm", V2, "withdrawn")
+        why = "it was withdrawn from the stable channel"
+    else:  # gone from the channel altogether
+        chan = world.repo.channel("stable")
+        chan.entries = [e for e in chan.entries if e.version != V2]
+        world.repo.save_channel(chan)
+        why = "the stable channel no longer offers it"
+    # The maintenance window is open: without the check, this run would reboot into v2.
+    out = world.updater().run()
+    assert out.result == "withdrawn" and not world.reboots
+    assert out.message == (f"{V2} is not booted: {why} after it was staged; its boot entry is "
+                           "removed and slot B invalidated.")
+    assert [e.version for e in boot.entries(world.esp)] == [V1]
+    assert (world.slot("B").data.label, world.slot("B").hash.label) == (disk.EMPTY, disk.EMPTY)
+    st = load_state(world.host)
+    assert st.staged is None and st.last["result"] == "withdrawn" and V2 not in st.bad
+    assert [e["action"] for e in AuditLog(world.host.audit_log).entries()][-1] == \
+        "update.withdrawn"
+    # Nothing newer is offered, and v2 is not installed again.
+    out = world.updater().run()
+    assert out.result == "up-to-date" and not world.reboots
+    assert [e.version for e in boot.entries(world.esp)] == [V1]
+
+
+def test_a_paused_release_stays_staged_unbootable_until_resumed(world: World) -> None:
+    from cerulean.release.publish import set_state
+
+    world.publish(V2)
+    assert world.updater().run(reboot=False).result == "staged"
+    entry = world.esp / "EFI/Linux" / f"cerulean_{V2}+3.efi"
+    set_state(world.repo, "stable", "vm", V2, "paused")
+    for _ in range(2):  # and the next hourly run the same: not given up as failed
+        out = world.updater().run()
+        assert out.result == "paused" and not world.reboots
+        assert "its boot entry is set aside until it is resumed" in out.message
+        # An unplanned reboot now boots v1: the boot loader does not see v2's entry.
+        assert [e.version for e in boot.entries(world.esp)] == [V1]
+        assert boot.paused(world.esp, V2) == [entry.with_name(entry.name + ".paused")]
+        st = load_state(world.host)
+        assert st.staged is not None and st.staged["version"] == V2 and V2 not in st.bad
+    assert [e["action"] for e in AuditLog(world.host.audit_log).entries()].count(
+        "update.paused") == 1
+    set_state(world.repo, "stable", "vm", V2, "active")
+    out = world.updater().run()
+    assert out.result == "rebooting" and world.reboots == ["reboot"]
+    assert entry.read_bytes() == world.content[V2][2] and not boot.paused(world.esp, V2)
+
+
+def test_a_staged_release_is_not_booted_unconfirmed(world: World) -> None:
+    world.publish(V2)
+    assert world.updater().run(reboot=False).result == "staged"
+    world.url = "http://127.0.0.1:9"
+    with pytest.raises(UpdateError, match=f"; {V2} stays staged and is not rebooted into "
+                       "until the repository confirms it.$"):
+        world.updater().run()
+    assert not world.reboots and load_state(world.host).last["result"] == "unreachable"
+    assert [e.version for e in boot.entries(world.esp)] == [V1, V2]
+
+
+def _v2_payloads(world: World) -> list[Path]:
+    doc = ReleaseDoc.from_json(json.loads(world.repo.read_target(
+        f"releases/vm/{V2}/release.json")))
+    return [world.repo.target_file(p.path) for part in doc.arches["amd64"].parts.values()
+            for p in [part.full, *(d.payload for d in part.deltas.values())]]
+
+
+def test_a_release_that_fails_to_install_three_times_is_given_up(world: World) -> None:
+    world.publish(V2)
+    for f in _v2_payloads(world):  # a bad mirror: every payload of v2 is corrupt
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 1
+        f.write_bytes(bytes(data))
+    for n in (1, 2):
+        with pytest.raises(UpdateError, match="does not match its signed length and hash"):
+            world.updater().run()
+        assert load_state(world.host).install_failures == {V2: n}
+        assert V2 not in load_state(world.host).bad
+    with pytest.raises(UpdateError, match="does not match its signed length and hash"):
+        world.updater().run()
+    st = load_state(world.host)
+    assert st.install_failures == {} and st.bad[V2].startswith(
+        "installing it failed 3 times, the last: ") and "signed length and hash" in st.bad[V2]
+    assert st.last == {"time": st.last["time"], "result": "given-up", "message":
+                       f"{V2} is given up: installing it failed 3 times; it is not tried "
+                       "again."}
+    # From then on it is skipped, not downloaded again every hour.
+    out = world.updater().run()
+    assert out.result == "up-to-date" and "failed on this host before" in out.message
+    actions = [e["action"] for e in AuditLog(world.host.audit_log).entries()]
+    assert actions == ["update.failed", "update.given-up"], actions
+    assert [e.version for e in boot.entries(world.esp)] == [V1] and not world.reboots
+
+
+def test_a_repository_missing_payloads_does_not_count_against_the_release(
+        world: World) -> None:
+    world.publish(V2)
+    kept = {f: f.read_bytes() for f in _v2_payloads(world)}
+    for f in kept:  # a mirror half synced: 404 for the payloads
+        f.unlink()
+    for _ in range(4):
+        with pytest.raises(UpdateError, match="HTTP 404"):
+            world.updater().run()
+    st = load_state(world.host)
+    assert st.last["result"] == "failed" and st.install_failures == {} and V2 not in st.bad
+    # Once the mirror has them, v2 installs.
+    for f, data in kept.items():
+        f.write_bytes(data)
+    assert world.updater().run(reboot=False).result == "staged"
+
+
+def test_a_failed_install_count_ends_when_the_release_installs(world: World) -> None:
+    world.publish(V2)
+    st = load_state(world.host)
+    st.install_failures[V2] = 2
+    save_state(world.host, st)
+    assert world.updater().run(reboot=False).result == "staged"
+    assert load_state(world.host).install_failures == {}

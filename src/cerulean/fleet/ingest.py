@@ -73,6 +73,30 @@ def _count(body: dict[str, Any], key: str) -> int:
     return v
 
 
+def _update(body: dict[str, Any]) -> dict[str, Any]:
+    """The updater's state as the host reports it (fleetlink.update_state): the fields a
+    rollout and the host pages read are checked; a frozen or refused repository shows as
+    ``last.result`` (``refused``, ``unreachable``)."""
+    u = _dict(body, "update")
+    for key in ("image", "version", "channel", "target", "staged", "slot"):
+        v = u.get(key)
+        if v is not None and (not isinstance(v, str) or len(v) > 128):
+            raise BadReport(f"'update.{key}' must be a text of at most 128 characters")
+    if "hold" in u and not isinstance(u["hold"], bool):
+        raise BadReport("'update.hold' must be true or false")
+    last = u.get("last")
+    if last is not None and not (isinstance(last, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and len(v) <= 4000
+            for k, v in last.items())):
+        raise BadReport("'update.last' must be an object of texts (time, result, message)")
+    failed = u.get("failed_releases", {})
+    if not (isinstance(failed, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 128 and len(v) <= 4000
+            for k, v in failed.items())):
+        raise BadReport("'update.failed_releases' must map versions to reasons")
+    return u
+
+
 UNNEST_PACKAGES = text(
     "INSERT INTO package (host_id, name, arch, version) SELECT :host, n, a, v FROM "
     "unnest(CAST(:names AS text[]), CAST(:archs AS text[]), CAST(:versions AS text[])) "
@@ -88,7 +112,7 @@ def apply_inventory(s: Session, host: Host, r: Report) -> None:
         raise BadReport("'packages' must be a list of [name, version, architecture]")
     fields = {"hostname": _str(b, "hostname", 253, host.hostname),
               "arch": _str(b, "arch", 16, ""), "kernel": _str(b, "kernel", 128, ""),
-              "os_release": _dict(b, "os_release"), "update": _dict(b, "update"),
+              "os_release": _dict(b, "os_release"), "update": _update(b),
               "cves": _dict(b, "cves")}
     if r.created < host.inventory_at:
         return  # an older inventory than the one shown

@@ -24,6 +24,9 @@ from cerulean.agent.update.errors import UpdateError
 ENTRY = re.compile(
     r"^cerulean_(?P<version>\d+\.\d{8}\.\d+)(?:\+(?P<left>\d+)(?:-(?P<done>\d+))?)?\.efi$")
 PARTIAL_SUFFIX = ".partial"
+# A staged release whose rollout is paused: its entry, under a name the boot loader
+# ignores, until the release is resumed (or withdrawn).
+PAUSED_SUFFIX = ".paused"
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,34 @@ def remove(entry_path: Path) -> None:
 
 
 def clean_partials(esp: Path) -> None:
+    """Remove half-written entries and entries set aside (see :func:`pause`)."""
     d = esp / "EFI/Linux"
-    for p in d.glob("*" + PARTIAL_SUFFIX) if d.is_dir() else []:
-        p.unlink(missing_ok=True)
+    for suffix in (PARTIAL_SUFFIX, PAUSED_SUFFIX):
+        for p in d.glob("*" + suffix) if d.is_dir() else []:
+            p.unlink(missing_ok=True)
+
+
+def paused(esp: Path, version: str) -> list[Path]:
+    """The entries of *version* set aside by :func:`pause`."""
+    d = esp / "EFI/Linux"
+    return [p for p in (sorted(d.glob(f"cerulean_{version}*.efi{PAUSED_SUFFIX}"))
+                        if d.is_dir() else [])
+            if (m := ENTRY.match(p.name.removesuffix(PAUSED_SUFFIX)))
+            and m["version"] == version]
+
+
+def pause(e: Entry) -> Path:
+    """Set *e* aside: the boot loader no longer sees it, its tries are kept in its name."""
+    new = e.path.with_name(e.path.name + PAUSED_SUFFIX)
+    _rename(e.path, new)
+    return new
+
+
+def resume(path: Path) -> Path:
+    """Put an entry set aside by :func:`pause` back in place."""
+    new = path.with_name(path.name.removesuffix(PAUSED_SUFFIX))
+    _rename(path, new)
+    return new
 
 
 def mark_bad(e: Entry) -> Path:

@@ -10,13 +10,22 @@ with one sentence, and the host's trusted metadata stays as it was.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import importlib.util
 import json
+import os
 import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from cerulean.agent.update.errors import UpdateError
+from cerulean.agent.update.errors import RefusedError, TransientError, UpdateError
 from cerulean.protocol.update import (
     ChannelDoc,
     Payload,
@@ -27,7 +36,7 @@ from cerulean.protocol.update import (
 )
 
 if TYPE_CHECKING:
-    from tuf.ngclient import Updater
+    from tuf.ngclient import FetcherInterface, Updater
 
 # python-tuf (and the cryptography it pulls in) is imported only when the repository is
 # read: `cerulean update health` and `status`, which run on every boot, never need it.
@@ -37,28 +46,137 @@ HAVE_TUF = importlib.util.find_spec("tuf") is not None
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How long downloads may take. Every download has a deadline of *slack* seconds
+    plus its length at *min_rate* bytes a second, and all those of one client (one
+    updater run) end at *run_budget* seconds after it was made; a read that brings
+    nothing for *read_timeout* seconds fails at once."""
+
+    read_timeout: float = 30.0
+    min_rate: float = 64 * 1024
+    slack: float = 60.0
+    run_budget: float = 90 * 60.0
+
+
+CHUNK = 1 << 16
+_FETCHER: list[type[FetcherInterface]] = []
+
+
+def _fetcher_class() -> type[FetcherInterface]:
+    """An ngclient fetcher on the standard library with deadlines, made when TUF is loaded.
+
+    ngclient's own fetcher (requests in python-tuf 5, urllib3 from 6) has only a
+    timeout between two reads, and reads its chunks whole: a mirror that sends a
+    byte every few seconds holds it for ever. This one reads what has arrived
+    (``read1``), checks the clock after every read and shortens the socket's
+    timeout to what is left, so a download ends at its deadline. It follows
+    redirects and the ``https_proxy`` variables as urllib does; TLS is checked
+    against the system's CAs (TUF checks the contents in any case).
+    """
+    if _FETCHER:
+        return _FETCHER[0]
+    import tuf
+    from tuf.api import exceptions as tuf_errors
+    from tuf.ngclient.fetcher import FetcherInterface
+
+    class DeadlineFetcher(FetcherInterface):  # type: ignore[misc]
+        def __init__(self, limits: Limits, run_deadline: float) -> None:
+            self.limits, self.run_deadline = limits, run_deadline
+            self.deadline, self.why = run_deadline, ""
+            self.agent = f"cerulean python-tuf/{tuf.__version__}"
+
+        @contextlib.contextmanager
+        def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
+            lim = self.limits
+            own = lim.slack + max_length / lim.min_rate
+            name = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
+            if time.monotonic() + own < self.run_deadline:
+                self.deadline = time.monotonic() + own
+                self.why = (f"Downloading {name} took longer than its deadline of {own:.0f} s "
+                            f"(a download must average {lim.min_rate / 1024:.0f} KiB/s, with "
+                            f"{lim.slack:.0f} s to spare); giving up.")
+            else:
+                self.deadline = self.run_deadline
+                self.why = (f"The downloads of this update run took longer than "
+                            f"{lim.run_budget / 60:.0f} minutes together (stopped at {name}); "
+                            "giving up, the next run starts afresh.")
+            with super().download_file(url, max_length) as f:
+                yield f
+
+        def _left(self) -> float:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                err = tuf_errors.SlowRetrievalError(self.why)
+                err.sentence = self.why
+                raise err
+            return min(left, self.limits.read_timeout)
+
+        def _fetch(self, url: str) -> Iterator[bytes]:
+            req = urllib.request.Request(url, headers={"User-Agent": self.agent})
+            try:
+                resp = urllib.request.urlopen(req, timeout=self._left())
+            except urllib.error.HTTPError as e:
+                e.close()
+                raise tuf_errors.DownloadHTTPError(f"HTTP {e.code} {e.reason}", e.code) from e
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                self._left()  # the deadline, if that is what ended it
+                reason = getattr(e, "reason", None) or e
+                raise tuf_errors.DownloadError(f"{reason}") from e
+            return self._chunks(resp)
+
+        def _chunks(self, resp: Any) -> Iterator[bytes]:
+            sock = getattr(getattr(resp.fp, "raw", None), "_sock", None)
+            with resp:
+                while True:
+                    left = self._left()
+                    if sock is not None:
+                        sock.settimeout(left)
+                    try:
+                        chunk = resp.read1(CHUNK)
+                    except (OSError, http.client.HTTPException) as e:
+                        self._left()
+                        raise tuf_errors.SlowRetrievalError(
+                            f"no data for {left:.0f} s" if isinstance(e, TimeoutError)
+                            else f"{e}") from e
+                    if not chunk:
+                        return
+                    yield chunk
+
+    _FETCHER.append(DeadlineFetcher)
+    return DeadlineFetcher
+
+
 def _explain(e: Exception, what: str) -> UpdateError:
+    """One sentence for what ngclient raised: RefusedError for what TUF refuses (the
+    repository cannot be trusted as it is), TransientError for what did not arrive."""
     from tuf.api import exceptions as tuf_errors
 
     if isinstance(e, UpdateError):
         return e  # already explained (by refresh, say)
     if isinstance(e, tuf_errors.ExpiredMetadataError):
-        return UpdateError(f"The update repository's metadata has expired ({e}); refusing it.")
+        return RefusedError(
+            f"The update repository's metadata has expired ({e}); refusing it.")
     if isinstance(e, tuf_errors.BadVersionNumberError | tuf_errors.EqualVersionNumberError):
-        return UpdateError(
+        return RefusedError(
             f"The update repository offered older metadata than this host already trusts "
             f"(a rollback; {e}); refusing it.")
     if isinstance(e, tuf_errors.UnsignedMetadataError):
-        return UpdateError(
+        return RefusedError(
             f"The update repository's metadata is not signed by the keys this host trusts "
             f"({e}); refusing it.")
-    if isinstance(e, tuf_errors.LengthOrHashMismatchError):
-        return UpdateError(
+    if isinstance(e, tuf_errors.LengthOrHashMismatchError
+                  | tuf_errors.DownloadLengthMismatchError):
+        return RefusedError(
             f"{what} does not match its signed length and hash ({e}); refusing it.")
+    sentence = getattr(e, "sentence", None)  # a deadline (see DeadlineFetcher)
+    if sentence:
+        return TransientError(str(sentence))
     if isinstance(e, tuf_errors.DownloadError):
-        return UpdateError(f"Downloading {what} from the update repository failed: {e}.")
+        return TransientError(f"Downloading {what} from the update repository failed: "
+                              f"{str(e).rstrip('.') or type(e).__name__}.")
     if isinstance(e, tuf_errors.RepositoryError):
-        return UpdateError(f"The update repository is not trustworthy: {e}.")
+        return RefusedError(f"The update repository is not trustworthy: {e}.")
     return UpdateError(f"Reading {what} from the update repository failed: "
                        f"{str(e).rstrip('.')}.")
 
@@ -70,7 +188,9 @@ class RepoClient:
     *state_dir* the first time; after that the newest verified root is used.
     """
 
-    def __init__(self, url: str, state_dir: Path, trusted_root: Path) -> None:
+    def __init__(self, url: str, state_dir: Path, trusted_root: Path,
+                 limits: Limits | None = None,
+                 note: Callable[[str], None] | None = None) -> None:
         if not HAVE_TUF:
             raise UpdateError("Updates need python3-tuf, which is not installed on this host.")
         try:
@@ -88,18 +208,47 @@ class RepoClient:
                     f"This host has no trusted root for updates ({trusted_root} is missing).")
             shutil.copyfile(trusted_root, self.meta_dir / "root.json")
         self._updater: Updater | None = None
+        self.limits = limits or Limits()
+        self.trusted_root = trusted_root
+        self.note = note or (lambda _: None)  # told what was repaired
+        self._fetcher = _fetcher_class()(self.limits, time.monotonic() + self.limits.run_budget)
 
     def refresh(self) -> None:
         """Fetch and verify the top-level metadata (timestamp, snapshot, targets)."""
         from tuf.ngclient import Updater, UpdaterConfig
 
+        def updater() -> Updater:
+            return Updater(str(self.meta_dir), self.url + "metadata/", str(self.download_dir),
+                           self.url + "targets/", fetcher=self._fetcher,
+                           config=UpdaterConfig(app_user_agent="cerulean"))
+
         try:
-            up = Updater(str(self.meta_dir), self.url + "metadata/", str(self.download_dir),
-                         self.url + "targets/", config=UpdaterConfig(app_user_agent="cerulean"))
+            try:
+                up = updater()
+            except Exception as e:  # only the trusted root.json is read here
+                self._reseed(e)
+                up = updater()
             up.refresh()
         except Exception as e:  # ngclient raises many kinds; each becomes one sentence
             raise _explain(e, "the metadata") from e
         self._updater = up
+
+    def _reseed(self, e: Exception) -> None:
+        """The trusted root.json does not load (torn, edited, not signed by its own keys):
+        start again from the image's root; ngclient then walks the chain of newer roots
+        from the repository (N+1.root.json, each signed by the one before)."""
+        root = self.meta_dir / "root.json"
+        if not self.trusted_root.is_file():
+            raise UpdateError(f"The trusted {root} is damaged ({e}) and this host has no "
+                              f"root to start again from ({self.trusted_root} is missing).")
+        tmp = root.with_name(".root.json.tmp")
+        shutil.copyfile(self.trusted_root, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, root)
+        self.note(f"The trusted {root} was damaged ({str(e).rstrip('.') or type(e).__name__}); "
+                  f"it was seeded again from the image's {self.trusted_root} and the chain "
+                  "of newer roots is followed again from there.")
 
     @property
     def updater(self) -> Updater:

@@ -17,7 +17,8 @@ written by the agent; the fleet has the last word). Keys:
     hold        true: start no new update (a fleet rollout is paused or has not
                 reached this host); a staged one still finishes
 
-State lives in ``/var/lib/cerulean/update/state.json`` (shared by both slots);
+State lives in ``/var/lib/cerulean/update/state.json`` (shared by both slots, with
+a copy in ``state.json.bak`` that a damaged field is recovered from);
 every result the updater records also goes into the audit trail
 (:mod:`cerulean.agent.audit`, ``/var/lib/cerulean/audit/audit.jsonl``).
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -147,7 +149,11 @@ class State:
     staged: dict[str, str] | None = None  # version, slot, from, uki_size, uki_sha256
     last: dict[str, str] = field(default_factory=dict)  # {"time", "result", "message"}
     history: list[dict[str, str]] = field(default_factory=list)
+    # version -> installs of it that failed for a reason of the release's (see updater)
+    install_failures: dict[str, int] = field(default_factory=dict)
     recorded: list[dict[str, str]] = field(default_factory=list)  # this run's (not saved)
+    # What loading found damaged and how it was recovered (not saved; a run records it).
+    repairs: list[str] = field(default_factory=list)
 
     def record(self, result: str, message: str, now: datetime | None = None) -> None:
         self.last = {"time": utc_iso(now or datetime.now(UTC)), "result": result,
@@ -156,34 +162,107 @@ class State:
         self.recorded.append(self.last)
 
 
-def load_state(host: Host) -> State:
-    path = host.state_dir / "state.json"
+STATE_FILE = "state.json"
+BACKUP_FILE = "state.json.bak"
+
+
+def _strings(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str)
+                                       for k, x in v.items())
+
+
+# Each field of state.json: whether a value is valid, and its value when there is none.
+FIELDS: dict[str, tuple[Callable[[Any], bool], Callable[[], Any]]] = {
+    "bad": (lambda v: _strings(v) and all(is_version(k) for k in v), dict),
+    "staged": (lambda v: v is None or (_strings(v) and is_version(v.get("version", ""))),
+               lambda: None),
+    "last": (_strings, dict),
+    "history": (lambda v: isinstance(v, list) and all(_strings(h) for h in v), list),
+    "install_failures": (lambda v: isinstance(v, dict) and all(
+        is_version(k) and isinstance(n, int) and not isinstance(n, bool) and n > 0
+        for k, n in v.items()), dict),
+}
+WHAT = {"bad": "the failed releases", "staged": "the staged release",
+        "last": "the last result", "history": "the history",
+        "install_failures": "the count of failed installs"}
+
+
+def _read_state(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """The JSON object in *path* (None: missing or unreadable) and what is wrong with it."""
     try:
         d: Any = json.loads(path.read_bytes())
     except FileNotFoundError:
-        return State()
-    except (OSError, ValueError) as e:
-        raise UpdateError(f"{path} cannot be read ({e}); move it away to start afresh.") from e
+        return None, "missing"
+    except OSError as e:
+        return None, f"unreadable ({e.strerror or e})"
+    except ValueError:
+        return None, "not valid JSON (cut short?)"
     if not isinstance(d, dict):
-        raise UpdateError(f"{path} is not a JSON object; move it away to start afresh.")
-    staged = d.get("staged")
-    return State({str(k): str(v) for k, v in dict(d.get("bad", {})).items()},
-                 staged if isinstance(staged, dict) else None,
-                 dict(d.get("last", {})), list(d.get("history", [])))
+        return None, "not a JSON object"
+    return d, ""
 
 
-def save_state(host: Host, state: State) -> None:
-    host.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = host.state_dir / "state.json"
-    tmp = path.with_name(".state.json.tmp")
-    data = json.dumps({"bad": state.bad, "staged": state.staged, "last": state.last,
-                       "history": state.history}, indent=2, sort_keys=True).encode()
+def load_state(host: Host) -> State:
+    """state.json, checked field by field; what is damaged there comes from its copy
+    state.json.bak, and what is damaged in both starts empty. Never raises: the health
+    check and the fallback it drives must keep working whatever the file holds."""
+    paths = [host.state_dir / STATE_FILE, host.state_dir / BACKUP_FILE]
+    docs = [_read_state(p) for p in paths]
+    if all(why == "missing" for _, why in docs):
+        return State()
+    values: dict[str, Any] = {}
+    damaged: tuple[list[str], list[str]] = ([], [])
+    lost: list[str] = []
+    for name, (valid, empty) in FIELDS.items():
+        for i, (d, _) in enumerate(docs):
+            if d is not None and name not in d:
+                values[name] = empty()  # an older state.json
+                break
+            if d is not None and valid(d[name]):
+                values[name] = d[name]
+                break
+            if d is not None:
+                damaged[i].append(name)
+        else:
+            values[name] = empty()
+            lost.append(name)
+    state = State(values["bad"], values["staged"], values["last"], values["history"],
+                  values["install_failures"])
+    main, backup = docs[0][1] or ", ".join(damaged[0]), docs[1][1] or ", ".join(damaged[1])
+    if not main and not lost:
+        return state  # state.json is whole (a damaged copy is rewritten with it)
+    if not lost and docs[0][0] is None:
+        state.repairs.append(f"{paths[0]} was {main}; recovered it from {paths[1].name}.")
+    elif not lost:
+        state.repairs.append(f"{paths[0]} had damaged fields ({main}); recovered them from "
+                             f"{paths[1].name}.")
+    else:
+        state.repairs.append(
+            f"{paths[0]} ({main}) and {paths[1].name} ({backup or 'damaged'}) are both "
+            f"damaged; started afresh without {', '.join(WHAT[n] for n in lost)} (boot "
+            "counting and the health check's fallback work as before).")
+    return state
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as f:
-        f.write(data + b"\n")
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def save_state(host: Host, state: State) -> None:
+    """state.json, then its copy state.json.bak, each whole or not at all: a cut or a
+    damaged file leaves at least one good copy."""
+    host.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = json.dumps({"bad": state.bad, "staged": state.staged, "last": state.last,
+                       "history": state.history, "install_failures": state.install_failures},
+                      indent=2, sort_keys=True).encode() + b"\n"
+    _write_atomic(host.state_dir / STATE_FILE, data)
+    _write_atomic(host.state_dir / BACKUP_FILE, data)
 
 
 def seed(host: Host) -> float:

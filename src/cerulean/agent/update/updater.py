@@ -14,7 +14,9 @@ boots a good slot:
 5. The UKI is written under a name the boot loader ignores, checked, and
    renamed to ``cerulean_VERSION+TRIES.efi``: from here on the next boot tries
    the new release, and until here it cannot.
-6. Reboot inside the maintenance window, or stay staged.
+6. Reboot inside the maintenance window, or stay staged; before the reboot the
+   channel is read again: a release withdrawn since is unstaged, a paused one
+   waits with its boot entry set aside.
 
 After the reboot the health check (part of ``boot-complete.target``) decides:
 healthy, and systemd-bless-boot marks the entry good; unhealthy, and the entry
@@ -27,6 +29,7 @@ that never reaches the health check (a kernel that does not boot, a corrupt
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import platform
@@ -41,8 +44,8 @@ from typing import Any
 from cerulean.agent import integrity
 from cerulean.agent.audit import AuditLog
 from cerulean.agent.update import boot, disk, health
-from cerulean.agent.update.client import RepoClient
-from cerulean.agent.update.errors import UpdateError
+from cerulean.agent.update.client import Limits, RepoClient
+from cerulean.agent.update.errors import RefusedError, TransientError, UpdateError
 from cerulean.agent.update.host import Config, Host, State, load_config, load_state, save_state
 from cerulean.agent.update.host import seed as host_seed
 from cerulean.errors import CeruleanError
@@ -51,6 +54,7 @@ from cerulean.protocol.window import in_window, next_opening
 
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 CHUNK = 1 << 20
+INSTALL_TRIES = 3  # failed installs of one release before it is given up
 
 
 def _zstd_stream(args: list[str]) -> Iterator[bytes]:
@@ -70,7 +74,12 @@ def _zstd_stream(args: list[str]) -> Iterator[bytes]:
 
 
 # Results that change nothing on the host and are not written to the audit trail.
-QUIET = ("up-to-date", "disabled")
+# A repository that cannot be reached is said in state.json (and so to the fleet), not
+# in the audit trail: an offline host would fill it.
+QUIET = ("up-to-date", "disabled", "unreachable")
+# Results written to the audit trail every time, even when the last one said the same:
+# each is a repair of its own, not a state that lasts.
+EVENTS = ("recovered",)
 
 
 @dataclass
@@ -94,6 +103,7 @@ class Updater:
     bless_cmd: Callable[[str], None] = boot.bless
     reboot_cmd: Callable[[], object] = lambda: subprocess.run(["systemctl", "reboot"],
                                                               check=False)
+    limits: Limits = field(default_factory=Limits)  # how long downloads may take
     config: Config = field(init=False)
     # The last result written to (or already in) the audit trail: (result, message).
     _audited: tuple[str | None, str | None] = field(init=False, default=(None, None))
@@ -117,12 +127,18 @@ class Updater:
         assert self.arch is not None
         return disk.layout(self.disk_path, self.arch, cmdline)
 
-    def client(self) -> RepoClient:
+    def client(self, state: State | None = None) -> RepoClient:
         url = self.url or self.config.url
         if not url:
             raise UpdateError(
                 "No update repository is configured: set url in /etc/cerulean/update.toml.")
-        return RepoClient(url, self.host.state_dir, self.host.trusted_root)
+
+        def note(repair: str) -> None:  # a damaged trusted root.json, seeded again
+            self.say(f"warning: {repair}")
+            if state is not None:
+                state.record("recovered", repair, self.now())
+
+        return RepoClient(url, self.host.state_dir, self.host.trusted_root, self.limits, note)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[State]:
@@ -134,6 +150,9 @@ class Updater:
                 raise UpdateError("Another update run is in progress.") from None
             state = load_state(self.host)
             self._audited = (state.last.get("result"), state.last.get("message"))
+            for repair in state.repairs:  # into the audit trail, and both copies rewritten
+                self.say(f"warning: {repair}")
+                state.record("recovered", repair, self.now())
             try:
                 yield state
             finally:
@@ -147,7 +166,8 @@ class Updater:
         log = AuditLog(self.host.audit_log)
         records, state.recorded = state.recorded, []
         for r in records:
-            if r["result"] in QUIET or (r["result"], r["message"]) == self._audited:
+            if r["result"] in QUIET or (r["result"] not in EVENTS
+                                        and (r["result"], r["message"]) == self._audited):
                 continue
             self._audited = (r["result"], r["message"])
             try:
@@ -181,6 +201,8 @@ class Updater:
                 msg = f"The boot entry of {v} was damaged; it will be installed again."
                 state.record("damaged", msg, self.now())
                 self.say(msg)
+            elif not mine and boot.paused(self.esp(), v):
+                pass  # set aside while its rollout is paused: still staged
             elif not mine or mine[0].exhausted:
                 why = state.bad.get(v) or "it did not come up healthy within its boot tries"
                 state.bad.setdefault(v, why)
@@ -204,7 +226,7 @@ class Updater:
             "window": self.config.window or "any time", "reboot": self.config.reboot,
             "never": self.config.never, "target": self.config.target or None,
             "hold": self.config.hold, "staged": state.staged, "last": state.last or None,
-            "failed_releases": state.bad,
+            "failed_releases": state.bad, "failed_installs": state.install_failures,
         }
         try:
             lay = self.layout()
@@ -225,7 +247,21 @@ class Updater:
         """What the repository offers this host now (changes nothing on disk)."""
         with self.locked() as state:
             self.reconcile(state)
-            return self._offer(state)[0]
+            return self._read_offer(state)[0]
+
+    def _read_offer(self, state: State) -> tuple[Outcome, RepoClient | None,
+                                                  ReleaseDoc | None]:
+        """:meth:`_offer`, with a refused or unreachable repository recorded: the result
+        shows in ``update status``, the next fleet report and (refused) the audit trail."""
+        try:
+            return self._offer(state)
+        except (RefusedError, TransientError) as e:
+            self._record_repo_error(state, e)
+            raise
+
+    def _record_repo_error(self, state: State, e: UpdateError) -> None:
+        result = "refused" if isinstance(e, RefusedError) else "unreachable"
+        state.record(result, str(e), self.now())
 
     def _offer(self, state: State) -> tuple[Outcome, RepoClient | None, ReleaseDoc | None]:
         if self.config.never:
@@ -233,7 +269,7 @@ class Updater:
         if self.config.hold:
             return Outcome("held", "The fleet holds updates for this host: its rollout is "
                            "paused or has not reached it yet."), None, None
-        client = self.client()
+        client = self.client(state)
         current, image = self.host.version, self.host.image
         doc = client.channel(self.config.channel)
         offer = choose(doc, image, current, host_seed(self.host), self.now(),
@@ -261,8 +297,11 @@ class Updater:
                                f"{state.staged.get('slot', '?')} and waits for its health "
                                "check.", self.host.version)
             if state.staged:
+                held = self._recheck_staged(state)
+                if held is not None:
+                    return held
                 return self._maybe_reboot(state, reboot, ignore_window)
-            outcome, client, rel = self._offer(state)
+            outcome, client, rel = self._read_offer(state)
             if rel is None or client is None or not apply:
                 if outcome.result in ("up-to-date", "disabled"):
                     state.record(outcome.result, outcome.message, self.now())
@@ -277,8 +316,100 @@ class Updater:
                 msg = str(e) if isinstance(e, UpdateError) else \
                     f"Installing {rel.version} failed: {e.strerror or e}."
                 state.record("failed", msg, self.now())
+                self._count_failure(state, rel.version, e, msg)
                 raise UpdateError(msg) from e
+            state.install_failures.pop(rel.version, None)
             return self._maybe_reboot(state, reboot, ignore_window)
+
+    def _recheck_staged(self, state: State) -> Outcome | None:
+        """Whether the repository still offers the staged release; None: it does.
+
+        Withdrawn (or gone from the channel, or no longer the fleet's target): its boot
+        entry is removed and the slot invalidated, so that no reboot boots it. Paused:
+        its entry is set aside until the release is resumed. A repository that cannot
+        be read (or is refused) confirms nothing: the release stays staged, no reboot.
+        """
+        assert state.staged is not None
+        v = state.staged["version"]
+        if self.config.never:
+            return None  # nothing is read from the repository
+        try:
+            doc = self.client(state).channel(self.config.channel)
+        except (RefusedError, TransientError) as e:
+            self._record_repo_error(state, e)
+            raise UpdateError(f"{str(e).rstrip('.')}; {v} stays staged and is not "
+                              "rebooted into until the repository confirms it.") from e
+        entry = doc.find(self.host.image, v)
+        esp = self.esp()
+        if entry is None or entry.state == "withdrawn":
+            where = f"the {self.config.channel} channel"
+            why = (f"it was withdrawn from {where}" if entry is not None
+                   else f"{where} no longer offers it")
+            return self._unstage(state, "withdrawn", why)
+        if self.config.target and self.config.target != v:
+            return self._unstage(state, "unstaged",
+                                 f"the fleet's target is now {self.config.target}")
+        live = [ent for ent in boot.entries(esp) if ent.version == v]
+        if entry.state == "paused":
+            for ent in live:
+                boot.pause(ent)
+            msg = (f"{v} is staged, but its rollout in the {self.config.channel} channel is "
+                   "paused: its boot entry is set aside until it is resumed.")
+            state.record("paused", msg, self.now())
+            self.say(msg)
+            return Outcome("paused", msg, v)
+        for path in boot.paused(esp, v):
+            if live:
+                boot.remove(path)
+            else:
+                boot.resume(path)
+                self.say(f"{v} was resumed; its boot entry is back.")
+        return None
+
+    def _unstage(self, state: State, result: str, why: str) -> Outcome:
+        """Make sure the staged release is never booted: its entry goes, then its slot."""
+        assert state.staged is not None
+        v = state.staged["version"]
+        esp = self.esp()
+        for e in boot.entries(esp):
+            if e.version == v:
+                boot.remove(e.path)
+        for path in boot.paused(esp, v):
+            boot.remove(path)
+        slot = "?"
+        try:
+            lay = self.layout()
+            slot = lay.other.name
+            disk.set_partition(lay.disk, lay.other.data, label=disk.EMPTY)
+            disk.set_partition(lay.disk, lay.other.hash, label=disk.EMPTY)
+        except (UpdateError, OSError) as e:  # the entry is gone: it cannot boot anyway
+            self.say(f"warning: slot {slot} could not be marked empty: {e}")
+        state.staged = None
+        msg = (f"{v} is not booted: {why} after it was staged; its boot entry is removed "
+               f"and slot {slot} invalidated.")
+        state.record(result, msg, self.now())
+        self.say(msg)
+        return Outcome(result, msg, v)
+
+    def _count_failure(self, state: State, version: str, e: Exception, msg: str) -> None:
+        """A failed install counts against the release when the release's own bytes or
+        their writing failed (a signed hash that does not match, a payload that does not
+        unpack, a slot that does not read back, an I/O error), not when nothing was
+        wrong with it (an unreachable or too slow repository, a full disk: TransientError,
+        ENOSPC). After INSTALL_TRIES such failures it is given up like a failed boot."""
+        if isinstance(e, TransientError) or (
+                isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            return
+        n = state.install_failures.get(version, 0) + 1
+        if n < INSTALL_TRIES:
+            state.install_failures[version] = n
+            return
+        state.install_failures.pop(version, None)
+        state.bad[version] = f"installing it failed {n} times, the last: {msg.rstrip('.')}"
+        text = (f"{version} is given up: installing it failed {n} times; it is not tried "
+                "again.")
+        state.record("given-up", text, self.now())
+        self.say(text)
 
     def _maybe_reboot(self, state: State, reboot: bool | None, ignore_window: bool) -> Outcome:
         assert state.staged is not None
@@ -402,7 +533,7 @@ class Updater:
                 base_path.unlink(missing_ok=True)
                 patch_path.unlink(missing_ok=True)
         if free < 2 * part.full.size + 16 * CHUNK:
-            raise UpdateError(
+            raise TransientError(
                 f"Installing needs {(2 * part.full.size) // CHUNK + 16} MiB free in {work}; "
                 f"there are {free // CHUNK} MiB.")
         full = client.payload(part.full, work / f"{name}.zst")
