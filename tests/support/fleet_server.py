@@ -103,11 +103,13 @@ def wait_ready(url: str, ctx: ssl.SSLContext, proc: subprocess.Popen[bytes],
 
 
 def launch(tmp_path: Path, *, names: tuple[str, ...] = (), database: str = "",
-           public_url: bool = True, postgres: TempPostgres | None = None) -> Fleet:
+           public_url: bool = True, postgres: TempPostgres | None = None,
+           init_args: tuple[str, ...] = ()) -> Fleet:
     """``fleet init`` in *tmp_path*/fleet, an admin, and the server, answering.
 
     *names* are extra names for the server's certificate (10.0.2.2 for a QEMU guest);
-    *database* is a PostgreSQL URL, or empty for the data directory's SQLite.
+    *database* is a PostgreSQL URL, or empty for the data directory's SQLite;
+    *init_args* go to ``fleet init`` as they are.
     """
     data, port = tmp_path / "fleet", free_port()
     args = ["fleet", "init", "--data", str(data), "--listen", f"127.0.0.1:{port}"]
@@ -117,7 +119,7 @@ def launch(tmp_path: Path, *, names: tuple[str, ...] = (), database: str = "",
         args += ["--name", name]
     if database:
         args += ["--database", database]
-    out = cli(*args)
+    out = cli(*args, *init_args)
     ca_sha256 = next(w for w in out.split() if w.startswith("sha256:"))
     admin = cli("fleet", "user", "add", "root-admin", "--role", "admin", "--data",
                 str(data)).strip()

@@ -268,3 +268,17 @@ def test_fleet_toml_names_the_root_it_trusts(repo: Repository, tmp_path: Path) -
     assert src == Source(str(repo.path), data / "root.json", data)
     assert [r.version for r in offered(src)] == [V2, V1]
     assert cfg.update_root == "root.json"
+
+
+def test_a_host_is_shown_the_cves_its_release_fixes(repo: Repository, tmp_path: Path) -> None:
+    src = source(repo, tmp_path)
+    assert releases.release_cves(src, {"image": "vm", "version": V2}) == [
+        "CVE-2026-2222", "CVE-2026-3333"]
+    assert releases.release_cves(src, {"image": "vm", "version": V1}) == ["CVE-2026-1111"]
+    assert releases.release_cves(src, {"image": "edge", "version": V2}) == []
+    assert releases.release_cves(src, {}) == []
+    assert releases.release_cves(None, {"image": "vm", "version": V2}) == []
+    # A repository that cannot be verified now: nothing is claimed as fixed.
+    (repo.meta / "timestamp.json").write_text("{}")
+    releases._cache.clear()
+    assert releases.release_cves(src, {"image": "vm", "version": V2}) == []

@@ -274,7 +274,8 @@ def create_app(state: FleetState) -> FastAPI:
         base = queries.summaries(s, [h])[0]
         return sc.HostDetail(**base.model_dump(), machine_id=h.machine_id, kernel=h.kernel,
                              os_release=h.os_release, update=h.update, metrics=h.metrics,
-                             reports=h.reports, dropped=h.dropped, audit_head=h.audit_head)
+                             reports=h.reports, dropped=h.dropped, audit_head=h.audit_head,
+                             release_cves=releases.release_cves(state.update_repo, h.update))
 
     @app.get(f"{API}/hosts/{{host_id}}/packages", tags=["inventory"])
     def host_packages(host_id: str, s: Db, _p: Auditor) -> list[sc.PackageOut]:

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 from tuf.api import exceptions as tx
@@ -335,3 +335,17 @@ def check_target(src: Source, channel: str, target: str) -> None:
         have = ", ".join(dict.fromkeys(versions[:5])) or "none"
         raise Invalid(f"Release {target} is not in the {channel} channel of the update "
                       f"repository (newest there: {have}).")
+
+
+def release_cves(source: Source | None, update: dict[str, Any]) -> list[str]:
+    """The CVEs the release a host runs fixes (its ``update`` as reported), from the
+    verified repository; empty when the fleet has no repository, the repository cannot
+    be verified now, or the release is not in it."""
+    if source is None or not isinstance(update, dict):
+        return []
+    image, version = update.get("image"), update.get("version")
+    try:
+        found = [r for r in offered(source) if (r.image, r.version) == (image, version)]
+    except CeruleanError:
+        return []
+    return sorted({c for r in found for c in r.cves})

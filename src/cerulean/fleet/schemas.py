@@ -81,6 +81,7 @@ class HostDetail(HostSummary):
     reports: int
     dropped: int
     audit_head: dict[str, Any]
+    release_cves: list[str] = []  # the CVEs the release it runs fixes (update repository)
 
 
 class PackageOut(BaseModel):

@@ -231,7 +231,8 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
         state = rollouts.host_state(ro, h, datetime.now(UTC)) if ro else None
         return page(request, "host.html", who, h=h, summary=queries.summaries(s, [h])[0],
                     packages=pkgs, alerts=alerts, latest=latest,
-                    trend=_trend(results), rollout=ro, rollout_state=state)
+                    trend=_trend(results), rollout=ro, rollout_state=state,
+                    release_cves=releases.release_cves(update_repo, h.update))
 
     @r.get("/rollouts")
     def rollouts_page(request: Request, s: Db, who: Viewer, error: str = "") -> HTMLResponse:
