@@ -17,7 +17,7 @@ DEMO_ARGS ?=
 DEMO_MINUTES := 15
 
 .PHONY: demo test check test-clock-ahead setup apt venv lint bench bench-system bench-boot \
-	bench-stress bench-update bench-agent bench-fleet \
+	bench-stress bench-update bench-publisher bench-agent bench-fleet \
 	compare-openscap clean
 
 # The archive moves on (security updates, point releases): the demo locks copies of the
@@ -103,6 +103,10 @@ bench-stress: setup
 
 bench-update: setup
 	$(BIN)/python benchmarks/update_bench.py
+
+# A new trixie-security InRelease (a local stand-in) to a signed release on stable.
+bench-publisher: setup
+	$(BIN)/python benchmarks/publisher_bench.py $(PUBLISHER_BENCH_ARGS)
 
 # AIDE is the reference for the integrity scan; only this benchmark needs it.
 bench-agent: setup

@@ -23,9 +23,11 @@ def project_root() -> Path:
 # else runs after the tracks, on whichever worker is free.
 TRACKS: dict[str, tuple[str, ...]] = {
     # arm64: package scripts under emulation, the slowest composition; then the vm's
-    # boot with the checks inside it, the integration tests and the disk formats.
+    # boot with the checks inside it, the publisher's whole loop on a vm (its tree and
+    # initrd come from the build before), the integration tests and the disk formats.
     "track-1": ("test_updates.py::test_host_updates_itself_and_falls_back_from_a_broken_"
                 "release[arm64]", "test_system_images.py::test_inside_the_booted_vm",
+                "tests/vm/test_publisher_loop.py",
                 "tests/vm/test_testbed_boot.py", "tests/integration/",
                 "test_system_images.py::test_disk_formats"),
     # amd64 updates: scenarios (a), (d) power cuts, (e) and (c) on one host; then the

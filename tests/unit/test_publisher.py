@@ -93,20 +93,33 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Pat
         version = f"13.20261201.{len(f.builds)}"
         f.builds.append(version)
         (out / "vm").mkdir(parents=True, exist_ok=True)
-        d = release_dir(out / "vm", version, version.encode() * 2000, b"v" * 4096, b"k" * 512)
+        (out / "vm" / "src").mkdir(parents=True, exist_ok=True)
+        made = release_dir(out / "vm" / "src", version, version.encode() * 2000, b"v" * 4096,
+                           b"k" * 512)
+        d = made.rename(out / "vm" / version)  # where release build puts it
+        (d / "packages.json").write_text(json.dumps(
+            {"amd64": {"less": {"version": defn.lock_path.read_text()}}}))
         from cerulean.release.publish import read_release_dir
 
         return Built(d, read_release_dir(d))
 
     monkeypatch.setattr(fetch, "get_bytes", get_bytes)
     monkeypatch.setattr(plan, "refresh_security", refresh_security)
-    monkeypatch.setattr(plan, "read_lock", lambda _p: _FakeLock())
-    monkeypatch.setattr("cerulean.debian.lock.read_lock", lambda _p: _FakeLock())
+    monkeypatch.setattr(plan, "read_lock", _FakeLock)
+    monkeypatch.setattr("cerulean.debian.lock.read_lock", _FakeLock)
     monkeypatch.setattr(build, "build_release", build_release)
     yield config, f
 
 
 class _FakeLock:
+    """A lock whose one package's version is the lock file's text."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        from types import SimpleNamespace
+
+        text = path.read_text() if path is not None and path.exists() else ""
+        self.packages = {"amd64": [SimpleNamespace(name="less", version=text)]}
+
     def snapshot_date(self, suite: str) -> datetime:
         return datetime(2026, 12, 1, 6, 0, tzinfo=UTC)
 
@@ -164,7 +177,7 @@ def test_a_restart_after_the_build_does_not_build_again(world: tuple[Path, Fakes
     monkeypatch.setattr("cerulean.debian.fetch.get_bytes", lambda *_a, **_k: f.inrelease)
     monkeypatch.setattr("cerulean.build.plan.refresh_security",
                         lambda *_a, **_k: type("S", (), {"changes": {}})())
-    monkeypatch.setattr("cerulean.debian.lock.read_lock", lambda _p: _FakeLock())
+    monkeypatch.setattr("cerulean.debian.lock.read_lock", _FakeLock)
     out = publisher(config).run_once()
     assert out.published == ["vm 13.20261201.0 stable", "vm 13.20261201.0 preview"]
     assert f.builds == ["13.20261201.0"]  # the complete build was found and used
@@ -300,3 +313,79 @@ def test_install_writes_the_unit_and_an_example(tmp_path: Path,
     assert "@" not in unit.replace("@EXEC@", "")
     assert "ReadWritePaths=-/srv/cerulean/repo -/var/lib/cerulean-publisher " in unit
     assert pub.load_config(config).images[0].channels == {"stable": "default", "preview": "now"}
+
+
+def test_a_frozen_mirror_is_an_error_not_silence(world: tuple[Path, Fakes]) -> None:
+    config, f = world
+    f.inrelease = (b"-----BEGIN PGP SIGNED MESSAGE-----\n\nOrigin: Debian\n"
+                   b"Valid-Until: Sat, 01 Nov 2025 00:00:00 UTC\n")
+    p = publisher(config)
+    out = p.run_once()
+    assert any("expired on 2025-11-01 00:00 UTC: the mirror seems frozen" in e
+               for e in out.errors), out.errors
+    assert p.state.last_success == "" and p.state.images["vm"].failures == 1
+
+
+def test_a_trickling_mirror_is_given_up_at_the_deadline() -> None:
+    import socket
+    import threading
+    import time as _time
+
+    from cerulean.debian.fetch import client, get_bytes
+    from cerulean.errors import NetworkError
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def trickle() -> None:
+        conn, _ = srv.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        try:
+            for _ in range(400):
+                conn.sendall(b"x")
+                _time.sleep(0.02)
+        except OSError:
+            pass
+        conn.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    began = _time.monotonic()
+    with client() as http, pytest.raises(NetworkError, match="took longer than 1 s"):
+        get_bytes(http, f"http://127.0.0.1:{srv.getsockname()[1]}/InRelease", "InRelease",
+                  deadline=1.0)
+    assert _time.monotonic() - began < 3
+    srv.close()
+
+
+def test_two_publishers_on_one_work_directory(world: tuple[Path, Fakes]) -> None:
+    config, _f = world
+    a, b = publisher(config), publisher(config)
+    with a.only_one(), pytest.raises(CeruleanError, match="Another publisher runs"), \
+            b.only_one():
+        pass
+
+
+def test_a_state_with_a_bad_time_is_damage(world: tuple[Path, Fakes]) -> None:
+    config, _f = world
+    publisher(config).run_once()
+    state = config.parent / "work" / "state.json"
+    d = json.loads(state.read_bytes())
+    d["images"]["vm"]["retry_at"] = "later"
+    state.write_text(json.dumps(d))
+    p = publisher(config)  # recovered from the copy, no traceback
+    assert p.state.images["vm"].retry_at == "" and "publisher.state-recovered" in actions(config)
+
+
+def test_a_lost_state_does_not_lose_a_fix_already_in_the_lock(world: tuple[Path, Fakes]
+                                                              ) -> None:
+    config, f = world
+    publisher(config).run_once()
+    # The lock moves (a fix), then the state and its copy are lost before the release.
+    f.lock_text = "lock 2"
+    (config.parent / "images" / "vm.lock").write_text("lock 2")
+    for name in ("state.json", "state.json.bak"):
+        (config.parent / "work" / name).unlink()
+    out = publisher(config).run_once()
+    assert out.published == ["vm 13.20261201.1 stable", "vm 13.20261201.1 preview"], out

@@ -120,11 +120,31 @@ def test_rotation_keeps_the_threshold_and_can_archive_outside_the_repository(
     assert root.roles["snapshot"].keyids != [old.keyid]
     with pytest.raises(CeruleanError, match="names no snapshot key"):
         repo.rotate_key("snapshot", "ffff")
+    # An archive that is a key directory, or lies in one, or is a file: refused up front.
+    for bad in (repo.root_keys, repo.keys / "old", tmp_path / "afile"):
+        (tmp_path / "afile").write_text("x")
+        with pytest.raises(CeruleanError, match=r"apart from the key directory|cannot be "
+                                                r"made|not a writable directory"):
+            repo.rotate_key("root", archive=bad)
+    assert repo.root_version() == 2 and repo.stray_keys() == []
+    # A ceremony cut short after root was written leaves the retired key: status says so.
+    retired = next(k for k in key_files(repo.root_keys))
+    keep = retired.path.read_bytes()
+    repo.rotate_key("root", retired.keyid)
+    retired.path.write_bytes(keep)
+    assert [k.keyid for k in repo.stray_keys()] == [retired.keyid]
 
 
 def test_threshold_and_added_keys(repo: Repository, tmp_path: Path) -> None:
     with pytest.raises(CeruleanError, match="between 1 and its number of keys"):
         repo.set_threshold("root", 4)
+    # One signature for root: refused unless asked for in so many words.
+    with pytest.raises(CeruleanError, match=r"at least 2 .*--one-root-signature"):
+        repo.set_threshold("root", 1)
+    with pytest.raises(CeruleanError, match="at least 2"):
+        Repository.create(tmp_path / "r1", tmp_path / "k1", root_keys=1, root_threshold=1)
+    Repository.create(tmp_path / "r2", tmp_path / "k2", root_keys_dir=tmp_path / "rk2",
+                      root_keys=1, root_threshold=1, one_root_signature=True)
     assert repo.root_version() == 1
     repo.set_threshold("root", 3, add_keys=2)
     root = repo.load("root").signed
@@ -196,6 +216,11 @@ def test_key_files_are_sealed_with_a_passphrase_from_the_environment_or_a_creden
     monkeypatch.setenv("CERULEAN_KEYS_PASSPHRASE", "")
     with pytest.raises(CeruleanError, match="is empty"):
         repo.refresh()
+    # A new key among sealed ones is sealed too, or not made at all.
+    monkeypatch.delenv("CERULEAN_KEYS_PASSPHRASE")
+    with pytest.raises(CeruleanError, match="would not be"):
+        repo.rotate_key("targets")
+    assert repo.root_version() == 2
 
 
 def test_keys_are_never_written_under_the_served_repository(tmp_path: Path) -> None:
@@ -224,6 +249,22 @@ def test_a_directory_holding_keys_is_not_served(repo: Repository, tmp_path: Path
     with pytest.raises(CeruleanError, match="holds private keys"), serving(repo.path):
         pass
     (repo.path / "targets" / "backup.key").unlink()
+    # Links count as the server follows them: a directory of keys, a key under a
+    # harmless name.
+    for link, to in ((repo.path / "keys", repo.keys), (repo.path / "notes.txt", k.path)):
+        link.symlink_to(to)
+        with pytest.raises(CeruleanError, match="holds private keys"), serving(repo.path):
+            pass
+        link.unlink()
+    # A link out of the tree is not followed by the server, nor is a directory listed.
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not for you")
+    (repo.path / "out.txt").symlink_to(outside)
+    with serving(repo.path) as url:
+        for path in ("/out.txt", "/metadata/"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(url + path)
+            assert e.value.code == 404, path
     shutil.copyfile(k.path, repo.path / "metadata" / k.path.name)
     assert main(["release", "serve", "--repo", str(repo.path), "--port", "0"]) == 1
 

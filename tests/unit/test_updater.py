@@ -308,6 +308,11 @@ def test_nothing_happens_from_an_unblessed_boot_or_when_switched_off(world: Worl
     out = world.updater().run()
     assert out.result == "staged" and f"window opens at {day} 02:00" in out.message, out.message
     assert not world.reboots
+    # Switched off while a release is staged, with the window open: no reboot into it.
+    conf.write_text("never = true\n")
+    out = world.updater().run(ignore_window=True)
+    assert (out.result, world.reboots) == ("disabled", []), out.message
+    assert "stays staged and is not rebooted into" in out.message
     conf.write_text("chanel = \"lts\"\n")
     with pytest.raises(UpdateError, match="unknown key 'chanel'"):
         world.updater()
@@ -465,6 +470,19 @@ def test_wrongly_typed_fields_are_taken_from_the_copy(world: World) -> None:
     assert world.updater().run(reboot=False).result == "staged"
     assert [e.version for e in boot.entries(world.esp)] == [V1, V2]
     assert len(_recoveries(world)) == 1
+
+
+def test_fields_missing_from_one_copy_come_from_the_other(world: World) -> None:
+    path = _staged_with_a_failed_release(world)
+    d = json.loads(path.read_bytes())
+    path.write_text("{}")  # every field gone: not an older file, the copy has them
+    st = load_state(world.host)
+    assert st.bad == d["bad"] and st.staged == d["staged"] and st.repairs
+    # A staged release whose numbers are not numbers is damage too, not a traceback.
+    path.write_text(json.dumps({**d, "staged": {**d["staged"], "uki_size": "12k"}}))
+    st = load_state(world.host)
+    assert st.staged == d["staged"] and "staged" in st.repairs[0]
+    assert world.updater().run(reboot=False).result == "staged"
 
 
 def test_both_copies_damaged_start_afresh_and_keep_the_fallback(world: World) -> None:

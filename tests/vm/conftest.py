@@ -4,7 +4,8 @@ Definitions are copied into a temporary directory and locked afresh (the
 archive moves on; committed locks may name versions it has dropped). The
 cache is the run's own, as on a fresh CI machine; with pytest-xdist the workers
 share it (downloads, the tools tree, composed trees, initrds), and a worker that
-needs a tree another is composing waits for it.
+needs a tree another is composing waits for it. CERULEAN_VM_CACHE names a cache
+to use instead (a warm one, to try one test by hand).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def vm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (work / "images").mkdir()
     for p in (ROOT / "images").glob("*.toml"):
         shutil.copy(p, work / "images" / p.name)
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if os.environ.get("CERULEAN_VM_CACHE"):
+        cache = Path(os.environ["CERULEAN_VM_CACHE"])
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
         # The workers' base directories are popen-gwN inside this run's own directory.
         cache = tmp_path_factory.getbasetemp().parent / "vm-cache"
         cache.mkdir(exist_ok=True)

@@ -106,7 +106,8 @@ def run_run(args: argparse.Namespace) -> int:
 
 def run_once(args: argparse.Namespace) -> int:
     pub = _publisher(args, verbose=not args.json)
-    out = pub.run_once(force=args.force)
+    with pub.only_one():
+        out = pub.run_once(force=args.force)
     if args.json:
         print(json.dumps(vars(out), indent=2))
     elif not (out.published or out.errors or out.refreshed):

@@ -74,6 +74,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="number of root keys (default 3)")
     a.add_argument("--root-threshold", type=int, default=2,
                    help="root signatures needed to change root (default 2)")
+    a.add_argument("--one-root-signature", action="store_true",
+                   help="allow a root threshold of 1 (one stolen root key then forks hosts)")
     a.set_defaults(func=run_init)
 
     a = rs.add_parser("build", help="build the next release of a system image",
@@ -195,6 +197,8 @@ def _register_root(rs: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     a.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
     a.add_argument("threshold", type=int)
     a.add_argument("--add-keys", type=int, default=0, help="new keys to add to the role first")
+    a.add_argument("--one-root-signature", action="store_true",
+                   help="allow a root threshold of 1 (one stolen root key then forks hosts)")
     _repo_args(a, root=True)
     a.set_defaults(func=run_root, action="threshold")
 
@@ -216,7 +220,8 @@ def run_init(args: argparse.Namespace) -> int:
     from cerulean.release.repo import Repository
 
     repo = Repository.create(args.repo, args.keys, root_keys_dir=args.root_keys,
-                             root_keys=args.root_key_count, root_threshold=args.root_threshold)
+                             root_keys=args.root_key_count, root_threshold=args.root_threshold,
+                             one_root_signature=args.one_root_signature)
     print(f"Created the update repository {repo.path}.")
     print(f"Online keys (targets, snapshot, timestamp): {repo.keys}"
           f"{'' if passphrase('online') else ' (not sealed with a passphrase)'}.")
@@ -224,7 +229,8 @@ def run_init(args: argparse.Namespace) -> int:
           f"{repo.root_keys}{'' if passphrase('root') else ' (not sealed with a passphrase)'}.")
     print("  Move the root keys to removable media and off this host; bring them back only "
           "for a root ceremony (cerulean release root --help).")
-    print(f"Images trust it through {repo.meta / '1.root.json'}: set [update] root to it.")
+    print(f"Images trust it through {repo.meta / 'root.json'}, its newest root: set "
+          "[update] root to it, so that every build ships the newest root.")
     return 0
 
 
@@ -377,6 +383,10 @@ def run_root_status(args: argparse.Namespace) -> int:
         ids = ", ".join(f"{k['id'][:16]}{'' if k['here'] else ' (not here)'}"
                         for k in r["keys"])
         print(f"  {role}: {r['threshold']} of {len(r['keys'])}: {ids}")
+    stray = repo.stray_keys()
+    for k in stray:
+        print(f"  {k.path} is a {k.role} key the root no longer names: retired but not "
+              "destroyed. Destroy it (shred) or archive it away from this medium.")
     warning = root_expiry_warning(repo)
     if warning:
         print(warning)
@@ -392,7 +402,8 @@ def run_root(args: argparse.Namespace) -> int:
     elif args.action == "rotate":
         done = repo.rotate_key(args.role, args.key, archive=args.archive)
     else:
-        done = repo.set_threshold(args.role, args.threshold, add_keys=args.add_keys)
+        done = repo.set_threshold(args.role, args.threshold, add_keys=args.add_keys,
+                                  one_root_signature=args.one_root_signature)
     for line in done:
         print(line[0].upper() + line[1:] + ".")
     return 0

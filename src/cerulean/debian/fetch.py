@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 RETRIES = 4
 USER_AGENT = f"cerulean/{__version__}"
+# A small document (an InRelease file) is at most this big and comes within this
+# time, retries included: a mirror that trickles must not hold anyone for ever.
+SMALL_LIMIT = 16 << 20
+SMALL_DEADLINE = 300.0
 
 
 @dataclass(frozen=True)
@@ -59,26 +63,40 @@ def _transient(status: int) -> bool:
     return status in (408, 429) or status >= 500
 
 
-def get_bytes(http: httpx.Client, url: str, what: str, *, missing_ok: bool = False) -> bytes | None:
-    """GET a small document (such as InRelease) with retries."""
+def get_bytes(http: httpx.Client, url: str, what: str, *, missing_ok: bool = False,
+              limit: int = SMALL_LIMIT, deadline: float = SMALL_DEADLINE) -> bytes | None:
+    """GET a small document (such as InRelease) with retries, at most *limit* bytes and
+    *deadline* seconds in all."""
     import httpx
 
+    end = time.monotonic() + deadline
+    too_slow = NetworkError(f"Downloading {what} from {url} took longer than {deadline:.0f} s; "
+                            "the mirror is too slow or stalled.")
     delay = 0.5
     for attempt in range(1, RETRIES + 1):
         try:
-            r = http.get(url)
+            with http.stream("GET", url) as r:
+                if r.status_code == 200:
+                    buf = bytearray()
+                    for chunk in r.iter_bytes():
+                        buf += chunk
+                        if len(buf) > limit:
+                            raise NetworkError(f"{what} from {url} is larger than "
+                                               f"{limit >> 20} MiB; refusing it.")
+                        if time.monotonic() > end:
+                            raise too_slow
+                    return bytes(buf)
+                status = r.status_code
         except httpx.TransportError as e:
-            if attempt == RETRIES:
+            if attempt == RETRIES or time.monotonic() > end:
                 raise NetworkError(f"Could not download {what} from {url}: {e}.") from None
         else:
-            if r.status_code == 200:
-                return r.content
-            if r.status_code == 404 and missing_ok:
+            if status == 404 and missing_ok:
                 return None
-            if not _transient(r.status_code) or attempt == RETRIES:
-                raise NetworkError(
-                    f"Could not download {what}: {url} answered HTTP {r.status_code}."
-                )
+            if not _transient(status) or attempt == RETRIES:
+                raise NetworkError(f"Could not download {what}: {url} answered HTTP {status}.")
+        if time.monotonic() + delay > end:
+            raise too_slow
         time.sleep(delay)
         delay *= 2
     raise AssertionError("unreachable")

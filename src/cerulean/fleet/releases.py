@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 from tuf.api import exceptions as tx
 from tuf.api.metadata import Metadata, Root
-from tuf.ngclient import FetcherInterface, RequestsFetcher, Updater, UpdaterConfig
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from cerulean.errors import CeruleanError
 from cerulean.protocol.update import (
@@ -50,6 +50,7 @@ from cerulean.protocol.update import (
 
 RECHECK = 60.0  # seconds a verified result is used without asking the repository again
 HTTP_TIMEOUT = 10  # seconds without a byte before a download from an http(s) repository fails
+HTTP_BUDGET = 60.0  # seconds for all the downloads of one verification of an http(s) repository
 CHUNK = 1 << 16
 
 
@@ -211,11 +212,16 @@ def _flock(path: Path) -> Iterator[None]:
 def _updater(src: Source, trusted: Path) -> Updater:
     config = UpdaterConfig(app_user_agent="cerulean-fleet")
     if src.is_url:
+        # The host's fetcher, with a deadline for every file and for the whole read: a
+        # repository that trickles must not hold the releases page (and the lock every
+        # other request waits on) for ever.
+        from cerulean.agent.update.client import Limits, _fetcher_class
+
         base = src.repo.rstrip("/") + "/"
+        limits = Limits(read_timeout=HTTP_TIMEOUT, slack=HTTP_TIMEOUT, run_budget=HTTP_BUDGET)
+        fetcher = _fetcher_class()(limits, time.monotonic() + limits.run_budget)
         return Updater(str(trusted), base + "metadata/", None, base + "targets/",
-                       fetcher=RequestsFetcher(socket_timeout=HTTP_TIMEOUT,
-                                               app_user_agent="cerulean-fleet"),
-                       config=config)
+                       fetcher=fetcher, config=config)
     repo = Path(src.repo).resolve()
     return Updater(str(trusted), repo.joinpath("metadata").as_uri() + "/", None,
                    repo.joinpath("targets").as_uri() + "/", fetcher=DirectoryFetcher(repo),

@@ -105,6 +105,13 @@ def generate_key(keys_dir: Path, role: str) -> tuple[SSlibKey, CryptoSigner]:
     private = ed25519.Ed25519PrivateKey.generate()
     public = SSlibKey.from_crypto(private.public_key())
     secret = passphrase(kind_of(role))
+    if secret is None and any(b"ENCRYPTED PRIVATE KEY" in k.path.read_bytes()
+                              for k in key_files(keys_dir)):
+        kind = kind_of(role)
+        raise CeruleanError(
+            f"The keys in {keys_dir} are sealed with a passphrase, and a new {role} key would "
+            f"not be: give the passphrase in {PASSPHRASE_ENV[kind]} or the systemd "
+            f"credential {PASSPHRASE_CREDENTIAL[kind]}.")
     sealing: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(secret) if secret
         else serialization.NoEncryption())
@@ -182,23 +189,31 @@ def retire(k: KeyFile, archive: Path | None, repo: Path) -> str:
 
 
 def _walk(top: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+    """Every file under *top*, following links to directories (a served tree's links are
+    followed by the server too), each real directory once."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         for name in sorted(filenames):
             yield Path(dirpath) / name
 
 
 def keys_under(top: Path) -> list[Path]:
-    """Private keys anywhere under *top*: files named like key files, and small PEM files
-    that hold a private key (a directory about to be served must have none)."""
+    """Private keys anywhere under *top*, links followed: files named like key files, and
+    files that begin with a PEM private key (a directory about to be served must have
+    none). A tree too big to look through whole counts as holding keys."""
     found = []
     for n, p in enumerate(_walk(top)):
         if n >= _KEY_SCAN_FILES:
+            found.append(top / f"(more than {_KEY_SCAN_FILES} files: not all were checked)")
             break
         if KEY_NAME.fullmatch(p.name):
             found.append(p)
-            continue
-        if not p.name.endswith((".pem", ".key")) or p.is_symlink():
             continue
         try:
             with p.open("rb") as f:

@@ -36,6 +36,7 @@ date) to its publication, metadata expiry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -43,7 +44,7 @@ import shutil
 import threading
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -62,6 +63,28 @@ RETRY_MAX = 6 * 3600
 TIMESTAMP_MARGIN = timedelta(hours=12)  # re-sign when the timestamp expires sooner
 KEEP_BUILDS = 3  # release directories kept per image (the newest ones)
 INRELEASE_MAX = 8 << 20
+WATCH_DEADLINE = 120.0  # to fetch one InRelease, retries included
+SIGN_EVERY = 300.0  # the re-signing thread's period, whatever a round is doing
+
+
+def _expired(inrelease: bytes, now: datetime) -> str:
+    """What is wrong with an (unverified) InRelease's Valid-Until, or "".
+
+    Only an alarm: the signature is checked when the lock is refreshed."""
+    from email.utils import parsedate_to_datetime
+
+    for line in inrelease[:1 << 16].decode("utf-8", "replace").splitlines():
+        if line.startswith("Valid-Until:"):
+            try:
+                until = parsedate_to_datetime(line.partition(":")[2].strip())
+            except (TypeError, ValueError):
+                return "has an unreadable Valid-Until"
+            if until.tzinfo is None:
+                until = until.replace(tzinfo=UTC)
+            if until < now:
+                return f"expired on {until:%Y-%m-%d %H:%M} UTC"
+            return ""
+    return ""
 
 
 class ConfigError(CeruleanError):
@@ -177,7 +200,7 @@ def load_config(path: Path) -> PublisherConfig:
         images.append(ImageJob(base / d if not d.startswith("/") else Path(d), tuple(arches),
                                dict(channels), refresh))
     level = raw.get("level", 19)
-    if not isinstance(level, int) or not 1 <= level <= 19:
+    if not isinstance(level, int) or isinstance(level, bool) or not 1 <= level <= 19:
         raise ConfigError(f"{path}: 'level' must be a zstd level from 1 to 19.")
     cache = p("cache") if "cache" in raw else None
     return PublisherConfig(path, p("repo"), p("keys"), p("work", "/var/lib/cerulean-publisher"),
@@ -241,6 +264,18 @@ def _state_from(d: Any) -> State:
                                       "last_check")}
     if not all(isinstance(x, str) for x in strs.values()):
         raise ValueError("a time has the wrong type")
+    times = [strs[k] for k in ("last_success", "last_error_time", "last_check")]
+    times += [t for st in images.values() for t in (st.retry_at, st.fix_date, st.detected)]
+    for e in published:
+        for k in ("image", "version", "channel", "published"):
+            if not isinstance(e.get(k), str):
+                raise ValueError(f"a published entry has no {k}")
+        times.append(e["published"])
+        if not isinstance(e.get("fix_to_release_seconds", 0), int):
+            raise ValueError("a published entry has a wrong fix_to_release_seconds")
+    for t in times:
+        if t:
+            parse_time(t)  # raises ProtocolError (a ValueError)
     return State(seen, images, published=published, **strs)
 
 
@@ -270,6 +305,17 @@ def save_state(path: Path, state: State) -> None:
     write_atomic(path.with_name(path.name + ".bak"), data, 0o600, durable=True)
 
 
+def _same_packages(packages_json: Path, lock: Any) -> bool:
+    """Whether a release's packages.json lists the lock's packages, for its arches."""
+    try:
+        built = json.loads(packages_json.read_bytes())
+        return all({n: p.get("version") for n, p in pkgs.items()}
+                   == {p.name: p.version for p in lock.packages.get(arch, [])}
+                   for arch, pkgs in built.items())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
 def file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
@@ -296,7 +342,12 @@ class Publisher:
         self.now = now
         self.show_progress = show_progress
         refuse_inside_repo(cfg.work, cfg.repo, "publisher's work")
-        cfg.work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            cfg.work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise CeruleanError(f"The publisher's work directory {cfg.work} cannot be made: "
+                                f"{e.strerror or e}.") from e
+        self._save_lock = threading.Lock()
         self.audit = AuditLog(cfg.audit_file)
         self.state, recovered = load_state(cfg.state_file)
         if recovered:
@@ -367,17 +418,20 @@ class Publisher:
         failed: dict[str, CeruleanError] = {}
         with client() as http:
             for url, names in users.items():
+                suite = url.split("/")[-2]
                 try:
-                    data = get_bytes(http, url, f"the archive's {url.split('/')[-2]} InRelease")
+                    data = get_bytes(http, url, f"the archive's {suite} InRelease",
+                                     limit=INRELEASE_MAX, deadline=WATCH_DEADLINE)
+                    assert data is not None
+                    frozen = _expired(data, self.now())
+                    if frozen:
+                        raise CeruleanError(f"The archive's {suite} InRelease {frozen}: the "
+                                            "mirror seems frozen, and no fix reaches it.")
                 except CeruleanError as e:
                     failed.update(dict.fromkeys(names, e))
                     continue
-                assert data is not None
-                if len(data) > INRELEASE_MAX:
-                    continue
                 digest = hashlib.sha256(data).hexdigest()
                 if self.state.seen.get(url) != digest:
-                    suite = url.split("/")[-2]
                     out.changed.append(suite)
                     if url in self.state.seen:
                         self.audit.append("publisher", "archive.changed",
@@ -408,9 +462,14 @@ class Publisher:
         if not have and not st.published_lock:
             st.pending = True  # a first release
         elif not st.published_lock and not st.built:
-            # A repository that already has releases: the lock as it is now is taken to be
-            # what they were built from.
-            st.published_lock, st.version = file_sha(defn.lock_path), have[-1]
+            # A repository that already has releases, and no state that says what they
+            # were built from (a first start, or both copies lost): the newest one's
+            # packages.json, when this publisher built it, says; else the lock as it is.
+            st.version = have[-1]
+            st.published_lock = file_sha(defn.lock_path)
+            built = self.cfg.releases / defn.name / have[-1] / "packages.json"
+            if built.is_file() and not _same_packages(built, read_lock(defn.lock_path)):
+                st.published_lock = "packages differ from " + have[-1]
 
         # 1. lock
         before = file_sha(defn.lock_path)
@@ -451,7 +510,7 @@ class Publisher:
                                   show_progress=self.show_progress, say=self.say,
                                   level=self.cfg.level)
             st.built = {"lock": lock_sha, "version": res_b.doc.version, "dir": str(res_b.path)}
-            save_state(self.cfg.state_file, self.state)
+            self.save()
             self.audit.append("publisher", "release.built",
                               {"image": defn.name, "version": res_b.doc.version,
                                "arches": arches, "seconds": round(res_b.seconds, 1),
@@ -476,7 +535,7 @@ class Publisher:
             out.published.append(f"{defn.name} {version} {channel}")
             self.audit.append("publisher", "release.published", entry)
             self.say(f"published {defn.name} {version} to {channel} ({waves} waves)")
-            save_state(self.cfg.state_file, self.state)
+            self.save()
         st.published_lock, st.version, st.pending = lock_sha, version, False
         st.failures, st.retry_at, st.error = 0, "", ""
         self._prune(defn.name, version)
@@ -499,6 +558,10 @@ class Publisher:
             return False
         return st.pending or st.failures > 0
 
+    def save(self) -> None:
+        with self._save_lock:
+            save_state(self.cfg.state_file, self.state)
+
     def run_once(self, *, force: bool = False) -> Outcome:
         """One round: re-sign, watch, reconcile what changed. Never raises for one part."""
         out = Outcome()
@@ -507,7 +570,7 @@ class Publisher:
             self.watch(out)
         except CeruleanError as e:
             self._fail(out, "watching the archive", e)
-        save_state(self.cfg.state_file, self.state)
+        self.save()
         for job in self.cfg.images:
             name = job.definition.stem
             try:
@@ -517,21 +580,48 @@ class Publisher:
                 self.reconcile(job, out)
             except CeruleanError as e:
                 self._fail(out, f"releasing {name}", e, name)
-            save_state(self.cfg.state_file, self.state)
+            self.save()
         if not out.errors:
             self.state.last_success = utc_iso(self.now())
-        save_state(self.cfg.state_file, self.state)
+        self.save()
         self.write_metrics()
         return out
 
+    @contextlib.contextmanager
+    def only_one(self) -> Iterator[None]:
+        """Hold the work directory's lock: two publishers on one state would each
+        overwrite what the other recorded, and build the same release twice."""
+        import fcntl
+
+        with open(self.cfg.work / ".lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CeruleanError(f"Another publisher runs on {self.cfg.work}; stop it "
+                                    "first.") from None
+            yield
+
+    def _signer(self, stop: threading.Event) -> None:
+        """Re-sign when due, every SIGN_EVERY, even while a round is stuck or building."""
+        while not stop.wait(SIGN_EVERY):
+            self.refresh_metadata(Outcome())
+            self.save()
+
     def run_forever(self, stop: threading.Event) -> None:
-        self.audit.append("publisher", "publisher.started",
-                          {"config": str(self.cfg.path), "poll": self.cfg.poll,
-                           "images": [str(j.definition) for j in self.cfg.images]})
-        while not stop.is_set():
-            started = time.monotonic()
-            self.run_once()
-            stop.wait(max(5.0, self.cfg.poll - (time.monotonic() - started)))
+        with self.only_one():
+            self.audit.append("publisher", "publisher.started",
+                              {"config": str(self.cfg.path), "poll": self.cfg.poll,
+                               "images": [str(j.definition) for j in self.cfg.images]})
+            signer = threading.Thread(target=self._signer, args=(stop,), name="signer",
+                                      daemon=True)
+            signer.start()
+            try:
+                while not stop.is_set():
+                    started = time.monotonic()
+                    self.run_once()
+                    stop.wait(max(5.0, self.cfg.poll - (time.monotonic() - started)))
+            finally:
+                stop.set()
 
     # -- what people see ---------------------------------------------------------
 

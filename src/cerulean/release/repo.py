@@ -69,6 +69,13 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+def _check_root_threshold(threshold: int, allowed: bool) -> None:
+    if threshold < 2 and not allowed:
+        raise CeruleanError(
+            "A root that one signature can change is forked by one stolen or retired root "
+            "key: use a root threshold of at least 2 (or say --one-root-signature).")
+
+
 def default_root_keys(keys: Path) -> Path:
     """Where root keys go when not named: ``root-keys`` beside the online keys."""
     return keys.parent / "root-keys"
@@ -93,13 +100,14 @@ class Repository:
 
     @classmethod
     def create(cls, path: Path, keys: Path, *, root_keys_dir: Path | None = None,
-               root_keys: int = 3, root_threshold: int = 2,
+               root_keys: int = 3, root_threshold: int = 2, one_root_signature: bool = False,
                now: datetime | None = None) -> Repository:
         """A new repository: online keys in *keys*, root keys in *root_keys_dir*."""
         if root_threshold < 1 or root_threshold > root_keys:
             raise CeruleanError(
                 f"The root threshold must be between 1 and the number of root keys "
                 f"({root_keys}); got {root_threshold}.")
+        _check_root_threshold(root_threshold, one_root_signature)
         repo = cls(path, keys, root_keys_dir)
         if (path / "metadata").exists():
             raise CeruleanError(f"{path} already holds an update repository.")
@@ -378,7 +386,7 @@ class Repository:
         """
         now = now or _now()
         if archive is not None:
-            refuse_inside_repo(archive, self.path, "archive")
+            self._prepare_archive(archive)
         with self._locked():
             root_md = self.load("root")
             old = Metadata.from_bytes(root_md.to_bytes()).signed
@@ -409,6 +417,30 @@ class Repository:
             else:
                 done.append(f"re-signed {', '.join(resigned)}")
             return done
+
+    def _prepare_archive(self, archive: Path) -> None:
+        """Make sure retired keys can go to *archive* before anything is changed."""
+        from cerulean.release.keys import inside
+
+        refuse_inside_repo(archive, self.path, "archive")
+        for d in (self.keys, self.root_keys):
+            if inside(archive, d) or inside(d, archive):
+                raise CeruleanError(f"The archive {archive} must be a directory of its own, "
+                                    f"apart from the key directory {d}.")
+        try:
+            archive.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise CeruleanError(f"The archive {archive} cannot be made: "
+                                f"{e.strerror or e}.") from e
+        if not archive.is_dir() or not os.access(archive, os.W_OK):
+            raise CeruleanError(f"The archive {archive} is not a writable directory.")
+
+    def stray_keys(self) -> list[KeyFile]:
+        """Key files here that the current root no longer names (retired but not
+        destroyed, say by a power cut in a ceremony; or made by one that failed)."""
+        root: Root = self.load("root").signed
+        return [k for d in (self.keys, self.root_keys) for k in key_files(d)
+                if k.keyid not in root.roles[k.role].keyids]
 
     def renew_root(self, *, now: datetime | None = None) -> list[str]:
         """A new root version with the same keys and a fresh expiry."""
@@ -447,10 +479,13 @@ class Repository:
                                  online_changed=role != "root")
 
     def set_threshold(self, role: str, threshold: int, *, add_keys: int = 0,
+                      one_root_signature: bool = False,
                       now: datetime | None = None) -> list[str]:
         """Change *role*'s threshold, after adding *add_keys* new keys to it."""
         if role not in ROLES:
             raise CeruleanError(f"{role!r} is not a TUF role ({', '.join(ROLES)}).")
+        if role == "root":
+            _check_root_threshold(threshold, one_root_signature)
         if add_keys < 0:
             raise CeruleanError("--add-keys cannot be negative.")
 

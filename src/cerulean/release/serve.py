@@ -24,8 +24,19 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.send_error(404, "No listing")
 
     def send_head(self) -> Any:
-        parts = urllib.parse.unquote(self.path.split("?", 1)[0].split("#", 1)[0]).split("/")
-        if any(p.startswith(".") for p in parts if p) or parts[-1].endswith((".pem", ".key")):
+        """Only regular files inside the served directory, links resolved; no hidden
+        names, no key files, nothing a trailing slash or an encoding could disguise."""
+        path = urllib.parse.unquote(self.path.split("?", 1)[0].split("#", 1)[0])
+        parts = [p for p in path.split("/") if p]
+        root = Path(self.directory).resolve()
+        try:
+            real = Path(self.translate_path(self.path)).resolve()
+        except (OSError, ValueError, RuntimeError):
+            real = root / ".refused"
+        if (any(p.startswith(".") or p.endswith((".pem", ".key")) for p in parts)
+                or "\0" in path or root not in real.parents
+                or (real.exists() and not real.is_file())
+                or real.name.endswith((".pem", ".key"))):
             self.send_error(404, "Not served")
             return None
         return super().send_head()

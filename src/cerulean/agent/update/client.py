@@ -130,9 +130,11 @@ def _fetcher_class() -> type[FetcherInterface]:
             with resp:
                 while True:
                     left = self._left()
-                    if sock is not None:
-                        sock.settimeout(left)
+                    if resp.isclosed():
+                        return  # the whole body was read; http.client closed the socket
                     try:
+                        if sock is not None:
+                            sock.settimeout(left)
                         chunk = resp.read1(CHUNK)
                     except (OSError, http.client.HTTPException) as e:
                         self._left()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -174,7 +175,10 @@ def _strings(v: Any) -> bool:
 # Each field of state.json: whether a value is valid, and its value when there is none.
 FIELDS: dict[str, tuple[Callable[[Any], bool], Callable[[], Any]]] = {
     "bad": (lambda v: _strings(v) and all(is_version(k) for k in v), dict),
-    "staged": (lambda v: v is None or (_strings(v) and is_version(v.get("version", ""))),
+    "staged": (lambda v: v is None or (_strings(v) and is_version(v.get("version", ""))
+                                       and v.get("uki_size", "0").isdigit()
+                                       and re.fullmatch(r"[0-9a-f]{64}|",
+                                                        v.get("uki_sha256", "")) is not None),
                lambda: None),
     "last": (_strings, dict),
     "history": (lambda v: isinstance(v, list) and all(_strings(h) for h in v), list),
@@ -214,15 +218,16 @@ def load_state(host: Host) -> State:
     damaged: tuple[list[str], list[str]] = ([], [])
     lost: list[str] = []
     for name, (valid, empty) in FIELDS.items():
+        present = [d for d, _ in docs if d is not None]
+        if present and all(name not in d for d in present):
+            values[name] = empty()  # written before this field existed
+            continue
         for i, (d, _) in enumerate(docs):
-            if d is not None and name not in d:
-                values[name] = empty()  # an older state.json
-                break
-            if d is not None and valid(d[name]):
+            if d is not None and name in d and valid(d[name]):
                 values[name] = d[name]
                 break
             if d is not None:
-                damaged[i].append(name)
+                damaged[i].append(name)  # wrongly typed, or missing where the copy has it
         else:
             values[name] = empty()
             lost.append(name)

@@ -332,7 +332,10 @@ class Updater:
         assert state.staged is not None
         v = state.staged["version"]
         if self.config.never:
-            return None  # nothing is read from the repository
+            # Updates are switched off: nothing is read from the repository, so nothing
+            # confirms the staged release either; it stays staged and is not rebooted into.
+            return Outcome("disabled", f"Updates are switched off ('never'); {v} stays "
+                           "staged and is not rebooted into.", v)
         try:
             doc = self.client(state).channel(self.config.channel)
         except (RefusedError, TransientError) as e:
