@@ -23,20 +23,22 @@ def project_root() -> Path:
 # else runs after the tracks, on whichever worker is free.
 TRACKS: dict[str, tuple[str, ...]] = {
     # arm64: package scripts under emulation, the slowest composition; then the vm's
-    # boot with the checks inside it, the publisher's whole loop on a vm (its tree and
-    # initrd come from the build before), the integration tests and the disk formats.
+    # boot with the checks inside it, and the publisher's whole loop on a vm host (its
+    # tree and initrd come from the build before).
     "track-1": ("test_updates.py::test_host_updates_itself_and_falls_back_from_a_broken_"
                 "release[arm64]", "test_system_images.py::test_inside_the_booted_vm",
-                "tests/vm/test_publisher_loop.py",
-                "tests/vm/test_testbed_boot.py", "tests/integration/",
-                "test_system_images.py::test_disk_formats"),
+                "tests/vm/test_publisher_loop.py"),
     # amd64 updates: scenarios (a), (d) power cuts, (e) and (c) on one host; then the
-    # boots of container-host and metal, and the too-small /usr slot.
+    # boots of container-host and metal, the too-small /usr slot, the disk formats (of
+    # the edge image the updates built), the testbed's own boots and the integration
+    # tests.
     "track-2": ("test_updates.py::test_host_updates_itself_and_falls_back_from_a_broken_"
                 "release[amd64]",
                 "test_system_images.py::test_builtin_system_image_boots[container-host]",
                 "test_system_images.py::test_builtin_system_image_boots[metal]",
-                "test_system_images.py::test_usr_slot_too_small_fails_cleanly"),
+                "test_system_images.py::test_usr_slot_too_small_fails_cleanly",
+                "test_system_images.py::test_disk_formats", "tests/vm/test_testbed_boot.py",
+                "tests/integration/"),
 }
 
 

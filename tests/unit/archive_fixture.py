@@ -299,7 +299,8 @@ def archive(
     """A published archive with base-files (all), libgreet1 and hello; fetch never sleeps."""
     a = SyntheticArchive(archive_server, gpg_keys)
     # Retries and the by-hash fallback back off with time.sleep: record instead of waiting.
-    monkeypatch.setattr(fetch, "time", SimpleNamespace(sleep=a.sleeps.append, monotonic=time.monotonic))
+    monkeypatch.setattr(fetch, "time", SimpleNamespace(sleep=a.sleeps.append,
+                                                       monotonic=time.monotonic))
     a.add_defaults()
     a.publish()
     return a

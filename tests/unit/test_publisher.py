@@ -389,3 +389,22 @@ def test_a_lost_state_does_not_lose_a_fix_already_in_the_lock(world: tuple[Path,
         (config.parent / "work" / name).unlink()
     out = publisher(config).run_once()
     assert out.published == ["vm 13.20261201.1 stable", "vm 13.20261201.1 preview"], out
+
+
+def test_the_previous_packages_come_from_the_repository(tmp_path: Path) -> None:
+    """A release built elsewhere still gets its notes: the previous release's
+    packages.json is published with it, and the next build reads it from there."""
+    from cerulean.release.build import _previous_packages
+    from cerulean.release.publish import publish as publish_release
+
+    repo = Repository.create(tmp_path / "repo", tmp_path / "keys")
+    (tmp_path / "r").mkdir()
+    d = release_dir(tmp_path / "r", "13.20261201.0", b"u" * 4096, b"v" * 4096, b"k" * 512)
+    pkg = {"name": "less", "version": "668-1", "arch": "amd64", "source": "less",
+           "source_version": "668-1", "suite": "trixie",
+           "filename": "pool/main/l/less/less_668-1_amd64.deb", "size": 1, "sha256": "0" * 64}
+    (d / "packages.json").write_text(json.dumps({"amd64": {"less": pkg}}))
+    publish_release(repo, d, "stable", [(0, 1.0)], deltas=False)
+    old = _previous_packages(None, repo, "vm", "13.20261201.0")
+    assert old["amd64"]["less"].version == "668-1"
+    assert _previous_packages(None, repo, "vm", "13.20261130.0") == {}

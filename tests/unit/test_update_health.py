@@ -189,3 +189,25 @@ def test_the_check_waits_for_the_refresh_not_longer(box: Box,
                             "release is not judged by it"]
     finally:
         release.set()
+
+
+def test_a_release_withdrawn_since_it_was_installed_is_not_kept(box: Box) -> None:
+    """An unplanned reboot into a staged release its channel has withdrawn since: the
+    boot that judges it finds it withdrawn, and the fallback gives it up."""
+    from cerulean.agent.update.host import State, save_state
+    from cerulean.protocol.update import ChannelDoc, ChannelEntry, utc_iso
+    from cerulean.release.publish import set_state
+
+    v = "13.20261201.1"
+    (box.host.root / "usr/lib").mkdir(parents=True)
+    (box.host.root / "usr/lib/os-release").write_text(f"IMAGE_ID=vm\nIMAGE_VERSION={v}\n")
+    box.repo.save_channel(ChannelDoc("stable", [ChannelEntry(
+        "vm", v, utc_iso(datetime.now(UTC)), [(0, 1.0)])]))
+    save_state(box.host, State(staged={"version": v, "slot": "B"}))
+    assert box.check() == []
+    set_state(box.repo, "stable", "vm", v, "withdrawn")
+    assert box.check() == [f"{v} was withdrawn from the stable channel after it was "
+                           "installed"]
+    # A boot that judges nothing (the release was kept long ago) is not asked this.
+    save_state(box.host, State())
+    assert box.check() == []

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cerulean.cli.common import add_cache_options, find_definition, open_cache, parse_arches
+from cerulean.errors import CeruleanError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -38,6 +39,12 @@ Root ceremonies, where the root keys are (see `cerulean release root --help`):
   cerulean release root renew                           a new root version before it expires
   cerulean release root rotate targets                  new targets key, the old one destroyed
 """
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)")
+    return int(text)
 
 
 def _repo_args(p: argparse.ArgumentParser, keys: bool = True, root: bool = False) -> None:
@@ -90,7 +97,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("--disk", choices=("raw", "qcow2", "vhd", "vhdx"),
                    help="also write a disk image of this release in this format")
     a.add_argument("--repo", type=Path,
-                   help="count versions already published there when choosing the next one")
+                   help="count versions already published there when choosing the next one, "
+                        "and compare with the previous release's packages published there")
     a.add_argument("--locked", action="store_true",
                    help="build exactly the lock; fail if it is missing or outdated")
     a.add_argument("--level", type=int, default=19, choices=range(1, 20), metavar="1-19",
@@ -142,7 +150,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a = rs.add_parser("serve", help="serve the repository over HTTP (for trying it out)")
     _repo_args(a, keys=False)
     a.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    a.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    a.add_argument("--port", type=_port, default=8080,
+                   help="port (default 8080; 0: any free one)")
     a.set_defaults(func=run_serve)
 
     def usage(_a: argparse.Namespace) -> int:
@@ -247,9 +256,9 @@ def run_build(args: argparse.Namespace) -> int:
     lr = ensure_lock(defn, cache, locked=args.locked, offline=args.offline,
                      show_progress=not args.json)
     known: list[str] = []
-    if args.repo:
-        known = [d.version for d in published_releases(Repository.read_only(args.repo),
-                                                       defn.name)]
+    repo = Repository.read_only(args.repo) if args.repo else None
+    if repo is not None:
+        known = [d.version for d in published_releases(repo, defn.name)]
 
     def say(msg: str) -> None:
         if not args.json:
@@ -258,7 +267,7 @@ def run_build(args: argparse.Namespace) -> int:
     res = build_release(defn, lr.lock, archive_for(defn), list(arches), args.out, cache,
                         version=args.version, known_versions=known, disk_format=args.disk,
                         offline=args.offline, show_progress=not args.json, say=say,
-                        level=args.level)
+                        level=args.level, repo=repo)
     if args.json:
         print(json.dumps({"release": str(res.path), "version": res.doc.version,
                           "previous": res.doc.previous, "cves": res.doc.cves,
@@ -414,7 +423,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from cerulean.release.serve import make_server
 
     Repository.read_only(args.repo)
-    srv = make_server(args.repo, args.host, args.port, quiet=False)
+    try:
+        srv = make_server(args.repo, args.host, args.port, quiet=False)
+    except OSError as e:
+        raise CeruleanError(f"Cannot listen on {args.host}:{args.port}: "
+                            f"{e.strerror or e}.") from e
     print(f"Serving {args.repo} at http://{args.host}:{srv.server_address[1]}/ (Ctrl-C stops)")
     try:
         srv.serve_forever()

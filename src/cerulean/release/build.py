@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cerulean.build.definition import ImageDefinition
 from cerulean.build.system_image import build_system_image
@@ -45,6 +46,9 @@ from cerulean.protocol.update import (
 )
 from cerulean.release.notes import notes_markdown
 from cerulean.release.publish import ZSTD_WINDOW, run_zstd
+
+if TYPE_CHECKING:
+    from cerulean.release.repo import Repository
 
 FULL_LEVEL = 19
 PART_FILES = {"usr": "usr.erofs", "verity": "usr.verity", "uki": "uki.efi"}
@@ -81,12 +85,28 @@ def lock_packages(lock: Lock, arch: str) -> dict[str, LockedPackage]:
     return {p.name: p for p in lock.packages[arch]}
 
 
-def _previous_packages(prev_dir: Path | None) -> dict[str, dict[str, LockedPackage]]:
-    if prev_dir is None or not (prev_dir / "packages.json").is_file():
+def packages_path(image: str, version: str) -> str:
+    """The target path of a release's packages.json in the repository."""
+    return f"releases/{image}/{version}/packages.json"
+
+
+def _previous_packages(prev_dir: Path | None, repo: Repository | None = None, image: str = "",
+                       previous: str | None = None) -> dict[str, dict[str, LockedPackage]]:
+    """The previous release's packages: from its directory here, else from the repository
+    it was published to (built elsewhere, or by another publisher)."""
+    raw: Any = None
+    if prev_dir is not None and (prev_dir / "packages.json").is_file():
+        raw = json.loads((prev_dir / "packages.json").read_bytes())
+    elif repo is not None and previous and \
+            packages_path(image, previous) in repo.targets().targets:
+        raw = json.loads(repo.read_target(packages_path(image, previous)))
+    if not isinstance(raw, dict):
         return {}
-    raw = json.loads((prev_dir / "packages.json").read_bytes())
-    return {arch: {n: LockedPackage(**fields) for n, fields in pkgs.items()}
-            for arch, pkgs in raw.items()}
+    try:
+        return {arch: {n: LockedPackage(**fields) for n, fields in pkgs.items()}
+                for arch, pkgs in raw.items()}
+    except (TypeError, AttributeError) as e:
+        raise CeruleanError(f"The packages.json of {image} {previous} is not valid: {e}.") from e
 
 
 def compress(src: Path, dest: Path, level: int = FULL_LEVEL) -> None:
@@ -117,7 +137,7 @@ def build_release(defn: ImageDefinition, lock: Lock, cfg: ArchiveConfig, arches:
                   known_versions: Sequence[str] = (), disk_format: str | None = None,
                   offline: bool = False, show_progress: bool = True,
                   say: Callable[[str], None] = lambda _m: None,
-                  level: int = FULL_LEVEL) -> ReleaseBuild:
+                  level: int = FULL_LEVEL, repo: Repository | None = None) -> ReleaseBuild:
     if not defn.is_system:
         raise CeruleanError(f"{defn.path} is not a system image: only those have releases.")
     started = datetime.now(UTC)
@@ -145,7 +165,7 @@ def build_release(defn: ImageDefinition, lock: Lock, cfg: ArchiveConfig, arches:
                                  disk_image=disk_format is not None)
         arch_docs = {arch: pack_payload(payload / arch, stage / arch, defn.name, version, arch,
                                         say, level) for arch in arches}
-        old_pkgs = _previous_packages(prev_dir)
+        old_pkgs = _previous_packages(prev_dir, repo, defn.name, previous)
         changes: dict[str, list[PackageChange]] = {}
         for arch in arches:
             changes[arch] = package_changes(old_pkgs.get(arch, {}), lock.packages[arch], cache) \

@@ -180,6 +180,11 @@ def _publish_locked(repo: Repository, release_dir: Path, doc: ReleaseDoc, channe
                 if not src.is_file() or src.stat().st_size != part.full.size:
                     raise CeruleanError(f"{src} is missing or not the size release.json says.")
                 files[part.full.path] = src
+        if (release_dir / "packages.json").is_file():
+            # Every package of the release: the next build's notes compare against it,
+            # wherever that build runs.
+            files[f"releases/{doc.image}/{doc.version}/packages.json"] = \
+                release_dir / "packages.json"
         with tempfile.TemporaryDirectory(prefix=".publish.", dir=repo.path) as tmp:
             if deltas:
                 doc, delta_files = make_deltas(repo, doc, release_dir, Path(tmp), say, level)

@@ -508,7 +508,7 @@ class Publisher:
             res_b = build_release(defn, read_lock(defn.lock_path), archive_for(defn), arches,
                                   self.cfg.releases, cache, known_versions=have,
                                   show_progress=self.show_progress, say=self.say,
-                                  level=self.cfg.level)
+                                  level=self.cfg.level, repo=repo)
             st.built = {"lock": lock_sha, "version": res_b.doc.version, "dir": str(res_b.path)}
             self.save()
             self.audit.append("publisher", "release.built",

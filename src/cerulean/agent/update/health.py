@@ -16,6 +16,8 @@ reason of this release's own. What the repository or the network answers
 (unreachable, expired, older or badly signed metadata) is printed, not held
 against the release: the previous release would get the same answer, anyone on
 the network path can produce it, and a release given up is never tried again.
+On the boot that judges a new release, a verified channel that has withdrawn it
+since it was installed fails the check (the release is then given up).
 """
 
 from __future__ import annotations
@@ -117,16 +119,42 @@ def update_client(host: Host, *, ask: bool = True, wait: float = 60,
         say(f"note: the update repository did not answer within {wait:g} s; this "
             "release is not judged by it")
         return []
-    if not failed:
-        return []
     from tuf.api.exceptions import DownloadError, RepositoryError
 
+    if not failed:
+        return _withdrawn(host, client, cfg.channel, say)
     err = failed[0]
     if isinstance(err, UpdateError) and isinstance(err.__cause__,
                                                    DownloadError | RepositoryError):
         say(f"note: {err} This release is not judged by what the repository answers.")
         return []
     return [f"the update client fails on this release: {err}"]
+
+
+def _withdrawn(host: Host, client: RepoClient, channel: str,
+               say: Callable[[str], None]) -> list[str]:
+    """On the boot that judges a new release: whether its channel withdrew it since it
+    was installed (an unplanned reboot can come before the updater takes its entry
+    away). Only a verified channel document counts; one that cannot be read is a note."""
+    from cerulean.agent.update.host import load_state
+
+    staged = load_state(host).staged
+    try:
+        version, image = host.version, host.image
+    except (UpdateError, OSError):
+        return []
+    if not staged or staged.get("version") != version:
+        return []  # not a boot that judges a new release
+    try:
+        doc = client.channel(channel)
+    except UpdateError as e:
+        say(f"note: {e} Whether {version} is still offered was not checked.")
+        return []
+    entry = doc.find(image, version)
+    if entry is None or entry.state == "withdrawn":
+        how = "withdrawn from" if entry is not None else "no longer offered by"
+        return [f"{version} was {how} the {channel} channel after it was installed"]
+    return []
 
 
 def check(host: Host, *, network: bool = True, network_wait: float = 90,
