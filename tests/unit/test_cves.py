@@ -88,6 +88,22 @@ def test_installed_packages_from_dpkg_status(tmp_path: Path) -> None:
     assert kernel.built_using == (("linux", "6.12.57-1"),)
 
 
+def test_a_system_image_reports_the_packages_of_the_release_it_runs(tmp_path: Path) -> None:
+    """/var/lib/dpkg stays as the first release wrote it; the /usr copy is the running
+    release's, and both the CVE report and the fleet inventory read it."""
+    from cerulean.agent.fleetlink import packages
+
+    (tmp_path / "var/lib/dpkg").mkdir(parents=True)
+    (tmp_path / "var/lib/dpkg/status").write_text(STATUS)
+    newer = STATUS.replace("Version: 5.2.37-2+b5", "Version: 5.2.37-2+b6")
+    assert newer != STATUS
+    (tmp_path / cves.USR_DPKG_STATUS).parent.mkdir(parents=True)
+    (tmp_path / cves.USR_DPKG_STATUS).write_text(newer)
+    pkgs = {p.name: p.version for p in cves.installed_packages(tmp_path)}
+    assert pkgs["bash"] == "5.2.37-2+b6"
+    assert ["bash", "5.2.37-2+b6"] == [p[:2] for p in packages(tmp_path) if p[0] == "bash"][0]
+
+
 def test_report_lists_what_affects_the_host_worst_first(tmp_path: Path) -> None:
     (tmp_path / "var/lib/dpkg").mkdir(parents=True)
     (tmp_path / "var/lib/dpkg/status").write_text(STATUS)

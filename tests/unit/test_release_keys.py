@@ -95,12 +95,16 @@ def test_a_stolen_retired_root_key_cannot_fork_a_host_that_ships_the_old_root(
     assert Metadata.from_file(str(tmp_path / "host/metadata/root.json")).signed == \
         repo.load("root").signed
 
+    assert repo.forkable_roots() == []
     # What the threshold protects against: with two old keys, the fork is accepted by a
     # host that never saw the real v2. (A 1-of-1 root would fall to one stolen key.)
     evil = fork(repo, tmp_path, stolen)
     with serving(evil) as url:
         host(tmp_path, repo, url, "other").refresh()
     assert trusted_root_version(tmp_path, "other") == 2
+    # A second key retired later: root v1 is now forkable, and the ceremony says so.
+    repo.rotate_key("root", keys[1].keyid)
+    assert repo.forkable_roots() == [1]
 
 
 def test_rotation_keeps_the_threshold_and_can_archive_outside_the_repository(

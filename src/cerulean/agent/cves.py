@@ -109,10 +109,21 @@ class Installed:
         return own + list(self.built_using) if "-signed" in self.source else own
 
 
+# A system image's copy of dpkg's status, on its /usr: the packages of the release that
+# runs. /var/lib/dpkg lives on the writable partition, which an update leaves as it was.
+USR_DPKG_STATUS = "usr/lib/sysimage/dpkg/status"
+
+
+def dpkg_status(root: Path = Path("/")) -> Path:
+    """dpkg's status file of the running system: the /usr copy when there is one."""
+    shipped = root / USR_DPKG_STATUS
+    return shipped if shipped.is_file() else root / "var/lib/dpkg/status"
+
+
 def installed_packages(root: Path = Path("/")) -> list[Installed]:
     """The installed packages in dpkg's status file (the distroless status.d too)."""
     texts = []
-    status = root / "var/lib/dpkg/status"
+    status = dpkg_status(root)
     if status.is_file():
         texts.append(status.read_text(errors="replace"))
     status_d = root / "var/lib/dpkg/status.d"

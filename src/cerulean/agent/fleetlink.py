@@ -283,9 +283,11 @@ class Link:
 
 def packages(root: Path) -> list[list[str]]:
     """Installed packages from dpkg's status database: [name, version, architecture]."""
+    from cerulean.agent.cves import dpkg_status
+
     out = []
     try:
-        text = (root / "var/lib/dpkg/status").read_text(errors="replace")
+        text = dpkg_status(root).read_text(errors="replace")
     except OSError:
         return []
     for stanza in text.split("\n\n"):

@@ -195,3 +195,15 @@ def remove_boot_leftovers(root: Path) -> None:
         q = root / name
         if q.is_symlink() or q.exists():
             q.unlink()
+
+
+def ship_package_database(rootfs: Path) -> None:
+    """A copy of dpkg's status on /usr: /var/lib/dpkg is on the writable partition, which
+    an update leaves as it was, so after one it no longer describes the running release.
+    The agent (inventory, CVE report) reads the /usr copy."""
+    from cerulean.agent.cves import USR_DPKG_STATUS
+
+    dest = rootfs / USR_DPKG_STATUS
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(rootfs / "var/lib/dpkg/status", dest)
+    os.chmod(dest, 0o644)

@@ -304,6 +304,7 @@ def _build_disk(defn: ImageDefinition, lock: Lock, arch: arches.Arch, rootfs: Pa
     if defn.wants_agent:
         say(f"{arch_name}: installing the cerulean-agent package")
         install_agent(rootfs, defn, work)
+    sysconfig.ship_package_database(rootfs)
     root_uuid = disk.stable_uuid("root", defn.name, arch_name)
     var_uuid = disk.stable_uuid("var", defn.name, arch_name) if ro else None
     sysconfig.write_fstab(rootfs, root_uuid, var_uuid)

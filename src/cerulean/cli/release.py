@@ -392,6 +392,11 @@ def run_root_status(args: argparse.Namespace) -> int:
         ids = ", ".join(f"{k['id'][:16]}{'' if k['here'] else ' (not here)'}"
                         for k in r["keys"])
         print(f"  {role}: {r['threshold']} of {len(r['keys'])}: {ids}")
+    forkable = repo.forkable_roots()
+    if forkable:
+        print(f"  Root v{', v'.join(map(str, forkable))}: the keys retired since meet "
+              "its threshold. A host that still trusts it can be forked by whoever holds "
+              "them: build images with metadata/root.json (the newest root).")
     stray = repo.stray_keys()
     for k in stray:
         print(f"  {k.path} is a {k.role} key the root no longer names: retired but not "

@@ -435,6 +435,24 @@ class Repository:
         if not archive.is_dir() or not os.access(archive, os.W_OK):
             raise CeruleanError(f"The archive {archive} is not a writable directory.")
 
+    def forkable_roots(self) -> list[int]:
+        """Older root versions whose threshold the keys retired since can meet alone: a
+        host that still trusts one of them (an image built with it, never updated) can
+        be forked by whoever holds those retired keys."""
+        current: Root = self.load("root").signed
+        keep = set(current.roles["root"].keyids)
+        out = []
+        for v in range(1, int(current.version)):
+            path = self.meta / f"{v}.root.json"
+            try:
+                old: Root = Metadata.from_bytes(path.read_bytes()).signed
+            except (OSError, ValueError):
+                continue
+            retired = set(old.roles["root"].keyids) - keep
+            if len(retired) >= old.roles["root"].threshold:
+                out.append(v)
+        return out
+
     def stray_keys(self) -> list[KeyFile]:
         """Key files here that the current root no longer names (retired but not
         destroyed, say by a power cut in a ceremony; or made by one that failed)."""
