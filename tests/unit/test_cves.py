@@ -101,7 +101,7 @@ def test_a_system_image_reports_the_packages_of_the_release_it_runs(tmp_path: Pa
     (tmp_path / cves.USR_DPKG_STATUS).write_text(newer)
     pkgs = {p.name: p.version for p in cves.installed_packages(tmp_path)}
     assert pkgs["bash"] == "5.2.37-2+b6"
-    assert ["bash", "5.2.37-2+b6"] == [p[:2] for p in packages(tmp_path) if p[0] == "bash"][0]
+    assert next(p[:2] for p in packages(tmp_path) if p[0] == "bash") == ["bash", "5.2.37-2+b6"]
 
 
 def test_report_lists_what_affects_the_host_worst_first(tmp_path: Path) -> None:

@@ -111,6 +111,15 @@ def test_a_root_this_release_cannot_verify_is_unhealthy(box: Box) -> None:
     assert not (box.trusted / "timestamp.json").exists()  # never got as far as asking
 
 
+def test_a_torn_trusted_copy_is_the_updaters_to_mend_not_the_releases(box: Box) -> None:
+    """The first boot: the updater seeds the trusted root while the health check reads
+    it. A damaged copy is not held against a release that verifies the image's root."""
+    box.check()
+    (box.trusted / "root.json").write_text('{"signed": {')  # half a file
+    assert box.check() == []
+    assert any("the image's root verifies" in m for m in box.said), box.said
+
+
 def test_an_unreachable_repository_is_not_held_against_the_release(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = Repository.create(tmp_path / "repo", tmp_path / "keys")

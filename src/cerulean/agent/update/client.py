@@ -15,7 +15,7 @@ import http.client
 import importlib.util
 import json
 import os
-import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -204,14 +204,15 @@ class RepoClient:
         self.download_dir = state_dir / "downloads"
         self.meta_dir.mkdir(parents=True, exist_ok=True)
         self.download_dir.mkdir(parents=True, exist_ok=True)
+        self.trusted_root = trusted_root
         if not (self.meta_dir / "root.json").exists():
             if not trusted_root.is_file():
                 raise UpdateError(
                     f"This host has no trusted root for updates ({trusted_root} is missing).")
-            shutil.copyfile(trusted_root, self.meta_dir / "root.json")
+            # Whole or not at all: the health check may read it while the updater seeds it.
+            self._seed()
         self._updater: Updater | None = None
         self.limits = limits or Limits()
-        self.trusted_root = trusted_root
         self.note = note or (lambda _: None)  # told what was repaired
         self._fetcher = _fetcher_class()(self.limits, time.monotonic() + self.limits.run_budget)
 
@@ -235,6 +236,20 @@ class RepoClient:
             raise _explain(e, "the metadata") from e
         self._updater = up
 
+    def _seed(self) -> None:
+        """The image's root as the trusted root.json: a new file of its own, synced, then
+        renamed over the old one (two processes may seed at once; each rename is whole)."""
+        fd, tmp = tempfile.mkstemp(prefix=".root.json.", dir=self.meta_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.trusted_root.read_bytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.meta_dir / "root.json")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
     def _reseed(self, e: Exception) -> None:
         """The trusted root.json does not load (torn, edited, not signed by its own keys):
         start again from the image's root; ngclient then walks the chain of newer roots
@@ -243,11 +258,7 @@ class RepoClient:
         if not self.trusted_root.is_file():
             raise UpdateError(f"The trusted {root} is damaged ({e}) and this host has no "
                               f"root to start again from ({self.trusted_root} is missing).")
-        tmp = root.with_name(".root.json.tmp")
-        shutil.copyfile(self.trusted_root, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, root)
+        self._seed()
         self.note(f"The trusted {root} was damaged ({str(e).rstrip('.') or type(e).__name__}); "
                   f"it was seeded again from the image's {self.trusted_root} and the chain "
                   "of newer roots is followed again from there.")

@@ -65,18 +65,18 @@ def hooks(host: Host) -> list[Path]:
             if by_name[n].stat().st_size > 0 and os.access(by_name[n], os.X_OK)]
 
 
-def _root_verifies(meta_dir: Path) -> str:
-    """A problem if this release cannot read and verify the root the host trusts."""
+def _root_verifies(path: Path) -> str:
+    """A problem if this release cannot read and verify the root in *path*."""
     try:
         from tuf.api.metadata import Metadata, Root
 
-        md = Metadata.from_file(str(meta_dir / "root.json"))
+        md = Metadata.from_file(str(path))
         if not isinstance(md.signed, Root):
             raise ValueError(f"it is {md.signed.type} metadata")
         md.signed.verify_delegate(Root.type, md.signed_bytes, md.signatures)
     except Exception as e:  # whatever it is, this release cannot verify its updates
         return (f"the update client cannot verify the root this host trusts "
-                f"({meta_dir / 'root.json'}): {str(e).rstrip('.') or type(e).__name__}")
+                f"({path}): {str(e).rstrip('.') or type(e).__name__}")
     return ""
 
 
@@ -97,7 +97,13 @@ def update_client(host: Host, *, ask: bool = True, wait: float = 60,
         client = RepoClient(cfg.url, host.state_dir, host.trusted_root)
     except (UpdateError, OSError) as e:
         return [f"the update client cannot be set up: {e}"]
-    problem = _root_verifies(client.meta_dir)
+    problem = _root_verifies(client.meta_dir / "root.json")
+    if problem and not _root_verifies(host.trusted_root):
+        # The host's trusted copy is damaged, but this release verifies the image's root:
+        # the updater seeds it again from there (a state problem, not this release's).
+        say(f"note: {problem}; the image's root verifies, and the updater starts again "
+            "from it")
+        problem = ""
     if problem:
         return [problem]
     if not ask:
