@@ -228,6 +228,11 @@ def release_path(image: str, version: str) -> str:
     return f"releases/{image}/{version}/release.json"
 
 
+def packages_path(image: str, version: str) -> str:
+    """The target path of a release's packages.json (every package it holds)."""
+    return f"releases/{image}/{version}/packages.json"
+
+
 def channel_path(channel: str) -> str:
     return f"channels/{channel}.json"
 

@@ -40,6 +40,7 @@ from cerulean.protocol.update import (
     Payload,
     ReleaseDoc,
     is_version,
+    packages_path,
     parse_version,
     utc_iso,
     version_key,
@@ -83,11 +84,6 @@ def next_version(defn: ImageDefinition, lock: Lock, known: Sequence[str]) -> str
 
 def lock_packages(lock: Lock, arch: str) -> dict[str, LockedPackage]:
     return {p.name: p for p in lock.packages[arch]}
-
-
-def packages_path(image: str, version: str) -> str:
-    """The target path of a release's packages.json in the repository."""
-    return f"releases/{image}/{version}/packages.json"
 
 
 def _previous_packages(prev_dir: Path | None, repo: Repository | None = None, image: str = "",

@@ -31,6 +31,7 @@ from cerulean.protocol.update import (
     ProtocolError,
     ReleaseDoc,
     channel_path,
+    packages_path,
     parse_time,
     release_path,
     utc_iso,
@@ -183,8 +184,7 @@ def _publish_locked(repo: Repository, release_dir: Path, doc: ReleaseDoc, channe
         if (release_dir / "packages.json").is_file():
             # Every package of the release: the next build's notes compare against it,
             # wherever that build runs.
-            files[f"releases/{doc.image}/{doc.version}/packages.json"] = \
-                release_dir / "packages.json"
+            files[packages_path(doc.image, doc.version)] = release_dir / "packages.json"
         with tempfile.TemporaryDirectory(prefix=".publish.", dir=repo.path) as tmp:
             if deltas:
                 doc, delta_files = make_deltas(repo, doc, release_dir, Path(tmp), say, level)
