@@ -37,6 +37,7 @@ from tuf.api import exceptions as tx
 from tuf.api.metadata import Metadata, Root
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
+from cerulean.agent.fileio import write_atomic
 from cerulean.errors import CeruleanError
 from cerulean.protocol.update import (
     CHANNELS,
@@ -192,9 +193,7 @@ def trust_dir(src: Source) -> Path:
     try:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not (d / "root.json").is_file():
-            tmp = d / ".root.json.tmp"
-            tmp.write_bytes(anchor)
-            tmp.replace(d / "root.json")
+            write_atomic(d / "root.json", anchor)
     except OSError as e:
         raise CeruleanError(f"The fleet cannot keep the update repository's verified "
                             f"metadata in {d}: {e.strerror or e}.") from e

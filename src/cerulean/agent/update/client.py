@@ -14,8 +14,6 @@ import contextlib
 import http.client
 import importlib.util
 import json
-import os
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -25,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
+from cerulean.agent.fileio import write_atomic
 from cerulean.agent.update.errors import RefusedError, TransientError, UpdateError
 from cerulean.protocol.update import (
     ChannelDoc,
@@ -237,18 +236,10 @@ class RepoClient:
         self._updater = up
 
     def _seed(self) -> None:
-        """The image's root as the trusted root.json: a new file of its own, synced, then
-        renamed over the old one (two processes may seed at once; each rename is whole)."""
-        fd, tmp = tempfile.mkstemp(prefix=".root.json.", dir=self.meta_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.trusted_root.read_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.meta_dir / "root.json")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """The image's root as the trusted root.json, written whole (two processes may
+        seed at once; each rename is whole)."""
+        write_atomic(self.meta_dir / "root.json", self.trusted_root.read_bytes(),
+                     durable=True)
 
     def _reseed(self, e: Exception) -> None:
         """The trusted root.json does not load (torn, edited, not signed by its own keys):

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cerulean.agent.fileio import write_atomic
 from cerulean.agent.settings import read_layers
 from cerulean.agent.update.boot import fsync_dir
 from cerulean.agent.update.errors import UpdateError
@@ -249,16 +250,6 @@ def load_state(host: Host) -> State:
     return state
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def save_state(host: Host, state: State) -> None:
     """state.json, then its copy state.json.bak, each whole or not at all: a cut or a
     damaged file leaves at least one good copy."""
@@ -266,8 +257,9 @@ def save_state(host: Host, state: State) -> None:
     data = json.dumps({"bad": state.bad, "staged": state.staged, "last": state.last,
                        "history": state.history, "install_failures": state.install_failures},
                       indent=2, sort_keys=True).encode() + b"\n"
-    _write_atomic(host.state_dir / STATE_FILE, data)
-    _write_atomic(host.state_dir / BACKUP_FILE, data)
+    for name in (STATE_FILE, BACKUP_FILE):
+        write_atomic(host.state_dir / name, data, durable=True)
+        fsync_dir(host.state_dir)
 
 
 def seed(host: Host) -> float:
