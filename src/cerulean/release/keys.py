@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from cerulean.agent.fileio import write_atomic
+from cerulean.agent.update.boot import fsync_dir
 from cerulean.errors import CeruleanError
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
@@ -168,11 +169,7 @@ def destroy(path: Path) -> None:
     except OSError as e:
         raise CeruleanError(f"The retired key {path} could not be destroyed: "
                             f"{e.strerror or e}.") from e
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def retire(k: KeyFile, archive: Path | None, repo: Path) -> str:

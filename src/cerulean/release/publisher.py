@@ -71,19 +71,15 @@ def _expired(inrelease: bytes, now: datetime) -> str:
     """What is wrong with an (unverified) InRelease's Valid-Until, or "".
 
     Only an alarm: the signature is checked when the lock is refreshed."""
-    from email.utils import parsedate_to_datetime
+    from cerulean.debian.release import parse_date
 
     for line in inrelease[:1 << 16].decode("utf-8", "replace").splitlines():
         if line.startswith("Valid-Until:"):
             try:
-                until = parsedate_to_datetime(line.partition(":")[2].strip())
-            except (TypeError, ValueError):
+                until = parse_date(line.partition(":")[2].strip(), "InRelease")
+            except CeruleanError:
                 return "has an unreadable Valid-Until"
-            if until.tzinfo is None:
-                until = until.replace(tzinfo=UTC)
-            if until < now:
-                return f"expired on {until:%Y-%m-%d %H:%M} UTC"
-            return ""
+            return f"expired on {until:%Y-%m-%d %H:%M} UTC" if until < now else ""
     return ""
 
 
@@ -317,7 +313,9 @@ def _same_packages(packages_json: Path, lock: Any) -> bool:
 
 
 def file_sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    from cerulean.debian.cache import sha256_file
+
+    return sha256_file(path) if path.is_file() else ""
 
 
 # -- the publisher -------------------------------------------------------------------
