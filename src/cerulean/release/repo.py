@@ -337,7 +337,7 @@ class Repository:
         when they are not signed by the keys the current root names (after a rotation).
 
         Returns the roles that were re-signed. Root is not among them: its keys are
-        offline (see :meth:`renew_root`); :meth:`root_expires` says when it is due.
+        offline (see :meth:`renew_root`); :meth:`expiries` says when it is due.
         """
         now = now or _now()
         done = []
@@ -346,8 +346,7 @@ class Repository:
             signers = {r: self.signers(r, root) for r in ONLINE_ROLES}
             md = self.load("targets")
             t: Targets = md.signed
-            if (all_roles or t.expires - now < EXPIRY["targets"] / 2
-                    or not self._signed_by_current_keys("targets", md, root)):
+            if all_roles or self._stale("targets", md, root, now, EXPIRY["targets"] / 2):
                 t.version += 1
                 t.expires = now + EXPIRY["targets"]
                 self._write("targets", md, signers["targets"])
@@ -361,14 +360,16 @@ class Repository:
         snapshot or targets are past half their life, or an online role is not signed
         by the keys the current root names."""
         root: Root = self.load("root").signed
-        for role in ONLINE_ROLES:
-            md = self.load(role)
-            left = md.signed.expires - now
-            if left < (margin if role == "timestamp" else EXPIRY[role] / 2):
-                return True
-            if not self._signed_by_current_keys(role, md, root):
-                return True
-        return False
+        return any(self._stale(role, self.load(role), root, now,
+                               margin if role == "timestamp" else EXPIRY[role] / 2)
+                   for role in ONLINE_ROLES)
+
+    def _stale(self, role: str, md: Metadata, root: Root, now: datetime,
+               margin: timedelta) -> bool:
+        """Whether *role*'s metadata expires within *margin*, or is not signed by the keys
+        the current root names for it."""
+        return bool(md.signed.expires - now < margin
+                    or not self._signed_by_current_keys(role, md, root))
 
     def expiries(self) -> dict[str, datetime]:
         """When each role's current metadata expires."""
