@@ -41,6 +41,7 @@ from cerulean.debian.cache import Cache
 from cerulean.debian.lock import read_lock
 from cerulean.release.publisher import Publisher, load_config
 from cerulean.release.repo import Repository
+from support.loopback import no_proxy
 from support.openpgp import make_keys, stop_agent
 from support.security_archive import SecurityArchive
 
@@ -58,9 +59,7 @@ def main() -> int:
     ap.add_argument("--arch", default="amd64,arm64")
     args = ap.parse_args()
     arches = [a for a in args.arch.split(",") if a]
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        os.environ.pop(var, None)
-    os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+    no_proxy()
     tmp = Path(tempfile.mkdtemp(prefix="publisher-bench."))
     keys = make_keys(tmp / "gnupg")
     try:

@@ -25,6 +25,7 @@ import pytest
 
 from cerulean.debian.cache import DEFAULT_CACHE, Cache
 from cerulean.debian.lock import read_lock
+from support.loopback import no_proxy
 from support.openpgp import GpgKeys, make_keys, stop_agent
 from support.security_archive import SecurityArchive
 
@@ -35,7 +36,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ARCHES = ("amd64", "arm64")
 PACKAGE = "less"  # in the vm image, and nothing there pins its version
 CVE = "CVE-2026-99999"
-PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +70,7 @@ def archive(tmp_path: Path, keys: GpgKeys, cache: Cache,
             monkeypatch: pytest.MonkeyPatch) -> Iterator[SecurityArchive]:
     with SecurityArchive(tmp_path / "security", keys, cache=cache, arches=ARCHES) as a:
         # The local suite is on loopback: no proxy in between.
-        for var in PROXY_VARS:
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        no_proxy(monkeypatch)
         yield a
 
 

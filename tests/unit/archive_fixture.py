@@ -34,11 +34,11 @@ from cerulean.debian import fetch
 from cerulean.debian.archive import ArchiveConfig
 from cerulean.debian.cache import Cache
 from support.debfactory import index_entry, make_deb
+from support.loopback import no_proxy
 from support.openpgp import GpgKeys, make_keys, stop_agent
 
 SUITE = "testing"
 ARCH = "amd64"
-PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 
 
 # --- OpenPGP keys -----------------------------------------------------------------------------
@@ -109,9 +109,7 @@ class ArchiveServer:
 @pytest.fixture
 def archive_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ArchiveServer]:
     # httpx honours proxy variables; keep every request on the loopback server.
-    for var in PROXY_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    no_proxy(monkeypatch)
     server = ArchiveServer()
     server.thread.start()
     try:

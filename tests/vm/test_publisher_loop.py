@@ -39,6 +39,7 @@ from cerulean.testbed import process
 from cerulean.testbed.machine import Machine
 from cerulean.testbed.qemu import QemuConfig
 from support.fleet_server import Fleet, launch
+from support.loopback import no_proxy
 from support.openpgp import make_keys, stop_agent
 from support.security_archive import SecurityArchive
 
@@ -49,19 +50,10 @@ PACKAGE = "less"  # in the vm image; nothing there pins its version
 CVE = "CVE-2026-99999"
 TIMEOUT = 900.0
 CONSOLE = "[Service]\nStandardOutput=journal+console\nStandardError=journal+console\n"
-PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 
 
 @pytest.fixture
-def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The archive, the repository and the fleet are on loopback: no proxy in between."""
-    for var in PROXY_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
-@pytest.fixture
-def publisher_proc(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+def publisher_proc() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
     yield procs
     for p in procs:
@@ -94,10 +86,11 @@ def publisher_state(work: Path) -> dict[str, Any]:
 
 
 def test_a_security_fix_reaches_a_fleet_host_with_nobody_in_the_loop(
-        vm_env: dict[str, Path], tmp_path: Path, no_proxy: None,
+        vm_env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         publisher_proc: list[subprocess.Popen[bytes]]) -> None:
     if shutil.which("gpg") is None:
         pytest.skip("gpg is needed to sign the local archive (make test installs gnupg)")
+    no_proxy(monkeypatch)  # the archive, the repository and the fleet are on loopback
     keys = make_keys(tmp_path / "gnupg")
     cache = Cache(vm_env["cache"])
     try:
