@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 from securesystemslib.signer import CryptoSigner
+from test_update_repo import client as host  # a host whose image shipped root v1
 from tuf.api.metadata import Metadata, Root
 
-from cerulean.agent.update.client import RepoClient, UpdateError
+from cerulean.agent.update.client import UpdateError
 from cerulean.cli import main
 from cerulean.errors import CeruleanError
 from cerulean.protocol.update import ChannelDoc
@@ -27,14 +28,6 @@ from cerulean.release.serve import serving
 @pytest.fixture
 def repo(tmp_path: Path) -> Repository:
     return Repository.create(tmp_path / "repo", tmp_path / "keys")
-
-
-def host(tmp_path: Path, repo: Repository, url: str, name: str = "host") -> RepoClient:
-    """A host whose image shipped root version 1."""
-    shipped = tmp_path / f"{name}-1.root.json"
-    if not shipped.exists():
-        shutil.copyfile(repo.meta / "1.root.json", shipped)
-    return RepoClient(url, tmp_path / name, shipped)
 
 
 def trusted_root_version(tmp_path: Path, name: str = "host") -> int:
@@ -86,11 +79,11 @@ def test_a_stolen_retired_root_key_cannot_fork_a_host_that_ships_the_old_root(
     evil = fork(repo, tmp_path, stolen[:1])
     with serving(evil) as url, pytest.raises(UpdateError,
                                              match="not signed by the keys this host trusts"):
-        host(tmp_path, repo, url).refresh()
+        host(tmp_path, url, repo).refresh()
     assert trusted_root_version(tmp_path) == 1
     # The same host then meets the real repository and walks to the real root v2.
     with serving(repo.path) as url:
-        host(tmp_path, repo, url).refresh()
+        host(tmp_path, url, repo).refresh()
     assert trusted_root_version(tmp_path) == 2
     assert Metadata.from_file(str(tmp_path / "host/metadata/root.json")).signed == \
         repo.load("root").signed
@@ -100,7 +93,7 @@ def test_a_stolen_retired_root_key_cannot_fork_a_host_that_ships_the_old_root(
     # host that never saw the real v2. (A 1-of-1 root would fall to one stolen key.)
     evil = fork(repo, tmp_path, stolen)
     with serving(evil) as url:
-        host(tmp_path, repo, url, "other").refresh()
+        host(tmp_path, url, repo, "other").refresh()
     assert trusted_root_version(tmp_path, "other") == 2
     # A second key retired later: root v1 is now forkable, and the ceremony says so.
     repo.rotate_key("root", keys[1].keyid)
@@ -154,7 +147,7 @@ def test_threshold_and_added_keys(repo: Repository, tmp_path: Path) -> None:
     root = repo.load("root").signed
     assert (root.roles["root"].threshold, len(root.roles["root"].keyids)) == (3, 5)
     with serving(repo.path) as url:
-        host(tmp_path, repo, url).refresh()
+        host(tmp_path, url, repo).refresh()
     assert trusted_root_version(tmp_path) == 2
 
 
@@ -184,7 +177,7 @@ def test_online_rotation_signed_offline_is_finished_by_the_publisher(
     # Root v2 names a timestamp key the repository's timestamp.json is not signed with:
     # hosts refuse it until the publisher re-signs.
     with serving(repo.path) as url, pytest.raises(UpdateError):
-        host(tmp_path, repo, url).refresh()
+        host(tmp_path, url, repo).refresh()
     (new,) = key_files(transfer)
     for k in key_files(repo.keys):
         if k.role == "timestamp":
@@ -192,7 +185,7 @@ def test_online_rotation_signed_offline_is_finished_by_the_publisher(
     shutil.copyfile(new.path, repo.keys / new.path.name)
     repo.refresh()
     with serving(repo.path) as url:
-        host(tmp_path, repo, url).refresh()
+        host(tmp_path, url, repo).refresh()
     assert trusted_root_version(tmp_path) == 2
 
 
