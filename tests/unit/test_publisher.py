@@ -121,7 +121,8 @@ class _FakeLock:
         self.packages = {"amd64": [SimpleNamespace(name="less", version=text)]}
 
     def snapshot_date(self, suite: str) -> datetime:
-        return datetime(2026, 12, 1, 6, 0, tzinfo=UTC)
+        # One clock: the fix reached the archive an hour before the real now.
+        return datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 
 
 def publisher(config: Path, **kw: Any) -> pub.Publisher:
@@ -317,11 +318,12 @@ def test_install_writes_the_unit_and_an_example(tmp_path: Path,
 
 def test_a_frozen_mirror_is_an_error_not_silence(world: tuple[Path, Fakes]) -> None:
     config, f = world
+    until = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(days=3)
     f.inrelease = (b"-----BEGIN PGP SIGNED MESSAGE-----\n\nOrigin: Debian\n"
-                   b"Valid-Until: Sat, 01 Nov 2025 00:00:00 UTC\n")
+                   + f"Valid-Until: {until:%a, %d %b %Y %H:%M:%S} UTC\n".encode())
     p = publisher(config)
     out = p.run_once()
-    assert any("expired on 2025-11-01 00:00 UTC: the mirror seems frozen" in e
+    assert any(f"expired on {until:%Y-%m-%d %H:%M} UTC: the mirror seems frozen" in e
                for e in out.errors), out.errors
     assert p.state.last_success == "" and p.state.images["vm"].failures == 1
 
