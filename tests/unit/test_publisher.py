@@ -254,6 +254,26 @@ def test_a_failed_build_publishes_nothing(world: tuple[Path, Fakes]) -> None:
     assert repo.channels() == []
 
 
+def test_a_fault_of_the_publisher_itself_is_a_failure_not_a_crash(
+        world: tuple[Path, Fakes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing tool or a bug in one image's step must not end the service (and with it
+    the re-signing of every image's metadata)."""
+    config, _f = world
+    import cerulean.release.build as build
+
+    def crash(*_a: Any, **_kw: Any) -> None:
+        raise FileNotFoundError(2, "No such file or directory", "zstd")
+
+    monkeypatch.setattr(build, "build_release", crash)
+    p = publisher(config)
+    out = p.run_once()
+    assert out.errors == ["releasing vm: an unexpected FileNotFoundError: [Errno 2] No such "
+                          "file or directory: 'zstd'"]
+    st = p.state.images["vm"]
+    assert st.failures == 1 and st.retry_at
+    assert actions(config)[-1] == "publisher.failed"
+
+
 def test_a_torn_state_file_is_recovered_from_its_copy(world: tuple[Path, Fakes]) -> None:
     config, f = world
     publisher(config).run_once()
@@ -410,3 +430,32 @@ def test_the_previous_packages_come_from_the_repository(tmp_path: Path) -> None:
     old = _previous_packages(None, repo, "vm", "13.20261201.0")
     assert old["amd64"]["less"].version == "668-1"
     assert _previous_packages(None, repo, "vm", "13.20261130.0") == {}
+
+
+def test_sigterm_stops_the_service_and_is_audited(world: tuple[Path, Fakes]) -> None:
+    """systemctl stop and podman stop send SIGTERM; as a container's PID 1 the publisher
+    would ignore it without a handler of its own."""
+    import os
+    import signal
+    import threading
+    import time
+
+    config, f = world
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def after_the_first_round() -> None:
+        end = time.monotonic() + 60
+        while not f.builds and time.monotonic() < end:
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the wait before the next round (poll is 1 minute)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=after_the_first_round, daemon=True).start()
+    try:
+        assert main(["publisher", "run", "--config", str(config)]) == 0
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert len(f.builds) == 1
+    got = actions(config)
+    assert got[-1] == "publisher.stopped" and "release.published" in got, got

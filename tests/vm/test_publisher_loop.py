@@ -4,7 +4,9 @@ A local, signed archive on loopback stands in for trixie-security
 (tests/support/security_archive.py: a copy of the real suite, signed with a
 test key the image's definition trusts beside Debian's). A `vm` host, booted
 from the first release and enrolled in a fleet server on this machine, updates
-from a repository the publisher service writes and this machine serves.
+from a repository the publisher service writes and this machine serves. The
+publisher runs as the container `cerulean build images/publisher.toml` makes,
+started as a privileged container runtime would (tests/support/container.py).
 
 Once the host is up and in the fleet, the test adds a fixed version of a
 package the image holds, with a changelog entry naming a CVE, to the archive.
@@ -19,9 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,14 +30,15 @@ from typing import Any
 import pytest
 
 from cerulean.cli import main
+from cerulean.debian.archive import host_mirrors
 from cerulean.debian.cache import Cache
 from cerulean.debian.lock import read_lock
 from cerulean.release.publish import publish
 from cerulean.release.repo import Repository
 from cerulean.release.serve import serving
-from cerulean.testbed import process
 from cerulean.testbed.machine import Machine
 from cerulean.testbed.qemu import QemuConfig
+from support import container
 from support.fleet_server import Fleet, launch
 from support.loopback import no_proxy
 from support.openpgp import make_keys, stop_agent
@@ -57,7 +58,7 @@ def publisher_proc() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
     yield procs
     for p in procs:
-        process.stop(p, 30)
+        container.stop(p)
 
 
 def wait(what: str, check: Any, timeout: float, every: float = 2.0) -> Any:
@@ -126,6 +127,12 @@ def loop(vm_env: dict[str, Path], tmp: Path, cache: Cache, archive: SecurityArch
         os.chdir(old)
     (v1,) = [p.name for p in (tmp / "first" / "vm").iterdir() if not p.name.startswith(".")]
     publish(repo, tmp / "first" / "vm" / v1, "stable", [(0, 1.0)], level=3)
+    # The publisher's container, from the checkout's definition (locked afresh, as the
+    # archive moves).
+    assert main(["build", str(work / "images" / "publisher.toml"), "--arch", ARCH,
+                 "--out", str(tmp / "publisher-image"), "--cache", str(cache.root)]) == 0
+    rootfs = container.unpack(tmp / "publisher-image" / "publisher.oci", f"latest-{ARCH}",
+                              tmp / "publisher-bundle")
     disk = tmp / "host.raw"
     shutil.copyfile(tmp / "first" / "vm" / v1 / f"vm-{ARCH}.raw", disk)
     subprocess.run(["qemu-img", "resize", "-q", "-f", "raw", str(disk), "4G"], check=True)
@@ -136,18 +143,22 @@ def loop(vm_env: dict[str, Path], tmp: Path, cache: Cache, archive: SecurityArch
     try:
         with serving(repo.path) as url:
             port = url.rsplit(":", 1)[1]
-            # The publisher service, as systemd would run it: a round every 10 s.
+            # The publisher service, in its container: a round every 10 s.
             config = pub / "publisher.toml"
             config.write_text(
                 f'repo = "{repo.path}"\nkeys = "{repo.keys}"\nwork = "{pub / "work"}"\n'
                 f'cache = "{cache.root}"\npoll = "10s"\nlevel = 3\n'
                 f'[[image]]\ndefinition = "{defn}"\narches = ["{ARCH}"]\n'
                 'channels = { stable = "now" }\n')
+            mirror, security = host_mirrors()
+            env = {k: v for k, v in (("CERULEAN_MIRROR", os.environ.get("CERULEAN_MIRROR")
+                                      or mirror),
+                                     ("CERULEAN_SECURITY_MIRROR", security)) if v}
+            argv = container.command(
+                rootfs, ["cerulean", "publisher", "run", "--config", str(config)],
+                shared=[tmp, work, cache.root], env=env, cwd=work)
             with open(tmp / "publisher.log", "ab") as log:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "cerulean.cli", "publisher", "run", "--config",
-                     str(config)], cwd=work, stdout=log, stderr=subprocess.STDOUT,
-                    preexec_fn=process.die_with_parent(signal.SIGTERM)))
+                procs.append(container.start(argv, log))
             # Its first round takes the repository's release as the published one.
             wait("the publisher's first round",
                  lambda: publisher_state(pub / "work").get("images", {}).get("vm", {})

@@ -2,30 +2,28 @@
 
 It holds :mod:`cerulean.agent`, :mod:`cerulean.protocol` and
 :mod:`cerulean.errors` (all standard library or Debian-packaged libraries),
-the ``cerulean`` command for hosts and the agent's systemd units. The package
-is written directly (ar + tar, like dpkg-deb), bit-for-bit reproducible: every
-file is owned by root with a fixed mtime, in sorted order. Every system image
-installs it with dpkg; on other Debian and Ubuntu servers ``apt install
+the ``cerulean`` command for hosts and the agent's systemd units, written bit
+for bit reproducibly by :func:`cerulean.debian.deb.write_deb`. Every system
+image installs it with dpkg; on other Debian and Ubuntu servers ``apt install
 ./cerulean-agent_*.deb`` does the same.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import cerulean
 from cerulean.build.definition import AGENT_DEPENDS, AGENT_REQUIRES, ImageDefinition
+from cerulean.debian.deb import write_deb
 
 PACKAGE = "cerulean-agent"
 SRC = Path(cerulean.__file__).resolve().parent
 PY_DEST = "usr/lib/python3/dist-packages/cerulean"
 UNITS = ("cerulean-update.service", "cerulean-update.timer", "cerulean-health.service",
          "cerulean-agent.service", "cerulean-policy.service", "cerulean-policy.timer")
-MTIME = 1700000000
+MAINTAINER = "Cerulean Linux <security@cerulean-linux.invalid>"
 
 LAUNCHER = b"""#!/usr/bin/python3
 # The Cerulean host agent (cerulean-agent package).
@@ -64,41 +62,16 @@ def contents() -> dict[str, tuple[bytes, int]]:
     return files
 
 
-def version() -> str:
+def content_version(files: dict[str, tuple[bytes, int]]) -> str:
+    """A package version that changes with every change of its files."""
     h = hashlib.sha256()
-    for path, (data, mode) in sorted(contents().items()):
+    for path, (data, mode) in sorted(files.items()):
         h.update(f"{path}\0{mode}\0".encode() + hashlib.sha256(data).digest())
     return f"{cerulean.__version__}+{h.hexdigest()[:12]}"
 
 
-def _tar(entries: dict[str, tuple[bytes, int]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
-        dirs: set[str] = set()
-        for path in sorted(entries):
-            parts = path.split("/")
-            for i in range(1, len(parts)):
-                dirs.add("/".join(parts[:i]))
-        items = [("", None)] + [(d, None) for d in dirs] + [(p, entries[p]) for p in entries]
-        for path, entry in sorted(items, key=lambda x: x[0]):
-            info = tarfile.TarInfo("./" + path)
-            info.mtime, info.uid, info.gid, info.uname, info.gname = MTIME, 0, 0, "root", "root"
-            if entry is None:
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tf.addfile(info)
-            else:
-                data, mode = entry
-                info.size, info.mode = len(data), mode
-                tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _ar(members: list[tuple[str, bytes]]) -> bytes:
-    out = [b"!<arch>\n"]
-    for name, data in members:
-        header = (f"{name:<16}{MTIME:<12}{0:<6}{0:<6}{0o100644:<8o}{len(data):<10}").encode()
-        out.append(header + b"`\n" + data + (b"\n" if len(data) % 2 else b""))
-    return b"".join(out)
+def version() -> str:
+    return content_version(contents())
 
 
 @dataclass(frozen=True)
@@ -109,17 +82,13 @@ class AgentDeb:
 
 def build_deb(out_dir: Path) -> AgentDeb:
     """Write ``cerulean-agent_VERSION_all.deb`` into *out_dir*."""
-    import lzma
-
-    files = contents()
     ver = version()
-    installed = sum(len(d) for d, _ in files.values()) // 1024 + 1
     recommends = [d for d in AGENT_DEPENDS if d.split()[0] not in
                   {r.split()[0] for r in AGENT_REQUIRES}]
     control = (
         f"Package: {PACKAGE}\nVersion: {ver}\nArchitecture: all\n"
-        f"Maintainer: Cerulean Linux <security@cerulean-linux.invalid>\n"
-        f"Installed-Size: {installed}\nDepends: {', '.join(AGENT_REQUIRES)}\n"
+        f"Maintainer: {MAINTAINER}\n"
+        f"Depends: {', '.join(AGENT_REQUIRES)}\n"
         f"Recommends: {', '.join(recommends)}\n"
         "Section: admin\nPriority: optional\n"
         "Description: Cerulean host agent: updates, detection, compliance, audit trail\n"
@@ -128,17 +97,8 @@ def build_deb(out_dir: Path) -> AgentDeb:
         " checks and fixes compliance profiles (CIS Debian 12 Level 1 - Server among\n"
         " them); keeps a hash-chained audit trail of its actions; serves the host's\n"
         " metrics in the Prometheus text format.\n"
-    ).encode()
-    md5 = "".join(f"{hashlib.md5(d).hexdigest()}  {p}\n"  # dpkg md5sums format
-                  for p, (d, _) in sorted(files.items())).encode()
-    control_tar = _tar({"control": (control, 0o644), "md5sums": (md5, 0o644)})
-    data_tar = _tar(files)
-
-    def xz(b: bytes) -> bytes:
-        return lzma.compress(b, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64)
-
-    deb = _ar([("debian-binary", b"2.0\n"), ("control.tar.xz", xz(control_tar)),
-               ("data.tar.xz", xz(data_tar))])
+    )
+    deb = write_deb(control, contents())
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{PACKAGE}_{ver}_all.deb"
     path.write_bytes(deb)

@@ -60,23 +60,23 @@ def ensure_binfmt(arch: str) -> None:
         )
 
 
-def run_in(
+def chroot_command(
     root: Path,
     argv: Sequence[str],
     *,
     binds: Mapping[Path, str] | None = None,
     ro_binds: Mapping[Path, str] | None = None,
     env: Mapping[str, str] | None = None,
-    check: bool = True,
-    what: str | None = None,
-    timeout: float | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run *argv* inside *root*; *binds* maps host paths to paths inside the tree."""
+) -> list[str]:
+    """The command line that runs *argv* inside *root* in its own mount and PID namespace,
+    with /proc, /dev and /run mounted and *binds* (host path → path inside) bound in."""
     if os.geteuid() != 0:
         raise CeruleanError("Building system images needs root (for chroot and mounts).")
     unshare = require_tool("unshare", "util-linux")
-    mounts = ['mount -t proc proc "$R/proc"', 'mount --rbind /dev "$R/dev"',
-              'mount -t tmpfs tmpfs "$R/run"']
+    # The tree is bound onto itself first, so that it is a mount point: inside, "/" can then
+    # have its propagation changed, and a build run in here can start chroots of its own.
+    mounts = ['mount --rbind "$R" "$R"', 'mount -t proc proc "$R/proc"',
+              'mount --rbind /dev "$R/dev"', 'mount -t tmpfs tmpfs "$R/run"']
     for kind, table in (("--bind", binds or {}), ("--bind", ro_binds or {})):
         for host, inside in table.items():
             target = f'"$R"/{shlex.quote(inside.lstrip("/"))}'
@@ -91,11 +91,27 @@ def run_in(
     script = "set -e; R=$0; " + "; ".join(mounts) + '; exec chroot "$R" "$@"'
     full_env = {**BASE_ENV, **(env or {})}
     root = root.resolve()
-    cmd = [unshare, "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
-           "sh", "-c", script, str(root), "env", "-i",
-           *[f"{k}={v}" for k, v in full_env.items()], *argv]
     for d in ("proc", "dev", "run"):
         (root / d).mkdir(exist_ok=True)
+    return [unshare, "--mount", "--pid", "--fork", "--kill-child", "--propagation", "private",
+            "sh", "-c", script, str(root), "env", "-i",
+            *[f"{k}={v}" for k, v in full_env.items()], *argv]
+
+
+def run_in(
+    root: Path,
+    argv: Sequence[str],
+    *,
+    binds: Mapping[Path, str] | None = None,
+    ro_binds: Mapping[Path, str] | None = None,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    what: str | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run *argv* inside *root*; *binds* maps host paths to paths inside the tree."""
+    cmd = chroot_command(root, argv, binds=binds, ro_binds=ro_binds, env=env)
+    root = root.resolve()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout,
                               errors="replace")

@@ -55,7 +55,15 @@ class Context:
 
 
 def unpack(ctx: Context) -> None:
-    for p in sorted(ctx.packages, key=lambda p: p.name):
+    packages = list(ctx.packages)
+    if ctx.defn.packages_cerulean:
+        # Cerulean's own packages, written from this tree (not from the archive).
+        from cerulean.build.cerulean_deb import local_packages
+
+        local = local_packages(ctx.lock, ctx.arch, ctx.cache)
+        packages += [lp.locked for lp in local]
+        ctx.notes["purls"] = {lp.locked.name: lp.purl for lp in local}
+    for p in sorted(packages, key=lambda p: p.name):
         u = load_package(ctx.cache, p)
         shipped = unpack_into(ctx.tree, u)
         ctx.unpacked.append(u)

@@ -26,7 +26,11 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.{}-]+$")
 
 
-BUILTIN_IMAGES = Path(__file__).resolve().parents[3] / "images"
+# A checkout's images/ (also when installed from it in development mode), else where the
+# cerulean package puts them (build/cerulean_deb.py).
+BUILTIN_IMAGES = next((d for d in (Path(__file__).resolve().parents[3] / "images",
+                                   Path("/usr/share/cerulean/images")) if d.is_dir()),
+                      Path(__file__).resolve().parents[3] / "images")
 
 
 def images_dir() -> Path:
@@ -119,6 +123,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Packages never installed: dependencies on them count as met "
             "(for example dpkg or debconf, needed only by maintainer scripts).",
             check=_names_ok(PKG_RE, "package name")),
+    Setting("packages", "cerulean", "bool", False,
+            "Add Cerulean itself (the cerulean command: build, release, publisher) and the "
+            "python-sat solver it needs, repacked from a pinned wheel; their Debian "
+            "dependencies join the lock. Container images only."),
     Setting("archive", "mirror", "str", "",
             "Debian archive URL; default: the host's apt sources or CERULEAN_MIRROR."),
     Setting("archive", "security-mirror", "str", "",
@@ -237,6 +245,7 @@ class ImageDefinition:
     system_boot_tries: int = 3
     system_read_only: bool = False
     system_agent: bool = True
+    packages_cerulean: bool = False
     update_url: str = ""
     update_root: str = ""
     update_channel: str = "stable"
@@ -282,7 +291,20 @@ class ImageDefinition:
             "architectures": sorted(self.image_architectures),
             **({"essential": True} if self.is_system else {}),
             **({"agent": list(AGENT_DEPENDS)} if self.wants_agent else {}),
+            **({"cerulean": list(self.extra_requests)} if self.packages_cerulean else {}),
         }
+
+    @property
+    def extra_requests(self) -> tuple[str, ...]:
+        """Packages the lock resolves beyond packages.include: what Cerulean's own
+        packages in the image depend on."""
+        if self.wants_agent:
+            return AGENT_DEPENDS
+        if self.packages_cerulean:
+            from cerulean.build.cerulean_deb import CERULEAN_DEPENDS
+
+            return CERULEAN_DEPENDS
+        return ()
 
 
 def _convert(s: Setting, value: Any, where: str) -> Any:
@@ -416,6 +438,10 @@ def load_definition(path: Path) -> ImageDefinition:
         raise DefinitionError(f"{where}: 'update.root' names {root}, which does not exist.")
     if (defn.update_url or defn.update_root) and not defn.is_system:
         raise DefinitionError(f"{where}: [update] applies to system images only.")
+    if defn.packages_cerulean and defn.is_system:
+        raise DefinitionError(
+            f"{where}: 'packages.cerulean' applies to container images only (system images "
+            "carry the cerulean-agent package: 'system.agent').")
     return defn
 
 

@@ -74,6 +74,7 @@ def lock_downloads(cfg: ArchiveConfig, lock: Lock, arches: Sequence[str]) -> lis
 
 def _sbom_packages(ctx: Context) -> list[SbomPackage]:
     pkgs: list[SbomPackage] = []
+    purls = ctx.notes.get("purls")
     for u in ctx.unpacked:
         p = u.package
         fields = parse_control(u.control["control"])
@@ -89,6 +90,7 @@ def _sbom_packages(ctx: Context) -> list[SbomPackage]:
                 homepage=fields.get("Homepage", ""),
                 description=fields.get("Description", "").split("\n", 1)[0],
                 copyright=ctx.tree.read(f"usr/share/doc/{p.name}/copyright"),
+                purl=purls.get(p.name, "") if isinstance(purls, dict) else "",
             )
         )
     return pkgs
@@ -169,13 +171,13 @@ def build_image(
                 entrypoint=defn.config_entrypoint,
                 cmd=defn.config_cmd,
                 labels=labels,
-                history_comment=f"cerulean build {name} ({len(ctx.packages)} packages)",
+                history_comment=f"cerulean build {name} ({len(ctx.unpacked)} packages)",
             )
             manifest = writer.add_image([layer], config, labels)
             manifests.append(manifest)
             files = sum(1 for _ in ctx.tree.files())
             results.append(
-                ArchResult(arch, len(ctx.packages), files, ctx.tree.total_size, manifest.digest)
+                ArchResult(arch, len(ctx.unpacked), files, ctx.tree.total_size, manifest.digest)
             )
         ref = "latest"
         index_labels = {

@@ -96,10 +96,7 @@ def resolve_lock(
         u = Universe.build(universe, arch, cfg.suites)
         # "{arch}" in a package name stands for the architecture (linux-image-cloud-{arch}).
         requests = [r.replace("{arch}", arch) for r in defn.packages_include]
-        if defn.wants_agent:
-            from cerulean.build.definition import AGENT_DEPENDS
-
-            requests += [d for d in AGENT_DEPENDS if d not in requests]
+        requests += [d for d in defn.extra_requests if d not in requests]
         if defn.is_system:
             # A bootable system starts from Debian's Essential set, as debootstrap does.
             requests += sorted(

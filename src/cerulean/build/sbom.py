@@ -74,6 +74,7 @@ class SbomPackage:
     homepage: str = ""
     description: str = ""  # first line of the Description field
     copyright: bytes | None = None  # /usr/share/doc/<name>/copyright, if shipped
+    purl: str = ""  # set for packages not from Debian (Cerulean's own, a repacked wheel)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ def deb_purl(package: SbomPackage) -> str:
     followed by ``@<source version>`` when the versions differ too (binNMUs,
     or binaries versioned apart from their source).
     """
+    if package.purl:
+        return package.purl
     qualifiers = {"arch": package.arch, "distro": PURL_DISTRO}
     source = package.source or package.name
     source_version = package.source_version or package.version

@@ -27,7 +27,7 @@ from cerulean.arch import host_arch
 from cerulean.build import disk, lean, sysconfig
 from cerulean.build.agent import install_agent
 from cerulean.build.chroot import run_in
-from cerulean.build.definition import ImageDefinition, images_dir, load_definition
+from cerulean.build.definition import BUILTIN_IMAGES, ImageDefinition, images_dir, load_definition
 from cerulean.build.image import lock_downloads
 from cerulean.build.plan import archive_for, ensure_lock
 from cerulean.build.system import (
@@ -68,8 +68,11 @@ class SystemBuildResult:
 
 
 def tools_tree(cache: Cache, say: Callable[[str], None], offline: bool) -> Path:
-    """The host-architecture tools tree, composed from images/tools.toml (cached)."""
-    defn = load_definition(images_dir() / "tools.toml")
+    """The host-architecture tools tree, composed from images/tools.toml (cached): a
+    checkout's, else the built-in one (a publisher's working directory may hold an
+    images/ directory of its own definitions without it)."""
+    local = images_dir() / "tools.toml"
+    defn = load_definition(local if local.is_file() else BUILTIN_IMAGES / "tools.toml")
     lock = ensure_lock(defn, cache, offline=offline).lock
     arch = host_arch()
     if arch is None or arch not in lock.packages:

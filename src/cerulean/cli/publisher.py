@@ -94,13 +94,34 @@ def _publisher(args: argparse.Namespace, *, verbose: bool = True) -> Any:
     return Publisher(load_config(args.config), say=say)
 
 
+class _Stopped(BaseException):  # not an Exception: no failure handler may swallow it
+    pass
+
+
 def run_run(args: argparse.Namespace) -> int:
+    import signal
     import threading
 
     pub = _publisher(args)
+    stop = threading.Event()
+
+    # SIGTERM (systemctl stop, podman stop) and SIGINT stop it at once, whatever it is
+    # doing: every step is safe to cut short (a build is renamed into place whole, a
+    # publication's timestamp is written last), and unwinding removes temporary trees and
+    # ends the build's chroots. As a container's PID 1 it would otherwise ignore SIGTERM.
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+        raise _Stopped(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     print(f"The publisher runs with {args.config}: a round every {pub.cfg.poll} s.",
           file=sys.stderr)
-    pub.run_forever(threading.Event())
+    try:
+        pub.run_forever(stop)
+    except _Stopped as e:
+        pub.audit.append("publisher", "publisher.stopped", {"signal": str(e)})
+        print(f"The publisher stopped ({e}).", file=sys.stderr)
     return 0
 
 

@@ -110,3 +110,58 @@ def parse_control(text: bytes) -> dict[str, str]:
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     return fields
+
+
+# Writing: Cerulean's own packages (cerulean-agent, cerulean, python3-pysat) are written
+# directly, the way dpkg-deb lays them out, and bit for bit reproducibly: every entry is
+# owned by root with one fixed mtime, in sorted order.
+DEB_MTIME = 1700000000
+
+
+def _deb_tar(entries: dict[str, tuple[bytes, int]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        dirs: set[str] = set()
+        for path in entries:
+            parts = path.split("/")
+            dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        items = [("", None)] + [(d, None) for d in dirs] + [(p, entries[p]) for p in entries]
+        for path, entry in sorted(items, key=lambda x: x[0]):
+            info = tarfile.TarInfo("./" + path)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = DEB_MTIME, 0, 0, "root", "root"
+            if entry is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(info)
+            else:
+                data, mode = entry
+                info.size, info.mode = len(data), mode
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _ar(members: list[tuple[str, bytes]]) -> bytes:
+    out = [AR_MAGIC]
+    for name, data in members:
+        header = f"{name:<16}{DEB_MTIME:<12}{0:<6}{0:<6}{0o100644:<8o}{len(data):<10}".encode()
+        out.append(header + b"`\n" + data + (b"\n" if len(data) % 2 else b""))
+    return b"".join(out)
+
+
+def write_deb(control: str, files: dict[str, tuple[bytes, int]]) -> bytes:
+    """A .deb holding *files* (path → (bytes, mode)) with the *control* paragraph.
+
+    ``Installed-Size`` is added here, and ``md5sums`` is written as dpkg expects.
+    """
+    import hashlib
+
+    installed = sum(len(d) for d, _ in files.values()) // 1024 + 1
+    paragraph = control.rstrip("\n") + f"\nInstalled-Size: {installed}\n"
+    md5 = "".join(f"{hashlib.md5(d).hexdigest()}  {p}\n"  # dpkg's md5sums format
+                  for p, (d, _) in sorted(files.items())).encode()
+    control_tar = _deb_tar({"control": (paragraph.encode(), 0o644), "md5sums": (md5, 0o644)})
+
+    def xz(b: bytes) -> bytes:
+        return lzma.compress(b, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64)
+
+    return _ar([("debian-binary", b"2.0\n"), ("control.tar.xz", xz(control_tar)),
+                ("data.tar.xz", xz(_deb_tar(files)))])

@@ -89,7 +89,10 @@ def local_payload(release_dir: Path, p: Payload) -> Path:
 
 def run_zstd(args: list[str], what: str) -> None:
     """zstd with *args* (quiet, overwriting); a failure is one sentence about *what*."""
-    r = subprocess.run(["zstd", "-q", "-f", *args], capture_output=True, text=True, check=False)
+    from cerulean.run import require_tool
+
+    r = subprocess.run([require_tool("zstd"), "-q", "-f", *args], capture_output=True,
+                       text=True, check=False)
     if r.returncode != 0:
         raise CeruleanError(f"{what} failed: {r.stderr.strip()}")
 

@@ -360,7 +360,11 @@ class Publisher:
         return Repository.open(self.cfg.repo, self.cfg.keys)
 
     def _fail(self, out: Outcome, what: str, e: Exception, image: str = "") -> None:
-        msg = f"{what}: {e}"
+        # Anything but a CeruleanError is a fault of the publisher itself: it is recorded
+        # and retried like any failure (the service must not die of one image's step),
+        # under the exception's type, so that it is not taken for a mirror's failure.
+        msg = f"{what}: {e}" if isinstance(e, CeruleanError) else \
+            f"{what}: an unexpected {type(e).__name__}: {e}"
         out.errors.append(msg)
         self.state.last_error, self.state.last_error_time = msg, utc_iso(self.now())
         detail: dict[str, Any] = {"step": what, "message": str(e)}
@@ -388,7 +392,7 @@ class Publisher:
             self.audit.append("publisher", "metadata.refreshed",
                               {"roles": roles, "timestamp_expires": utc_iso(ts)})
             self.say(f"re-signed {', '.join(roles)}; the timestamp now expires {utc_iso(ts)}")
-        except CeruleanError as e:
+        except Exception as e:  # re-signing must outlive any one failure
             self._fail(out, "re-signing the repository's metadata", e)
 
     def _definition(self, job: ImageJob) -> Any:
@@ -566,7 +570,7 @@ class Publisher:
         self.refresh_metadata(out)
         try:
             self.watch(out)
-        except CeruleanError as e:
+        except Exception as e:  # see _fail
             self._fail(out, "watching the archive", e)
         self.save()
         for job in self.cfg.images:
@@ -576,7 +580,7 @@ class Publisher:
                 if not (force or self.due(name)):
                     continue
                 self.reconcile(job, out)
-            except CeruleanError as e:
+            except Exception as e:  # see _fail
                 self._fail(out, f"releasing {name}", e, name)
             self.save()
         if not out.errors:
