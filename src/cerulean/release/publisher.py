@@ -607,7 +607,11 @@ class Publisher:
         """Re-sign when due, every SIGN_EVERY, even while a round is stuck or building."""
         while not stop.wait(SIGN_EVERY):
             self.refresh_metadata(Outcome())
-            self.save()
+            try:
+                self.save()
+            except OSError as e:  # a full disk must not end the re-signing for good
+                with contextlib.suppress(Exception):
+                    self._fail(Outcome(), "saving the publisher's state", e)
 
     def run_forever(self, stop: threading.Event) -> None:
         with self.only_one():
