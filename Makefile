@@ -17,7 +17,7 @@ DEMO_ARGS ?=
 DEMO_MINUTES := 15
 
 .PHONY: demo test check test-clock-ahead setup apt venv lint bench bench-system bench-boot \
-	bench-stress bench-update bench-publisher bench-agent bench-fleet \
+	bench-stress bench-update bench-publisher bench-agent bench-agent-attacks bench-fleet \
 	compare-openscap clean
 
 # The archive moves on (security updates, point releases): the demo locks copies of the
@@ -112,6 +112,13 @@ bench-publisher: setup
 bench-agent: setup
 	@$(call bench_tool,aide)
 	$(BIN)/python benchmarks/agent_bench.py
+
+# An ordinary local user's attacks on the agent, in a booted vm (a fresh build of this tree).
+ATTACK_BENCH_ARGS ?=
+bench-agent-attacks: setup
+	$(BIN)/cerulean build images/vm.toml --arch amd64 --format qcow2 --out $(OUT)
+	$(BIN)/python benchmarks/agent_attack_bench.py --disk $(OUT)/vm-amd64.qcow2 \
+		$(ATTACK_BENCH_ARGS)
 
 # Simulated agents against a real fleet server on SQLite and PostgreSQL (FLEET_BENCH_ARGS:
 # --hosts, --seconds, --workers, --concurrency; 10,000 hosts for 10 minutes by default).
