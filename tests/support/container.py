@@ -51,13 +51,19 @@ def start(argv: Sequence[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
 
 
 def stop(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> int:
-    """Stop it as a runtime does: SIGTERM to its main process, SIGKILL after *grace_s*.
-
-    unshare ignores SIGTERM while it waits, so the signal goes to the whole group.
-    """
+    """Stop it as a runtime does: SIGTERM to its main process (its PID 1: unshare's child,
+    since unshare ignores SIGTERM while it waits), SIGKILL to all after *grace_s*."""
     if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child), signal.SIGTERM)
+        if not children:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import subprocess
@@ -162,3 +163,68 @@ def test_pip_fetching_another_file_is_refused(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(cd.subprocess, "run", other)
     with pytest.raises(CeruleanError, match=r"pip fetched python_sat-9-.* instead of the pinned"):
         cd.pysat_deb("amd64", Cache(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize(("member", "why"), [
+    ("cerulean/cli/publisher.py", "unexpected member"),  # would replace Cerulean's own
+    ("zzz-hook.pth", "unexpected member"),  # run by Python at every start
+    ("pysat/solvers.py", "twice"),
+])
+def test_the_wheel_may_hold_only_what_python_sat_holds(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path, member: str,
+                                                       why: str) -> None:
+    cache = Cache(tmp_path / "cache")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in GOOD.items():
+            z.writestr(name, data)
+        with pytest.warns(UserWarning) if member in GOOD else contextlib.nullcontext():
+            z.writestr(member, b"import os\n")
+    data = buf.getvalue()
+    pin(monkeypatch, data)
+    cache.put(data)
+    with pytest.raises(CeruleanError, match=why):
+        cd.pysat_deb("amd64", cache)
+
+
+def test_a_wheel_that_is_no_zip_is_one_sentence(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    pin(monkeypatch, b"not a zip")
+    cache.put(b"not a zip")
+    with pytest.raises(CeruleanError, match="not a valid zip file"):
+        cd.pysat_deb("amd64", cache)
+
+
+def test_an_altered_cached_wheel_is_said_and_fetched_again(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    cache = Cache(tmp_path / "cache")
+    good = fake_wheel(GOOD)
+    wheel = pin(monkeypatch, good)
+    cache.blob_path(wheel.sha256).parent.mkdir(parents=True, exist_ok=True)
+    cache.blob_path(wheel.sha256).write_bytes(b"x" * len(good))  # altered in place
+    (cache.root / "wheels").mkdir()
+    (cache.root / "wheels" / wheel.filename).write_bytes(good)
+    assert cd.pysat_deb("amd64", cache)[0]
+    assert "was altered" in capsys.readouterr().err
+    assert cache.blob_path(wheel.sha256).read_bytes() == good
+
+
+def test_untracked_files_and_links_stay_out_of_the_package(tmp_path: Path) -> None:
+    junk = [cd.SRC / "cli" / "publisher.py~", cd.SRC / "cli" / ".publisher.py.swp",
+            cd.SRC / "untracked_module.py"]
+    link = cd.SRC / "leak.txt"
+    try:
+        for f in junk:
+            f.write_text("junk\n")
+        link.symlink_to("/etc/hostname")
+        have = cd.cerulean_contents()
+    finally:
+        for f in [*junk, link]:
+            f.unlink(missing_ok=True)
+    names = {p.rsplit("/", 1)[-1] for p in have}
+    assert not names & {"publisher.py~", ".publisher.py.swp", "untracked_module.py",
+                        "leak.txt"}
+    assert "usr/lib/python3/dist-packages/cerulean/cli/publisher.py" in have

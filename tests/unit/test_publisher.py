@@ -459,3 +459,75 @@ def test_sigterm_stops_the_service_and_is_audited(world: tuple[Path, Fakes]) -> 
     assert len(f.builds) == 1
     got = actions(config)
     assert got[-1] == "publisher.stopped" and "release.published" in got, got
+
+
+class _Cut(BaseException):
+    """A stop (SIGTERM) at an exact point."""
+
+
+def test_a_stop_right_after_the_build_does_not_build_again(world: tuple[Path, Fakes],
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    config, f = world
+    import cerulean.release.build as build
+
+    real = build.build_release
+
+    def then_stop(*a: Any, **kw: Any) -> Any:
+        real(*a, **kw)
+        raise _Cut  # the build is in place; the state does not say so yet
+
+    monkeypatch.setattr(build, "build_release", then_stop)
+    with pytest.raises(_Cut):
+        publisher(config).run_once()
+    monkeypatch.setattr(build, "build_release", real)
+    publisher(config).run_once()
+    assert len(f.builds) == 1, f.builds
+    repo = Repository.open(config.parent / "repo", config.parent / "keys")
+    assert repo.channel("stable").find("vm", f.builds[0])
+
+
+def test_a_stop_right_after_publishing_is_said_after_the_restart(
+        world: tuple[Path, Fakes], monkeypatch: pytest.MonkeyPatch) -> None:
+    config, _f = world
+    import cerulean.release.publish as publish_mod
+
+    real = publish_mod.publish
+    calls: list[str] = []
+
+    def then_stop(repo: Any, rdir: Path, channel: str, *a: Any, **kw: Any) -> Any:
+        out = real(repo, rdir, channel, *a, **kw)
+        calls.append(channel)
+        if len(calls) == 1:
+            raise _Cut  # in the channel; no audit entry, no state yet
+        return out
+
+    monkeypatch.setattr(publish_mod, "publish", then_stop)
+    with pytest.raises(_Cut):
+        publisher(config).run_once()
+    p = publisher(config)
+    p.run_once()
+    published = [(e["channel"], e.get("recovered", False)) for e in p.state.published]
+    assert set(published) == {(calls[0], True), (calls[1], False)}
+    assert actions(config).count("release.published") == 2
+
+
+def test_a_fault_in_one_definition_stops_only_its_own_image(
+        world: tuple[Path, Fakes], monkeypatch: pytest.MonkeyPatch) -> None:
+    config, f = world
+    (config.parent / "images" / "bad.toml").write_text(DEFINITION)
+    config.write_text(config.read_text() + '[[image]]\ndefinition = "images/bad.toml"\n'
+                      'channels = { stable = "now" }\n')
+    real = pub.Publisher._definition
+
+    def faulty(self: pub.Publisher, job: pub.ImageJob) -> Any:
+        if job.definition.name == "bad.toml":
+            raise KeyError("packages")  # a bug, not a CeruleanError
+        return real(self, job)
+
+    monkeypatch.setattr(pub.Publisher, "_definition", faulty)
+    p = publisher(config)
+    out = p.run_once()
+    assert any("bad.toml" in e and "unexpected KeyError" in e for e in out.errors), out.errors
+    assert f.builds, "the vm image was not released"
+    assert p.state.images["bad"].failures >= 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from cerulean.build.agent import MAINTAINER, PY_DEST, content_version
 from cerulean.debian.cache import Cache
 from cerulean.debian.deb import write_deb
 from cerulean.debian.lock import Lock, LockedPackage
-from cerulean.errors import CeruleanError
+from cerulean.errors import CeruleanError, VerificationError
 
 SRC = Path(cerulean.__file__).resolve().parent
 IMAGES_DEST = "usr/share/cerulean/images"
@@ -95,22 +96,37 @@ def _deb_version(pep440: str) -> str:
     return pep440
 
 
+def _files(top: Path) -> list[Path]:
+    """The files under *top* that belong to the package: in a git checkout, those git
+    tracks (so editor backups, caches and untracked files stay out); elsewhere (an
+    installed copy), every file but hidden ones, backups and bytecode. Symbolic links are
+    never followed: their targets could be any file of the building machine."""
+    r = subprocess.run(["git", "-C", str(top), "ls-files", "-z", "--", "."],
+                       capture_output=True, check=False) if shutil.which("git") else None
+    if r is not None and r.returncode == 0:
+        names = sorted(top / n for n in r.stdout.decode("utf-8", "surrogateescape").split("\0")
+                       if n)
+    else:
+        names = sorted(f for f in top.rglob("*")
+                       if not any(part.startswith(".") or part == "__pycache__"
+                                  for part in f.relative_to(top).parts)
+                       and not f.name.endswith(("~", ".pyc", ".pyo")))
+    return [f for f in names if f.is_file() and not f.is_symlink()]
+
+
 def cerulean_contents() -> dict[str, tuple[bytes, int]]:
     """Every file of the cerulean package: path → (bytes, mode)."""
     files: dict[str, tuple[bytes, int]] = {}
-    for f in sorted(SRC.rglob("*")):
-        rel = f.relative_to(SRC)
-        if not f.is_file() or "__pycache__" in rel.parts or f.suffix in (".pyc", ".pyo"):
-            continue
-        files[f"{PY_DEST}/{rel.as_posix()}"] = (f.read_bytes(), 0o644)
+    for f in _files(SRC):
+        files[f"{PY_DEST}/{f.relative_to(SRC).as_posix()}"] = (f.read_bytes(), 0o644)
     from cerulean.build.definition import BUILTIN_IMAGES
 
-    for f in sorted(BUILTIN_IMAGES.iterdir()):
-        if f.suffix in (".toml", ".lock") and f.is_file():
+    for f in _files(BUILTIN_IMAGES):
+        if f.suffix in (".toml", ".lock") and f.parent == BUILTIN_IMAGES:
             files[f"{IMAGES_DEST}/{f.name}"] = (f.read_bytes(), 0o644)
     files["usr/bin/cerulean"] = (LAUNCHER, 0o755)
     licence = SRC.parents[1] / "LICENSE"
-    if licence.is_file():
+    if licence.is_file() and not licence.is_symlink():
         files["usr/share/doc/cerulean/copyright"] = (licence.read_bytes(), 0o644)
     return files
 
@@ -135,8 +151,12 @@ def _fetch_wheel(wheel: Wheel, arch: str, cache: Cache) -> bytes:
     """The pinned wheel's bytes: from the cache, else through pip, checked either way."""
     try:
         return cache.read_verified(wheel.sha256, wheel.size, f"The wheel {wheel.filename}")
+    except VerificationError as e:
+        # The cached copy was altered: said, removed, and fetched again below.
+        print(f"warning: {e}", file=sys.stderr)
+        cache.blob_path(wheel.sha256).unlink(missing_ok=True)
     except CeruleanError:
-        pass
+        pass  # not in the cache yet
     dropped = cache.root / "wheels" / wheel.filename  # a copy brought by hand, offline
     if dropped.is_file():
         data = dropped.read_bytes()
@@ -176,12 +196,21 @@ def _fetch_wheel(wheel: Wheel, arch: str, cache: Cache) -> bytes:
 
 
 def _safe_member(name: str) -> str | None:
-    """The member's path under dist-packages, None to skip it; unsafe names fail."""
+    """The member's path under dist-packages, None to skip it; anything but what
+    python-sat's wheel holds (its package, its three extension modules, its metadata)
+    fails: defence in depth behind the pin."""
     p = PurePosixPath(name)
     if p.is_absolute() or ".." in p.parts or "\\" in name or not p.parts:
         raise CeruleanError(f"The python-sat wheel has an unsafe member name {name!r}.")
     if name.endswith("/") or p.parts[0].endswith(".data"):
         return None  # directories; scripts that duplicate pysat/examples
+    top = p.parts[0]
+    package = top == "pysat" and len(p.parts) > 1
+    module = (len(p.parts) == 1 and top.endswith(".so")
+              and top.startswith(("pysolvers.", "pycard.", "pyformula.")))
+    metadata = top.startswith("python_sat-") and top.endswith(".dist-info")
+    if not (package or module or metadata):
+        raise CeruleanError(f"The python-sat wheel has an unexpected member {name!r}.")
     return p.as_posix()
 
 
@@ -194,11 +223,19 @@ def pysat_deb(arch: str, cache: Cache) -> tuple[str, bytes, str]:
     files: dict[str, tuple[bytes, int]] = {}
     metadata = b""
     total = 0
-    with zipfile.ZipFile(io.BytesIO(data)) as z:
+    try:
+        z = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as e:
+        raise CeruleanError(f"The python-sat wheel is not a valid zip file ({e}).") from None
+    with z:
         for info in z.infolist():
             rel = _safe_member(info.filename)
             if rel is None:
                 continue
+            if f"usr/lib/python3/dist-packages/{rel}" in files:
+                raise CeruleanError(f"The python-sat wheel holds {rel!r} twice.")
+            if (info.external_attr >> 16) & 0o170000 not in (0, 0o100000):
+                raise CeruleanError(f"The python-sat wheel's member {rel!r} is not a file.")
             total += info.file_size
             if total > WHEEL_MAX_BYTES:
                 raise CeruleanError(f"The python-sat wheel unpacks to more than "
@@ -222,7 +259,7 @@ def pysat_deb(arch: str, cache: Cache) -> tuple[str, bytes, str]:
         + (f"Homepage: {homepage}\n" if homepage else "")
         + "Section: python\nPriority: optional\n"
         f"Description: SAT solvers for Python (python-sat {PYSAT_VERSION}, from its wheel)\n"
-        f" Repacked unchanged from {wheel.filename}\n"
+        f" Repacked from {wheel.filename} (its scripts left out)\n"
         f" (sha256 {wheel.sha256}).\n"
     )
     return ver, write_deb(control, files), homepage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -106,22 +107,27 @@ def run_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     # SIGTERM (systemctl stop, podman stop) and SIGINT stop it at once, whatever it is
-    # doing: every step is safe to cut short (a build is renamed into place whole, a
-    # publication's timestamp is written last), and unwinding removes temporary trees and
-    # ends the build's chroots. As a container's PID 1 it would otherwise ignore SIGTERM.
+    # doing, with an audit entry: every step is safe to cut short (a build is renamed into
+    # place whole, a publication's timestamp is written last, and a restart finds what
+    # was done just before), and unwinding removes temporary trees and ends the build's
+    # chroots. Only the first signal counts: a second one must not cut the unwinding.
     def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            return
         stop.set()
         raise _Stopped(signal.Signals(signum).name)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    print(f"The publisher runs with {args.config}: a round every {pub.cfg.poll} s.",
-          file=sys.stderr)
     try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        print(f"The publisher runs with {args.config}: a round every {pub.cfg.poll} s.",
+              file=sys.stderr)
         pub.run_forever(stop)
     except _Stopped as e:
-        pub.audit.append("publisher", "publisher.stopped", {"signal": str(e)})
+        with contextlib.suppress(Exception):
+            pub.audit.append("publisher", "publisher.stopped", {"signal": str(e)})
         print(f"The publisher stopped ({e}).", file=sys.stderr)
+        return 130 if str(e) == "SIGINT" else 0
     return 0
 
 

@@ -41,6 +41,7 @@ import hashlib
 import json
 import random
 import shutil
+import sys
 import threading
 import time
 import tomllib
@@ -232,7 +233,9 @@ class State:
     published: list[dict[str, Any]] = field(default_factory=list)  # newest last, 50 kept
 
     def to_json(self) -> dict[str, Any]:
-        return {"seen": self.seen, "images": {k: vars(v) for k, v in self.images.items()},
+        # Copies taken in one step each: the signer thread saves while a round adds.
+        return {"seen": dict(self.seen),
+                "images": {k: dict(vars(v)) for k, v in list(self.images.items())},
                 "last_success": self.last_success, "last_error": self.last_error,
                 "last_error_time": self.last_error_time, "last_check": self.last_check,
                 "published": self.published}
@@ -376,7 +379,17 @@ class Publisher:
             st.retry_at = utc_iso(self.now() + timedelta(seconds=delay))
             st.error = msg
             detail |= {"image": image, "failures": st.failures, "retry_at": st.retry_at}
-        self.audit.append("publisher", "publisher.failed", detail)
+        if not isinstance(e, CeruleanError):
+            # A bug, not a failure of the world: its traceback goes to the journal (or
+            # the container's log), so that it can be found.
+            import traceback
+
+            print("".join(traceback.format_exception(e)).rstrip(), file=sys.stderr)
+        try:
+            self.audit.append("publisher", "publisher.failed", detail)
+        except Exception as err:  # a full disk: the failure is in the state and the journal
+            print(f"warning: the publisher's audit trail cannot be written: {err}",
+                  file=sys.stderr)
         self.say(f"{msg}" + (f" (retry after {detail['retry_at']})" if image else ""))
 
     def refresh_metadata(self, out: Outcome) -> None:
@@ -410,7 +423,7 @@ class Publisher:
             try:
                 defn = self._definition(job)
                 cfg = archive_for(defn)
-            except CeruleanError as e:
+            except Exception as e:  # one image's fault stops only that image
                 self._fail(out, f"reading {job.definition}", e, job.definition.stem)
                 continue
             for suite in cfg.suites:
@@ -506,6 +519,13 @@ class Publisher:
         built = st.built
         if not (built.get("lock") == lock_sha and
                 (Path(built.get("dir", "")) / "release.json").is_file()):
+            # A build that finished just before a stop, before the state said so.
+            found = self._finished_build(defn.name, arches, defn.lock_path)
+            if found is not None:
+                st.built = built = {"lock": lock_sha, "version": found.name, "dir": str(found)}
+                self.save()
+        if not (built.get("lock") == lock_sha and
+                (Path(built.get("dir", "")) / "release.json").is_file()):
             self.say(f"{defn.name}: building a release of {', '.join(arches)}")
             res_b = build_release(defn, read_lock(defn.lock_path), archive_for(defn), arches,
                                   self.cfg.releases, cache, known_versions=have,
@@ -522,6 +542,17 @@ class Publisher:
         # 3. publish to every channel that does not list it yet
         for channel, waves in job.channels.items():
             if repo.channel(channel).find(defn.name, version):
+                if not any((e.get("image"), e.get("version"), e.get("channel")) ==
+                           (defn.name, version, channel) for e in self.state.published):
+                    # Published just before a stop, before the state and the audit trail
+                    # said so: said now.
+                    recovered = {"image": defn.name, "version": version,
+                                 "channel": channel, "waves": waves, "cves": st.cves,
+                                 "fix_date": st.fix_date, "detected": st.detected,
+                                 "recovered": True}
+                    self.state.published = [*self.state.published, recovered][-50:]
+                    self.audit.append("publisher", "release.published", recovered)
+                    self.save()
                 continue
             publish(repo, rdir, channel, parse_waves(waves), level=self.cfg.level,
                     say=self.say, now=self.now())
@@ -541,6 +572,23 @@ class Publisher:
         st.published_lock, st.version, st.pending = lock_sha, version, False
         st.failures, st.retry_at, st.error = 0, "", ""
         self._prune(defn.name, version)
+
+    def _finished_build(self, image: str, arches: list[str], lock_path: Path) -> Path | None:
+        """The newest complete build in WORK/releases of exactly the lock at *lock_path*."""
+        from cerulean.debian.lock import read_lock
+
+        d = self.cfg.releases / image
+        if not d.is_dir():
+            return None
+        lock = read_lock(lock_path)
+        for v in sorted((p.name for p in d.iterdir() if p.is_dir() and is_version(p.name)),
+                        key=version_key, reverse=True):
+            rdir = d / v
+            if ((rdir / "release.json").is_file() and (rdir / "packages.json").is_file()
+                    and all((rdir / a).is_dir() for a in arches)
+                    and _same_packages(rdir / "packages.json", lock)):
+                return rdir
+        return None
 
     def _prune(self, image: str, keep_version: str) -> None:
         d = self.cfg.releases / image
@@ -606,15 +654,27 @@ class Publisher:
     def _signer(self, stop: threading.Event) -> None:
         """Re-sign when due, every SIGN_EVERY, even while a round is stuck or building."""
         while not stop.wait(SIGN_EVERY):
-            self.refresh_metadata(Outcome())
             try:
+                self.refresh_metadata(Outcome())
                 self.save()
-            except OSError as e:  # a full disk must not end the re-signing for good
+            except Exception as e:  # a full disk, a bug: never the end of the re-signing
                 with contextlib.suppress(Exception):
-                    self._fail(Outcome(), "saving the publisher's state", e)
+                    self._fail(Outcome(), "re-signing (the signer thread)", e)
+
+    def _clean_stale(self) -> None:
+        """Builds cut short by a stop (hidden directories beside the releases): with this
+        publisher the only one on its work directory, none of them is in progress."""
+        if not self.cfg.releases.is_dir():
+            return
+        for image in self.cfg.releases.iterdir():
+            if image.is_dir():
+                for d in image.iterdir():
+                    if d.name.startswith(".") and d.is_dir() and not d.is_symlink():
+                        shutil.rmtree(d, ignore_errors=True)
 
     def run_forever(self, stop: threading.Event) -> None:
         with self.only_one():
+            self._clean_stale()
             self.audit.append("publisher", "publisher.started",
                               {"config": str(self.cfg.path), "poll": self.cfg.poll,
                                "images": [str(j.definition) for j in self.cfg.images]})
