@@ -83,6 +83,7 @@ def test_serves_metrics_until_stopped(tmp_path: Path) -> None:
     assert ctype == daemon.CONTENT_TYPE
     assert "node_memory_MemTotal_bytes 1048576\n" in body
     assert "# TYPE node_time_seconds gauge" in body
+    assert "cerulean_metrics_connections 1\n" in body and "cerulean_watch_up 1\n" in body
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"{url}/", timeout=5)
     assert e.value.code == 404
