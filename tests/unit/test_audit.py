@@ -404,3 +404,35 @@ def test_cli_repair(log: AuditLog, monkeypatch: pytest.MonkeyPatch,
     assert [e["action"] for e in log.entries()][-1] == "alert.audit-trail-repaired"
     assert cli.main(["audit", "verify"]) == 0
 
+
+def test_fleet_reports_carry_the_head_they_extend(tmp_path: Path) -> None:
+    """What fleetlink.collect queues: each new head with the entry at the head reported
+    before, and word of a trail that no longer holds it."""
+    from cerulean.agent import fleetlink
+    from cerulean.agent.outbox import Outbox
+
+    root = tmp_path / "root"
+    log = AuditLog(root / "var/lib/cerulean/audit/audit.jsonl")
+    box = Outbox(tmp_path / "outbox.db", "h")
+
+    def audit_reports() -> list[dict[str, object]]:
+        fleetlink.collect(box, root, hostname="h")
+        rows = box.db.execute("SELECT body FROM message WHERE kind = 'audit' ORDER BY seq")
+        return [json.loads(r[0]) for r in rows]
+
+    try:
+        for i in range(3):
+            log.append("guard", "alert.x", {"rule": "x", "message": str(i)})
+        first = list(log.entries())
+        assert audit_reports() == [{"seq": 3, "hash": first[2]["hash"]}]
+        log.append("guard", "alert.x", {"rule": "x", "message": "3"})
+        assert audit_reports()[-1]["base"] == {"seq": 3, "hash": first[2]["hash"]}
+        # Cut back to two entries, the head rewritten to match: the next round says so.
+        data = log.path.read_bytes().splitlines(keepends=True)
+        log.path.write_bytes(b"".join(data[:2]))
+        log.head_path.write_text(json.dumps({"seq": 2, "hash": first[1]["hash"]}))
+        last = audit_reports()[-1]
+        assert last["seq"] == 2 and last["restarted"] is True
+        assert audit_reports()[-1] == last  # once
+    finally:
+        box.close()
