@@ -436,3 +436,27 @@ def test_fleet_reports_carry_the_head_they_extend(tmp_path: Path) -> None:
         assert audit_reports()[-1] == last  # once
     finally:
         box.close()
+
+
+def test_a_long_entry_from_before_the_bound_is_not_taken_for_tampering(
+        tmp_path: Path) -> None:
+    """Trails written before entries were bounded may end with a very long entry: the
+    next write goes on after it, with or without a readable head."""
+    from cerulean.protocol.audit import canonical
+
+    entries, prev = [], GENESIS
+    for i in (1, 2):
+        e = {"seq": i, "time": "2026-01-01T00:00:00Z", "actor": "guard", "action": "alert.x",
+             "detail": {"message": "m" * (300_000 if i == 2 else 1)}, "prev": prev}
+        e["hash"] = prev = entry_hash(e)
+        entries.append(canonical(e) + b"\n")
+    for damaged in (False, True):
+        log = AuditLog(tmp_path / str(damaged) / "audit.jsonl")
+        log.path.parent.mkdir()
+        log.path.write_bytes(b"".join(entries))
+        log.head_path.write_text("{x" if damaged else json.dumps({"seq": 2, "hash": prev}))
+        log.append("x", "y")
+        actions = [e["action"] for e in log.entries()]
+        assert actions == ["alert.x", "alert.x", *(["alert.audit-head-rebuilt"] * damaged),
+                           "y"]
+        assert log.verify().ok

@@ -62,6 +62,7 @@ READ_CHUNK = 64 << 10
 KEEP_MESSAGE = 2000
 KEEP_FIELD = 200
 KEYS = {"seq", "time", "actor", "action", "detail", "prev", "hash"}
+LONG = (-1, "")  # a last line too long to judge from the end
 COUNTS = ("rotated", "pruned", "recovered", "truncated", "head-rebuilt", "mark-rebuilt",
           "rejected", "restarted", "repaired")
 
@@ -292,8 +293,13 @@ class AuditLog:
             return size, start, f.read(end - start)
 
     def _last_of(self, path: Path) -> tuple[int, str] | None:
-        _, _, raw = self._last_line(path)
-        d = _entry(raw) if raw is not None else None
+        """(seq, hash) of the file's last whole line if it is a valid entry; LONG when the
+        line is longer than any the agent writes now (one written before entries were
+        bounded: it cannot be judged from the end)."""
+        _, start, raw = self._last_line(path)
+        if raw is None:
+            return LONG if start > 0 else None
+        d = _entry(raw)
         return (d["seq"], d["hash"]) if d is not None else None
 
     def _last_entry(self) -> tuple[int, str] | None:
@@ -441,6 +447,14 @@ class AuditLog:
         except AuditError:
             head, damaged = None, True
         last = self._last_entry()
+        if last == LONG and head is None:
+            # A line written before entries were bounded: read it through (rare).
+            last = None
+            for _, _, raw in self._raw():
+                d = _entry(raw)
+                last = (d["seq"], d["hash"]) if d is not None else last
+        elif last == LONG:
+            return out  # nothing to judge from the end
         if head is None:
             if last is not None:
                 self._write_head(*last)
