@@ -23,6 +23,7 @@ Cerulean host agent.
   cerulean audit verify       check that no entry of the audit trail was edited, removed
                               or moved (exit 1 names the first that was)
   cerulean audit show         the audit trail's last entries
+  cerulean audit repair       make the trail writable again after a crash or damage
   cerulean policy list        the compliance profiles on this host
   cerulean policy check       check a profile (default: cerulean-baseline): score, each check
                               and its evidence; --html FILE or --json for reports
@@ -98,6 +99,16 @@ def parser() -> argparse.ArgumentParser:
     sh.add_argument("-n", "--last", type=int, default=20, metavar="N",
                     help="how many entries (default: 20; 0: all)")
     sh.add_argument("--json", action="store_true", help="print the entries as JSON lines")
+    asub.add_parser(
+        "repair", help="make the trail writable again after a crash or damage",
+        description="Make the audit trail writable again: cut off a torn last entry "
+        "(whatever its size), move the head on to an entry a power cut left it short of, "
+        "set aside entries at the end that the agent did not write, and rebuild a "
+        "damaged, missing or wrong head file from the last valid entry. What is cut off "
+        "or set aside is kept in audit.rejected beside the trail, and every step is "
+        "written to the trail as an alert. It never rewrites entries: an edited or cut "
+        "trail stays broken, and verify still names where. The agent does the same, "
+        "but for a wrong head, before each write.")
     ig = sub.add_parser("integrity", help="file integrity against the image's manifest",
                         description="File integrity: this host's writable configuration "
                         "against the manifest its image shipped on /usr (covered by "
@@ -534,10 +545,28 @@ def run_audit(args: argparse.Namespace) -> int:
                   f"Entries 1..{n} before it are intact (last hash {verdict.head[:16]}).",
                   file=sys.stderr)
         return 0 if verdict.ok else 1
+    if args.action == "repair":
+        done = log.repair()
+        for step in done:
+            print(f"repaired: {step}")
+        if not done:
+            print("Nothing to repair.")
+        verdict = log.verify()
+        if verdict.ok:
+            print(f"The audit trail is intact: {verdict.entries} entries.")
+            return 0
+        for prob in verdict.problems:
+            print(f"error: {prob.message}", file=sys.stderr)
+        print("The trail is writable again, but it was changed before: the problem stays "
+              "on record.", file=sys.stderr)
+        return 1
     if args.last < 0:
         raise CeruleanError("--last must be 0 (all) or more.")
-    entries = list(log.entries())
-    for e in entries[-args.last:] if args.last else entries:
+    import collections
+
+    entries = (list(log.entries()) if not args.last
+               else list(collections.deque(log.entries(), maxlen=args.last)))
+    for e in entries:
         if args.json:
             print(json.dumps(e, sort_keys=True))
         else:

@@ -378,9 +378,12 @@ def collect(box: Outbox, root: Path = Path("/"), now: float | None = None,
         if action.startswith("alert.") and isinstance(entry.get("detail"), dict):
             box.put("alert", entry["detail"], {"audit-seq": str(seq)})
             put["alert"] += 1
-    if head is not None:
-        box.put("audit", {"seq": int(head["seq"]), "hash": str(head.get("hash", ""))},
-                {"audit-seq": str(head["seq"])})
+    # The head, with the entry at the head reported before (so the fleet can check that it
+    # extends that one) or word that the trail no longer holds it.
+    report = log.anchor(head, box.get("audit-head"))
+    if report is not None:
+        box.put("audit", report, {"audit-seq": str(report["seq"]),
+                                  "audit-head": f"{report['seq']}:{report['hash']}"})
         put["audit"] += 1
     for profile, rep in sorted(last_reports(root).items()):
         key = f"compliance-at:{profile}"

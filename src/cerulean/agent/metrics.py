@@ -243,11 +243,16 @@ def cerulean_state(root: Path = Path("/"), slot: str = "") -> list[Family]:
                 last.add(t.timestamp(), result=state.last["result"])
             except ValueError:
                 pass
-    head = AuditLog(host.audit_log).head_path
+    trail = AuditLog(host.audit_log)
+    head = trail.head_path
     if head.exists():
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             audit.add(json.loads(head.read_bytes())["seq"])
-    return [info, staged, last, bad, audit, *policy_families(root)]
+    trail_families: list[Family] = []
+    if head.exists() or trail.path.exists():
+        with contextlib.suppress(OSError):
+            trail_families = trail.families()
+    return [info, staged, last, bad, audit, *trail_families, *policy_families(root)]
 
 
 def policy_families(root: Path = Path("/")) -> list[Family]:
