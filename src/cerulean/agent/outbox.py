@@ -240,6 +240,12 @@ class Outbox:
         row = self.db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return str(row[0]) if row else default
 
+    def set_notes(self, notes: dict[str, str]) -> None:
+        """Keep *notes* without a report (a cursor moving past what cannot be sent)."""
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                           sorted(notes.items()))
+
     def max_report(self) -> int:
         """The largest report body this outbox takes, in bytes."""
         from cerulean.protocol.fleet import MAX_REPORT_BYTES
