@@ -190,3 +190,23 @@ def test_a_full_disk_drops_and_counts_and_recovers_by_itself(tmp_path: Path,
     ob.db.execute("PRAGMA max_page_count=1000000")
     assert ob.put("alert", {"pad": "d" * 200_000}) > 0
     assert ob.counters()["dropped-disk-full"] >= 1
+
+
+def test_the_outbox_is_exported_as_metrics(tmp_path: Path, clock: Clock) -> None:
+    from cerulean.agent import metrics
+    from cerulean.agent.daemon import exposition
+    from cerulean.agent.fleetlink import STATE
+    from cerulean.agent.outbox import families
+
+    path = tmp_path / STATE / "outbox.db"
+    assert families(path) == []
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a database" * 100)
+    ob = Outbox(path, "host-1", clock=clock)
+    ob.put("alert", {"n": 1})
+    ob.close()
+    text = metrics.render(families(path))
+    assert "cerulean_fleet_outbox_recovered_total 1" in text
+    assert "cerulean_fleet_outbox_reports 1" in text
+    assert "cerulean_fleet_outbox_bytes " in text
+    assert b"cerulean_fleet_outbox_recovered_total 1" in exposition(tmp_path)

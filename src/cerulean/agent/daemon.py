@@ -31,7 +31,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -105,8 +105,13 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def exposition(root: Path = Path("/"), slot: str = "",
-               alerts: dict[tuple[str, str], int] | None = None) -> bytes:
-    families = [*metrics.collect(root), *metrics.cerulean_state(root, slot)]
+               alerts: dict[tuple[str, str], int] | None = None,
+               extra: Sequence[metrics.Family] = ()) -> bytes:
+    from cerulean.agent import outbox
+    from cerulean.agent.fleetlink import STATE
+
+    families = [*metrics.collect(root), *metrics.cerulean_state(root, slot),
+                *outbox.families(root / STATE / "outbox.db"), *extra]
     if alerts is not None:
         families.append(metrics.alert_family(alerts))
     return metrics.render(families).encode()
@@ -248,7 +253,8 @@ def run(root: Path = Path("/"), say: Callable[[str], None] = print,
     if cfg.metrics_listen:
         try:
             server = metrics_server(cfg.metrics_listen, lambda: exposition(
-                root, slot, dict(guard.by_rule) if guard is not None else None))
+                root, slot, dict(guard.by_rule) if guard is not None else None,
+                guard.families() if guard is not None else ()))
         except AgentError:
             if guard is not None:
                 guard.close()

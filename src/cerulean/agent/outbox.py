@@ -442,3 +442,40 @@ class Outbox:
         finally:
             if delivered:
                 self._fit_disk()
+
+
+def families(path: Path) -> list[Any]:
+    """The outbox at *path* as metrics (none when there is none, or it cannot be read):
+    reports waiting, bytes on disk, and its counters (``dropped``, ``dropped-disk-full``,
+    ``truncated``, ``unsendable``, ``recovered``) as ``cerulean_fleet_outbox_*_total``."""
+    from cerulean.agent.metrics import Family
+
+    if not path.exists():
+        return []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            pending = int(db.execute("SELECT COUNT(*) FROM message").fetchone()[0])
+            counters = dict(db.execute("SELECT name, value FROM counter").fetchall())
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return []
+    if UNCOUNTED.get(str(path)):
+        counters["dropped"] = counters.get("dropped", 0) + UNCOUNTED[str(path)]
+    size = 0
+    for name in (str(path), f"{path}-wal"):
+        with contextlib.suppress(OSError):
+            size += os.stat(name).st_size
+    out = [Family("cerulean_fleet_outbox_reports", "gauge",
+                  "Reports waiting in the outbox for the fleet server."),
+           Family("cerulean_fleet_outbox_bytes", "gauge",
+                  "The outbox's size on disk (database and WAL).")]
+    out[0].add(pending)
+    out[1].add(size)
+    for name, value in sorted(counters.items()):
+        fam = Family(f"cerulean_fleet_outbox_{str(name).replace('-', '_')}_total", "counter",
+                     f"Reports the outbox counted as {name} (it looked after itself).")
+        fam.add(int(value))
+        out.append(fam)
+    return out
