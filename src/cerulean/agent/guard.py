@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cerulean.agent import sensors
+from cerulean.agent import metrics, sensors
 from cerulean.agent.audit import AuditLog
-from cerulean.agent.detect import Alert, DetectionRule, match
+from cerulean.agent.detect import Alert, DetectionRule, RateLimit, match
 from cerulean.agent.watch import Watcher
 from cerulean.errors import CeruleanError
 
@@ -38,6 +38,9 @@ class Guard:
     alerts: int = 0
     by_rule: dict[tuple[str, str], int] = field(default_factory=dict)  # (rule, priority)
     journal: sensors.JournalFollower | None = None  # auth events; made by start()
+    limit: RateLimit = field(default_factory=RateLimit)  # per rule
+    suppressed: dict[str, int] = field(default_factory=dict)  # by rule: held back
+    truncated: int = 0  # alerts written with fields cut
     _watcher: Watcher | None = field(default=None, repr=False)
     _snapshots: list[tuple[str, sensors.NewOnly]] = field(default_factory=list, repr=False)
     _next_poll: float = field(default=0.0, repr=False)
@@ -83,9 +86,18 @@ class Guard:
             for kind, snap in self._snapshots:
                 events += [(kind, e) for e in snap.poll()]
         raised = [a for kind, e in events for a in match(self.rules, kind, e, now)]
+        # Each rule writes a bounded number of alerts a window; the rest become a count
+        # and, when the window ends, one summary alert.
+        written = self.limit.summaries(now)
         for a in raised:
             self.alerts += 1
             self.by_rule[a.rule, a.priority] = self.by_rule.get((a.rule, a.priority), 0) + 1
+            if self.limit.admit(a):
+                written.append(a)
+            else:
+                self.suppressed[a.rule] = self.suppressed.get(a.rule, 0) + 1
+        for a in written:
+            self.truncated += bool(a.truncated)
             # The journal gets one line per alert: control characters in a file name
             # or command line cannot forge more.
             self.say(f"alert [{a.priority}] {a.rule}: "
@@ -94,4 +106,15 @@ class Guard:
                 self.audit.append("guard", f"alert.{a.rule}", a.to_json())
             except (OSError, CeruleanError) as e:
                 self.say(f"warning: the audit trail could not be written: {e}")
-        return raised
+        return written
+
+    def families(self) -> list[metrics.Family]:
+        """What the alert limits held back or cut, as metrics."""
+        held = metrics.Family("cerulean_alerts_suppressed_total", "counter",
+                              "Alerts not written one by one (a rule's rate limit), by rule.")
+        for rule, n in sorted(self.suppressed.items()):
+            held.add(n, rule=rule)
+        cut = metrics.Family("cerulean_alerts_truncated_total", "counter",
+                             "Alerts written with a field cut to its size limit.")
+        cut.add(self.truncated)
+        return [held, cut]
