@@ -350,7 +350,9 @@ def metric_values(root: Path = Path("/")) -> dict[str, float]:
 # What one report may carry: the fleet server refuses an alert message over 2,000
 # characters, and a single hostile alert (a 1 MiB command line) must not block the rest.
 MAX_ALERT_MESSAGE = 2000  # characters of an alert's message
-MAX_REPORT_TEXT = 4096  # characters of any other text in an alert or compliance report
+# Characters of any other text in an alert or compliance report (above what detection
+# already keeps, detect.MAX_EVIDENCE_TEXT and its marker: those alerts go as they are).
+MAX_REPORT_TEXT = 8192
 MAX_REPORT_ITEMS = 1000  # entries of a list or mapping in an alert or compliance report
 MAX_REPORT_DEPTH = 8  # nesting of an alert's evidence; deeper values become text
 MAX_ALERT_BYTES = 64 << 10  # an alert report's JSON; past it the evidence is summarised

@@ -65,6 +65,7 @@ class Guard:
                            for kind, sense, key, first in table if kind in kinds]
 
     def close(self) -> None:
+        self._write(self.limit.summaries(self.clock(), flush=True))  # nothing held back
         if self._watcher is not None:
             self._watcher.close()
         if self.journal is not None:
@@ -96,7 +97,11 @@ class Guard:
                 written.append(a)
             else:
                 self.suppressed[a.rule] = self.suppressed.get(a.rule, 0) + 1
-        for a in written:
+        self._write(written)
+        return written
+
+    def _write(self, alerts: list[Alert]) -> None:
+        for a in alerts:
             self.truncated += bool(a.truncated)
             # The journal gets one line per alert: control characters in a file name
             # or command line cannot forge more.
@@ -106,7 +111,6 @@ class Guard:
                 self.audit.append("guard", f"alert.{a.rule}", a.to_json())
             except (OSError, CeruleanError) as e:
                 self.say(f"warning: the audit trail could not be written: {e}")
-        return written
 
     def families(self) -> list[metrics.Family]:
         """What the alert limits held back or cut, as metrics."""

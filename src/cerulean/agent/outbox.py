@@ -131,7 +131,10 @@ class Outbox:
             self.db.execute(f"PRAGMA wal_autocheckpoint={max(8, wal // page)}")
             self.db.executescript(SCHEMA)
             if int(self.db.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
-                self.db.execute("VACUUM")  # a database made before: now it can shrink
+                # A database made before: now it can shrink (when the disk has room for
+                # the copy VACUUM makes; else another time).
+                with contextlib.suppress(sqlite3.OperationalError):
+                    self.db.execute("VACUUM")
             self.db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('epoch', ?)",
                             (secrets.token_hex(8),))
             self.epoch = str(self.db.execute("SELECT value FROM meta WHERE name = 'epoch'")
