@@ -792,3 +792,97 @@ def _check_line(raw: bytes, line: int, seq: int, prev: str) -> Problem | None:
                        "an entry before it was replaced or moved.")
     return None
 
+
+# Reading the trail from a cursor, a bounded batch at a time (the fleet's reports).
+READ_ENTRIES = 1000  # entries one call returns at most
+READ_BYTES = 4 << 20  # bytes of lines one call reads at most
+MAX_LINE = 1 << 20  # a longer line is not parsed: only its ends are read (action, seq)
+_ENDS = 256  # bytes kept of each end of a line longer than MAX_LINE
+
+
+def read_after(path: Path, after: int, offset: int = 0, max_entries: int = READ_ENTRIES,
+               max_bytes: int = READ_BYTES, max_line: int = MAX_LINE
+               ) -> tuple[list[dict[str, Any]], int]:
+    """The entries of the log at *path* after sequence number *after*, and the byte
+    offset to start from next time; *offset* is such a hint from the last call (a wrong
+    one, after the log was cut or replaced, is noticed and the log read from its start).
+
+    At most *max_entries* entries and about *max_bytes* bytes are read; a line longer
+    than *max_line* is never held in memory: it comes back as ``{"seq", "time",
+    "action", "oversized": LENGTH}`` (its ends hold those keys). A last line without its
+    newline is being written (or torn): it is left for the next call. Entries are not
+    checked (see :meth:`AuditLog.verify`).
+    """
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return [], 0
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if not 0 < offset <= size or not _line_starts(f, offset):
+            offset = 0
+        out, pos = _scan(f, offset, after, max_entries, max_bytes, max_line)
+        if offset and out and int(out[0].get("seq", 0)) > after + 1:
+            # The hint pointed past the cursor: the log was replaced; read it again.
+            out, pos = _scan(f, 0, after, max_entries, max_bytes, max_line)
+        return out, pos
+
+
+def _line_starts(f: Any, offset: int) -> bool:
+    f.seek(offset - 1)
+    return bool(f.read(1) == b"\n")
+
+
+def _scan(f: Any, offset: int, after: int, max_entries: int, max_bytes: int,
+          max_line: int) -> tuple[list[dict[str, Any]], int]:
+    f.seek(offset)
+    out: list[dict[str, Any]] = []
+    pos = offset
+    read = 0
+    while len(out) < max_entries and read < max_bytes:
+        raw = f.readline(max_line + 1)
+        if not raw.endswith(b"\n"):
+            if len(raw) <= max_line:
+                break  # the end, or a last line still being written
+            entry, raw_len = _oversized(f, raw)
+            if entry is None:
+                break
+        else:
+            entry, raw_len = None, len(raw)
+            try:
+                d = json.loads(raw)
+            except ValueError:
+                d = None  # not an entry: skipped (verify names it)
+            entry = d if isinstance(d, dict) else {}
+        pos += raw_len
+        seq = entry.get("seq")
+        if isinstance(seq, int) and seq > after:
+            out.append(entry)
+            # What is held counts (entries passed over, or a line only summarised, cost
+            # time, not memory).
+            read += 2 * _ENDS if "oversized" in entry else raw_len
+    return out, pos
+
+
+def _oversized(f: Any, head: bytes) -> tuple[dict[str, Any] | None, int]:
+    """The rest of a line too long to parse, read in pieces: its action (the first key
+    of canonical JSON) and its seq and time (the last ones); None if it has no end yet."""
+    import re
+
+    length, tail = len(head), head[-_ENDS:]
+    while True:
+        chunk = f.readline(1 << 16)
+        if not chunk:
+            return None, 0
+        length += len(chunk)
+        tail = (tail + chunk)[-_ENDS:]
+        if chunk.endswith(b"\n"):
+            break
+    action = re.match(rb'\{"action":"((?:[^"\\]|\\.){0,200})"', head)
+    end = re.search(rb'"seq":(\d{1,18}),"time":"([^"]{0,40})"\}\n$', tail)
+    entry: dict[str, Any] = {"oversized": length}
+    if action:
+        entry["action"] = action.group(1).decode("utf-8", "replace")
+    if end:
+        entry["seq"], entry["time"] = int(end.group(1)), end.group(2).decode("ascii", "replace")
+    return entry, length

@@ -108,7 +108,11 @@ def parse_listen(value: str) -> tuple[str, int]:
 def exposition(root: Path = Path("/"), slot: str = "",
                alerts: dict[tuple[str, str], int] | None = None,
                extra: Callable[[], list[metrics.Family]] | None = None) -> bytes:
-    families = [*metrics.collect(root), *metrics.cerulean_state(root, slot)]
+    from cerulean.agent import outbox
+    from cerulean.agent.fleetlink import STATE
+
+    families = [*metrics.collect(root), *metrics.cerulean_state(root, slot),
+                *outbox.families(root / STATE / "outbox.db")]
     if alerts is not None:
         families.append(metrics.alert_family(alerts))
     if extra is not None:

@@ -47,6 +47,14 @@ TOKEN = re.compile(r"""
     | (?P<word>[A-Za-z0-9_./:*?\[\]~+-]+)
     )""", re.VERBOSE)
 MAX_KEYS = 10_000  # sources a threshold rule counts at once before forgetting quiet ones
+# What one alert carries, cut before it is written anywhere (a command line or a file name
+# is the attacker's to choose; cut text ends with "…[N more characters]").
+MAX_EVIDENCE_TEXT = 4096  # characters of each text field of an alert's evidence
+MAX_ALERT_MESSAGE = 1024  # characters of an alert's message
+# Each rule writes at most RATE_BURST alerts in RATE_WINDOW seconds; the rest are counted
+# and summed up in one alert ("rule X fired N more times") when the window ends.
+RATE_BURST = 20
+RATE_WINDOW = 60.0
 FIELD = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
 
 Node = Callable[[Mapping[str, Any]], bool]
@@ -238,10 +246,85 @@ class Alert:
     message: str
     time: float
     evidence: Mapping[str, Any]
+    truncated: tuple[str, ...] = ()  # the fields cut to the limits above
 
     def to_json(self) -> dict[str, Any]:
-        return {"rule": self.rule, "priority": self.priority, "tags": list(self.tags),
-                "message": self.message, "time": self.time, "evidence": dict(self.evidence)}
+        out = {"rule": self.rule, "priority": self.priority, "tags": list(self.tags),
+               "message": self.message, "time": self.time, "evidence": dict(self.evidence)}
+        if self.truncated:
+            out["truncated"] = list(self.truncated)
+        return out
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + f"…[{len(text) - limit} more characters]"
+
+
+def bounded_alert(rule: DetectionRule, event: Mapping[str, Any], now: float) -> Alert:
+    """The alert *rule* raises for *event*, every text within the limits (the fields
+    that were cut are named in :attr:`Alert.truncated`)."""
+    evidence: dict[str, Any] = {}
+    cut = []
+    for k, v in event.items():
+        if isinstance(v, str) and len(v) > MAX_EVIDENCE_TEXT:
+            v = _cut(v, MAX_EVIDENCE_TEXT)
+            cut.append(k)
+        evidence[k] = v
+    message = _render(rule.output, evidence)
+    if len(message) > MAX_ALERT_MESSAGE:
+        message = _cut(message, MAX_ALERT_MESSAGE)
+        cut.append("message")
+    return Alert(rule.name, rule.priority, rule.tags, message, now, evidence, tuple(cut))
+
+
+@dataclass
+class _Window:
+    start: float
+    written: int = 0
+    more: int = 0
+    priority: str = "warning"
+    tags: tuple[str, ...] = ()
+    last: str = ""
+
+
+@dataclass
+class RateLimit:
+    """At most *burst* alerts per rule in *window* seconds (a fixed window from the rule's
+    first alert); the others are counted, and :meth:`summaries` gives one alert for each
+    rule whose window ended with some held back. Memory: one window per rule."""
+
+    burst: int = RATE_BURST
+    window: float = RATE_WINDOW
+    _open: dict[str, _Window] = field(default_factory=dict, repr=False)
+
+    def admit(self, alert: Alert) -> bool:
+        w = self._open.get(alert.rule)
+        if w is None or alert.time >= w.start + self.window:
+            w = self._open[alert.rule] = _Window(alert.time)
+        if w.written < self.burst:
+            w.written += 1
+            return True
+        w.more += 1
+        w.priority, w.tags, w.last = alert.priority, alert.tags, alert.message
+        return False
+
+    def summaries(self, now: float, flush: bool = False) -> list[Alert]:
+        """One alert per rule whose window has ended (all of them, with *flush*) with
+        alerts held back: "rule X fired N more times"."""
+        out = []
+        for rule, w in list(self._open.items()):
+            if not flush and now < w.start + self.window:
+                continue
+            del self._open[rule]
+            if w.more:
+                out.append(Alert(
+                    rule, w.priority, (*w.tags, "rate-limited"),
+                    f"rule {rule} fired {w.more} more time{'s' if w.more != 1 else ''} "
+                    f"within {self.window:g} s, not written one by one (last: "
+                    f"{_cut(w.last, 200)})", now,
+                    {"rule.suppressed": w.more, "rule.window": self.window,
+                     "rule.written": w.written}))
+        return out
 
 
 def load_rules(items: Any, source: str = "the rules") -> list[DetectionRule]:
@@ -316,8 +399,7 @@ def match(rules: list[DetectionRule], kind: str, event: Mapping[str, Any],
             if len(window) < th.count:
                 continue
             window.clear()  # one alert per burst
-        alerts.append(Alert(rule.name, rule.priority, rule.tags, _render(rule.output, event),
-                            now, dict(event)))
+        alerts.append(bounded_alert(rule, event, now))
     return alerts
 
 

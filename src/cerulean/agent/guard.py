@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cerulean.agent import sensors
+from cerulean.agent import metrics, sensors
 from cerulean.agent.audit import AuditLog
-from cerulean.agent.detect import Alert, DetectionRule, match
+from cerulean.agent.detect import Alert, DetectionRule, RateLimit, match
 from cerulean.agent.metrics import Family
 from cerulean.agent.watch import Watcher, WatchError
 from cerulean.errors import CeruleanError
@@ -69,6 +69,9 @@ class Guard:
     alerts: int = 0
     by_rule: dict[tuple[str, str], int] = field(default_factory=dict)  # (rule, priority)
     journal: sensors.JournalFollower | None = None  # auth events; made by start()
+    limit: RateLimit = field(default_factory=RateLimit)  # per rule
+    suppressed: dict[str, int] = field(default_factory=dict)  # by rule: held back
+    truncated: int = 0  # alerts written with fields cut
     _watcher: Watcher | None = field(default=None, repr=False)
     _snapshots: list[tuple[str, sensors.NewOnly]] = field(default_factory=list, repr=False)
     _next_poll: float = field(default=0.0, repr=False)
@@ -99,6 +102,7 @@ class Guard:
                            for kind, sense, key, first in table if kind in kinds]
 
     def close(self) -> None:
+        self._write(self.limit.summaries(self.clock(), flush=True))  # nothing held back
         if self._watcher is not None:
             self._watcher.close()
         if self.journal is not None:
@@ -168,11 +172,13 @@ class Guard:
             del self._pending[kind]
 
     def families(self) -> list[Family]:
-        """The watch's own state: cerulean_watch_*."""
+        """The guard's own state: what the alert limits held back or cut
+        (cerulean_alerts_*), and the watch's state (cerulean_watch_*)."""
         if not any(r.event == "file" for r in self.rules):
-            return []
+            return self._alert_families()
         w = self._watcher
-        fams = [Family("cerulean_watch_up", "gauge",
+        fams = [*self._alert_families(),
+                Family("cerulean_watch_up", "gauge",
                        "1 when file events are watched (inotify started).",
                        [({}, 1.0 if w is not None else 0.0)])]
         if w is None:
@@ -222,9 +228,24 @@ class Guard:
             for kind, snap in self._snapshots:
                 events += [(kind, e) for e in snap.poll()]
         raised = [a for kind, e in events for a in match(self.rules, kind, e, now)]
+        # Each rule writes a bounded number of alerts a window; the rest become a count
+        # and, when the window ends, one summary alert.
+        written = self.limit.summaries(now)
         for a in raised:
             self.alerts += 1
             self.by_rule[a.rule, a.priority] = self.by_rule.get((a.rule, a.priority), 0) + 1
+            if self.limit.admit(a):
+                written.append(a)
+            else:
+                self.suppressed[a.rule] = self.suppressed.get(a.rule, 0) + 1
+        self._write(written)
+        if self._pending:
+            self._report(now)
+        return written
+
+    def _write(self, alerts: list[Alert]) -> None:
+        for a in alerts:
+            self.truncated += bool(a.truncated)
             # The journal gets one line per alert: control characters in a file name
             # or command line cannot forge more.
             self.say(f"alert [{a.priority}] {a.rule}: "
@@ -233,6 +254,14 @@ class Guard:
                 self.audit.append("guard", f"alert.{a.rule}", a.to_json())
             except (OSError, CeruleanError) as e:
                 self.say(f"warning: the audit trail could not be written: {e}")
-        if self._pending:
-            self._report(now)
-        return raised
+
+    def _alert_families(self) -> list[metrics.Family]:
+        """What the alert limits held back or cut, as metrics."""
+        held = metrics.Family("cerulean_alerts_suppressed_total", "counter",
+                              "Alerts not written one by one (a rule's rate limit), by rule.")
+        for rule, n in sorted(self.suppressed.items()):
+            held.add(n, rule=rule)
+        cut = metrics.Family("cerulean_alerts_truncated_total", "counter",
+                             "Alerts written with a field cut to its size limit.")
+        cut.add(self.truncated)
+        return [held, cut]
