@@ -379,7 +379,11 @@ def test_an_entry_larger_than_the_limit_is_cut_down_with_a_marker(tmp_path: Path
     assert log.path.stat().st_size <= MAX_ENTRY_BYTES
     d = entry["detail"]
     assert d["rule"] == "program-from-temporary-directory" and d["priority"] == "error"
-    assert d["message"].startswith("program /tmp/x AAA") and d["evidence"] == {}
+    assert d["message"].startswith("program /tmp/x AAA")
+    assert d["message"].endswith(f"…[{(1 << 20) + 15 - 2000} more characters]")
+    # The evidence keeps every field, cut short with the same marker.
+    assert d["evidence"] == {"process.cmdline": "B" * 200 + f"…[{(1 << 20) - 200} more "
+                                                            "characters]"}
     assert d["truncated"]["bytes"] > 2 << 20 and d["truncated"]["limit"] == MAX_ENTRY_BYTES
     assert log.verify().ok and log.counts()["truncated"] == 1
 

@@ -61,6 +61,7 @@ READ_CHUNK = 64 << 10
 # Texts kept in a cut-down entry: the message and the other fields.
 KEEP_MESSAGE = 2000
 KEEP_FIELD = 200
+KEEP_EVIDENCE = 32  # evidence fields an entry cut down keeps (each cut to KEEP_FIELD)
 KEYS = {"seq", "time", "actor", "action", "detail", "prev", "hash"}
 LONG = (-1, "")  # a last line too long to judge from the end
 COUNTS = ("rotated", "pruned", "recovered", "truncated", "head-rebuilt", "mark-rebuilt",
@@ -125,6 +126,11 @@ def _entry(raw: bytes) -> dict[str, Any] | None:
     return d
 
 
+def _cut(text: str, keep: int) -> str:
+    """*text* cut to *keep* characters, saying how many more there were."""
+    return text if len(text) <= keep else f"{text[:keep]}…[{len(text) - keep} more characters]"
+
+
 def shrink(actor: str, action: str, detail: Mapping[str, Any], size: int
            ) -> tuple[str, str, dict[str, Any]]:
     """An entry of *size* bytes, too large to write, cut down to what says what it was."""
@@ -134,11 +140,20 @@ def shrink(actor: str, action: str, detail: Mapping[str, Any], size: int
             kept[k] = detail[k][:KEEP_FIELD]
     msg = detail.get("message")
     if isinstance(msg, str):
-        kept["message"] = msg if len(msg) <= KEEP_MESSAGE else msg[:KEEP_MESSAGE] + "…"
+        kept["message"] = _cut(msg, KEEP_MESSAGE)
     tags = detail.get("tags")
     if isinstance(tags, list):
         kept["tags"] = [str(t)[:64] for t in tags[:16]]
-    if "evidence" in detail:
+    evidence = detail.get("evidence")
+    if isinstance(evidence, Mapping):
+        # What the alert was about (the program, the file) matters most: every field is
+        # kept, cut short, as long as that fits.
+        kept["evidence"] = {str(k)[:KEEP_FIELD]: v if v is None or isinstance(v, bool | int | float)
+                            else _cut(str(v), KEEP_FIELD)
+                            for k, v in list(evidence.items())[:KEEP_EVIDENCE]}
+        if len(canonical(kept)) > MAX_ENTRY_BYTES // 2:
+            kept["evidence"] = {}
+    elif "evidence" in detail:
         kept["evidence"] = {}
     kept["truncated"] = {"bytes": size, "limit": MAX_ENTRY_BYTES,
                          "sha256": hashlib.sha256(canonical(dict(detail))).hexdigest()}
