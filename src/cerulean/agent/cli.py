@@ -294,7 +294,8 @@ def _compare(args: argparse.Namespace, root: Path) -> int:
             raise CeruleanError(f"{args.report} is not a 'cerulean policy check --json' "
                                 "report.")
     else:
-        report = pol.run_policy(pol.load_profile(args.profile, root), RuleHost(root)).to_json()
+        report = pol.run_policy(pol.load_profile(args.profile, root, allow_path=True),
+                                RuleHost(root)).to_json()
     pairs = xccdf.compare(report, theirs)
     total = xccdf.summary(pairs)
     if not total["both"]:
@@ -366,7 +367,8 @@ def run_policy(args: argparse.Namespace) -> int:
                                "fixes": [vars(f) for f in o.fixes]} for o in results],
                              indent=2))
         return 0
-    policy = pol.load_profile(args.profile or (cfg.policies or ["cerulean-baseline"])[0], root)
+    policy = pol.load_profile(args.profile or (cfg.policies or ["cerulean-baseline"])[0], root,
+                             allow_path=args.profile is not None)  # a path only by hand
     if args.action == "fix" and args.dry_run:
         report = pol.run_policy(policy, host)
         by_id = {c.id: c for c in policy.checks}
