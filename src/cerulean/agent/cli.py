@@ -494,9 +494,15 @@ def run_cve(args: argparse.Namespace) -> int:
         raise CeruleanError(f"{args.tracker} is not the Security Tracker's JSON: "
                             f"{str(e).rstrip('.')}.") from None
     packages = cves.installed_packages()
-    found = cves.affecting(packages, tracker, release)
+    skipped: list[str] = []
+    found = cves.affecting(packages, tracker, release, skipped)
+    if skipped:  # said, never silent: the report is missing these records
+        print(f"warning: {len(skipped)} tracker record{'s' if len(skipped) != 1 else ''} "
+              f"skipped (a version that is not a Debian version), first: {skipped[0]}",
+              file=sys.stderr)
     if args.json:
         print(json.dumps({"release": release, "packages": len(packages),
+                          "skipped": len(skipped),
                           "findings": [f.to_json() for f in found]}, indent=2))
         return 0
     for f in found:
