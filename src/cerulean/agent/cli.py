@@ -432,9 +432,10 @@ def run_integrity(args: argparse.Namespace) -> int:
 
     from cerulean.agent import integrity
 
+    problems: list[integrity.Problem] = []
     try:
         base, changes = integrity.since_baseline(
-            now=datetime.now(UTC).isoformat(timespec="seconds"))
+            now=datetime.now(UTC).isoformat(timespec="seconds"), problems=problems)
         boot = integrity.boot_changes()
     except integrity.IntegrityError as e:
         raise CeruleanError(str(e)) from None
@@ -443,6 +444,7 @@ def run_integrity(args: argparse.Namespace) -> int:
         print(json.dumps({"baseline": base.source, "baseline_made": base.made,
                           "dirs": list(base.dirs), "usr_verity": verity,
                           "changes": [c.to_json() for c in changes],
+                          "unreadable": [p.to_json() for p in problems],
                           "boot": boot.to_json()}, indent=2))
     else:
         for c in [*changes, *boot.changes]:
@@ -466,6 +468,11 @@ def run_integrity(args: argparse.Namespace) -> int:
                "not found" if boot.esp is None else
                f"{n} change{'s' if n != 1 else ''} in {boot.esp} since the image was built "
                "(UKIs known by content: the image's and those the updater installed)")
+        for p in problems:
+            print(f"unreadable     {p.path}  ({p.error})")
+        if problems:
+            print(f"{len(problems)} path{'s' if len(problems) != 1 else ''} could not be "
+                  "read; their state is unknown.")
         print(f"{len(changes)} change{'s' if len(changes) != 1 else ''} in "
               f"{', '.join(base.dirs)} since {since}; /usr: dm-verity {verity}; "
               f"the ESP: {esp}.")

@@ -242,7 +242,9 @@ def cerulean_state(root: Path = Path("/"), slot: str = "") -> list[Family]:
     if head.exists():
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             audit.add(json.loads(head.read_bytes())["seq"])
-    return [info, staged, last, bad, audit, *policy_families(root)]
+    from cerulean.agent.integrity import metric_families
+
+    return [info, staged, last, bad, audit, *policy_families(root), *metric_families(root)]
 
 
 def policy_families(root: Path = Path("/")) -> list[Family]:
