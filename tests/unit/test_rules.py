@@ -112,6 +112,9 @@ def test_rules(host: Host, rule: str, passed: bool, evidence: str) -> None:
     ("f:/etc/a -> r:^(x|xy)*z", "could take exponential time"),
     ("f:/etc/a -> n:^((\\d)+)+ compare <= 3", "could take exponential time"),
     ("d:/etc -> r:(a*)*b -> r:x", "could take exponential time"),
+    ("f:/etc/a -> r:a*a*b", "could take too long on a long line"),
+    ("f:/etc/a -> r:.*x.*y", "could take too long on a long line"),
+    ("f:/etc/a -> r:^a*a*a*b", "could take too long on a long line"),
 ])
 def test_bad_rules_are_one_clear_sentence(host: Host, rule: str, words: str) -> None:
     with pytest.raises(RuleError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -154,7 +157,7 @@ def test_a_regex_that_could_blow_up_is_refused_and_atomic_ones_finish_fast(host:
     (host.root / "etc/long").write_text("a" * (MAX_MATCH_CHARS - 1) + "!\n" +
                                         "a" * 1_000_000 + "\n")
     start = time.monotonic()
-    for pattern in ("(?>a+)+b", "(a++)+b$", ".*b.*c"):
+    for pattern in ("(?>a+)+b", "(a++)+b$", "^.*a.*c", "[^a]*a.*c", ".*c"):
         assert not evaluate(parse_rule(f"f:/etc/long -> r:{pattern}"), host).passed
     assert time.monotonic() - start < 1.0
     # only the first MAX_MATCH_CHARS characters of a line are matched
