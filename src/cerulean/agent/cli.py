@@ -305,7 +305,8 @@ def _compare(args: argparse.Namespace, root: Path) -> int:
             raise CeruleanError(f"{args.report} is not a 'cerulean policy check --json' "
                                 "report.")
     else:
-        report = pol.run_policy(pol.load_profile(args.profile, root), RuleHost(root)).to_json()
+        report = pol.run_policy(pol.load_profile(args.profile, root, allow_path=True),
+                                RuleHost(root)).to_json()
     pairs = xccdf.compare(report, theirs)
     total = xccdf.summary(pairs)
     if not total["both"]:
@@ -377,7 +378,8 @@ def run_policy(args: argparse.Namespace) -> int:
                                "fixes": [vars(f) for f in o.fixes]} for o in results],
                              indent=2))
         return 0
-    policy = pol.load_profile(args.profile or (cfg.policies or ["cerulean-baseline"])[0], root)
+    policy = pol.load_profile(args.profile or (cfg.policies or ["cerulean-baseline"])[0], root,
+                             allow_path=args.profile is not None)  # a path only by hand
     if args.action == "fix" and args.dry_run:
         report = pol.run_policy(policy, host)
         by_id = {c.id: c for c in policy.checks}
@@ -441,9 +443,10 @@ def run_integrity(args: argparse.Namespace) -> int:
 
     from cerulean.agent import integrity
 
+    problems: list[integrity.Problem] = []
     try:
         base, changes = integrity.since_baseline(
-            now=datetime.now(UTC).isoformat(timespec="seconds"))
+            now=datetime.now(UTC).isoformat(timespec="seconds"), problems=problems)
         boot = integrity.boot_changes()
     except integrity.IntegrityError as e:
         raise CeruleanError(str(e)) from None
@@ -452,6 +455,7 @@ def run_integrity(args: argparse.Namespace) -> int:
         print(json.dumps({"baseline": base.source, "baseline_made": base.made,
                           "dirs": list(base.dirs), "usr_verity": verity,
                           "changes": [c.to_json() for c in changes],
+                          "unreadable": [p.to_json() for p in problems],
                           "boot": boot.to_json()}, indent=2))
     else:
         for c in [*changes, *boot.changes]:
@@ -475,6 +479,11 @@ def run_integrity(args: argparse.Namespace) -> int:
                "not found" if boot.esp is None else
                f"{n} change{'s' if n != 1 else ''} in {boot.esp} since the image was built "
                "(UKIs known by content: the image's and those the updater installed)")
+        for p in problems:
+            print(f"unreadable     {p.path}  ({p.error})")
+        if problems:
+            print(f"{len(problems)} path{'s' if len(problems) != 1 else ''} could not be "
+                  "read; their state is unknown.")
         print(f"{len(changes)} change{'s' if len(changes) != 1 else ''} in "
               f"{', '.join(base.dirs)} since {since}; /usr: dm-verity {verity}; "
               f"the ESP: {esp}.")
@@ -503,9 +512,15 @@ def run_cve(args: argparse.Namespace) -> int:
         raise CeruleanError(f"{args.tracker} is not the Security Tracker's JSON: "
                             f"{str(e).rstrip('.')}.") from None
     packages = cves.installed_packages()
-    found = cves.affecting(packages, tracker, release)
+    skipped: list[str] = []
+    found = cves.affecting(packages, tracker, release, skipped)
+    if skipped:  # said, never silent: the report is missing these records
+        print(f"warning: {len(skipped)} tracker record{'s' if len(skipped) != 1 else ''} "
+              f"skipped (a version that is not a Debian version), first: {skipped[0]}",
+              file=sys.stderr)
     if args.json:
         print(json.dumps({"release": release, "packages": len(packages),
+                          "skipped": len(skipped),
                           "findings": [f.to_json() for f in found]}, indent=2))
         return 0
     for f in found:

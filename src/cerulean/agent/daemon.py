@@ -41,7 +41,7 @@ from typing import Any, cast
 from cerulean.agent import metrics
 from cerulean.agent.audit import AuditLog
 from cerulean.agent.guard import WATCH, Guard, self_alert
-from cerulean.agent.policy import MODES
+from cerulean.agent.policy import MODES, is_profile_name
 from cerulean.agent.settings import read_layers
 from cerulean.agent.update.host import Host
 from cerulean.errors import CeruleanError
@@ -89,8 +89,9 @@ def load_agent_config(root: Path = Path("/")) -> AgentConfig:
         raise AgentError("'integrity-interval' must be 0 (no scans) or 60 to 604800 seconds.")
     if cfg.fleet_interval and not 5 <= cfg.fleet_interval <= 86400:
         raise AgentError("'fleet-interval' must be 0 (no reports) or 5 to 86400 seconds.")
-    if not all(isinstance(p, str) and p for p in cfg.policies):
-        raise AgentError("'policies' must be a list of profile names.")
+    if not all(is_profile_name(p) for p in cfg.policies):
+        raise AgentError("'policies' must be a list of profile names (letters, digits, '.', "
+                         "'_' and '-'), not paths.")
     if cfg.policy_mode not in MODES:
         raise AgentError(f"'policy-mode' must be one of {', '.join(MODES)}, "
                          f"not {cfg.policy_mode!r}.")

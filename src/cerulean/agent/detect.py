@@ -196,12 +196,14 @@ def _compare(name: str, op: str, want: str, text: str) -> Node:
             return {"<": v < number, "<=": v <= number, ">": v > number,
                     ">=": v >= number}[op]
         return cmp
-    if op == "matches":
+    if op == "matches":  # no exponential patterns; the first MAX_MATCH_CHARS of a field
+        from cerulean.agent.saferegex import RegexError, bounded, compile_safe
+
         try:
-            rx = re.compile(want)
-        except re.error as err:
-            raise DetectError(f"{want!r} is not a valid regex ({err}): {text!r}.") from None
-        return lambda e: name in e and rx.search(str(e[name])) is not None
+            rx = compile_safe(want)
+        except RegexError as err:
+            raise DetectError(f"{str(err).rstrip('.')}: {text!r}.") from None
+        return lambda e: name in e and rx.search(bounded(str(e[name]))) is not None
     tests: dict[str, Callable[[str], bool]] = {
         "startswith": lambda s: s.startswith(want), "endswith": lambda s: s.endswith(want),
         "contains": lambda s: want in s, "glob": lambda s: fnmatch.fnmatchcase(s, want)}

@@ -600,7 +600,7 @@ def _toml_value(v: Any) -> str:
 def check_desired(desired: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The update and agent settings of a Desired answer, each value checked as the updater
     and the agent would check it; raises FleetLinkError on anything else."""
-    from cerulean.agent.policy import MODES
+    from cerulean.agent.policy import MODES, is_profile_name
     from cerulean.protocol.fleet import DESIRED_AGENT_KEYS, DESIRED_UPDATE_KEYS
     from cerulean.protocol.update import CHANNELS, is_version
     from cerulean.protocol.window import WindowError, parse_window
@@ -620,7 +620,7 @@ def check_desired(desired: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     except WindowError as e:
         raise FleetLinkError(f"The fleet sent a bad window: {e}") from e
     if "policies" in agent and not (isinstance(agent["policies"], list) and all(
-            isinstance(p, str) and p for p in agent["policies"])):
+            is_profile_name(p) for p in agent["policies"])):  # names, never paths
         raise FleetLinkError("The fleet sent 'policies' that are not profile names.")
     if "policy-mode" in agent and agent["policy-mode"] not in MODES:
         raise FleetLinkError(f"The fleet sent an unknown policy mode {agent['policy-mode']!r}.")

@@ -252,7 +252,10 @@ def cerulean_state(root: Path = Path("/"), slot: str = "") -> list[Family]:
     if head.exists() or trail.path.exists():
         with contextlib.suppress(OSError):
             trail_families = trail.families()
-    return [info, staged, last, bad, audit, *trail_families, *policy_families(root)]
+    from cerulean.agent.integrity import metric_families
+
+    return [info, staged, last, bad, audit, *trail_families, *policy_families(root),
+            *metric_families(root)]
 
 
 def policy_families(root: Path = Path("/")) -> list[Family]:

@@ -40,9 +40,9 @@ SSHD = [
 
 
 def processes(root: Path = Path("/")) -> list[Event]:
-    """Running processes: their executable (and whether it was deleted), command line,
-    effective (``proc.uid``) and real (``proc.ruid``) user, working directory. Kernel
-    threads (no executable) are left out."""
+    """Running processes: their executable (and whether it was deleted, or is a memfd: a
+    program run from memory), command line, effective (``proc.uid``) and real
+    (``proc.ruid``) user, working directory. Kernel threads (no executable) are left out."""
     proc = root / "proc"
     out: list[Event] = []
     try:
@@ -59,13 +59,17 @@ def processes(root: Path = Path("/")) -> list[Event]:
             comm = (d / "comm").read_text().strip()
         except OSError:
             continue
+        # A program run from memory (memfd_create, then execve of /proc/self/fd/N) has an
+        # executable that never was a file: "/memfd:NAME (deleted)". That is its own case
+        # (proc.exe_memfd), not a deleted file.
+        memfd = exe.startswith("/memfd:")
         # The kernel appends " (deleted)" to the link, but a file may be named so too:
         # the executable's own inode (reached through the link) says whether it is gone.
         try:
-            deleted = os.stat(d / "exe").st_nlink == 0
+            deleted = not memfd and os.stat(d / "exe").st_nlink == 0
         except OSError:
             deleted = exe.endswith(" (deleted)")
-        if deleted:
+        if deleted or memfd:
             exe = exe.removesuffix(" (deleted)")
         uids = next((line.split()[1:3] for line in status.splitlines()
                      if line.startswith("Uid:")), ["-1", "-1"])
@@ -74,7 +78,8 @@ def processes(root: Path = Path("/")) -> list[Event]:
         except OSError:
             cwd = ""
         out.append({"proc.pid": int(pid), "proc.name": comm, "proc.exe": exe,
-                    "proc.exe_deleted": deleted, "proc.uid": int(uids[1]),
+                    "proc.exe_deleted": deleted, "proc.exe_memfd": memfd,
+                    "proc.uid": int(uids[1]),
                     "proc.ruid": int(uids[0]), "proc.cwd": cwd,
                     "proc.cmdline": cmdline.replace(b"\0", b" ").decode(errors="replace")
                     .strip()})
