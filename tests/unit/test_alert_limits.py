@@ -37,7 +37,7 @@ def test_a_rule_writes_a_burst_then_one_summary_per_window() -> None:
     limit = RateLimit(burst=3, window=60)
     a = [Alert("noisy", "warning", ("network",), f"n{i}", 100.0 + i, {}) for i in range(10)]
     assert [limit.admit(x) for x in a] == [True] * 3 + [False] * 7
-    assert limit.admit(Alert("quiet", "critical", (), "q", 105.0, {}))  # rules apart
+    assert limit.admit(Alert("quiet", "warning", (), "q", 105.0, {}))  # rules apart
     assert limit.summaries(150.0) == []  # the window has not ended
     (summary,) = limit.summaries(160.0)
     assert summary.rule == "noisy" and summary.priority == "warning"
@@ -45,6 +45,47 @@ def test_a_rule_writes_a_burst_then_one_summary_per_window() -> None:
     assert summary.evidence["rule.suppressed"] == 7 and "rate-limited" in summary.tags
     assert limit.admit(Alert("noisy", "warning", (), "again", 170.0, {}))  # a new window
     assert limit.summaries(500.0) == []  # nothing was held back
+
+
+def test_decoys_of_ones_own_never_hide_an_alert_about_something_else() -> None:
+    """A user who sets off a rule twenty times about files of their own, to use up its
+    rate, must not hide the alert about another file, nor a critical one at all."""
+    limit = RateLimit(burst=3, window=60)
+
+    def keys(path: str, t: float, priority: str = "warning") -> Alert:
+        return Alert("authorized-keys-changed", priority, (), f"{path} changed", t,
+                     {"file.path": path})
+
+    mine = [limit.admit(keys("/home/eve/.ssh/authorized_keys", 100.0 + i)) for i in range(20)]
+    assert mine == [True] * 3 + [False] * 17
+    assert limit.admit(keys("/root/.ssh/authorized_keys", 121.0))
+    setuid = [limit.admit(Alert("setuid-or-setgid-file", "critical", (), f"d{i}", 100.0 + i,
+                                {"file.path": f"/tmp/decoy{i}"})) for i in range(50)]
+    assert all(setuid)
+    (summary,) = limit.summaries(200.0)
+    assert "about /home/eve/.ssh/authorized_keys" in summary.message
+    assert summary.evidence["rule.subject"] == "/home/eve/.ssh/authorized_keys"
+
+
+def test_many_subjects_still_meet_the_rules_own_limit() -> None:
+    from cerulean.agent.detect import RATE_RULE_BURST
+
+    limit = RateLimit(burst=3, window=60)
+    admitted = [limit.admit(Alert("program-from-temporary-directory", "error", (), "x", 100.0,
+                                  {"proc.exe": f"/tmp/p{i}"})) for i in range(500)]
+    assert sum(admitted) == RATE_RULE_BURST
+    (summary,) = limit.summaries(200.0)
+    assert summary.evidence["rule.suppressed"] == 500 - RATE_RULE_BURST
+
+
+def test_the_windows_kept_are_bounded() -> None:
+    from cerulean.agent.detect import RATE_SUBJECTS
+
+    limit = RateLimit(burst=1, window=60)
+    for i in range(RATE_SUBJECTS * 3):
+        limit.admit(Alert("program-from-temporary-directory", "error", (), "x", 100.0,
+                          {"proc.exe": f"/tmp/p{i}"}))
+    assert len(limit._open) <= RATE_SUBJECTS + 1
 
 
 def test_fields_are_cut_before_an_alert_is_written() -> None:
@@ -65,10 +106,10 @@ def test_fields_are_cut_before_an_alert_is_written() -> None:
 
 
 def programs_from_tmp(root: Path, pids: range) -> None:
-    for pid in pids:  # programs from /tmp with 256 KiB of arguments each
+    for pid in pids:  # one program from /tmp run many times, 256 KiB of arguments each
         d = root / "proc" / str(pid)
         d.mkdir()
-        os.symlink(f"/tmp/run{pid}", d / "exe")
+        os.symlink("/tmp/run", d / "exe")
         os.symlink("/tmp", d / "cwd")
         (d / "cmdline").write_bytes(b"x\0" + b"\x01" * (256 << 10))
         (d / "comm").write_text("run\n")
@@ -85,21 +126,22 @@ def test_many_huge_command_lines_write_a_bounded_trail(tmp_path: Path) -> None:
     guard.start()
     written = guard.step()
     tmp = [a for a in written if a.rule == "program-from-temporary-directory"]
-    assert len(tmp) == RATE_BURST
-    assert guard.suppressed == {"program-from-temporary-directory": 41 - RATE_BURST}
+    # fake_proc's miner (a program of its own), then /tmp/run up to the burst.
+    assert len(tmp) == 1 + RATE_BURST
+    assert guard.suppressed == {"program-from-temporary-directory": 40 - RATE_BURST}
     lines = trail.path.read_bytes().splitlines()
     assert max(len(line) for line in lines) < 64 << 10
     assert trail.path.stat().st_size < 2 << 20
     clock.now += RATE_WINDOW
     (summary,) = guard.step()
     assert summary.rule == "program-from-temporary-directory"
-    assert f"fired {41 - RATE_BURST} more times" in summary.message
+    assert f"fired {40 - RATE_BURST} more times about /tmp/run" in summary.message
     assert trail.verify().ok
-    assert list(trail.entries())[-1]["detail"]["evidence"]["rule.suppressed"] == 21
+    assert list(trail.entries())[-1]["detail"]["evidence"]["rule.suppressed"] == 20
     text = metrics.render(guard.families())
-    assert 'cerulean_alerts_suppressed_total{rule="program-from-temporary-directory"} 21' in text
-    # (the miner of fake_proc comes first, with a short command line)
-    assert f"cerulean_alerts_truncated_total {RATE_BURST - 1}" in text
+    assert 'cerulean_alerts_suppressed_total{rule="program-from-temporary-directory"} 20' in text
+    # (the miner of fake_proc has a short command line)
+    assert f"cerulean_alerts_truncated_total {RATE_BURST}" in text
     # What is held back when the agent stops is said too.
     programs_from_tmp(tmp_path, range(6000, 6030))
     clock.now += 3600

@@ -51,10 +51,16 @@ MAX_KEYS = 10_000  # sources a threshold rule counts at once before forgetting q
 # is the attacker's to choose; cut text ends with "…[N more characters]").
 MAX_EVIDENCE_TEXT = 4096  # characters of each text field of an alert's evidence
 MAX_ALERT_MESSAGE = 1024  # characters of an alert's message
-# Each rule writes at most RATE_BURST alerts in RATE_WINDOW seconds; the rest are counted
-# and summed up in one alert ("rule X fired N more times") when the window ends.
+# Each rule writes at most RATE_BURST alerts in RATE_WINDOW seconds about one subject (the
+# file, the program, the account); the rest are counted and summed up in one alert ("rule
+# X fired N more times") when the window ends. Critical alerts are never held back: a user
+# who sets off a rule twenty times about files of their own must not hide the one about
+# someone else's. At most RATE_SUBJECTS windows are open; past that, one per rule.
 RATE_BURST = 20
 RATE_WINDOW = 60.0
+RATE_SUBJECTS = 256
+RATE_RULE_BURST = 100  # and at most this many a window for one rule, whatever the subjects
+SUBJECT_FIELDS = ("file.path", "proc.exe", "user.name", "module.name", "auth.user")
 FIELD = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
 
 Node = Callable[[Mapping[str, Any]], bool]
@@ -291,41 +297,63 @@ class _Window:
 
 @dataclass
 class RateLimit:
-    """At most *burst* alerts per rule in *window* seconds (a fixed window from the rule's
-    first alert); the others are counted, and :meth:`summaries` gives one alert for each
-    rule whose window ended with some held back. Memory: one window per rule."""
+    """At most *burst* alerts per rule and subject in *window* seconds (a fixed window from
+    the first alert); the others are counted, and :meth:`summaries` gives one alert for
+    each window that ended with some held back. Critical alerts always pass. Memory: at
+    most RATE_SUBJECTS windows."""
 
     burst: int = RATE_BURST
     window: float = RATE_WINDOW
-    _open: dict[str, _Window] = field(default_factory=dict, repr=False)
+    rule_burst: int = RATE_RULE_BURST
+    _open: dict[tuple[str, str], _Window] = field(default_factory=dict, repr=False)
+    _rules: dict[str, _Window] = field(default_factory=dict, repr=False)  # one per rule
 
     def admit(self, alert: Alert) -> bool:
-        w = self._open.get(alert.rule)
-        if w is None or alert.time >= w.start + self.window:
-            w = self._open[alert.rule] = _Window(alert.time)
-        if w.written < self.burst:
-            w.written += 1
+        if alert.priority == "critical":
             return True
-        w.more += 1
-        w.priority, w.tags, w.last = alert.priority, alert.tags, alert.message
+        subject = next((str(alert.evidence[k]) for k in SUBJECT_FIELDS
+                        if alert.evidence.get(k) not in (None, "")), "")
+        key = (alert.rule, subject[:512])
+        if key not in self._open and len(self._open) >= RATE_SUBJECTS:
+            key = (alert.rule, "")
+        w = self._open.get(key)
+        if w is None or alert.time >= w.start + self.window:
+            w = self._open[key] = _Window(alert.time)
+        total = self._rules.get(alert.rule)
+        if total is None or alert.time >= total.start + self.window:
+            total = self._rules[alert.rule] = _Window(alert.time)
+        if w.written < self.burst and total.written < self.rule_burst:
+            w.written += 1
+            total.written += 1
+            return True
+        held = w if w.written >= self.burst else total  # whose limit it met
+        held.more += 1
+        held.priority, held.tags, held.last = alert.priority, alert.tags, alert.message
         return False
 
     def summaries(self, now: float, flush: bool = False) -> list[Alert]:
         """One alert per rule whose window has ended (all of them, with *flush*) with
         alerts held back: "rule X fired N more times"."""
         out = []
-        for rule, w in list(self._open.items()):
+        windows = [*(((rule, subject), w) for (rule, subject), w in self._open.items()),
+                   *(((rule, None), w) for rule, w in self._rules.items())]
+        for (rule, subject), w in windows:
             if not flush and now < w.start + self.window:
                 continue
-            del self._open[rule]
+            if subject is None:
+                del self._rules[rule]
+            else:
+                del self._open[rule, subject]
             if w.more:
+                about = (f" about {_cut(subject, 200)}" if subject else
+                         f" over its limit of {self.rule_burst}" if subject is None else "")
                 out.append(Alert(
                     rule, w.priority, (*w.tags, "rate-limited"),
-                    f"rule {rule} fired {w.more} more time{'s' if w.more != 1 else ''} "
-                    f"within {self.window:g} s, not written one by one (last: "
+                    f"rule {rule} fired {w.more} more time{'s' if w.more != 1 else ''}"
+                    f"{about} within {self.window:g} s, not written one by one (last: "
                     f"{_cut(w.last, 200)})", now,
                     {"rule.suppressed": w.more, "rule.window": self.window,
-                     "rule.written": w.written}))
+                     "rule.written": w.written, "rule.subject": _cut(subject or "", 200)}))
         return out
 
 
