@@ -177,3 +177,43 @@ def test_a_corrupt_outbox_is_made_again_and_said(tmp_path: Path) -> None:
     assert "agent-outbox-degraded" in rules
     metrics = [m.body for m in link.sent if m.kind == "metrics"][-1]
     assert metrics["cerulean_fleet_outbox_recovered_total"] == 1
+
+
+def test_a_file_name_that_is_not_utf8_reaches_the_fleet_escaped(tmp_path: Path) -> None:
+    """touch $'/tmp/\\xff'; chmod u+s: the name must not make the server refuse reports."""
+    log = trail(tmp_path)
+    name = b"/tmp/\xff\x00x".decode("utf-8", "surrogateescape")
+    log.append("guard", "alert.setuid-or-setgid-file",
+               alert("setuid-or-setgid-file", f"set-ID file {name}", **{"file.path": name}))
+    box = Outbox(tmp_path / "outbox.db", "h")
+    fleetlink.collect(box, tmp_path, hostname="h")
+    (got,) = queued(box, "alert")
+    json.dumps(got).encode("utf-8")  # no lone surrogate left
+    assert got["evidence"]["file.path"] == "/tmp/\\udcff\\x00x"
+    assert "\x00" not in json.dumps(got, ensure_ascii=False)
+    box.close()
+
+
+def test_a_report_the_server_refuses_does_not_hold_back_the_others(tmp_path: Path) -> None:
+    from cerulean.agent.outbox import MAX_REFUSALS
+    from cerulean.errors import CeruleanError
+
+    box = Outbox(tmp_path / "outbox.db", "h")
+    for i in range(3):
+        box.put("alert", alert("r", "poison" if i == 1 else f"fine {i}"))
+    delivered: list[str] = []
+
+    def send(msgs: list[Message], _dropped: int) -> set[str]:
+        if any(m.body["message"] == "poison" for m in msgs):
+            raise CeruleanError("The fleet server answered 500.")
+        delivered.extend(m.body["message"] for m in msgs)
+        return {m.id for m in msgs}
+
+    box.deliver(send)
+    assert delivered == ["fine 0", "fine 2"]
+    for i in range(MAX_REFUSALS - 1):  # the first refusal was above
+        box.clock = lambda i=i: 1e12 + i * 1e4  # type: ignore[misc]  # back-offs passed
+        assert box.due(10) != [] and "unsendable" not in box.counters()
+        box.deliver(send)
+    assert box.due(10) == [] and box.counters()["unsendable"] == 1
+    box.close()

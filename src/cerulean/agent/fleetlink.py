@@ -358,12 +358,27 @@ MAX_REPORT_DEPTH = 8  # nesting of an alert's evidence; deeper values become tex
 MAX_ALERT_BYTES = 64 << 10  # an alert report's JSON; past it the evidence is summarised
 
 
+def _clean(text: str) -> tuple[str, bool]:
+    """*text* as the fleet can store it: a file name that is not UTF-8 (a lone surrogate
+    here) or holds a NUL byte is written with backslash escapes (and counted as cut), so
+    that no name a user can give a file makes the server refuse a report."""
+    if "\x00" not in text:
+        try:
+            text.encode("utf-8")
+            return text, False
+        except UnicodeEncodeError:
+            pass
+    return (text.encode("utf-8", "backslashreplace")
+            .decode("utf-8").replace("\x00", "\\x00")), True
+
+
 def _bounded(value: Any, depth: int = 0) -> tuple[Any, bool]:
     """*value* with every text, list and mapping cut to the limits above (a text ends
     with a marker saying how much was cut); and whether anything was cut."""
     if isinstance(value, str):
+        value, unclean = _clean(value)
         if len(value) <= MAX_REPORT_TEXT:
-            return value, False
+            return value, unclean
         return (value[:MAX_REPORT_TEXT]
                 + f"…[{len(value) - MAX_REPORT_TEXT} more characters]"), True
     if isinstance(value, bool | int | float) or value is None:

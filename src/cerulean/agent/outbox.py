@@ -50,6 +50,7 @@ MIN_DISK_LIMIT = 128 << 10
 # What one delivery batch carries at most (the server reads a batch into memory).
 MAX_BATCH_BYTES = 4 << 20
 MAX_BACKOFF = 600.0
+MAX_REFUSALS = 5  # a report the server refuses this many times is given up (and counted)
 CORRUPT_SUFFIX = ".corrupt"  # where a corrupt database is moved
 NOTES_SUFFIX = ".notes.json"  # the notes (cursors), kept beside the database
 # SQLite's primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF).
@@ -419,7 +420,10 @@ class Outbox:
                 batch: int = 100) -> tuple[int, int]:
         """Send what is due in batches; *send* gets the messages and the count of reports
         dropped so far, and returns the IDs the server acknowledged. Returns (delivered,
-        failed). A *send* that raises OSError fails the whole batch."""
+        failed). A *send* that raises OSError fails the whole batch; one that raises
+        CeruleanError (the server refused it) is tried again report by report."""
+        from cerulean.errors import CeruleanError
+
         delivered = failed = 0
         try:
             while True:
@@ -430,6 +434,20 @@ class Outbox:
                     acked = send(msgs, self.dropped())
                 except OSError:
                     acked = set()
+                except CeruleanError:
+                    # The server answered, and refused the batch: one report in it may be
+                    # what it cannot take. They go one by one, so the others are not held
+                    # back with it; one refused MAX_REFUSALS times is given up and counted.
+                    acked = set()
+                    for m in msgs:
+                        try:
+                            acked |= send([m], self.dropped())
+                        except OSError:
+                            break  # the network now: the rest wait for the next round
+                        except CeruleanError:
+                            if m.attempts + 1 >= MAX_REFUSALS:
+                                acked.add(m.id)
+                                self.count("unsendable", 1)
                 ok = [m.seq for m in msgs if m.id in acked]
                 bad = [m.seq for m in msgs if m.id not in acked]
                 self.acknowledge(ok)
