@@ -133,3 +133,25 @@ def test_a_trail_cut_back_on_the_host_is_refused_by_the_fleet(
     assert report is not None and report["seq"] == 5 and report.get("restarted") is True
     assert send(report) == ["fleet.audit-trail-rewritten"]
     assert host.audit_head["hash"] == entries[-1]["hash"]
+
+
+def test_a_host_that_proved_its_chain_must_go_on_proving_it(db: Session, host: Host) -> None:
+    """A rewritten trail that starts past the known head sends no base: once the host has
+    shown it sends one, a head without it is not believed."""
+    send = Sender(db, host)
+    send({"seq": 10, "hash": A})
+    assert send({"seq": 12, "hash": B, "base": {"seq": 10, "hash": A}}) == []
+    assert send({"seq": 20, "hash": C}) == ["fleet.audit-trail-rewritten"]
+    assert send({"seq": 21, "hash": A, "base": {"seq": 19, "hash": C}}) == [
+        "fleet.audit-trail-rewritten"]  # a base, but not at the known head
+    assert host.audit_head["seq"] == 12
+
+
+def test_a_head_past_a_pruned_one_is_taken_and_said(db: Session, host: Host) -> None:
+    send = Sender(db, host)
+    send({"seq": 10, "hash": A})
+    send({"seq": 12, "hash": B, "base": {"seq": 10, "hash": A}})
+    assert send({"seq": 90_000, "hash": C, "pruned": True}) == ["fleet.audit-trail-unchecked"]
+    assert host.audit_head["seq"] == 90_000 and "refused" not in host.audit_head
+    alert = db.execute(select(Alert)).scalars().one()
+    assert alert.severity == "warning"

@@ -594,7 +594,7 @@ class AuditLog:
         (``seq``, ``hash``), ``base``: this trail's entry at the known head's sequence
         number, so the fleet can check that the new head extends the head it holds, and
         ``restarted``: true when this trail no longer holds the known head (it was cut
-        back, rewritten or deleted)."""
+        back, rewritten or deleted), or ``pruned`` when it was archived away."""
         kseq_text, _, khash = known.partition(":")
         kseq = int(kseq_text) if kseq_text.isdigit() else 0
         if last is not None:
@@ -622,7 +622,9 @@ class AuditLog:
             oldest = next(self.entries(), None)
             archived_away = (at is not None and oldest is not None
                              and oldest.get("seq") == at.get("seq"))
-            if not archived_away:
+            if archived_away:
+                out["pruned"] = True  # the fleet cannot check this head, and says so
+            else:
                 out["restarted"] = True
         return out
 

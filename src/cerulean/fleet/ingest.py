@@ -198,8 +198,11 @@ def _extends(known: dict[str, Any], seq: int, digest: str, base: dict[str, Any] 
         return False
     if seq == kseq:
         return khash in (None, digest)
-    return not (base is not None and khash is not None and base["seq"] == kseq
-                and base["hash"] != khash)
+    if base is None or base["seq"] != kseq:
+        # Only an agent that never sent one (an older agent) may go on without proof; one
+        # that did and stops is not believed.
+        return not known.get("based")
+    return khash is None or base["hash"] == khash
 
 
 def apply_audit(s: Session, host: Host, r: Report) -> None:
@@ -211,9 +214,9 @@ def apply_audit(s: Session, host: Host, r: Report) -> None:
     a head that does not extend it either is a new rewrite."""
     seq, digest = _count(r.body, "seq"), _str(r.body, "hash", 64)
     base = _audit_head(r.body, "base")
-    restarted = r.body.get("restarted", False)
-    if not isinstance(restarted, bool):
-        raise BadReport("'restarted' must be true or false")
+    restarted, pruned = r.body.get("restarted", False), r.body.get("pruned", False)
+    if not isinstance(restarted, bool) or not isinstance(pruned, bool):
+        raise BadReport("'restarted' and 'pruned' must be true or false")
     old = host.audit_head
     new = {"seq": seq, "hash": digest, "time": r.created}
     refused = old.get("refused")
@@ -225,10 +228,25 @@ def apply_audit(s: Session, host: Host, r: Report) -> None:
         # The host is on a rewritten chain already refused: it is followed there, so that
         # another rewrite is found too.
         if _extends(refused, seq, digest, base, restarted):
-            host.audit_head = {**old, "refused": new}
+            host.audit_head = {**old, "refused": {
+                **new, "based": bool(base is not None or refused.get("based"))}}
             return
+    elif pruned and not restarted and seq > int(old.get("seq", 0)):
+        # The host's trail no longer holds the head the fleet knows (its oldest segments
+        # were removed, the fleet having been out of touch that long): the new head cannot
+        # be checked against it. Taken, and said.
+        s.add(Alert(host_id=host.id, report_id=r.id, rule="fleet.audit-trail-unchecked",
+                    severity="warning",
+                    summary=f"The host's audit trail no longer holds entry {old.get('seq')}, "
+                            f"the head the fleet holds; the new head {seq} cannot be checked "
+                            "against it.",
+                    time=datetime.fromtimestamp(r.created, UTC),
+                    evidence={"before": {k: v for k, v in old.items() if k != "refused"},
+                              "after": {"seq": seq, "hash": digest}}))
+        host.audit_head = {**new, "based": bool(old.get("based"))}
+        return
     elif _extends(old, seq, digest, base, restarted):
-        host.audit_head = new
+        host.audit_head = {**new, "based": bool(base is not None or old.get("based"))}
         return
     old_seq = int(old.get("seq", 0))
     known = int(current.get("seq", 0))
@@ -245,7 +263,7 @@ def apply_audit(s: Session, host: Host, r: Report) -> None:
                 evidence={"before": {k: v for k, v in old.items() if k != "refused"},
                           "after": {"seq": seq, "hash": digest}, "base": base,
                           "restarted": restarted}))
-    host.audit_head = {**old, "refused": new}
+    host.audit_head = {**old, "refused": {**new, "based": bool(current.get("based"))}}
 
 
 APPLY: dict[str, Callable[[Session, Host, Report], None]] = {
