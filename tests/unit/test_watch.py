@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from cerulean.agent import watch
 from cerulean.agent.detect import load_rules, match
 from cerulean.agent.watch import Watcher
 
@@ -232,3 +233,36 @@ def test_a_path_too_long_is_recorded_and_the_rest_of_the_batch_kept(tmp_path: Pa
         events = collect(w, lambda got: any(e["file.path"] == str(f) for e in got))
         assert any(e["file.path"] == str(f) and e["file.setuid"] for e in events)
         assert sum(why == "File name too long" for why in w.unwatched.values()) >= 2
+
+
+def test_a_huge_tree_moved_in_is_examined_only_up_to_a_bound(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """mv of a directory of a hundred thousand files into /tmp must not take the agent's
+    memory: the files are described up to MOVE_IN_MAX, and the cut is recorded."""
+    monkeypatch.setattr(watch, "MOVE_IN_MAX", 50)
+    root, outside = tmp_path / "tmp", tmp_path / "outside"
+    root.mkdir()
+    (outside / "big" / "sub").mkdir(parents=True)
+    for i in range(120):
+        (outside / "big" / "sub" / f"f{i}").write_bytes(b"")
+    with watch.Watcher([root]) as w:
+        (outside / "big").rename(root / "big")
+        events = []
+        for _ in range(20):
+            events += w.read(0.2)
+            if events:
+                break
+        assert 0 < len(events) <= 50 + 2
+        assert w.errors.get("E2BIG") == 1
+        assert "moved in at once" in w.unwatched[root / "big"]
+        assert w.needs_rescan
+
+
+def test_the_directories_watched_are_bounded(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "MAX_WATCHED", 5)
+    for i in range(10):
+        (tmp_path / f"d{i}").mkdir()
+    with watch.Watcher([tmp_path]) as w:
+        assert len(w.paths) == 5 and w.errors.get("EMLINK") == 6

@@ -33,6 +33,12 @@ SETTLE_S = 0.1  # how long a batch of events stays open for what follows
 RESCAN_MAX_ENTRIES = 100_000  # directory entries one rescan looks at, at most
 UNWATCHED_KEEP = 1000  # unwatched directories kept by name (more are only counted)
 CTIME_SLACK_S = 1.0  # a rescan reports what changed this long before events were lost
+# A directory tree moved in at once is examined file by file up to this many entries; the
+# rest is left to a rescan (what changed since), and the cut is counted ("E2BIG").
+MOVE_IN_MAX = 10_000
+# Directories watched at most: each costs the agent memory, and any user can make them.
+# More are left unwatched (counted as "EMLINK") and looked into by rescans.
+MAX_WATCHED = 65_536
 IN_ACCESS = 0x001
 IN_MODIFY = 0x002
 IN_ATTRIB = 0x004
@@ -90,7 +96,7 @@ class Watcher:
         self._reported: dict[tuple[str, int], None] = {}  # what rescans already reported
         self._drained_at = time.time()
         for root in self.roots:
-            self._add_tree(root)
+            self._add_tree(root, keep=0)  # what is there already is no event
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -106,6 +112,9 @@ class Watcher:
     def _add(self, path: Path) -> bool:
         """Watch *path*; False when it cannot be (gone, or recorded as unwatched)."""
         if path in self.exclude:
+            return False
+        if len(self.paths) >= MAX_WATCHED:
+            self._blind(path, errno.EMLINK)
             return False
         wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), MASK)
         if wd < 0:
@@ -127,17 +136,22 @@ class Watcher:
         if len(self.unwatched) < UNWATCHED_KEEP:
             self.unwatched[path] = (
                 "the inotify watch limit is reached (fs.inotify.max_user_watches)"
-                if e == errno.ENOSPC else os.strerror(e))
+                if e == errno.ENOSPC else
+                f"more than {MAX_WATCHED} directories are watched" if e == errno.EMLINK else
+                f"a tree of more than {MOVE_IN_MAX} entries moved in at once"
+                if e == errno.E2BIG else os.strerror(e))
         else:
             self._overflow_pending = True  # too many to keep: rescans walk every root
         if self._lost_since is None:
             self._lost_since = time.time()
 
-    def _add_tree(self, top: Path) -> list[Path]:
+    def _add_tree(self, top: Path, keep: int | None = None) -> list[Path]:
         """Watch *top* and every directory below it on its file system; returns what is
-        already in them (for a new directory: what was made before its watch was set).
+        already in them (for a new directory: what was made before its watch was set),
+        at most *keep* paths: past that the tree is recorded as cut short, for a rescan.
         A directory that cannot be watched is recorded (:attr:`unwatched`), not
         entered, and does not stop the others."""
+        keep = MOVE_IN_MAX if keep is None else keep
         try:
             device = os.lstat(top).st_dev
         except FileNotFoundError:
@@ -147,9 +161,10 @@ class Watcher:
             return []
         if not self._add(top):
             return []
-        found = []
+        found: list[Path] = []
+        cut = False
         for dirpath, dirnames, filenames in os.walk(top):
-            keep = []
+            entered = []
             for d in dirnames:
                 p = Path(dirpath) / d
                 try:
@@ -160,11 +175,16 @@ class Watcher:
                 except OSError as e:
                     self._blind(p, e.errno or errno.EIO)
                     continue
-                found.append(p)
+                if len(found) < keep:
+                    found.append(p)
                 if self._add(p):
-                    keep.append(d)
-            dirnames[:] = keep
-            found += [Path(dirpath) / f for f in filenames]
+                    entered.append(d)
+            dirnames[:] = entered
+            room = keep - len(found)
+            found += [Path(dirpath) / f for f in filenames[:max(room, 0)]]
+            if keep and len(filenames) > room and not cut:
+                cut = True
+                self._blind(top, errno.E2BIG)
         return found
 
     @property
