@@ -83,3 +83,16 @@ def test_a_fifo_or_a_huge_file_is_refused_without_waiting(tmp_path: Path,
         f.truncate(yamlfile.MAX_BYTES + 1)
     with pytest.raises(YamlError, match=r"big.yaml is larger than 4 MiB\."):
         yamlfile.load(big)
+
+
+def test_a_chain_of_merge_keys_is_refused_before_it_grows(tmp_path: Path) -> None:
+    """kN: &kN {<<: *kN-1, aN: 1} grows with the square of the file's size while it is
+    built, before any size could be measured."""
+    lines = ["k0: &k0 {a0: 1}"] + [f"k{i}: &k{i} {{<<: *k{i - 1}, a{i}: 1}}"
+                                   for i in range(1, 3000)]
+    f = tmp_path / "merge.yaml"
+    f.write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    with pytest.raises(YamlError, match=r"merge keys \('<<'\) are not accepted"):
+        yamlfile.load(f)
+    assert time.monotonic() - started < 5

@@ -19,7 +19,20 @@ import yaml
 
 from cerulean.errors import CeruleanError
 
-Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Base: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class Loader(_Base):  # type: ignore[misc]
+    """The safe loader, without merge keys (``<<: *alias``): a chain of them builds a
+    document quadratic in the file's size before anything could measure it, and no rule
+    or profile needs them."""
+
+    def flatten_mapping(self, node: Any) -> None:
+        for key, _value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":
+                raise yaml.constructor.ConstructorError(
+                    None, None, "merge keys ('<<') are not accepted", key.start_mark)
+        super().flatten_mapping(node)
 
 # The largest rule or policy file read (the biggest shipped profile is about 120 KiB).
 MAX_BYTES = 4 << 20
