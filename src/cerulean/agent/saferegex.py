@@ -72,10 +72,27 @@ def _problem(items: Any, repeated: bool) -> str | None:
             if (inner := _problem(av[1], False)):
                 return inner
         elif op is _c.GROUPREF_EXISTS:
-            for part in av[1:]:
-                if part is not None and (inner := _problem(part, repeated)):
-                    return inner
+            # A conditional chooses between branches the way an alternation does, and
+            # its repetitions were not judged as such: refused, nothing needs one.
+            return "it uses a conditional group ('(?(1)...)')"
     return None
+
+
+def _codes(node: Any, out: set[int]) -> set[int]:
+    """Every code point the parsed pattern names: literals, and the ends and middle of
+    ranges (so that classes outside the sample are compared on their own characters)."""
+    if isinstance(node, tuple) and len(node) == 2 and node[0] in (
+            _c.LITERAL, _c.NOT_LITERAL, _c.RANGE):
+        op, av = node
+        if op is _c.RANGE:
+            out.update((av[0], av[1], (av[0] + av[1]) // 2))
+        else:
+            out.add(av)
+        return out
+    if isinstance(node, list | tuple) or type(node).__name__ == "SubPattern":
+        for item in node:
+            _codes(item, out)
+    return out
 
 
 # -- two repetitions in turn over the same characters ---------------------------------------
@@ -315,7 +332,8 @@ def compile_safe(pattern: str) -> re.Pattern[str]:
         raise RegexError(f"{pattern!r} is not a valid regex ({e}).") from None
     why = _problem(parsed, False)
     if not why:
-        sample = tuple(sorted(set(_SAMPLE) | {ord(ch) for ch in pattern}))
+        sample = tuple(sorted(set(_SAMPLE) | {ord(ch) for ch in pattern}
+                              | _codes(parsed, set())))
         # A search tries every start: one repetition at a time, quadratic in the text. A
         # pattern anchored at the start is tried once: two linked ones, quadratic too.
         items = list(parsed)
@@ -324,6 +342,9 @@ def compile_safe(pattern: str) -> re.Pattern[str]:
                 f"{pattern!r} could take too long on a long line (two repetitions in turn "
                 "can take the same characters, as in a*a*b or .*x.*y); narrow one of them, "
                 "as in [^x]*x.*y, or anchor the pattern with ^.")
+    if why and "conditional" in why:
+        raise RegexError(f"{pattern!r} uses a conditional group ('(?(1)...)'), which is not "
+                         "accepted; write it as two rules or an alternation.")
     if why:
         raise RegexError(f"{pattern!r} could take exponential time ({why}); make the "
                          "repeated part atomic, as in '(?>a+)+' for '(a+)+'.")
