@@ -83,6 +83,7 @@ def test_serves_metrics_until_stopped(tmp_path: Path) -> None:
     assert ctype == daemon.CONTENT_TYPE
     assert "node_memory_MemTotal_bytes 1048576\n" in body
     assert "# TYPE node_time_seconds gauge" in body
+    assert "cerulean_metrics_connections 1\n" in body and "cerulean_watch_up 1\n" in body
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"{url}/", timeout=5)
     assert e.value.code == 404
@@ -90,7 +91,7 @@ def test_serves_metrics_until_stopped(tmp_path: Path) -> None:
     t.join(10)
     assert not t.is_alive() and said[:2] == [
         f"Serving metrics on http://127.0.0.1:{port}/metrics",
-        "Detecting with 10 rules, watching /tmp"] and said[-1] == "Stopped."
+        "Detecting with 11 rules, watching /tmp"] and said[-1] == "Stopped."
     assert any(line.startswith("alert [critical] setuid-or-setgid-file: set-ID file "
                                f"{f}") for line in said), said
     with pytest.raises(urllib.error.URLError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import random
@@ -258,3 +259,20 @@ def test_a_tracker_url_is_fetched_once_and_kept_while_fresh(tmp_path: Path) -> N
         cves.fetch_tracker(web.url, tmp_path / "empty/t.json")
     with pytest.raises(cves.TrackerError, match="not an https:// URL"):
         cves.fetch_tracker("http://tracker.example/json", cache)
+
+
+def test_a_malformed_version_in_the_tracker_skips_that_record_only(tmp_path: Path) -> None:
+    """One bad epoch ("x:1.0") used to end the whole report with a ValueError."""
+    (tmp_path / "var/lib/dpkg").mkdir(parents=True)
+    (tmp_path / "var/lib/dpkg/status").write_text(STATUS)
+    tracker = copy.deepcopy(TRACKER)
+    bad = {"releases": {"trixie": {"status": "resolved", "fixed_version": "x:9.9",
+                                   "urgency": "high"}}}
+    tracker["openssl"]["CVE-2026-9999"] = bad
+    tracker["openssl"]["CVE-2026-9998"] = {"releases": {"trixie": {
+        "status": "resolved", "fixed_version": 42, "urgency": "high"}}}
+    skipped: list[str] = []
+    found = cves.affecting(cves.installed_packages(tmp_path), tracker, skipped=skipped)
+    assert [f.cve for f in found] == ["CVE-2026-0001", "CVE-2026-0003", "CVE-2026-0006",
+                                      "CVE-2026-0007"]
+    assert len(skipped) == 2 and "CVE-2026-9999 of openssl: cannot compare" in skipped[0]

@@ -56,6 +56,7 @@ def test_conditions(condition: str, event: dict[str, Any], want: bool) -> None:
     ("(file.path = /x", "is not closed"),
     ("file.size > big", "> needs a number"),
     ("file.path matches '('", "is not a valid regex"),
+    ("proc.cmdline matches '(a+)+$'", "could take exponential time"),
     ("file.path in /x", "'in' takes a list in parentheses"),
     ("file.path = /x )", "Unexpected ')'"),
     ("file.path = /x ; rm", "Cannot read the condition"),

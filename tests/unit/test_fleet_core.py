@@ -292,7 +292,9 @@ def test_the_agent_writes_what_the_fleet_says_and_refuses_what_it_should_not(
                      ({"update": {"target": "latest"}}, "bad target"),
                      ({"update": {"window": "whenever"}}, "bad window"),
                      ({"agent": {"policy-mode": "yolo"}}, "unknown policy mode"),
-                     ({"agent": {"policies": "cis"}}, "not profile names")):
+                     ({"agent": {"policies": "cis"}}, "not profile names"),
+                     ({"agent": {"policies": ["/tmp/evil.yaml"]}}, "not profile names"),
+                     ({"agent": {"policies": ["../../tmp/evil"]}}, "not profile names")):
         with pytest.raises(FleetLinkError, match=why):
             apply_desired(tmp_path, bad)
     assert not (tmp_path / "var/lib/cerulean/fleet/update.toml").exists()

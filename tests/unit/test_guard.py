@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from test_sensors import fake_proc
 from test_shipped_rules import SHIPPED
 
@@ -110,3 +111,119 @@ def test_a_missing_journalctl_is_tried_again_later_not_in_a_loop() -> None:
     assert follower.read() == [] and follower._started == 0.0
     now[0] = 61.0
     assert follower.read() == [] and follower._started == 61.0
+
+
+def _file_guard(tmp_path: Path, said: list[str]) -> tuple[Guard, AuditLog]:
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    trail = AuditLog(tmp_path / "var/lib/cerulean/audit/audit.jsonl")
+    rules = [r for r in load_rule_files([SHIPPED]) if r.event == "file"]
+    return Guard(rules, trail, tmp_path, watch=["/tmp"], interval=60, say=said.append), trail
+
+
+def _metric(guard: Guard, name: str) -> float:
+    from cerulean.agent.metrics import render
+
+    for line in render(guard.families()).splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}")
+
+
+def test_an_overflow_is_audited_exported_and_followed_by_a_rescan(tmp_path: Path) -> None:
+    from test_watch import flood, setuid_file
+
+    said: list[str] = []
+    guard, trail = _file_guard(tmp_path, said)
+    (tmp_path / "tmp/flood").mkdir()
+    guard.start()
+    try:
+        flood(tmp_path / "tmp/flood")  # 16,000 files while nobody reads: an overflow
+        (tmp_path / "tmp/a/b").mkdir(parents=True)  # its events are lost
+        f = setuid_file(tmp_path / "tmp/a/b/sh")
+        rules: list[str] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "setuid-or-setgid-file" not in rules:
+            rules += [a.rule for a in guard.step(wait=0.2)]
+        assert "setuid-or-setgid-file" in rules
+        assert _metric(guard, "cerulean_watch_overflows_total") == 1
+        assert _metric(guard, "cerulean_watch_rescans_total") == 1
+        # A second overflow within the reporting interval is counted, not written again.
+        flood(tmp_path / "tmp/flood")
+        for _ in range(5):
+            guard.step(wait=0.2)
+        assert _metric(guard, "cerulean_watch_overflows_total") == 2
+    finally:
+        guard.close()
+    entries = list(trail.entries())
+    alert = next(e for e in entries if e["action"] == "alert.setuid-or-setgid-file")
+    assert alert["detail"]["evidence"]["file.path"] == str(f)
+    overflow = [e for e in entries if e["action"] == "alert.agent-watch-overflow"]
+    assert len(overflow) == 1 and overflow[0]["detail"]["rule"] == "agent-watch-overflow"
+    assert "scanned again" in overflow[0]["detail"]["message"]
+    assert any(s.startswith("degraded [warning] agent-watch-overflow") for s in said)
+    assert trail.verify().ok
+
+
+def test_the_guard_starts_when_directories_cannot_be_watched(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from test_watch import FullLibc, setuid_file
+
+    from cerulean.agent import watch
+
+    real = watch._libc()
+    monkeypatch.setattr(watch, "_libc", lambda: FullLibc(real, "full", errno.ENOSPC))
+    said: list[str] = []
+    guard, trail = _file_guard(tmp_path, said)
+    (tmp_path / "tmp/full").mkdir()
+    guard.start()  # the watch limit is reached: the agent still starts
+    try:
+        f = setuid_file(tmp_path / "tmp/full/sh")
+        rules = [a.rule for a in guard.step(wait=0.2)]
+        assert rules == ["setuid-or-setgid-file"]  # found by the rescan of /tmp/full
+        assert _metric(guard, "cerulean_watch_unwatched_directories") == 1
+        assert _metric(guard, 'cerulean_watch_errors_total') == 1
+        assert _metric(guard, "cerulean_watch_up") == 1
+    finally:
+        guard.close()
+    (entry,) = [e for e in trail.entries() if e["action"] == "alert.agent-watch-degraded"]
+    detail = entry["detail"]
+    assert detail["priority"] == "error" and "max_user_watches" in detail["message"]
+    assert detail["evidence"]["watch.unwatched"] == {
+        str(tmp_path / "tmp/full"): "the inotify watch limit is reached "
+                                    "(fs.inotify.max_user_watches)"}
+    assert any(e["detail"].get("evidence", {}).get("file.path") == str(f)
+               for e in trail.entries())
+
+
+def test_the_guard_runs_without_inotify_and_tries_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from cerulean.agent import watch
+
+    class NoInotify:
+        def inotify_init1(self, flags: int) -> int:
+            import ctypes
+
+            ctypes.set_errno(errno.EMFILE)
+            return -1
+
+    monkeypatch.setattr(watch, "_libc", NoInotify)
+    said: list[str] = []
+    now = [1000.0]
+    guard, trail = _file_guard(tmp_path, said)
+    guard.clock = lambda: now[0]
+    guard.start()
+    guard.step()
+    assert _metric(guard, "cerulean_watch_up") == 0
+    (entry,) = [e for e in trail.entries() if e["action"] == "alert.agent-watch-degraded"]
+    assert "inotify cannot start" in entry["detail"]["message"]
+    monkeypatch.undo()
+    now[0] += 61
+    guard.step()
+    try:
+        assert _metric(guard, "cerulean_watch_up") == 1
+    finally:
+        guard.close()

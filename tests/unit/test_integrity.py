@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -233,3 +235,72 @@ def test_the_esp_is_found_where_a_vfat_is_mounted(tmp_path: Path) -> None:
     assert integrity.find_esp(tmp_path) == Path("/efi")
     (tmp_path / "proc/mounts").write_text("/dev/vda1 / ext4 rw 0 0\n")
     assert integrity.find_esp(tmp_path) is None
+
+
+def _in_thread(fn: Any, fifo: Path, seconds: float = 5.0) -> Any:
+    """fn() in a thread; fails the test (instead of hanging it) when it blocks on *fifo*."""
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():  # a blocked open returns once a writer comes and goes
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the scan blocked on a FIFO")
+    return out[0]
+
+
+def test_a_file_swapped_for_a_fifo_or_a_link_is_recorded_as_what_it_is(
+        tmp_path: Path) -> None:
+    """Listed as a regular file, then swapped before it is read: the scan neither hangs
+    on the FIFO nor hashes the link's target as if it were the file."""
+    root = tmp_path / "host"
+    (root / "etc").mkdir(parents=True)
+    f = root / "etc/swapped"
+    f.write_text("x")
+    listed = os.lstat(f)
+    f.unlink()
+    os.mkfifo(f)
+    s = _in_thread(lambda: integrity.state_of(root, "/etc/swapped", listed), f)
+    assert (s.kind, s.sha256) == ("other", None)
+    f.unlink()
+    (tmp_path / "secret").write_text("the target's bytes")
+    f.symlink_to(tmp_path / "secret")
+    s = integrity.state_of(root, "/etc/swapped", listed)
+    assert (s.kind, s.target, s.sha256) == ("symlink", str(tmp_path / "secret"), None)
+
+
+def test_an_unreadable_file_is_counted_and_the_scan_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cerulean.agent.audit import AuditLog
+
+    root = tmp_path / "host"
+    shipped(root)
+    integrity.load_baseline(root, now="then")  # the first scan, before anything is wrong
+    real_open = os.open
+
+    def refuse(path: Any, flags: int, *a: Any, **k: Any) -> int:
+        if str(path).endswith("/etc/ssh/sshd_config"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", refuse)
+    (root / "etc/hostname").write_text("changed\n")
+    problems: list[integrity.Problem] = []
+    _base, changes = integrity.since_baseline(root, problems=problems)
+    assert problems == [integrity.Problem("/etc/ssh/sshd_config", "Permission denied")]
+    # what was read still counts; what was not is unknown, not "removed"
+    assert [(c.path, c.what) for c in changes] == [("/etc/hostname", ("content",))]
+
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    assert integrity.periodic_scan(root, audit, clock=lambda: 1000.0) == (1, 1)
+    assert integrity.periodic_scan(root, audit, clock=lambda: 2000.0) == (1, 0)
+    actions = [e["action"] for e in audit.entries()]
+    assert actions == ["integrity.change", "alert.integrity-scan-incomplete"]  # said once
+    alert = list(audit.entries())[1]["detail"]
+    assert alert["rule"] == "integrity-scan-incomplete" and alert["priority"] == "warning"
+    assert alert["evidence"] == {"errors": 1, "paths": [
+        {"path": "/etc/ssh/sshd_config", "error": "Permission denied"}]}
+    assert "could not read 1 path (first: /etc/ssh/sshd_config" in alert["message"]
+    fams = {f.name: f.samples for f in integrity.metric_families(root)}
+    assert fams["cerulean_integrity_scan_errors"] == [({}, 1.0)]
+    assert fams["cerulean_integrity_last_scan_timestamp_seconds"] == [({}, 2000.0)]

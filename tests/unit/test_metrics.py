@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,3 +156,126 @@ def test_collect_on_this_machine() -> None:
     assert any(k.startswith("node_cpu_seconds_total{") for k in s)
     assert any(k.startswith('node_filesystem_size_bytes{') for k in s)
     assert s["node_time_seconds"] > s["node_boot_time_seconds"] > 1e9
+
+
+# The endpoint under load: every local user may connect to it.
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    """Whether the server closes *s* within *seconds* (we only ever send, never read)."""
+    s.settimeout(seconds)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+@pytest.fixture
+def serving(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, list[str], int]]:
+    from cerulean.agent import daemon
+
+    # Short timeouts for the test (raising=False: the test must also run where these
+    # limits do not exist, and fail there).
+    monkeypatch.setattr(metrics, "IO_TIMEOUT_S", 1.0, raising=False)
+    monkeypatch.setattr(metrics, "REQUEST_DEADLINE_S", 1.5, raising=False)
+    reports: list[str] = []
+    port = _free_port()
+    try:
+        server = daemon.metrics_server(f"127.0.0.1:{port}", lambda: b"up 1\n",
+                                       lambda message, evidence: reports.append(message))
+    except TypeError:  # no way to report: still check the limits
+        server = daemon.metrics_server(f"127.0.0.1:{port}", lambda: b"up 1\n")
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                         daemon=True)
+    t.start()
+    yield server, reports, port
+    server.shutdown()
+    server.server_close()
+
+
+def test_held_connections_cannot_take_the_agents_file_descriptors(
+        serving: tuple[Any, list[str], int]) -> None:
+    """Half-sent requests: those over the limit are closed at once, the server holds no
+    more descriptors than its limit, the rest are cut at the deadline, a scrape then
+    works, and the refusals are a metric and one report."""
+    server, reports, port = serving
+    limit = getattr(metrics, "MAX_CONNECTIONS", 16)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    held = []
+    for _ in range(limit + 24):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /metr")
+        held.append(s)
+    time.sleep(0.3)
+    server_fds = len(os.listdir("/proc/self/fd")) - fds_before - len(held)
+    assert server_fds <= limit + 2, f"the server holds {server_fds} descriptors"
+    refused = [s for s in held[limit:] if _closed_within(s, 1.0)]
+    assert len(refused) >= 20
+    assert server.request_queue_size >= 64
+    # The ones it took are cut once their time is up, without a byte more from us.
+    assert all(_closed_within(s, 4.0) for s in held[:limit])
+    for s in held:
+        s.close()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert r.read() == b"up 1\n"
+    s = samples(metrics.render(server.families()))
+    assert s["cerulean_metrics_connections_refused_total"] >= 20
+    assert len(reports) == 1 and "refused" in reports[0], reports
+
+
+def test_a_trickled_request_is_cut_at_its_deadline(serving: tuple[Any, list[str], int]) -> None:
+    _server, _reports, port = serving
+    s = socket.create_connection(("127.0.0.1", port))
+    started = time.monotonic()
+    closed = False
+    with s:
+        while time.monotonic() - started < 6:
+            try:
+                s.sendall(b"X")  # one byte every 0.2 s: each read is quick, the whole is not
+            except OSError:
+                closed = True
+                break
+            if _closed_within(s, 0.2):
+                closed = True
+                break
+    assert closed and time.monotonic() - started < 4
+
+
+def test_accept_out_of_descriptors_pauses_instead_of_spinning() -> None:
+    from cerulean.agent import daemon
+
+    port = _free_port()
+    server = daemon.metrics_server(f"127.0.0.1:{port}", lambda: b"")
+    real = server.socket
+    calls = []
+
+    class NoDescriptors:
+        def fileno(self) -> int:
+            return real.fileno()
+
+        def accept(self) -> Any:
+            calls.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    server.socket = NoDescriptors()
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                         daemon=True)
+    t.start()
+    with socket.create_connection(("127.0.0.1", port)):  # now accept() is always due
+        time.sleep(1.5)
+        server.shutdown()
+    server.socket = real
+    server.server_close()
+    assert 0 < len(calls) <= 30, f"accept() was tried {len(calls)} times in 1.5 s"
+    s = samples(metrics.render(server.families()))
+    assert s["cerulean_metrics_accept_errors_total"] == len(calls)

@@ -12,10 +12,13 @@ import pytest
 
 from cerulean.agent.policy import (
     SYSCTL_FILE,
+    Action,
     Fixer,
     PolicyError,
     fix,
+    is_profile_name,
     load_policy,
+    load_profile,
     run_policy,
 )
 from cerulean.agent.rules import Host
@@ -171,7 +174,9 @@ def test_set_line_appends_and_keeps_the_file_mode(host: Host) -> None:
      "must be an octal mode"),
     (lambda p: p["checks"][0].update(fix=[{"set-line": {"file": "/x", "match": "(",
                                                         "line": "y"}}]),
-     "'set-line.match' is not a valid regex"),
+     "'set-line.match': '(' is not a valid regex"),
+    (lambda p: p["checks"][0].update(fix=[{"remove-line": {"file": "/x", "match": "(a+)+$"}}]),
+     "'remove-line.match': '(a+)+$' could take exponential time"),
     (lambda p: p["checks"][0].update(fix=[{"service": {"unit": "x"}}]),
      "'service' needs 'enabled' or 'active'"),
     (lambda p: p["checks"][0].update(fix=[{"service": {"unit": "x", "enabled": "yes"}}]),
@@ -224,3 +229,63 @@ def test_a_check_that_does_not_apply_counts_nowhere(host: Host) -> None:
     only_na = copy.deepcopy(data)
     only_na["checks"] = [data["checks"][1], data["checks"][2]]
     assert run_policy(load_policy(only_na), host).clean
+
+
+def test_the_mode_fix_changes_the_path_itself_never_a_link_target(host: Host,
+                                                                  tmp_path: Path) -> None:
+    """/etc/shadow swapped for a link to another file: the fix refuses, and the file the
+    link points to keeps its mode."""
+    target = tmp_path / "elsewhere"
+    target.write_text("x")
+    os.chmod(target, 0o600)
+    shadow = host.root / "etc/shadow"
+    shadow.unlink()
+    shadow.symlink_to(target)
+    fixer = Fixer(host, Commands(host.root))
+    with pytest.raises(PolicyError, match="is a symbolic link"):
+        fixer.apply(Action("mode", {"path": "/etc/shadow", "mode": "0644"}))
+    assert target.stat().st_mode & 0o777 == 0o600
+    # nor through a linked directory on the way
+    (host.root / "etc/linked").symlink_to(tmp_path)
+    with pytest.raises(PolicyError, match="/etc/linked is a symbolic link"):
+        fixer.apply(Action("mode", {"path": "/etc/linked/elsewhere", "mode": "0644"}))
+    assert target.stat().st_mode & 0o777 == 0o600
+    # a real file is changed
+    (host.root / "etc/real").write_text("x")
+    fixer.apply(Action("mode", {"path": "/etc/real", "mode": "0640"}))
+    assert (host.root / "etc/real").stat().st_mode & 0o777 == 0o640
+
+
+def test_set_line_never_writes_through_a_linked_directory(host: Host, tmp_path: Path) -> None:
+    """/etc/ssh swapped for a link to a directory elsewhere: nothing is written there."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "sshd_config").write_text("PermitRootLogin yes\n")
+    ssh = host.root / "etc/ssh"
+    (ssh / "sshd_config").unlink()
+    ssh.rmdir()
+    ssh.symlink_to(elsewhere)
+    policy = load_policy(POLICY)
+    done = {d.check: d for d in fix(policy, run_policy(policy, host),
+                                    Fixer(host, Commands(host.root)), "autocorrect")}
+    assert "/etc/ssh is a symbolic link" in done["ssh-root"].error
+    assert (elsewhere / "sshd_config").read_text() == "PermitRootLogin yes\n"
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["sshd_config"]
+    # a missing directory is still made, as before
+    fixer = Fixer(host, Commands(host.root))
+    fixer.apply(Action("set-line", {"file": "/etc/new.d/x.conf", "match": "^a", "line": "a"}))
+    assert (host.root / "etc/new.d/x.conf").read_text() == "a\n"
+
+
+def test_policy_names_are_names_never_paths(host: Host, tmp_path: Path) -> None:
+    """A name from agent.toml or the fleet is looked up among the profiles only."""
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("policy: {id: evil}\nchecks:\n- {id: x, title: x, rules: ['f:/x'],"
+                    " fix: [{command: [touch, /tmp/pwned]}]}\n")
+    for name in (str(evil), "../../../" + str(evil), "..", "a/b", "-x", "x\n"):
+        with pytest.raises(PolicyError, match="is not a profile name"):
+            load_profile(name, host.root)
+    with pytest.raises(PolicyError, match=r"There is no policy profile 'evil\.yaml'"):
+        load_profile("evil.yaml", host.root)  # a name: looked up, not opened
+    assert load_profile(str(evil), host.root, allow_path=True).id == "evil"  # by hand
+    assert not is_profile_name("../x") and is_profile_name("cis-debian-l1-server")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from cerulean.agent import rules
 from cerulean.agent.rules import Host, RuleError, evaluate, parse_rule
+from cerulean.agent.saferegex import MAX_MATCH_CHARS
 
 SSHD = """\
 # PermitRootLogin yes
@@ -102,6 +108,13 @@ def test_rules(host: Host, rule: str, passed: bool, evidence: str) -> None:
     ("f:/etc/a -> n:^x(\\d+) compare about 3", "must read 'n:REGEX compare OP NUMBER'"),
     ("d:/etc -> name -> r:x", "matched with r:REGEX"),
     ("c:echo 'unbalanced", "cannot be split"),
+    ("f:/etc/a -> r:(a+)+$", "could take exponential time"),
+    ("f:/etc/a -> r:^(x|xy)*z", "could take exponential time"),
+    ("f:/etc/a -> n:^((\\d)+)+ compare <= 3", "could take exponential time"),
+    ("d:/etc -> r:(a*)*b -> r:x", "could take exponential time"),
+    ("f:/etc/a -> r:a*a*b", "could take too long on a long line"),
+    ("f:/etc/a -> r:.*x.*y", "could take too long on a long line"),
+    ("f:/etc/a -> r:^a*a*a*b", "could take too long on a long line"),
 ])
 def test_bad_rules_are_one_clear_sentence(host: Host, rule: str, words: str) -> None:
     with pytest.raises(RuleError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -111,15 +124,15 @@ def test_bad_rules_are_one_clear_sentence(host: Host, rule: str, words: str) -> 
 def test_an_unreadable_file_is_an_error_not_a_pass(host: Host,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A file the agent may not read does not make "not f:... -> r:..." pass."""
-    real = Path.read_text
+    real = os.open
 
-    def read_text(self: Path, *a: object, **k: object) -> str:
-        if self.name == "secret":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self, *a, **k)  # type: ignore[arg-type]
+    def refuse(path: Any, *a: Any, **k: Any) -> int:
+        if Path(path).name == "secret":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
 
     (host.root / "etc/secret").write_text("x")
-    monkeypatch.setattr(Path, "read_text", read_text)
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(RuleError, match=r"cannot be read \(permission denied\)"):
         evaluate(parse_rule("not f:/etc/secret -> r:x"), host)
 
@@ -131,3 +144,64 @@ def test_an_optional_number_group_and_half_installed_packages(host: Host) -> Non
     status.write_text(status.read_text() + "\nPackage: nis\nStatus: install reinstreq "
                       "half-installed\nVersion: 4.17\n")
     assert evaluate(parse_rule("not package:nis"), host).passed
+
+
+def test_a_regex_that_could_blow_up_is_refused_and_atomic_ones_finish_fast(host: Host
+                                                                         ) -> None:
+    """(a+)+$ against a long line of a's that does not end it tries 2**n splits: refused
+    when the rule loads. The same pattern made atomic, and a quadratic one on a line of a
+    million characters (only the first MAX_MATCH_CHARS are looked at), finish at once."""
+    with pytest.raises(RuleError, match=r"could take exponential time \(it repeats a "
+                       r"quantifier inside a quantifier\)"):
+        parse_rule("f:/etc/long -> r:(a+)+$")
+    (host.root / "etc/long").write_text("a" * (MAX_MATCH_CHARS - 1) + "!\n" +
+                                        "a" * 1_000_000 + "\n")
+    start = time.monotonic()
+    for pattern in ("(?>a+)+b", "(a++)+b$", "^.*a.*c", "[^a]*a.*c", ".*c"):
+        assert not evaluate(parse_rule(f"f:/etc/long -> r:{pattern}"), host).passed
+    assert time.monotonic() - start < 1.0
+    # only the first MAX_MATCH_CHARS characters of a line are matched
+    (host.root / "etc/long").write_text("a" * MAX_MATCH_CHARS + "needle\n")
+    assert not evaluate(parse_rule("f:/etc/long -> r:needle"), host).passed
+
+
+def test_a_fifo_is_not_read_and_never_hangs_a_check(host: Host) -> None:
+    os.mkfifo(host.root / "etc/fifo")
+    result: list[Any] = []
+
+    def check() -> None:
+        try:
+            result.append(evaluate(parse_rule("f:/etc/fifo -> r:x"), host))
+        except RuleError as e:
+            result.append(e)
+
+    t = threading.Thread(target=check, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # let the test end: a writer releases the blocked open
+        fd = os.open(host.root / "etc/fifo", os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        pytest.fail("a policy check blocked on a FIFO")
+    assert isinstance(result[0], RuleError)
+    assert "is not a regular file" in str(result[0])
+
+
+def test_a_file_too_large_is_an_error_and_is_never_read_whole(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rules, "MAX_FILE_BYTES", 1 << 20)
+    big = host.root / "etc/big"
+    with open(big, "wb") as f:
+        f.truncate(200 << 20)  # sparse: 200 MiB of zeros, no disk used
+    reads: list[int] = []
+    real = os.read
+
+    def counting(fd: int, n: int) -> bytes:
+        reads.append(n)
+        return real(fd, n)
+
+    monkeypatch.setattr(os, "read", counting)
+    with pytest.raises(RuleError, match=r"/etc/big is too large to check \(200 MiB, more "
+                       r"than 1 MiB\)"):
+        evaluate(parse_rule("f:/etc/big -> r:x"), host)
+    assert sum(reads) <= 1 << 20
+    assert evaluate(parse_rule("f:/etc/ssh/sshd_config -> r:^Protocol"), host).passed

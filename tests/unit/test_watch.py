@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from cerulean.agent import watch
 from cerulean.agent.detect import load_rules, match
 from cerulean.agent.watch import Watcher
 
@@ -95,3 +98,171 @@ def test_a_rename_of_a_file_that_was_already_there_is_still_seen(tmp_path: Path)
     assert {(Path(e["file.path"]).name, e["file.action"]) for e in events} == {
         ("a", "moved-out"), ("b", "moved-in")}
     assert all("file.renamed_from" not in e for e in events)
+
+
+# When the watch cannot keep up: overflows, watch limits, paths too long.
+
+def flood(directory: Path) -> None:
+    """More events than the inotify queue holds, with nobody reading: it overflows
+    (*directory* is watched already)."""
+    n = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text()) + 200
+    for i in range(n):
+        os.close(os.open(directory / str(i), os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+def setuid_file(path: Path) -> Path:
+    path.write_bytes(b"\x7fELF")
+    os.chmod(path, 0o4755)
+    return path
+
+
+def test_a_queue_overflow_is_followed_by_a_rescan_that_finds_what_was_lost(
+        tmp_path: Path) -> None:
+    (tmp_path / "flood").mkdir()
+    with Watcher([tmp_path]) as w:
+        flood(tmp_path / "flood")
+        (tmp_path / "hidden/deeper").mkdir(parents=True)  # its events are lost
+        f = setuid_file(tmp_path / "hidden/deeper/sh")
+        events = collect(w, lambda got: any(e["file.action"] == "overflow" for e in got))
+        assert w.overflowed == 1 and w.needs_rescan
+        assert not any(e["file.path"] == str(f) for e in events)
+        found, complete = w.rescan()
+        assert complete and not w.needs_rescan and w.rescans == 1
+        (hit,) = [e for e in found if e["file.path"] == str(f)]
+        assert hit["file.action"] == "rescanned" and hit["file.setuid"]
+        # What changed before the events were lost is not reported again.
+        assert len(found) < 2 * len(list((tmp_path / "flood").iterdir()))
+        # The directories made during the overflow are watched now.
+        assert tmp_path / "hidden/deeper" in w.paths.values()
+        g = setuid_file(tmp_path / "hidden/deeper/sh2")
+        later = collect(w, lambda got: any(e["file.path"] == str(g) for e in got))
+        assert any(e["file.path"] == str(g) and e["file.setuid"] for e in later)
+        assert w.rescan()[0] == []  # nothing is lost any more: nothing to scan
+
+
+def test_a_rescan_stops_at_its_limit_and_goes_on_next_time(tmp_path: Path) -> None:
+    (tmp_path / "flood").mkdir()
+    with Watcher([tmp_path]) as w:
+        flood(tmp_path / "flood")
+        collect(w, lambda got: any(e["file.action"] == "overflow" for e in got))
+        found, complete = w.rescan(limit=100)
+        assert not complete and len(found) < 100 and w.rescans_truncated == 1
+        assert w.needs_rescan
+        again, _ = w.rescan(limit=100)
+        assert not {e["file.path"] for e in again} & {e["file.path"] for e in found}
+
+
+class FullLibc:
+    """libc whose inotify_add_watch fails with *err* for paths containing *word*."""
+
+    def __init__(self, real: Any, word: str, err: int) -> None:
+        import ctypes
+
+        self.real = real
+        self.word, self.err, self.ctypes = word.encode(), err, ctypes
+
+    def inotify_init1(self, flags: int) -> int:
+        return int(self.real.inotify_init1(flags))
+
+    def inotify_add_watch(self, fd: int, path: bytes, mask: int) -> int:
+        if self.word in path:
+            self.ctypes.set_errno(self.err)
+            return -1
+        return int(self.real.inotify_add_watch(fd, path, mask))
+
+
+def test_the_watch_limit_leaves_a_directory_unwatched_not_the_watch_stopped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from cerulean.agent import watch
+
+    real = watch._libc()
+    monkeypatch.setattr(watch, "_libc", lambda: FullLibc(real, "full", errno.ENOSPC))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "fine").mkdir()
+    with Watcher([tmp_path]) as w:
+        assert w.unwatched == {
+            tmp_path / "full": "the inotify watch limit is reached "
+                               "(fs.inotify.max_user_watches)"}
+        assert w.errors == {"ENOSPC": 1} and w.needs_rescan
+        assert tmp_path / "fine" in w.paths.values()
+        # At runtime too: a new directory that cannot be watched costs nothing else.
+        (tmp_path / "fine/also-full").mkdir()
+        f = setuid_file(tmp_path / "fine/sh")
+        events = collect(w, lambda got: any(e["file.path"] == str(f) for e in got))
+        assert tmp_path / "fine/also-full" in w.unwatched
+        assert any(e["file.path"] == str(f) and e["file.setuid"] for e in events)
+        # What the unwatched directories hold is found by rescans.
+        g = setuid_file(tmp_path / "full/sh")
+        found, complete = w.rescan()
+        assert complete and [e["file.path"] for e in found] == [str(g)]
+        assert w.needs_rescan  # still unwatched: scanned again next time
+        assert w.rescan()[0] == []
+
+
+def _long_chain(top: Path) -> Path:
+    """Directories below *top* whose path is longer than PATH_MAX (4096 bytes)."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    depth = 0
+    while len(str(top)) + depth * 201 <= 4200:
+        os.mkdir("d" * 200, dir_fd=fd)
+        nxt = os.open("d" * 200, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+        depth += 1
+    os.close(fd)
+    return top.joinpath(*["d" * 200] * depth)
+
+
+def test_a_path_too_long_is_recorded_and_the_rest_of_the_batch_kept(tmp_path: Path) -> None:
+    watched = tmp_path / "w"
+    watched.mkdir()
+    deep = _long_chain(watched)
+    with Watcher([watched]) as w:  # a tree that already holds one starts
+        assert any(why == "File name too long" for why in w.unwatched.values())
+        assert w.errors.get("ENAMETOOLONG", 0) >= 1
+    assert len(os.fsencode(deep)) > 4096
+    with Watcher([watched]) as w:
+        # At runtime: a tree holding one moves in, and a set-ID file arrives with it.
+        outside = tmp_path / "o"
+        outside.mkdir()
+        _long_chain(outside)
+        os.rename(outside / ("d" * 200), watched / ("m" * 200))
+        f = setuid_file(watched / "sh")
+        events = collect(w, lambda got: any(e["file.path"] == str(f) for e in got))
+        assert any(e["file.path"] == str(f) and e["file.setuid"] for e in events)
+        assert sum(why == "File name too long" for why in w.unwatched.values()) >= 2
+
+
+def test_a_huge_tree_moved_in_is_examined_only_up_to_a_bound(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """mv of a directory of a hundred thousand files into /tmp must not take the agent's
+    memory: the files are described up to MOVE_IN_MAX, and the cut is recorded."""
+    monkeypatch.setattr(watch, "MOVE_IN_MAX", 50)
+    root, outside = tmp_path / "tmp", tmp_path / "outside"
+    root.mkdir()
+    (outside / "big" / "sub").mkdir(parents=True)
+    for i in range(120):
+        (outside / "big" / "sub" / f"f{i}").write_bytes(b"")
+    with watch.Watcher([root]) as w:
+        (outside / "big").rename(root / "big")
+        events = []
+        for _ in range(20):
+            events += w.read(0.2)
+            if events:
+                break
+        assert 0 < len(events) <= 50 + 2
+        assert w.errors.get("E2BIG") == 1
+        assert "moved in at once" in w.unwatched[root / "big"]
+        assert w.needs_rescan
+
+
+def test_the_directories_watched_are_bounded(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "MAX_WATCHED", 5)
+    for i in range(10):
+        (tmp_path / f"d{i}").mkdir()
+    with watch.Watcher([tmp_path]) as w:
+        assert len(w.paths) == 5 and w.errors.get("EMLINK") == 6

@@ -23,6 +23,7 @@ Cerulean host agent.
   cerulean audit verify       check that no entry of the audit trail was edited, removed
                               or moved (exit 1 names the first that was)
   cerulean audit show         the audit trail's last entries
+  cerulean audit repair       make the trail writable again after a crash or damage
   cerulean policy list        the compliance profiles on this host
   cerulean policy check       check a profile (default: cerulean-baseline): score, each check
                               and its evidence; --html FILE or --json for reports
@@ -98,6 +99,16 @@ def parser() -> argparse.ArgumentParser:
     sh.add_argument("-n", "--last", type=int, default=20, metavar="N",
                     help="how many entries (default: 20; 0: all)")
     sh.add_argument("--json", action="store_true", help="print the entries as JSON lines")
+    asub.add_parser(
+        "repair", help="make the trail writable again after a crash or damage",
+        description="Make the audit trail writable again: cut off a torn last entry "
+        "(whatever its size), move the head on to an entry a power cut left it short of, "
+        "set aside entries at the end that the agent did not write, and rebuild a "
+        "damaged, missing or wrong head file from the last valid entry. What is cut off "
+        "or set aside is kept in audit.rejected beside the trail, and every step is "
+        "written to the trail as an alert. It never rewrites entries: an edited or cut "
+        "trail stays broken, and verify still names where. The agent does the same, "
+        "but for a wrong head, before each write.")
     ig = sub.add_parser("integrity", help="file integrity against the image's manifest",
                         description="File integrity: this host's writable configuration "
                         "against the manifest its image shipped on /usr (covered by "
@@ -294,7 +305,8 @@ def _compare(args: argparse.Namespace, root: Path) -> int:
             raise CeruleanError(f"{args.report} is not a 'cerulean policy check --json' "
                                 "report.")
     else:
-        report = pol.run_policy(pol.load_profile(args.profile, root), RuleHost(root)).to_json()
+        report = pol.run_policy(pol.load_profile(args.profile, root, allow_path=True),
+                                RuleHost(root)).to_json()
     pairs = xccdf.compare(report, theirs)
     total = xccdf.summary(pairs)
     if not total["both"]:
@@ -366,7 +378,8 @@ def run_policy(args: argparse.Namespace) -> int:
                                "fixes": [vars(f) for f in o.fixes]} for o in results],
                              indent=2))
         return 0
-    policy = pol.load_profile(args.profile or (cfg.policies or ["cerulean-baseline"])[0], root)
+    policy = pol.load_profile(args.profile or (cfg.policies or ["cerulean-baseline"])[0], root,
+                             allow_path=args.profile is not None)  # a path only by hand
     if args.action == "fix" and args.dry_run:
         report = pol.run_policy(policy, host)
         by_id = {c.id: c for c in policy.checks}
@@ -430,9 +443,10 @@ def run_integrity(args: argparse.Namespace) -> int:
 
     from cerulean.agent import integrity
 
+    problems: list[integrity.Problem] = []
     try:
         base, changes = integrity.since_baseline(
-            now=datetime.now(UTC).isoformat(timespec="seconds"))
+            now=datetime.now(UTC).isoformat(timespec="seconds"), problems=problems)
         boot = integrity.boot_changes()
     except integrity.IntegrityError as e:
         raise CeruleanError(str(e)) from None
@@ -441,6 +455,7 @@ def run_integrity(args: argparse.Namespace) -> int:
         print(json.dumps({"baseline": base.source, "baseline_made": base.made,
                           "dirs": list(base.dirs), "usr_verity": verity,
                           "changes": [c.to_json() for c in changes],
+                          "unreadable": [p.to_json() for p in problems],
                           "boot": boot.to_json()}, indent=2))
     else:
         for c in [*changes, *boot.changes]:
@@ -464,6 +479,11 @@ def run_integrity(args: argparse.Namespace) -> int:
                "not found" if boot.esp is None else
                f"{n} change{'s' if n != 1 else ''} in {boot.esp} since the image was built "
                "(UKIs known by content: the image's and those the updater installed)")
+        for p in problems:
+            print(f"unreadable     {p.path}  ({p.error})")
+        if problems:
+            print(f"{len(problems)} path{'s' if len(problems) != 1 else ''} could not be "
+                  "read; their state is unknown.")
         print(f"{len(changes)} change{'s' if len(changes) != 1 else ''} in "
               f"{', '.join(base.dirs)} since {since}; /usr: dm-verity {verity}; "
               f"the ESP: {esp}.")
@@ -492,9 +512,15 @@ def run_cve(args: argparse.Namespace) -> int:
         raise CeruleanError(f"{args.tracker} is not the Security Tracker's JSON: "
                             f"{str(e).rstrip('.')}.") from None
     packages = cves.installed_packages()
-    found = cves.affecting(packages, tracker, release)
+    skipped: list[str] = []
+    found = cves.affecting(packages, tracker, release, skipped)
+    if skipped:  # said, never silent: the report is missing these records
+        print(f"warning: {len(skipped)} tracker record{'s' if len(skipped) != 1 else ''} "
+              f"skipped (a version that is not a Debian version), first: {skipped[0]}",
+              file=sys.stderr)
     if args.json:
         print(json.dumps({"release": release, "packages": len(packages),
+                          "skipped": len(skipped),
                           "findings": [f.to_json() for f in found]}, indent=2))
         return 0
     for f in found:
@@ -534,10 +560,28 @@ def run_audit(args: argparse.Namespace) -> int:
                   f"Entries 1..{n} before it are intact (last hash {verdict.head[:16]}).",
                   file=sys.stderr)
         return 0 if verdict.ok else 1
+    if args.action == "repair":
+        done = log.repair()
+        for step in done:
+            print(f"repaired: {step}")
+        if not done:
+            print("Nothing to repair.")
+        verdict = log.verify()
+        if verdict.ok:
+            print(f"The audit trail is intact: {verdict.entries} entries.")
+            return 0
+        for prob in verdict.problems:
+            print(f"error: {prob.message}", file=sys.stderr)
+        print("The trail is writable again, but it was changed before: the problem stays "
+              "on record.", file=sys.stderr)
+        return 1
     if args.last < 0:
         raise CeruleanError("--last must be 0 (all) or more.")
-    entries = list(log.entries())
-    for e in entries[-args.last:] if args.last else entries:
+    import collections
+
+    entries = (list(log.entries()) if not args.last
+               else list(collections.deque(log.entries(), maxlen=args.last)))
+    for e in entries:
         if args.json:
             print(json.dumps(e, sort_keys=True))
         else:

@@ -237,8 +237,10 @@ def load_tracker(path: Path) -> dict[str, Any]:
 
 
 def affecting(packages: Iterable[Installed], tracker: Mapping[str, Any],
-              release: str = "trixie") -> list[Finding]:
-    """The CVEs that affect *packages* on *release*, worst first."""
+              release: str = "trixie", skipped: list[str] | None = None) -> list[Finding]:
+    """The CVEs that affect *packages* on *release*, worst first. A record that cannot be
+    judged (a version that is not a Debian version, such as a bad epoch) is left out and
+    named in *skipped*, instead of ending the whole report."""
     by_source: dict[tuple[str, str], list[str]] = {}
     for p in packages:
         for src in p.sources():
@@ -254,7 +256,13 @@ def affecting(packages: Iterable[Installed], tracker: Mapping[str, Any],
                 continue
             status, fixed = rel.get("status"), rel.get("fixed_version")
             if status == "resolved":
-                if not fixed or fixed == "0" or compare_versions(version, fixed) >= 0:
+                try:
+                    if not fixed or fixed == "0" or compare_versions(version, fixed) >= 0:
+                        continue
+                except (ValueError, TypeError, AttributeError):
+                    if skipped is not None:
+                        skipped.append(f"{str(cve)[:40]} of {source}: cannot compare "
+                                       f"{version[:40]!r} with {str(fixed)[:40]!r}")
                     continue
                 state = "fix-available"
             elif status == "open":

@@ -33,14 +33,15 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import FrameType
+from typing import Any, cast
 
 from cerulean.agent import metrics
 from cerulean.agent.audit import AuditLog
-from cerulean.agent.guard import WATCH, Guard
-from cerulean.agent.policy import MODES
+from cerulean.agent.guard import WATCH, Guard, self_alert
+from cerulean.agent.policy import MODES, is_profile_name
 from cerulean.agent.settings import read_layers
 from cerulean.agent.update.host import Host
 from cerulean.errors import CeruleanError
@@ -88,8 +89,9 @@ def load_agent_config(root: Path = Path("/")) -> AgentConfig:
         raise AgentError("'integrity-interval' must be 0 (no scans) or 60 to 604800 seconds.")
     if cfg.fleet_interval and not 5 <= cfg.fleet_interval <= 86400:
         raise AgentError("'fleet-interval' must be 0 (no reports) or 5 to 86400 seconds.")
-    if not all(isinstance(p, str) and p for p in cfg.policies):
-        raise AgentError("'policies' must be a list of profile names.")
+    if not all(is_profile_name(p) for p in cfg.policies):
+        raise AgentError("'policies' must be a list of profile names (letters, digits, '.', "
+                         "'_' and '-'), not paths.")
     if cfg.policy_mode not in MODES:
         raise AgentError(f"'policy-mode' must be one of {', '.join(MODES)}, "
                          f"not {cfg.policy_mode!r}.")
@@ -105,14 +107,21 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def exposition(root: Path = Path("/"), slot: str = "",
-               alerts: dict[tuple[str, str], int] | None = None) -> bytes:
-    families = [*metrics.collect(root), *metrics.cerulean_state(root, slot)]
+               alerts: dict[tuple[str, str], int] | None = None,
+               extra: Callable[[], list[metrics.Family]] | None = None) -> bytes:
+    from cerulean.agent import outbox
+    from cerulean.agent.fleetlink import STATE
+
+    families = [*metrics.collect(root), *metrics.cerulean_state(root, slot),
+                *outbox.families(root / STATE / "outbox.db")]
     if alerts is not None:
         families.append(metrics.alert_family(alerts))
+    if extra is not None:
+        families += extra()
     return metrics.render(families).encode()
 
 
-def _handler(scrape: Callable[[], bytes]) -> type[BaseHTTPRequestHandler]:
+def _handler() -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "cerulean-agent"
         sys_version = ""
@@ -121,7 +130,7 @@ def _handler(scrape: Callable[[], bytes]) -> type[BaseHTTPRequestHandler]:
             if self.path.split("?", 1)[0] != "/metrics":
                 self.send_error(404, "Only /metrics is served here.")
                 return
-            data = scrape()
+            data = cast(metrics.MetricsServer, self.server).scrape()
             self.send_response(200)
             self.send_header("Content-Type", CONTENT_TYPE)
             self.send_header("Content-Length", str(len(data)))
@@ -141,13 +150,14 @@ def _handler(scrape: Callable[[], bytes]) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def metrics_server(listen: str, scrape: Callable[[], bytes]) -> ThreadingHTTPServer:
+def metrics_server(listen: str, scrape: Callable[[], bytes],
+                   report: Callable[[str, dict[str, Any]], None] | None = None
+                   ) -> metrics.MetricsServer:
+    """The endpoint (bounded: see :class:`metrics.MetricsServer`); *report* gets what it
+    says about its own load, for the audit trail."""
     host, port = parse_listen(listen)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_cls = type("Server", (ThreadingHTTPServer,), {"address_family": family,
-                                                          "daemon_threads": True})
     try:
-        return server_cls((host, port), _handler(scrape))  # type: ignore[no-any-return]
+        return metrics.MetricsServer((host, port), _handler(), scrape, report)
     except OSError as e:
         raise AgentError(f"Cannot listen on {listen} for metrics: {e.strerror or e}.") from e
 
@@ -244,11 +254,19 @@ def run(root: Path = Path("/"), say: Callable[[str], None] = print,
         guard = Guard(rules, AuditLog(Host(root).audit_log), root, cfg.watch,
                       float(cfg.scan_interval), say)
         guard.start()
-    server = None
+    server: metrics.MetricsServer | None = None
+
+    def own_state() -> list[metrics.Family]:  # the agent's own limits and degradation
+        return [*(server.families() if server is not None else []),
+                *(guard.families() if guard is not None else [])]
+
     if cfg.metrics_listen:
+        trail = AuditLog(Host(root).audit_log)
         try:
             server = metrics_server(cfg.metrics_listen, lambda: exposition(
-                root, slot, dict(guard.by_rule) if guard is not None else None))
+                root, slot, dict(guard.by_rule) if guard is not None else None, own_state),
+                lambda message, evidence: self_alert(
+                    trail, "agent-metrics-overload", "warning", message, evidence, say))
         except AgentError:
             if guard is not None:
                 guard.close()

@@ -47,6 +47,20 @@ TOKEN = re.compile(r"""
     | (?P<word>[A-Za-z0-9_./:*?\[\]~+-]+)
     )""", re.VERBOSE)
 MAX_KEYS = 10_000  # sources a threshold rule counts at once before forgetting quiet ones
+# What one alert carries, cut before it is written anywhere (a command line or a file name
+# is the attacker's to choose; cut text ends with "…[N more characters]").
+MAX_EVIDENCE_TEXT = 4096  # characters of each text field of an alert's evidence
+MAX_ALERT_MESSAGE = 1024  # characters of an alert's message
+# Each rule writes at most RATE_BURST alerts in RATE_WINDOW seconds about one subject (the
+# file, the program, the account); the rest are counted and summed up in one alert ("rule
+# X fired N more times") when the window ends. Critical alerts are never held back: a user
+# who sets off a rule twenty times about files of their own must not hide the one about
+# someone else's. At most RATE_SUBJECTS windows are open; past that, one per rule.
+RATE_BURST = 20
+RATE_WINDOW = 60.0
+RATE_SUBJECTS = 256
+RATE_RULE_BURST = 100  # and at most this many a window for one rule, whatever the subjects
+SUBJECT_FIELDS = ("file.path", "proc.exe", "user.name", "module.name", "auth.user")
 FIELD = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
 
 Node = Callable[[Mapping[str, Any]], bool]
@@ -188,12 +202,14 @@ def _compare(name: str, op: str, want: str, text: str) -> Node:
             return {"<": v < number, "<=": v <= number, ">": v > number,
                     ">=": v >= number}[op]
         return cmp
-    if op == "matches":
+    if op == "matches":  # no exponential patterns; the first MAX_MATCH_CHARS of a field
+        from cerulean.agent.saferegex import RegexError, bounded, compile_safe
+
         try:
-            rx = re.compile(want)
-        except re.error as err:
-            raise DetectError(f"{want!r} is not a valid regex ({err}): {text!r}.") from None
-        return lambda e: name in e and rx.search(str(e[name])) is not None
+            rx = compile_safe(want)
+        except RegexError as err:
+            raise DetectError(f"{str(err).rstrip('.')}: {text!r}.") from None
+        return lambda e: name in e and rx.search(bounded(str(e[name]))) is not None
     tests: dict[str, Callable[[str], bool]] = {
         "startswith": lambda s: s.startswith(want), "endswith": lambda s: s.endswith(want),
         "contains": lambda s: want in s, "glob": lambda s: fnmatch.fnmatchcase(s, want)}
@@ -238,10 +254,107 @@ class Alert:
     message: str
     time: float
     evidence: Mapping[str, Any]
+    truncated: tuple[str, ...] = ()  # the fields cut to the limits above
 
     def to_json(self) -> dict[str, Any]:
-        return {"rule": self.rule, "priority": self.priority, "tags": list(self.tags),
-                "message": self.message, "time": self.time, "evidence": dict(self.evidence)}
+        out = {"rule": self.rule, "priority": self.priority, "tags": list(self.tags),
+               "message": self.message, "time": self.time, "evidence": dict(self.evidence)}
+        if self.truncated:
+            out["truncated"] = list(self.truncated)
+        return out
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + f"…[{len(text) - limit} more characters]"
+
+
+def bounded_alert(rule: DetectionRule, event: Mapping[str, Any], now: float) -> Alert:
+    """The alert *rule* raises for *event*, every text within the limits (the fields
+    that were cut are named in :attr:`Alert.truncated`)."""
+    evidence: dict[str, Any] = {}
+    cut = []
+    for k, v in event.items():
+        if isinstance(v, str) and len(v) > MAX_EVIDENCE_TEXT:
+            v = _cut(v, MAX_EVIDENCE_TEXT)
+            cut.append(k)
+        evidence[k] = v
+    message = _render(rule.output, evidence)
+    if len(message) > MAX_ALERT_MESSAGE:
+        message = _cut(message, MAX_ALERT_MESSAGE)
+        cut.append("message")
+    return Alert(rule.name, rule.priority, rule.tags, message, now, evidence, tuple(cut))
+
+
+@dataclass
+class _Window:
+    start: float
+    written: int = 0
+    more: int = 0
+    priority: str = "warning"
+    tags: tuple[str, ...] = ()
+    last: str = ""
+
+
+@dataclass
+class RateLimit:
+    """At most *burst* alerts per rule and subject in *window* seconds (a fixed window from
+    the first alert); the others are counted, and :meth:`summaries` gives one alert for
+    each window that ended with some held back. Critical alerts always pass. Memory: at
+    most RATE_SUBJECTS windows."""
+
+    burst: int = RATE_BURST
+    window: float = RATE_WINDOW
+    rule_burst: int = RATE_RULE_BURST
+    _open: dict[tuple[str, str], _Window] = field(default_factory=dict, repr=False)
+    _rules: dict[str, _Window] = field(default_factory=dict, repr=False)  # one per rule
+
+    def admit(self, alert: Alert) -> bool:
+        if alert.priority == "critical":
+            return True
+        subject = next((str(alert.evidence[k]) for k in SUBJECT_FIELDS
+                        if alert.evidence.get(k) not in (None, "")), "")
+        key = (alert.rule, subject[:512])
+        if key not in self._open and len(self._open) >= RATE_SUBJECTS:
+            key = (alert.rule, "")
+        w = self._open.get(key)
+        if w is None or alert.time >= w.start + self.window:
+            w = self._open[key] = _Window(alert.time)
+        total = self._rules.get(alert.rule)
+        if total is None or alert.time >= total.start + self.window:
+            total = self._rules[alert.rule] = _Window(alert.time)
+        if w.written < self.burst and total.written < self.rule_burst:
+            w.written += 1
+            total.written += 1
+            return True
+        held = w if w.written >= self.burst else total  # whose limit it met
+        held.more += 1
+        held.priority, held.tags, held.last = alert.priority, alert.tags, alert.message
+        return False
+
+    def summaries(self, now: float, flush: bool = False) -> list[Alert]:
+        """One alert per rule whose window has ended (all of them, with *flush*) with
+        alerts held back: "rule X fired N more times"."""
+        out = []
+        windows = [*(((rule, subject), w) for (rule, subject), w in self._open.items()),
+                   *(((rule, None), w) for rule, w in self._rules.items())]
+        for (rule, subject), w in windows:
+            if not flush and now < w.start + self.window:
+                continue
+            if subject is None:
+                del self._rules[rule]
+            else:
+                del self._open[rule, subject]
+            if w.more:
+                about = (f" about {_cut(subject, 200)}" if subject else
+                         f" over its limit of {self.rule_burst}" if subject is None else "")
+                out.append(Alert(
+                    rule, w.priority, (*w.tags, "rate-limited"),
+                    f"rule {rule} fired {w.more} more time{'s' if w.more != 1 else ''}"
+                    f"{about} within {self.window:g} s, not written one by one (last: "
+                    f"{_cut(w.last, 200)})", now,
+                    {"rule.suppressed": w.more, "rule.window": self.window,
+                     "rule.written": w.written, "rule.subject": _cut(subject or "", 200)}))
+        return out
 
 
 def load_rules(items: Any, source: str = "the rules") -> list[DetectionRule]:
@@ -316,8 +429,7 @@ def match(rules: list[DetectionRule], kind: str, event: Mapping[str, Any],
             if len(window) < th.count:
                 continue
             window.clear()  # one alert per burst
-        alerts.append(Alert(rule.name, rule.priority, rule.tags, _render(rule.output, event),
-                            now, dict(event)))
+        alerts.append(bounded_alert(rule, event, now))
     return alerts
 
 

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cerulean.agent.outbox import Message, Outbox
+from cerulean.agent.outbox import Message, Outbox, OutboxError
 from cerulean.errors import CeruleanError, NetworkError, VerificationError
 from cerulean.protocol.fleet import (
     CA_PATH,
@@ -347,56 +347,250 @@ def metric_values(root: Path = Path("/")) -> dict[str, float]:
     return out
 
 
-def collect(box: Outbox, root: Path = Path("/"), now: float | None = None,
-            inventory_every: float = 3600.0, hostname: str | None = None) -> dict[str, int]:
-    """Put into *box* what the fleet has not had yet; returns how many of each kind."""
+# What one report may carry: the fleet server refuses an alert message over 2,000
+# characters, and a single hostile alert (a 1 MiB command line) must not block the rest.
+MAX_ALERT_MESSAGE = 2000  # characters of an alert's message
+# Characters of any other text in an alert or compliance report (above what detection
+# already keeps, detect.MAX_EVIDENCE_TEXT and its marker: those alerts go as they are).
+MAX_REPORT_TEXT = 8192
+MAX_REPORT_ITEMS = 1000  # entries of a list or mapping in an alert or compliance report
+MAX_REPORT_DEPTH = 8  # nesting of an alert's evidence; deeper values become text
+MAX_ALERT_BYTES = 64 << 10  # an alert report's JSON; past it the evidence is summarised
+
+
+def _clean(text: str) -> tuple[str, bool]:
+    """*text* as the fleet can store it: a file name that is not UTF-8 (a lone surrogate
+    here) or holds a NUL byte is written with backslash escapes (and counted as cut), so
+    that no name a user can give a file makes the server refuse a report."""
+    if "\x00" not in text:
+        try:
+            text.encode("utf-8")
+            return text, False
+        except UnicodeEncodeError:
+            pass
+    return (text.encode("utf-8", "backslashreplace")
+            .decode("utf-8").replace("\x00", "\\x00")), True
+
+
+def _bounded(value: Any, depth: int = 0) -> tuple[Any, bool]:
+    """*value* with every text, list and mapping cut to the limits above (a text ends
+    with a marker saying how much was cut); and whether anything was cut."""
+    if isinstance(value, str):
+        value, unclean = _clean(value)
+        if len(value) <= MAX_REPORT_TEXT:
+            return value, unclean
+        return (value[:MAX_REPORT_TEXT]
+                + f"…[{len(value) - MAX_REPORT_TEXT} more characters]"), True
+    if isinstance(value, bool | int | float) or value is None:
+        return value, False
+    if depth >= MAX_REPORT_DEPTH or not isinstance(value, list | tuple | dict):
+        return _bounded(str(value)[:MAX_REPORT_TEXT + 1], depth)[0], True
+    cut = len(value) > MAX_REPORT_ITEMS
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in list(value.items())[:MAX_REPORT_ITEMS]:
+            key, kcut = _bounded(str(k), depth + 1)
+            out[key], vcut = _bounded(v, depth + 1)
+            cut = cut or kcut or vcut
+        return out, cut
+    items = []
+    for v in value[:MAX_REPORT_ITEMS]:
+        item, vcut = _bounded(v, depth + 1)
+        items.append(item)
+        cut = cut or vcut
+    return items, cut
+
+
+def fit_alert(detail: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """An alert (an ``alert.*`` audit entry's detail) as a report: texts and lists cut,
+    the message within what the fleet takes, and evidence that is still too large
+    replaced by a summary. Returns the report and whether anything was cut."""
+    body, cut = _bounded(detail)
+    rule = body.get("rule")
+    if isinstance(rule, str) and len(rule) > 128:
+        body["rule"], cut = rule[:128], True
+    message = body.get("message")
+    if isinstance(message, str) and len(message) > MAX_ALERT_MESSAGE:
+        marker = f"…[{len(message) - MAX_ALERT_MESSAGE + 40} more characters]"
+        body["message"] = message[:MAX_ALERT_MESSAGE - len(marker)] + marker
+        cut = True
+    size = len(json.dumps(body, separators=(",", ":")).encode())
+    if size > MAX_ALERT_BYTES:
+        body = {k: body[k] for k in ("rule", "priority", "tags", "message", "time")
+                if k in body}
+        body["evidence"] = {"truncated": f"the alert was {size} bytes; its evidence is in "
+                                         "the host's audit trail"}
+        cut = True
+    if cut:
+        body["truncated"] = True
+    return body, cut
+
+
+def _oversized_alert(entry: dict[str, Any]) -> dict[str, Any]:
+    rule = str(entry.get("action", "alert.unknown")).removeprefix("alert.")[:128]
+    return {"rule": rule, "priority": "warning", "tags": ["agent-health"],
+            "message": f"An alert of rule {rule} was {entry['oversized']} bytes, too large "
+                       f"to read; it is entry {entry['seq']} of the host's audit trail.",
+            "time": entry.get("time", ""), "truncated": True,
+            "evidence": {"audit-seq": entry["seq"], "bytes": entry["oversized"]}}
+
+
+def health_alert(root: Path, rule: str, message: str, evidence: dict[str, Any],
+                 priority: str = "warning") -> bool:
+    """Write an alert about the agent itself (``alert.RULE`` in the audit trail, which
+    the next round sends to the fleet); False if the trail cannot be written."""
     from cerulean.agent.audit import AuditLog
-    from cerulean.agent.compliance import last_reports
     from cerulean.agent.update.host import Host
 
+    try:
+        AuditLog(Host(root).audit_log).append("fleet", f"alert.{rule}", {
+            "rule": rule, "priority": priority, "tags": ["agent-health"], "message": message,
+            "time": time.time(), "evidence": evidence})
+    except (OSError, CeruleanError):
+        return False
+    return True
+
+
+def collect(box: Outbox, root: Path = Path("/"), now: float | None = None,
+            inventory_every: float = 3600.0, hostname: str | None = None,
+            errors: list[str] | None = None) -> dict[str, int]:
+    """Put into *box* what the fleet has not had yet; returns how many of each kind.
+
+    Each part (inventory, the audit trail, compliance, metrics) is queued on its own: one
+    that fails is named in *errors* and the others still go. The audit trail is read
+    from its cursor, a bounded batch a round; an alert too large for a report is cut or
+    summarised, and one that cannot be queued at all is passed over (the cursor never
+    sticks on it), each counted and said in an ``alert.agent-report-truncated`` entry.
+    """
     now = time.time() if now is None else now
     put = {"inventory": 0, "alert": 0, "audit": 0, "compliance": 0, "metrics": 0}
+    errors = [] if errors is None else errors
+    for part, step in (("inventory", _collect_inventory), ("audit trail", _collect_trail),
+                       ("compliance", _collect_compliance), ("metrics", _collect_metrics)):
+        try:
+            step(box, root, now, inventory_every, hostname, put)
+        except Exception as e:  # one part must not stop the others
+            errors.append(f"the {part} could not be queued: {e}")
+    return put
+
+
+def _collect_inventory(box: Outbox, root: Path, now: float, every: float,
+                       hostname: str | None, put: dict[str, int]) -> None:
     # Hourly, and at once when the update state moves (a rollout follows it).
     inv = inventory(root, hostname)
     digest = hashlib.sha256(json.dumps([inv["update"], inv["packages"]], sort_keys=True)
                             .encode()).hexdigest()
-    if now - float(box.get("inventory-at", "0")) >= inventory_every \
+    if now - float(box.get("inventory-at", "0")) >= every \
             or digest != box.get("inventory-hash"):
         box.put("inventory", inv, {"inventory-at": str(now), "inventory-hash": digest})
         put["inventory"] += 1
+
+
+def _collect_trail(box: Outbox, root: Path, now: float, every: float,
+                   hostname: str | None, put: dict[str, int]) -> None:
     # Alerts and the audit trail's head, from the trail itself: whatever process raised
     # an alert (the agent, the policy timer), it is sent once, in order.
-    log = AuditLog(Host(root).audit_log)
+    from cerulean.agent.audit import READ_ENTRIES, AuditLog, read_after
+    from cerulean.agent.update.host import Host
+    from cerulean.errors import CeruleanError as _Err
+
     last = int(box.get("audit-seq", "0"))
+    path = Host(root).audit_log
+    entries, offset = read_after(path, last, int(box.get("audit-offset", "0")))
+    if last and entries and int(entries[0].get("seq", 0)) > last + 1:
+        # The live file starts after the cursor: it was rotated, and the entries in
+        # between are in archived segments, which the trail's own reader walks.
+        entries, offset = list(AuditLog(path).entries_after(last, READ_ENTRIES)), 0
     head = None
-    for entry in log.entries():
+    cut: list[int] = []
+    lost: list[int] = []
+    for i, entry in enumerate(entries):
         seq = int(entry.get("seq", 0))
-        if seq <= last:
-            continue
         head = entry
+        # The offset note moves with the last entry of the batch only.
+        notes = {"audit-seq": str(seq)}
+        if i == len(entries) - 1:
+            notes["audit-offset"] = str(offset)
         action = str(entry.get("action", ""))
-        if action.startswith("alert.") and isinstance(entry.get("detail"), dict):
-            box.put("alert", entry["detail"], {"audit-seq": str(seq)})
-            put["alert"] += 1
-    if head is not None:
-        box.put("audit", {"seq": int(head["seq"]), "hash": str(head.get("hash", ""))},
-                {"audit-seq": str(head["seq"])})
+        if not action.startswith("alert."):
+            continue
+        if "oversized" in entry:
+            body, trimmed = _oversized_alert(entry), True
+        elif isinstance(entry.get("detail"), dict):
+            body, trimmed = fit_alert(entry["detail"])
+        else:
+            continue
+        try:
+            box.put("alert", body, notes)
+        except (OutboxError, _Err, ValueError, TypeError):
+            lost.append(seq)  # never sendable: passed over, not retried for ever
+            box.set_notes(notes)
+            continue
+        put["alert"] += 1
+        if trimmed:
+            cut.append(seq)
+    if head is None and str(offset) != box.get("audit-offset", "0"):
+        box.set_notes({"audit-offset": str(offset)})  # past entries already sent
+    # The head, with the entry at the head reported before (so the fleet can check that it
+    # extends that one) or word that the trail no longer holds it.
+    report = AuditLog(path).anchor(head, box.get("audit-head"))
+    if report is not None:
+        box.put("audit", report, {"audit-seq": str(report["seq"]), "audit-offset": str(offset),
+                                  "audit-head": f"{report['seq']}:{report['hash']}"})
         put["audit"] += 1
+    if cut or lost:
+        box.count("truncated", len(cut))
+        box.count("unsendable", len(lost))
+        what = []
+        if cut:
+            what.append(f"{len(cut)} cut short (entries {_seqs(cut)})")
+        if lost:
+            what.append(f"{len(lost)} not sent at all (entries {_seqs(lost)})")
+        health_alert(root, "agent-report-truncated",
+                     "Alerts too large for a fleet report: " + "; ".join(what)
+                     + ". The whole alerts are in the host's audit trail.",
+                     {"truncated": cut[:100], "unsendable": lost[:100]})
+
+
+def _seqs(seqs: list[int]) -> str:
+    return ", ".join(map(str, seqs[:10])) + (", …" if len(seqs) > 10 else "")
+
+
+def _collect_compliance(box: Outbox, root: Path, now: float, every: float,
+                        hostname: str | None, put: dict[str, int]) -> None:
+    from cerulean.agent.compliance import last_reports
+
     for profile, rep in sorted(last_reports(root).items()):
         key = f"compliance-at:{profile}"
         if float(rep.get("time", 0)) <= float(box.get(key, "0")):
             continue
         failures = {c["id"]: c.get("rules", []) for c in rep.get("checks", [])
                     if c.get("result") in ("failed", "error")}
-        box.put("compliance", {
+        failures, trimmed = _bounded(failures)
+        body = {
             "profile": profile, "score": rep.get("score", 0), "passed": rep.get("passed", 0),
             "failed": rep.get("failed", 0), "errors": rep.get("errors", 0),
             "notapplicable": rep.get("notapplicable", 0), "mode": rep.get("mode", "audit"),
-            "time": rep.get("time"), "failures": failures}, {key: str(rep.get("time", 0))})
+            "time": rep.get("time"), "failures": failures}
+        if trimmed:
+            body["truncated"] = True
+            box.count("truncated", 1)
+        try:
+            box.put("compliance", body, {key: str(rep.get("time", 0))})
+        except OutboxError:
+            body["failures"] = {"truncated": "too many failures for one report"}
+            box.put("compliance", body, {key: str(rep.get("time", 0))})
         put["compliance"] += 1
-    box.put("metrics", metric_values(root))
+
+
+def _collect_metrics(box: Outbox, root: Path, now: float, every: float,
+                     hostname: str | None, put: dict[str, int]) -> None:
+    values = metric_values(root)
+    for name, value in sorted(box.counters().items()):
+        values[f"cerulean_fleet_outbox_{name.replace('-', '_')}_total"] = float(value)
+    values["cerulean_fleet_outbox_bytes"] = float(box.disk_bytes())
+    box.put("metrics", values)
     put["metrics"] += 1
-    return put
 
 
 @dataclass(frozen=True)
@@ -421,7 +615,7 @@ def _toml_value(v: Any) -> str:
 def check_desired(desired: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The update and agent settings of a Desired answer, each value checked as the updater
     and the agent would check it; raises FleetLinkError on anything else."""
-    from cerulean.agent.policy import MODES
+    from cerulean.agent.policy import MODES, is_profile_name
     from cerulean.protocol.fleet import DESIRED_AGENT_KEYS, DESIRED_UPDATE_KEYS
     from cerulean.protocol.update import CHANNELS, is_version
     from cerulean.protocol.window import WindowError, parse_window
@@ -441,7 +635,7 @@ def check_desired(desired: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     except WindowError as e:
         raise FleetLinkError(f"The fleet sent a bad window: {e}") from e
     if "policies" in agent and not (isinstance(agent["policies"], list) and all(
-            isinstance(p, str) and p for p in agent["policies"])):
+            is_profile_name(p) for p in agent["policies"])):  # names, never paths
         raise FleetLinkError("The fleet sent 'policies' that are not profile names.")
     if "policy-mode" in agent and agent["policy-mode"] not in MODES:
         raise FleetLinkError(f"The fleet sent an unknown policy mode {agent['policy-mode']!r}.")
@@ -501,11 +695,19 @@ def _sync(root: Path, link: Link, hostname: str | None) -> SyncResult:
         error = str(e)
     box = link.outbox()
     try:
-        queued = collect(box, root, hostname=hostname)
+        # Queuing and delivering are apart: whatever goes wrong while queuing, what is
+        # already in the outbox is still delivered.
+        problems: list[str] = []
+        queued = collect(box, root, hostname=hostname, errors=problems)
+        if box.events:
+            health_alert(root, "agent-outbox-degraded",
+                         "The fleet outbox looked after itself: " + "; ".join(box.events)
+                         + ".", {"events": box.events[:20]})
         delivered, failed = box.deliver(link.send)
         pending = box.pending()
     finally:
         box.close()
+    error = error or "; ".join(problems)
     changed: tuple[str, ...] = ()
     if link.desired is not None:
         try:

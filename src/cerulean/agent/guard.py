@@ -7,6 +7,14 @@ snapshots of processes, accounts, listening sockets and kernel modules every
 the first snapshot of accounts, sockets and modules is the baseline, while every
 process already running is checked once), matches all of it against the rules
 (:mod:`cerulean.agent.detect`), and appends each alert to the audit trail.
+
+The file watch degrades instead of stopping: when inotify cannot start the
+agent runs without it and tries again every :data:`WATCH_RETRY_S`; directories
+that cannot be watched, queue overflows and truncated rescans are metrics
+(:meth:`Guard.families`) and, at most once per :data:`REPORT_EVERY_S` and kind,
+``alert.agent-watch-*`` entries in the audit trail, which reach the fleet as
+alerts; after an overflow (or while directories are unwatched) the trees are
+scanned again, at most once per :data:`RESCAN_EVERY_S`.
 """
 
 from __future__ import annotations
@@ -17,13 +25,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cerulean.agent import sensors
+from cerulean.agent import metrics, sensors
 from cerulean.agent.audit import AuditLog
-from cerulean.agent.detect import Alert, DetectionRule, match
-from cerulean.agent.watch import Watcher
+from cerulean.agent.detect import Alert, DetectionRule, RateLimit, match
+from cerulean.agent.metrics import Family
+from cerulean.agent.watch import Watcher, WatchError
 from cerulean.errors import CeruleanError
 
 WATCH = ("/etc", "/boot", "/root", "/home", "/tmp", "/var/tmp", "/dev/shm")
+RESCAN_EVERY_S = 10.0  # rescans after an overflow or of unwatched directories: this far apart
+REPORT_EVERY_S = 60.0  # audit entries about the watch's own trouble: one per kind this often
+WATCH_RETRY_S = 60.0  # when inotify cannot start at all, the next try
+REPORT_PATHS = 10  # unwatched paths named in one audit entry
+REPORT_PATH_CHARS = 256  # of each, at most this much (long paths are how some get there)
+
+
+def self_alert(audit: AuditLog, rule: str, priority: str, message: str,
+               evidence: dict[str, Any], say: Callable[[str], None] = print) -> None:
+    """The agent's own degradation, said in the journal and written to the audit trail as
+    ``alert.RULE`` (so it reaches the fleet as an alert, like the rules' alerts). Raises
+    what the audit trail raises."""
+    say(f"degraded [{priority}] {rule}: "
+        + message.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    alert = Alert(rule, priority, ("agent-health",), message, time.time(), evidence)
+    audit.append("agent", f"alert.{rule}", alert.to_json())
+
+
+def _short(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= REPORT_PATH_CHARS else \
+        f"{text[:REPORT_PATH_CHARS]}... ({len(text)} characters)"
 
 
 @dataclass
@@ -38,14 +69,23 @@ class Guard:
     alerts: int = 0
     by_rule: dict[tuple[str, str], int] = field(default_factory=dict)  # (rule, priority)
     journal: sensors.JournalFollower | None = None  # auth events; made by start()
+    limit: RateLimit = field(default_factory=RateLimit)  # per rule
+    suppressed: dict[str, int] = field(default_factory=dict)  # by rule: held back
+    truncated: int = 0  # alerts written with fields cut
     _watcher: Watcher | None = field(default=None, repr=False)
     _snapshots: list[tuple[str, sensors.NewOnly]] = field(default_factory=list, repr=False)
     _next_poll: float = field(default=0.0, repr=False)
+    _watch_error: str = field(default="", repr=False)  # why inotify could not start
+    _watch_retry: float = field(default=0.0, repr=False)
+    _next_rescan: float = field(default=0.0, repr=False)
+    _seen: dict[str, int] = field(default_factory=dict, repr=False)  # counts reported
+    _pending: dict[str, int] = field(default_factory=dict, repr=False)  # not yet reported
+    _reported_at: dict[str, float] = field(default_factory=dict, repr=False)
 
     def start(self) -> None:
         kinds = {r.event for r in self.rules}
         if "file" in kinds:
-            self._watcher = Watcher([self.root / w.lstrip("/") for w in self.watch])
+            self._start_watch()
         if "auth" in kinds and self.journal is None and self.root == Path("/"):
             self.journal = sensors.JournalFollower()
         root = self.root
@@ -62,17 +102,122 @@ class Guard:
                            for kind, sense, key, first in table if kind in kinds]
 
     def close(self) -> None:
+        self._write(self.limit.summaries(self.clock(), flush=True))  # nothing held back
         if self._watcher is not None:
             self._watcher.close()
         if self.journal is not None:
             self.journal.close()
 
+    def _start_watch(self) -> None:
+        """Watch the directories; when inotify cannot start, run without and say so."""
+        try:
+            self._watcher = Watcher([self.root / w.lstrip("/") for w in self.watch])
+            self._watch_error = ""
+        except WatchError as e:
+            self._watch_error = str(e.strerror or e)
+            self._watch_retry = self.clock() + WATCH_RETRY_S
+            self._note("nowatch")
+        self._check_watch()
+
+    def _note(self, kind: str, n: int = 1) -> None:
+        self._pending[kind] = self._pending.get(kind, 0) + n
+
+    def _check_watch(self) -> None:
+        """Count what went wrong in the watch since the last look."""
+        w = self._watcher
+        if w is None:
+            return
+        for kind, count in (("overflow", w.overflowed), ("unwatched", w.unwatched_total),
+                            ("truncated", w.rescans_truncated)):
+            if count > self._seen.get(kind, 0):
+                self._note(kind, count - self._seen.get(kind, 0))
+                self._seen[kind] = count
+
+    def _report(self, now: float) -> None:
+        """The audit entries about the watch's trouble that are due (one per kind per
+        REPORT_EVERY_S; what happens in between is counted into the next)."""
+        w = self._watcher
+        for kind, n in sorted(self._pending.items()):
+            if now - self._reported_at.get(kind, -REPORT_EVERY_S) < REPORT_EVERY_S:
+                continue
+            evidence: dict[str, Any] = {"watch.count": n}
+            if kind == "overflow":
+                rule, priority = "agent-watch-overflow", "warning"
+                message = (f"The inotify event queue overflowed {n} time{'s' * (n != 1)}: "
+                           "file events were lost; the watched trees are scanned again.")
+            elif kind == "nowatch":
+                rule, priority = "agent-watch-degraded", "error"
+                message = (f"File events are not watched: inotify cannot start "
+                           f"({self._watch_error}); tried again every {WATCH_RETRY_S:g} s.")
+            elif kind == "truncated":
+                rule, priority = "agent-watch-degraded", "warning"
+                message = (f"A rescan of the watched trees stopped after its limit of "
+                           f"entries ({n} time{'s' * (n != 1)}); it goes on at the next.")
+            else:
+                rule, priority = "agent-watch-degraded", "error"
+                unwatched = list(w.unwatched.items()) if w is not None else []
+                reasons = sorted({why for _p, why in unwatched})
+                message = (f"{n} director{'ies' if n != 1 else 'y'} could not be watched "
+                           f"({'; '.join(reasons) or 'see the metrics'}); they are scanned "
+                           f"every {RESCAN_EVERY_S:g} s instead.")
+                evidence["watch.unwatched"] = {_short(p): why
+                                               for p, why in unwatched[-REPORT_PATHS:]}
+                evidence["watch.errors"] = dict(w.errors) if w is not None else {}
+            try:
+                self_alert(self.audit, rule, priority, message, evidence, self.say)
+            except (OSError, CeruleanError) as e:
+                self.say(f"warning: the audit trail could not be written: {e}")
+                continue  # still pending: tried again at the next round
+            self._reported_at[kind] = now
+            del self._pending[kind]
+
+    def families(self) -> list[Family]:
+        """The guard's own state: what the alert limits held back or cut
+        (cerulean_alerts_*), and the watch's state (cerulean_watch_*)."""
+        if not any(r.event == "file" for r in self.rules):
+            return self._alert_families()
+        w = self._watcher
+        fams = [*self._alert_families(),
+                Family("cerulean_watch_up", "gauge",
+                       "1 when file events are watched (inotify started).",
+                       [({}, 1.0 if w is not None else 0.0)])]
+        if w is None:
+            return fams
+        for name, kind, text, value in (
+                ("cerulean_watch_directories", "gauge", "Directories watched.", len(w.paths)),
+                ("cerulean_watch_unwatched_directories", "gauge",
+                 "Directories that could not be watched (scanned instead).",
+                 len(w.unwatched)),
+                ("cerulean_watch_overflows_total", "counter",
+                 "Times the inotify queue overflowed and events were lost.", w.overflowed),
+                ("cerulean_watch_rescans_total", "counter",
+                 "Rescans of the watched trees (after overflows, of unwatched directories).",
+                 w.rescans),
+                ("cerulean_watch_rescans_truncated_total", "counter",
+                 "Rescans that stopped at their limit of entries.", w.rescans_truncated)):
+            fams.append(Family(name, kind, text, [({}, float(value))]))
+        errors = Family("cerulean_watch_errors_total", "counter",
+                        "Directories left unwatched or paths left undescribed, by error.")
+        for code, n in sorted(dict(w.errors).items()):  # a copy: the guard thread adds
+            errors.add(n, error=code)
+        return [*fams, errors]
+
     def step(self, wait: float = 0.0) -> list[Alert]:
-        """One round: file events (waiting up to *wait* s for them), then the snapshots
-        when their time has come. Returns the alerts it raised (and wrote)."""
+        """One round: file events (waiting up to *wait* s for them), a rescan when one is
+        due, then the snapshots when their time has come. Returns the alerts it raised
+        (and wrote)."""
         events: list[tuple[str, dict[str, Any]]] = []
+        if (self._watcher is None and self._watch_error
+                and self.clock() >= self._watch_retry):
+            self._start_watch()
         if self._watcher is not None:
             events += [("file", e) for e in self._watcher.read(wait)]
+            self._check_watch()
+            if self._watcher.needs_rescan and self.clock() >= self._next_rescan:
+                self._next_rescan = self.clock() + RESCAN_EVERY_S
+                found, _complete = self._watcher.rescan()
+                events += [("file", e) for e in found]
+                self._check_watch()
         elif wait:
             time.sleep(wait)  # nothing to wait on: do not spin
         if self.journal is not None:
@@ -83,9 +228,24 @@ class Guard:
             for kind, snap in self._snapshots:
                 events += [(kind, e) for e in snap.poll()]
         raised = [a for kind, e in events for a in match(self.rules, kind, e, now)]
+        # Each rule writes a bounded number of alerts a window; the rest become a count
+        # and, when the window ends, one summary alert.
+        written = self.limit.summaries(now)
         for a in raised:
             self.alerts += 1
             self.by_rule[a.rule, a.priority] = self.by_rule.get((a.rule, a.priority), 0) + 1
+            if self.limit.admit(a):
+                written.append(a)
+            else:
+                self.suppressed[a.rule] = self.suppressed.get(a.rule, 0) + 1
+        self._write(written)
+        if self._pending:
+            self._report(now)
+        return written
+
+    def _write(self, alerts: list[Alert]) -> None:
+        for a in alerts:
+            self.truncated += bool(a.truncated)
             # The journal gets one line per alert: control characters in a file name
             # or command line cannot forge more.
             self.say(f"alert [{a.priority}] {a.rule}: "
@@ -94,4 +254,14 @@ class Guard:
                 self.audit.append("guard", f"alert.{a.rule}", a.to_json())
             except (OSError, CeruleanError) as e:
                 self.say(f"warning: the audit trail could not be written: {e}")
-        return raised
+
+    def _alert_families(self) -> list[metrics.Family]:
+        """What the alert limits held back or cut, as metrics."""
+        held = metrics.Family("cerulean_alerts_suppressed_total", "counter",
+                              "Alerts not written one by one (a rule's rate limit), by rule.")
+        for rule, n in sorted(self.suppressed.items()):
+            held.add(n, rule=rule)
+        cut = metrics.Family("cerulean_alerts_truncated_total", "counter",
+                             "Alerts written with a field cut to its size limit.")
+        cut.add(self.truncated)
+        return [held, cut]

@@ -9,11 +9,16 @@ every change with the path, what changed, the old and new hash, owner and mode,
 and the package the file belongs to.
 
 Only ``lstat`` and regular-file reads are used: symbolic links are recorded,
-never followed, and a scan never leaves the file system it started on.
+never followed, and a scan never leaves the file system it started on. A file is
+opened with ``O_NOFOLLOW | O_NONBLOCK`` and only hashed when the opened descriptor is
+a regular file, so a file swapped for a link or a FIFO between the listing and the
+read is recorded as what it is now, and never hangs the scan. A path that cannot be
+read is a :class:`Problem` of the scan, never the end of it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,6 +31,26 @@ from typing import Any
 
 CHUNK = 1 << 20
 KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink"}
+# How a scan opens a file: never through a link, never waiting on a FIFO or a device,
+# never becoming a terminal's.
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+# The paths a scan could not read that its audit entry and alert name (the count is whole).
+MAX_PROBLEMS_LISTED = 20
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A path a scan could not read (its state is unknown, not changed)."""
+
+    path: str
+    error: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.path, "error": self.error}
+
+
+def _error(e: OSError) -> str:
+    return e.strerror or str(e)
 
 
 @dataclass(frozen=True)
@@ -91,17 +116,41 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _sha256_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    while chunk := os.read(fd, CHUNK):
+        h.update(chunk)
+    return h.hexdigest()
+
+
 def state_of(root: Path, path: str, st: os.stat_result | None = None,
              packages: Mapping[str, str] | None = None) -> FileState | None:
-    """The state of *path* (absolute on the host) under *root*; None if it is gone."""
+    """The state of *path* (absolute on the host) under *root*; None if it is gone. A file
+    is hashed only when what was opened (no-follow, non-blocking) is a regular file;
+    otherwise its real type is recorded. Raises OSError when it cannot be read."""
     real = os.path.join(root, path.lstrip("/"))
     try:
         st = st or os.lstat(real)
         kind = KINDS.get(stat.S_IFMT(st.st_mode), "other")
         size = digest = target = None
         if kind == "file":
-            size, digest = st.st_size, file_sha256(real)
-        elif kind == "symlink":
+            try:
+                fd = os.open(real, OPEN_FLAGS)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                st = os.lstat(real)  # swapped for a link since it was listed
+                kind = KINDS.get(stat.S_IFMT(st.st_mode), "other")
+                fd = -1
+            if fd >= 0:
+                try:
+                    st = os.fstat(fd)  # what was opened, not what was listed
+                    kind = KINDS.get(stat.S_IFMT(st.st_mode), "other")
+                    if kind == "file":
+                        size, digest = st.st_size, _sha256_fd(fd)
+                finally:
+                    os.close(fd)
+        if kind == "symlink":
             target = os.readlink(real)
     except FileNotFoundError:
         return None
@@ -109,11 +158,15 @@ def state_of(root: Path, path: str, st: os.stat_result | None = None,
                      target, (packages or {}).get(path))
 
 
-def _walk(root: Path, top: str, exclude: Sequence[str]) -> Iterator[tuple[str, os.stat_result]]:
+def _walk(root: Path, top: str, exclude: Sequence[str], problems: list[Problem]
+          ) -> Iterator[tuple[str, os.stat_result]]:
     real_top = os.path.join(root, top.lstrip("/"))
     try:
         st = os.lstat(real_top)
     except FileNotFoundError:
+        return
+    except OSError as e:
+        problems.append(Problem(top, _error(e)))
         return
     yield top, st
     if not stat.S_ISDIR(st.st_mode):
@@ -125,7 +178,10 @@ def _walk(root: Path, top: str, exclude: Sequence[str]) -> Iterator[tuple[str, o
         try:
             with os.scandir(real) as it:
                 items = sorted(it, key=lambda e: e.name)
-        except (PermissionError, FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError):  # gone, or replaced, since listed
+            continue
+        except OSError as e:
+            problems.append(Problem(path, _error(e)))
             continue
         for item in items:
             child = f"{path.rstrip('/')}/{item.name}"
@@ -135,26 +191,37 @@ def _walk(root: Path, top: str, exclude: Sequence[str]) -> Iterator[tuple[str, o
                 cst = item.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            except OSError as e:
+                problems.append(Problem(child, _error(e)))
+                continue
             yield child, cst
             if stat.S_ISDIR(cst.st_mode) and cst.st_dev == device:
                 stack.append((child, item.path))
 
 
 def scan(root: Path, dirs: Sequence[str], exclude: Sequence[str] = (),
-         packages: Mapping[str, str] | None = None) -> dict[str, FileState]:
-    """The current state of everything below *dirs* (absolute host paths)."""
+         packages: Mapping[str, str] | None = None,
+         problems: list[Problem] | None = None) -> dict[str, FileState]:
+    """The current state of everything below *dirs* (absolute host paths). A path that
+    cannot be read goes to *problems* and the scan goes on."""
     out: dict[str, FileState] = {}
+    problems = [] if problems is None else problems
     for top in dirs:
-        for path, st in _walk(root, top, exclude):
-            s = state_of(root, path, st, packages)
+        for path, st in _walk(root, top, exclude, problems):
+            try:
+                s = state_of(root, path, st, packages)
+            except OSError as e:  # unreadable, I/O error, a component swapped: this path only
+                problems.append(Problem(path, _error(e)))
+                continue
             if s is not None:
                 out[path] = s
     return out
 
 
-def compare(baseline: Mapping[str, FileState], current: Mapping[str, FileState]
-            ) -> list[Change]:
-    """Every difference, sorted by path. Package names come from either side."""
+def compare(baseline: Mapping[str, FileState], current: Mapping[str, FileState],
+            unknown: Sequence[str] = ()) -> list[Change]:
+    """Every difference, sorted by path. Package names come from either side. Paths at or
+    below *unknown* (what a scan could not read) are not called removed."""
     changes = []
     for path in sorted(set(baseline) | set(current)):
         old, new = baseline.get(path), current.get(path)
@@ -162,7 +229,8 @@ def compare(baseline: Mapping[str, FileState], current: Mapping[str, FileState]
             changes.append(Change(path, ("added",), None, new))
             continue
         if new is None:
-            changes.append(Change(path, ("removed",), old, None))
+            if not (unknown and _below(path, unknown)):
+                changes.append(Change(path, ("removed",), old, None))
             continue
         what = []
         if old.kind != new.kind:
@@ -228,9 +296,11 @@ class Baseline:
     made: str = ""  # when the first scan was made (ISO 8601)
 
 
-def load_baseline(root: Path = Path("/"), now: str = "") -> Baseline:
+def load_baseline(root: Path = Path("/"), now: str = "",
+                  problems: list[Problem] | None = None) -> Baseline:
     """The image's manifest of its writable directories when there is one (nothing
-    trusted on first use); elsewhere the first scan, made now if there is none yet."""
+    trusted on first use); elsewhere the first scan, made now if there is none yet (what
+    it could not read goes to *problems*)."""
     for rel, source in ((IMAGE_MANIFEST, "image manifest"), (FIRST_SCAN, "first scan")):
         try:
             doc = json.loads((root / rel).read_bytes())
@@ -241,7 +311,7 @@ def load_baseline(root: Path = Path("/"), now: str = "") -> Baseline:
         dirs = tuple(doc.get("dirs") or WATCHED)
         return Baseline(from_manifest(doc.get("files", []), dirs), source, dirs,
                         str(doc.get("made", "")))
-    files = scan(root, WATCHED, packages=dpkg_owners(root))
+    files = scan(root, WATCHED, packages=dpkg_owners(root), problems=problems)
     from cerulean.agent.fileio import write_atomic
 
     write_atomic(root / FIRST_SCAN, manifest_json(files, dirs=list(WATCHED), made=now),
@@ -281,17 +351,39 @@ def _key(c: Change) -> str:
                               f"{n.uid}:{n.gid}"])])
 
 
-def since_baseline(root: Path = Path("/"), now: str = "") -> tuple[Baseline, list[Change]]:
+def since_baseline(root: Path = Path("/"), now: str = "",
+                   problems: list[Problem] | None = None) -> tuple[Baseline, list[Change]]:
     """The baseline (see :func:`load_baseline`) and every change since it, from a full
-    scan of its directories."""
-    base = load_baseline(root, now)
-    return base, compare(base.files, scan(root, base.dirs, packages=dpkg_owners(root)))
+    scan of its directories. Paths the scan could not read go to *problems*; they are
+    not reported as changed."""
+    problems = [] if problems is None else problems
+    base = load_baseline(root, now, problems)
+    current = scan(root, base.dirs, packages=dpkg_owners(root), problems=problems)
+    return base, compare(base.files, current, [p.path for p in problems])
 
 
-def periodic_scan(root: Path, audit: Any, now: str = "") -> tuple[int, int]:
+# What the last periodic scan found (for metrics, and to alert on new unreadable paths once).
+SCAN_STATE = "var/lib/cerulean/agent/integrity-scan.json"
+
+
+def _problems_key(problems: Sequence[Problem]) -> str:
+    return hashlib.sha256("\n".join(sorted(f"{p.path}\0{p.error}" for p in problems))
+                          .encode()).hexdigest()
+
+
+def periodic_scan(root: Path, audit: Any, now: str = "",
+                  clock: Any = None) -> tuple[int, int]:
     """One full scan against the baseline; each change not reported before (in that
-    state) goes to the audit trail as ``integrity.change``. Returns (changes, new)."""
-    base, changes = since_baseline(root, now)
+    state) goes to the audit trail as ``integrity.change``. Paths it could not read are
+    counted, never the end of the scan: when they differ from the last scan's, an
+    ``alert.integrity-scan-incomplete`` entry (an alert: it reaches the fleet) names the
+    first MAX_PROBLEMS_LISTED. Returns (changes, new)."""
+    import time
+
+    from cerulean.agent.fileio import write_atomic
+
+    problems: list[Problem] = []
+    base, changes = since_baseline(root, now, problems)
     try:
         changes += boot_changes(root).changes
     except (OSError, IntegrityError) as e:  # the ESP unreadable: /etc's changes still count
@@ -309,10 +401,51 @@ def periodic_scan(root: Path, audit: Any, now: str = "") -> tuple[int, int]:
                      {"more": len(fresh) - MAX_ENTRIES, "baseline": base.source,
                       "message": f"{len(fresh) - MAX_ENTRIES} more changes; "
                                  "run 'cerulean integrity check' for all of them"})
-    from cerulean.agent.fileio import write_atomic
-
     write_atomic(path, json.dumps(sorted(_key(c) for c in changes)).encode(), mode=0o600)
+    when = (clock or time.time)()
+    state_path = root / SCAN_STATE
+    try:
+        last = json.loads(state_path.read_bytes())
+        last_key = str(last.get("problems-key", "")) if isinstance(last, dict) else ""
+    except (OSError, ValueError):
+        last_key = ""
+    key = _problems_key(problems) if problems else ""
+    if problems and key != last_key:
+        first = problems[0]
+        audit.append("integrity", "alert.integrity-scan-incomplete", {
+            "rule": "integrity-scan-incomplete", "priority": "warning",
+            "tags": ["agent-health", "integrity"],
+            "message": f"the integrity scan could not read {len(problems)} "
+                       f"path{'s' if len(problems) != 1 else ''} (first: {first.path}: "
+                       f"{first.error}); their state is unknown",
+            "time": when,
+            "evidence": {"errors": len(problems),
+                         "paths": [p.to_json() for p in problems[:MAX_PROBLEMS_LISTED]]}})
+    write_atomic(state_path, json.dumps({
+        "time": when, "changes": len(changes), "new": len(fresh), "errors": len(problems),
+        "problems-key": key}).encode(), mode=0o600)
     return len(changes), len(fresh)
+
+
+def metric_families(root: Path = Path("/")) -> list[Any]:
+    """The last periodic scan: cerulean_integrity_scan_errors (paths it could not read),
+    cerulean_integrity_changes, cerulean_integrity_last_scan_timestamp_seconds."""
+    from cerulean.agent.metrics import Family
+
+    errors = Family("cerulean_integrity_scan_errors", "gauge",
+                    "Paths the last integrity scan could not read (their state is unknown).")
+    changes = Family("cerulean_integrity_changes", "gauge",
+                     "Changes since the baseline at the last integrity scan.")
+    when = Family("cerulean_integrity_last_scan_timestamp_seconds", "gauge",
+                  "When the last integrity scan ended.")
+    try:
+        doc = json.loads((root / SCAN_STATE).read_bytes())
+        errors.add(float(doc["errors"]))
+        changes.add(float(doc["changes"]))
+        when.add(float(doc["time"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return [errors, changes, when]
 
 
 # -- the boot chain on the EFI system partition ---------------------------------------------
@@ -341,9 +474,15 @@ def esp_files(esp: Path) -> dict[str, tuple[int, str]]:
         dirnames.sort()
         for name in sorted(filenames):
             p = Path(dirpath) / name
-            st = os.lstat(p)
-            if stat.S_ISREG(st.st_mode):
-                out[p.relative_to(esp).as_posix()] = (st.st_size, file_sha256(p))
+            if not stat.S_ISREG(os.lstat(p).st_mode):
+                continue
+            fd = os.open(p, OPEN_FLAGS)  # what is there now: no link, no waiting on a FIFO
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode):
+                    out[p.relative_to(esp).as_posix()] = (st.st_size, _sha256_fd(fd))
+            finally:
+                os.close(fd)
     return out
 
 

@@ -10,14 +10,19 @@ scrape: the agent keeps no copy, and a scrape costs a few milliseconds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 USER_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
@@ -238,11 +243,19 @@ def cerulean_state(root: Path = Path("/"), slot: str = "") -> list[Family]:
                 last.add(t.timestamp(), result=state.last["result"])
             except ValueError:
                 pass
-    head = AuditLog(host.audit_log).head_path
+    trail = AuditLog(host.audit_log)
+    head = trail.head_path
     if head.exists():
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             audit.add(json.loads(head.read_bytes())["seq"])
-    return [info, staged, last, bad, audit, *policy_families(root)]
+    trail_families: list[Family] = []
+    if head.exists() or trail.path.exists():
+        with contextlib.suppress(OSError):
+            trail_families = trail.families()
+    from cerulean.agent.integrity import metric_families
+
+    return [info, staged, last, bad, audit, *trail_families, *policy_families(root),
+            *metric_families(root)]
 
 
 def policy_families(root: Path = Path("/")) -> list[Family]:
@@ -272,3 +285,172 @@ def alert_family(counts: dict[tuple[str, str], int]) -> Family:
     for (rule, priority), n in sorted(counts.items()):
         fam.add(n, rule=rule, priority=priority)
     return fam
+
+
+# The endpoint's limits. Whoever may connect to the port (every local user) must not be
+# able to take the agent's file descriptors, threads or CPU: detection and the audit
+# trail need them more than a scrape does.
+MAX_CONNECTIONS = 16  # connections served at once; more are closed as they are accepted
+IO_TIMEOUT_S = 5.0  # how long one read or write on a connection may wait
+REQUEST_DEADLINE_S = 10.0  # how long a connection may stay open in all
+LISTEN_BACKLOG = 64  # connections the kernel queues before they are accepted
+ACCEPT_BACKOFF_MAX_S = 1.0  # longest pause after accept() fails (no file descriptors)
+SCRAPE_REUSE_S = 1.0  # scrapes this close together share one reading of the host
+REPORT_EVERY_S = 300.0  # at most one audit entry about refused connections this often
+REPORT_RETRY_S = 10.0  # when that entry could not be written, the next try
+
+
+class MetricsServer(ThreadingHTTPServer):
+    """The metrics endpoint, bounded: at most :data:`MAX_CONNECTIONS` connections (so at
+    most that many file descriptors and threads), each closed after
+    :data:`REQUEST_DEADLINE_S`; a connection over the cap is closed at once and
+    counted. When ``accept()`` itself fails (the process is out of file descriptors)
+    the loop pauses instead of spinning. *report* (message, evidence) is called at most
+    once every :data:`REPORT_EVERY_S` seconds while connections are refused or cut."""
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 scrape: Callable[[], bytes],
+                 report: Callable[[str, dict[str, Any]], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._lock = threading.Lock()
+        self._open: dict[socket.socket, float] = {}  # connection -> when it was accepted
+        self._scrape = scrape
+        self._scrape_lock = threading.Lock()
+        self._last_scrape: tuple[float, bytes] | None = None
+        self._report = report
+        self._clock = clock
+        self._backoff = 0.0
+        self._reported_at: float | None = None
+        self._unreported: dict[str, int] = {}
+        self.refused = 0  # connections closed at once: MAX_CONNECTIONS were open
+        self.timed_out = 0  # connections cut at REQUEST_DEADLINE_S
+        self.accept_errors = 0  # accept() failures (file descriptors, memory)
+        super().__init__(address, handler)
+
+    # -- connections --
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            request = self.socket.accept()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # The connection stays queued and select() says so again at once: pause,
+                # longer each time, rather than spin.
+                self._backoff = min(ACCEPT_BACKOFF_MAX_S, max(0.01, self._backoff * 2))
+                self._degraded("accept-errors")
+                time.sleep(self._backoff)
+            raise
+        self._backoff = 0.0
+        return request
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        with self._lock:
+            if len(self._open) < MAX_CONNECTIONS:
+                self._open[request] = self._clock()
+                return True
+        self._degraded("refused")
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(IO_TIMEOUT_S)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that hangs up or is cut off is no news; the counters say the rest
+
+    def service_actions(self) -> None:
+        """Between connections (at least every half second): cut the connections that
+        are past their deadline, and report what was refused."""
+        now = self._clock()
+        with self._lock:
+            late = [s for s, t in self._open.items() if now - t > REQUEST_DEADLINE_S]
+        for s in late:
+            self._degraded("timed-out")
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # its thread sees the end and closes it
+            with self._lock:
+                self._open.pop(s, None)
+        self._flush_report(now)
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    # -- what it serves --
+
+    def scrape(self) -> bytes:
+        """The exposition; concurrent scrapes wait for one reading of the host."""
+        with self._scrape_lock:
+            now = self._clock()
+            if self._last_scrape is not None and now - self._last_scrape[0] < SCRAPE_REUSE_S:
+                return self._last_scrape[1]
+            data = self._scrape()
+            self._last_scrape = (now, data)
+            return data
+
+    def families(self) -> list[Family]:
+        """The endpoint's own state: cerulean_metrics_*."""
+        fams = []
+        for name, kind, text, value in (
+                ("cerulean_metrics_connections", "gauge", "Connections to the metrics "
+                 f"endpoint open now (at most {MAX_CONNECTIONS}).", self.connections),
+                ("cerulean_metrics_connections_refused_total", "counter",
+                 "Connections closed at once because the endpoint was at its limit.",
+                 self.refused),
+                ("cerulean_metrics_connections_timed_out_total", "counter",
+                 f"Connections cut after {REQUEST_DEADLINE_S:g} s.", self.timed_out),
+                ("cerulean_metrics_accept_errors_total", "counter",
+                 "Connections the endpoint could not accept (no file descriptors).",
+                 self.accept_errors)):
+            fams.append(Family(name, kind, text, [({}, float(value))]))
+        return fams
+
+    # -- saying so --
+
+    def _degraded(self, what: str) -> None:
+        with self._lock:
+            if what == "refused":
+                self.refused += 1
+            elif what == "timed-out":
+                self.timed_out += 1
+            else:
+                self.accept_errors += 1
+            self._unreported[what] = self._unreported.get(what, 0) + 1
+        self._flush_report(self._clock())
+
+    def _flush_report(self, now: float) -> None:
+        with self._lock:
+            if not self._unreported or (self._reported_at is not None
+                                        and now - self._reported_at < REPORT_EVERY_S):
+                return
+            if self._report is None:
+                self._unreported = {}
+                return
+            counts, self._unreported = self._unreported, {}
+            self._reported_at = now
+        words = {"refused": "connections refused (the limit of "
+                            f"{MAX_CONNECTIONS} was reached)",
+                 "timed-out": f"connections cut after {REQUEST_DEADLINE_S:g} s",
+                 "accept-errors": "connections not accepted (no file descriptors left)"}
+        message = "The metrics endpoint is under load: " + ", ".join(
+            f"{n} {words[k]}" for k, n in sorted(counts.items())) + "."
+        host, port = self.server_address[:2]
+        try:
+            self._report(message, {"metrics.listen": f"{host!s}:{port}",
+                                   **{f"metrics.{k}": n for k, n in counts.items()}})
+        except Exception:  # reporting must not stop serving: it is tried again later
+            with self._lock:
+                for k, n in counts.items():
+                    self._unreported[k] = self._unreported.get(k, 0) + n
+                self._reported_at = now - REPORT_EVERY_S + REPORT_RETRY_S

@@ -45,24 +45,38 @@ reports drift; ``autocorrect`` fixes whatever fails, every time.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import grp
 import os
 import pwd
 import re
+import secrets
 import stat
 import subprocess
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cerulean.agent.rules import Host, Rule, RuleError, evaluate, parse_rule
+from cerulean.agent.rules import (
+    MAX_FILE_BYTES,
+    READ_FLAGS,
+    Host,
+    Rule,
+    RuleError,
+    evaluate,
+    parse_rule,
+)
+from cerulean.agent.saferegex import RegexError, bounded, compile_safe
 from cerulean.errors import CeruleanError
 
 MODES = ("audit", "enforce", "autocorrect")
 PROFILE_DIRS = ("usr/lib/cerulean/policies", "etc/cerulean/policies")
 CONDITIONS = ("all", "any", "none")
+# What a profile's name may be, wherever it comes from (agent.toml, the fleet): a plain
+# name, looked up only among the files of PROFILE_DIRS, never a path.
+PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SYSCTL_FILE = "/etc/sysctl.d/99-cerulean-policy.conf"
 ACTIONS: dict[str, dict[str, type]] = {
     "set-line": {"file": str, "match": str, "line": str},
@@ -139,9 +153,9 @@ def _action(raw: Any, where: str) -> Action:
         raise PolicyError(f"{where}: 'service' needs 'enabled' or 'active'.")
     if kind in ("set-line", "remove-line"):
         try:
-            re.compile(args["match"])
-        except re.error as e:
-            raise PolicyError(f"{where}: '{kind}.match' is not a valid regex ({e}).") from None
+            compile_safe(args["match"])
+        except RegexError as e:
+            raise PolicyError(f"{where}: '{kind}.match': {e}") from None
     if kind == "mode" and not re.fullmatch(r"[0-7]{3,4}", args["mode"]):
         raise PolicyError(f"{where}: 'mode.mode' must be an octal mode such as \"0640\".")
     return Action(kind, dict(args))
@@ -209,14 +223,27 @@ def profiles(root: Path = Path("/")) -> dict[str, Path]:
     return {f.stem: f for f in layered([root / d for d in PROFILE_DIRS])}
 
 
-def load_profile(name: str, root: Path = Path("/")) -> Policy:
-    """The profile *name* (see :func:`profiles`), or a policy file given by its path."""
+def is_profile_name(name: object) -> bool:
+    """Whether *name* is a plain profile name (:data:`PROFILE_NAME`), not a path."""
+    return isinstance(name, str) and PROFILE_NAME.fullmatch(name) is not None \
+        and name not in (".", "..")
+
+
+def load_profile(name: str, root: Path = Path("/"), *, allow_path: bool = False) -> Policy:
+    """The profile *name* (see :func:`profiles`). Only with *allow_path* (a file named on
+    the command line) may it be the path of a policy file; names from the configuration
+    or the fleet are plain names, looked up only in the profile directories."""
     from cerulean.agent.yamlfile import YamlError, load
 
-    found = profiles(root)
-    path = found.get(name)
-    if path is None and ("/" in name or name.endswith(".yaml")):
+    path = None
+    if allow_path and ("/" in name or name.endswith(".yaml")):
         path = Path(name)
+    elif not is_profile_name(name):
+        raise PolicyError(f"{name[:100]!r} is not a profile name (letters, digits, '.', '_' "
+                          "and '-'); a policy from the configuration or the fleet is named, "
+                          "never given by its path.")
+    found = profiles(root)
+    path = path or found.get(name)
     if path is None:
         known = ", ".join(sorted(found)) or "none"
         raise PolicyError(f"There is no policy profile {name!r} (this host has: {known}); "
@@ -327,49 +354,131 @@ class Fixer:
             tail = (out.strip().splitlines() or [f"exit {rc}"])[-1]
             raise PolicyError(f"{' '.join(argv)} failed: {tail}")
 
+    def _parent(self, path: str, create: bool) -> tuple[int, str]:
+        """An O_PATH descriptor of *path*'s directory and its last name, reached from the
+        host's root one component at a time without following a symbolic link, so a fix
+        never lands outside the directory it names (missing directories are made, 0755,
+        when *create*). The caller closes the descriptor."""
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if not parts or ".." in parts:
+            raise PolicyError(f"{path} is not a plain absolute path; the fix leaves it alone.")
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+        fd = os.open(self.host.root, flags)
+        try:
+            for i, part in enumerate(parts[:-1]):
+                where = "/" + "/".join(parts[:i + 1])
+                try:
+                    nxt = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    nxt = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+                except (NotADirectoryError, OSError) as e:
+                    if isinstance(e, NotADirectoryError) or e.errno == errno.ELOOP:
+                        raise PolicyError(f"{where} is a symbolic link or not a directory; "
+                                          f"the fix of {path} does not go through it.") \
+                            from None
+                    raise
+                os.close(fd)
+                fd = nxt
+            return fd, parts[-1]
+        except BaseException:
+            os.close(fd)
+            raise
+
     def _rewrite(self, path: str, change: Callable[[list[str]], list[str]]) -> None:
         """Replace *path*'s lines atomically, keeping its mode and owner. A symbolic link
-        is refused (the fix would replace the link, not what it points to)."""
-        real = self.host.path(path)
+        is refused (the fix would replace the link, not what it points to), and so is a
+        path through one (see :meth:`_parent`)."""
+        dfd, name = self._parent(path, create=True)
         try:
-            st: os.stat_result | None = os.lstat(real)
+            self._rewrite_in(dfd, name, path, change)
+        finally:
+            os.close(dfd)
+
+    def _rewrite_in(self, dfd: int, name: str, path: str,
+                    change: Callable[[list[str]], list[str]]) -> None:
+        st: os.stat_result | None = None
+        try:
+            fd = os.open(name, READ_FLAGS | os.O_NOFOLLOW, dir_fd=dfd)
         except FileNotFoundError:
-            st = None
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            raise PolicyError(f"{path} is not a regular file (a link or something else); "
-                              "the fix leaves it alone.")
+            fd = -1
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise PolicyError(f"{path} is not a regular file (a link or something else); "
+                                  "the fix leaves it alone.") from None
+            raise
+        data = b""
+        if fd >= 0:
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise PolicyError(f"{path} is not a regular file (a link or something "
+                                      "else); the fix leaves it alone.")
+                if st.st_size > MAX_FILE_BYTES:
+                    raise PolicyError(f"{path} is larger than {MAX_FILE_BYTES >> 20} MiB; the "
+                                      "fix leaves it alone.")
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    data = f.read(MAX_FILE_BYTES + 1)
+            finally:
+                os.close(fd)
         try:
-            old = real.read_bytes().decode() if st is not None else ""
+            old = data.decode()
         except UnicodeDecodeError:
             raise PolicyError(f"{path} is not UTF-8 text; the fix leaves it alone.") from None
         lines = change(old.splitlines())
         new = "\n".join(lines) + ("\n" if lines else "")
         if new == old:
             return
-        real.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", dir=real.parent)  # 0600, O_EXCL
+        tmp = f".{name}.{secrets.token_hex(6)}"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600, dir_fd=dfd)
         try:
             if st is not None:
-                os.fchown(fd, st.st_uid, st.st_gid)
-                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+                os.fchown(out, st.st_uid, st.st_gid)
+                os.fchmod(out, stat.S_IMODE(st.st_mode))
             else:
-                os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "wb") as f:
+                os.fchmod(out, 0o644)
+            with os.fdopen(out, "wb") as f:
                 f.write(new.encode())
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, real)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
             raise
+
+    def _set_mode(self, path: str, mode: int, owner: str | None, group: str | None) -> None:
+        """chmod (and chown) *path* itself: never a link's target, never through a link."""
+        dfd, name = self._parent(path, create=False)
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise PolicyError(f"{path} is a symbolic link; the fix does not change what "
+                                  "it points to.")
+            # The descriptor names this very inode: chmod through /proc/self/fd reaches it
+            # and nothing else (fchmod does not take an O_PATH descriptor).
+            here = f"/proc/self/fd/{fd}"
+            os.chmod(here, mode)
+            if owner is not None or group is not None:
+                uid = pwd.getpwnam(owner).pw_uid if owner is not None else -1
+                gid = grp.getgrnam(group).gr_gid if group is not None else -1
+                os.chown(here, uid, gid)
+        finally:
+            os.close(fd)
 
     def apply(self, action: Action) -> None:
         a = action.args
         if action.kind == "set-line":
-            rx = re.compile(a["match"])
+            rx = compile_safe(a["match"])
 
             def set_line(lines: list[str]) -> list[str]:
-                hits = [i for i, line in enumerate(lines) if rx.search(line)]
+                hits = [i for i, line in enumerate(lines) if rx.search(bounded(line))]
                 if not hits:
                     return [*lines, a["line"]]
                 others = set(hits[1:])
@@ -378,8 +487,9 @@ class Fixer:
 
             self._rewrite(a["file"], set_line)
         elif action.kind == "remove-line":
-            rx = re.compile(a["match"])
-            self._rewrite(a["file"], lambda lines: [x for x in lines if not rx.search(x)])
+            rx = compile_safe(a["match"])
+            self._rewrite(a["file"], lambda lines: [x for x in lines
+                                                    if not rx.search(bounded(x))])
         elif action.kind == "sysctl":
             key = a["key"]
             line = f"{key} = {a['value']}"
@@ -387,12 +497,7 @@ class Fixer:
                 *[x for x in lines if x.split("=")[0].strip() != key], line])
             self._cmd(["sysctl", "-q", "-w", f"{key}={a['value']}"])
         elif action.kind == "mode":
-            real = self.host.path(a["path"])
-            os.chmod(real, int(a["mode"], 8))
-            if "owner" in a or "group" in a:
-                uid = pwd.getpwnam(a["owner"]).pw_uid if "owner" in a else -1
-                gid = grp.getgrnam(a["group"]).gr_gid if "group" in a else -1
-                os.chown(real, uid, gid)
+            self._set_mode(a["path"], int(a["mode"], 8), a.get("owner"), a.get("group"))
         elif action.kind == "service":
             if "enabled" in a:
                 self._cmd(["systemctl", "enable" if a["enabled"] else "disable", a["unit"]])

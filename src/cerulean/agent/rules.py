@@ -30,16 +30,19 @@ made it true, or why it is not.
 
 from __future__ import annotations
 
+import errno
 import operator
 import os
 import re
 import shlex
+import stat
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cerulean.agent.cves import installed_packages
+from cerulean.agent.saferegex import RegexError, bounded, compile_safe
 from cerulean.errors import CeruleanError
 
 TYPES = ("f", "d", "p", "c", "sysctl", "service", "package", "mount")
@@ -49,6 +52,11 @@ OPS: dict[str, Callable[[float, float], bool]] = {
 NUMERIC = re.compile(
     r"^n:(?P<rx>.*?)\s+compare\s+(?P<op><=|>=|==|!=|<|>)\s*(?P<num>-?\d+(?:\.\d+)?)$")
 MAX_LINES = 100_000
+# The most a file check (f:, d:, sysctl:, mount:) reads of one file. A larger file is an
+# error ("too large to check"), not a pass: it is never read whole into memory.
+MAX_FILE_BYTES = 8 << 20
+# How files are opened: never waiting on a FIFO or a device, never becoming a terminal's.
+READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 class RuleError(CeruleanError):
@@ -67,10 +75,10 @@ class Check:
     def passes(self, line: str) -> bool:
         if self.kind == "r":
             assert self.rx is not None
-            ok = self.rx.search(line) is not None
+            ok = self.rx.search(bounded(line)) is not None
         elif self.kind == "n":
             assert self.rx is not None
-            m = self.rx.search(line)
+            m = self.rx.search(bounded(line))
             try:
                 ok = m is not None and OPS[self.op](float(m.group(1)), self.number)
             except (IndexError, ValueError, TypeError):  # TypeError: an optional group
@@ -95,19 +103,19 @@ def _check(text: str, rule: str) -> Check:
     body = text[1:] if negate else text
     try:
         if body.startswith("r:"):
-            return Check("r", body, negate, re.compile(body[2:]))
+            return Check("r", body, negate, compile_safe(body[2:]))
         if body.startswith("n:"):
             m = NUMERIC.match(body)
             if not m:
                 raise RuleError(f"In rule {rule!r}: {body!r} must read "
                                 "'n:REGEX compare OP NUMBER'.")
-            rx = re.compile(m["rx"])
+            rx = compile_safe(m["rx"])
             if rx.groups < 1:
                 raise RuleError(f"In rule {rule!r}: the regex of {body!r} needs a group "
                                 "around the number.")
             return Check("n", body, negate, rx, m["op"], float(m["num"]))
-    except re.error as e:
-        raise RuleError(f"In rule {rule!r}: {body!r} is not a valid regex ({e}).") from None
+    except RegexError as e:
+        raise RuleError(f"In rule {rule!r}: {e}") from None
     return Check("s", body.strip(), negate)
 
 
@@ -129,9 +137,9 @@ def parse_rule(text: str) -> Rule:
             raise RuleError(f"In rule {text!r}: a directory's file names are matched "
                             "with r:REGEX.")
         try:
-            name_rx = re.compile(name[2:])
-        except re.error as e:
-            raise RuleError(f"In rule {text!r}: {name!r} is not a valid regex ({e}).") from None
+            name_rx = compile_safe(name[2:])
+        except RegexError as e:
+            raise RuleError(f"In rule {text!r}: {e}") from None
     checks = tuple(_check(c.strip(), text) for c in rest.split(" && ")) if rest.strip() else ()
     return Rule(text, negate, kind, target.strip(), name_rx, checks)
 
@@ -182,9 +190,41 @@ def _lines(text: str) -> list[str]:
     return text.splitlines()[:MAX_LINES]
 
 
+def read_bounded(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of the regular file *path*. A FIFO, a device or a socket is refused
+    before it is opened and again once it is (it may have been swapped in between), so a
+    read never waits; a file over *limit* bytes is refused, not read. Raises RuleError, or
+    OSError (FileNotFoundError when it is not there)."""
+    limit = MAX_FILE_BYTES if limit is None else limit
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+    if not stat.S_ISREG(mode):
+        raise RuleError(f"{path} is not a regular file; it is not read.")
+    fd = os.open(path, READ_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise RuleError(f"{path} is not a regular file; it is not read.")
+        if st.st_size > limit:
+            raise RuleError(f"{path} is too large to check ({st.st_size >> 20} MiB, more "
+                            f"than {limit >> 20} MiB).")
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 16):  # /proc files say size 0: read to the end
+            size += len(chunk)
+            if size > limit:
+                raise RuleError(f"{path} is too large to check (more than {limit >> 20} MiB).")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _read(path: Path) -> list[str] | None:
     try:
-        return _lines(path.read_text(errors="replace"))
+        return _lines(read_bounded(path).decode(errors="replace"))
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
     except PermissionError:

@@ -22,6 +22,11 @@ from typing import Any
 
 Event = dict[str, Any]
 TCP_LISTEN = "0A"
+UDP_CONNECTED = "01"  # a UDP socket connect()ed to one peer: a client, not a server
+EPHEMERAL_PORTS = (32768, 60999)  # the kernel's default ip_local_port_range
+# Bytes of a command line read from /proc (any user can make one of megabytes; an alert
+# keeps fewer still: cerulean.agent.detect.MAX_EVIDENCE_TEXT).
+MAX_CMDLINE = 64 << 10
 # The user name is the attacker's to choose ("admin from 10.9.9.9"), so the address is
 # the last "from IP port N" of the line.
 SSHD = [
@@ -35,9 +40,9 @@ SSHD = [
 
 
 def processes(root: Path = Path("/")) -> list[Event]:
-    """Running processes: their executable (and whether it was deleted), command line,
-    effective (``proc.uid``) and real (``proc.ruid``) user, working directory. Kernel
-    threads (no executable) are left out."""
+    """Running processes: their executable (and whether it was deleted, or is a memfd: a
+    program run from memory), command line, effective (``proc.uid``) and real
+    (``proc.ruid``) user, working directory. Kernel threads (no executable) are left out."""
     proc = root / "proc"
     out: list[Event] = []
     try:
@@ -48,18 +53,23 @@ def processes(root: Path = Path("/")) -> list[Event]:
         d = proc / pid
         try:
             exe = os.readlink(d / "exe")
-            cmdline = (d / "cmdline").read_bytes()
+            with open(d / "cmdline", "rb") as f:
+                cmdline = f.read(MAX_CMDLINE)
             status = (d / "status").read_text()
             comm = (d / "comm").read_text().strip()
         except OSError:
             continue
+        # A program run from memory (memfd_create, then execve of /proc/self/fd/N) has an
+        # executable that never was a file: "/memfd:NAME (deleted)". That is its own case
+        # (proc.exe_memfd), not a deleted file.
+        memfd = exe.startswith("/memfd:")
         # The kernel appends " (deleted)" to the link, but a file may be named so too:
         # the executable's own inode (reached through the link) says whether it is gone.
         try:
-            deleted = os.stat(d / "exe").st_nlink == 0
+            deleted = not memfd and os.stat(d / "exe").st_nlink == 0
         except OSError:
             deleted = exe.endswith(" (deleted)")
-        if deleted:
+        if deleted or memfd:
             exe = exe.removesuffix(" (deleted)")
         uids = next((line.split()[1:3] for line in status.splitlines()
                      if line.startswith("Uid:")), ["-1", "-1"])
@@ -68,7 +78,8 @@ def processes(root: Path = Path("/")) -> list[Event]:
         except OSError:
             cwd = ""
         out.append({"proc.pid": int(pid), "proc.name": comm, "proc.exe": exe,
-                    "proc.exe_deleted": deleted, "proc.uid": int(uids[1]),
+                    "proc.exe_deleted": deleted, "proc.exe_memfd": memfd,
+                    "proc.uid": int(uids[1]),
                     "proc.ruid": int(uids[0]), "proc.cwd": cwd,
                     "proc.cmdline": cmdline.replace(b"\0", b" ").decode(errors="replace")
                     .strip()})
@@ -101,9 +112,24 @@ def _address(hex_addr: str) -> tuple[str, int]:
     return str(ip), int(port, 16)
 
 
+def ephemeral_ports(root: Path = Path("/")) -> tuple[int, int]:
+    """The ports the kernel picks for a socket that did not bind one (ip_local_port_range)."""
+    try:
+        low, high = (root / "proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return EPHEMERAL_PORTS
+
+
 def listening(root: Path = Path("/")) -> list[Event]:
-    """Listening TCP sockets and bound UDP sockets, from /proc/net."""
+    """Listening TCP sockets and bound UDP sockets, from /proc/net.
+
+    A connected UDP socket is a client and is left out. An unconnected one on a port of
+    the ephemeral range is most likely a client too (one that sent without binding: the
+    kernel picked its port), and has ``sock.ephemeral`` set.
+    """
     out: list[Event] = []
+    low, high = ephemeral_ports(root)
     for proto in ("tcp", "tcp6", "udp", "udp6"):
         try:
             lines = (root / "proc/net" / proto).read_text().splitlines()[1:]
@@ -116,12 +142,14 @@ def listening(root: Path = Path("/")) -> list[Event]:
             if proto.startswith("tcp") and parts[3] != TCP_LISTEN:
                 continue
             ip, port = _address(parts[1])
-            if proto.startswith("udp") and port == 0:
+            udp = proto.startswith("udp")
+            if udp and (port == 0 or parts[3] == UDP_CONNECTED):
                 continue
             out.append({"sock.proto": proto.rstrip("6"), "sock.family":
                         "ipv6" if proto.endswith("6") else "ipv4", "sock.addr": ip,
                         "sock.port": port, "sock.uid": int(parts[7]),
-                        "sock.inode": int(parts[9])})
+                        "sock.inode": int(parts[9]),
+                        "sock.ephemeral": udp and low <= port <= high})
     return out
 
 

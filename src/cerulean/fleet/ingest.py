@@ -8,9 +8,11 @@ forgets, the server has.
 
 Reports are applied in the order the host made them; an inventory or metrics
 report older than the one already applied is kept as received but does not
-overwrite the newer state. An audit head that goes backwards or changes at the
-same sequence number means the host's audit trail was rewritten: that raises a
-critical alert of its own.
+overwrite the newer state. An audit head that does not extend the one the
+fleet holds (it goes backwards, changes at the same sequence number, comes from
+a chain without the known entry, or the host says its trail restarted) means
+the host's audit trail was rewritten: it is refused and raises a critical alert
+of its own.
 """
 
 from __future__ import annotations
@@ -175,19 +177,93 @@ def apply_metrics(s: Session, host: Host, r: Report) -> None:
         host.metrics = {**values, "_time": r.created}
 
 
+def _audit_head(body: dict[str, Any], key: str) -> dict[str, Any] | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not (isinstance(v, dict) and isinstance(v.get("seq"), int)
+            and not isinstance(v["seq"], bool) and 0 <= v["seq"] < 1 << 62
+            and isinstance(v.get("hash"), str) and len(v["hash"]) <= 64):
+        raise BadReport(f"'{key}' must be an audit-trail head {{seq, hash}}")
+    return {"seq": v["seq"], "hash": v["hash"]}
+
+
+def _extends(known: dict[str, Any], seq: int, digest: str, base: dict[str, Any] | None,
+             restarted: bool) -> bool:
+    """Whether a reported head extends the *known* one, as far as the report shows: its
+    sequence number does not go back, it is the same entry at the same number, and the
+    host's entry at the known number (``base``) is the known one."""
+    kseq, khash = int(known.get("seq", 0)), known.get("hash")
+    if restarted or seq < kseq:
+        return False
+    if seq == kseq:
+        return khash in (None, digest)
+    if base is None or base["seq"] != kseq:
+        # Only an agent that never sent one (an older agent) may go on without proof; one
+        # that did and stops is not believed.
+        return not known.get("based")
+    return khash is None or base["hash"] == khash
+
+
 def apply_audit(s: Session, host: Host, r: Report) -> None:
+    """A new head of the host's audit trail. One that does not extend the head the fleet
+    holds (it goes back, changes at the same number, its chain does not hold the known
+    entry, or the host says its trail restarted) is refused: the known head stays, the
+    refused one is kept beside it (``refused``) and raises a critical alert, once per
+    rewrite: the rewritten chain going on is followed there without another alert, and
+    a head that does not extend it either is a new rewrite."""
     seq, digest = _count(r.body, "seq"), _str(r.body, "hash", 64)
+    base = _audit_head(r.body, "base")
+    restarted, pruned = r.body.get("restarted", False), r.body.get("pruned", False)
+    if not isinstance(restarted, bool) or not isinstance(pruned, bool):
+        raise BadReport("'restarted' and 'pruned' must be true or false")
     old = host.audit_head
-    old_seq = int(old.get("seq", 0))
-    if seq < old_seq or (seq == old_seq and old.get("hash") not in (None, digest)):
-        s.add(Alert(host_id=host.id, report_id=r.id, rule="fleet.audit-trail-rewritten",
-                    severity="critical",
-                    summary=f"The host's audit trail went from entry {old_seq} to {seq} with a "
-                            "different history: it was rewritten or replaced.",
+    new = {"seq": seq, "hash": digest, "time": r.created}
+    refused = old.get("refused")
+    current = refused if isinstance(refused, dict) else old
+    if not restarted and seq < int(current.get("seq", 0)) \
+            and r.created < float(current.get("time", 0)):
+        return  # made before the head the fleet holds, delivered late (a retry): not news
+    if isinstance(refused, dict):
+        # The host is on a rewritten chain already refused: it is followed there, so that
+        # another rewrite is found too.
+        if _extends(refused, seq, digest, base, restarted):
+            host.audit_head = {**old, "refused": {
+                **new, "based": bool(base is not None or refused.get("based"))}}
+            return
+    elif pruned and not restarted and seq > int(old.get("seq", 0)):
+        # The host's trail no longer holds the head the fleet knows (its oldest segments
+        # were removed, the fleet having been out of touch that long): the new head cannot
+        # be checked against it. Taken, and said.
+        s.add(Alert(host_id=host.id, report_id=r.id, rule="fleet.audit-trail-unchecked",
+                    severity="warning",
+                    summary=f"The host's audit trail no longer holds entry {old.get('seq')}, "
+                            f"the head the fleet holds; the new head {seq} cannot be checked "
+                            "against it.",
                     time=datetime.fromtimestamp(r.created, UTC),
-                    evidence={"before": old, "after": {"seq": seq, "hash": digest}}))
-    if seq >= old_seq:
-        host.audit_head = {"seq": seq, "hash": digest, "time": r.created}
+                    evidence={"before": {k: v for k, v in old.items() if k != "refused"},
+                              "after": {"seq": seq, "hash": digest}}))
+        host.audit_head = {**new, "based": bool(old.get("based"))}
+        return
+    elif _extends(old, seq, digest, base, restarted):
+        host.audit_head = {**new, "based": bool(base is not None or old.get("based"))}
+        return
+    old_seq = int(old.get("seq", 0))
+    known = int(current.get("seq", 0))
+    why = ("the host reports that its trail no longer holds the head it reported before"
+           if restarted else
+           f"its entry {known} is not the one it reported before" if seq > known else
+           f"it went from entry {known} to {seq}" if seq < known else
+           f"entry {seq} changed")
+    s.add(Alert(host_id=host.id, report_id=r.id, rule="fleet.audit-trail-rewritten",
+                severity="critical",
+                summary=f"The host's audit trail was rewritten or replaced: {why}. The fleet "
+                        f"keeps entry {old_seq} as the head and refuses the new one.",
+                time=datetime.fromtimestamp(r.created, UTC),
+                evidence={"before": {k: v for k, v in old.items() if k != "refused"},
+                          "after": {"seq": seq, "hash": digest}, "base": base,
+                          "restarted": restarted}))
+    host.audit_head = {**old, "refused": {**new, "based": bool(current.get("based"))}}
 
 
 APPLY: dict[str, Callable[[Session, Host, Report], None]] = {
