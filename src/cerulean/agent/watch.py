@@ -17,6 +17,7 @@ watches what is missing and reports what changed while events were lost.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -24,6 +25,7 @@ import os
 import select
 import stat
 import struct
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -91,14 +93,28 @@ class Watcher:
         self.errors: dict[str, int] = {}  # errno name -> paths it left unwatched or unread
         self.unwatched: dict[Path, str] = {}  # directory -> why it is not watched
         self.unwatched_total = 0  # every time a directory could not be watched
+        # Times compared with files' ctimes are read from the same clock: the ctime of a
+        # file of its own, touched when the time is wanted (the wall clock can be set, or
+        # faked, apart from the file system's).
+        self._clock_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         self._lost_since: float | None = None  # events may be missing from then on
         self._overflow_pending = False  # the next rescan walks every root
         self._reported: dict[tuple[str, int], None] = {}  # what rescans already reported
-        self._drained_at = time.time()
+        self._drained_at = self._fs_now()
         for root in self.roots:
             self._add_tree(root, keep=0)  # what is there already is no event
 
+    def _fs_now(self) -> float:
+        """Now, as the file system dates a change (a ctime)."""
+        try:
+            os.utime(self._clock_file.fileno())
+            return os.fstat(self._clock_file.fileno()).st_ctime
+        except (OSError, ValueError):
+            return time.time()
+
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._clock_file.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -143,7 +159,7 @@ class Watcher:
         else:
             self._overflow_pending = True  # too many to keep: rescans walk every root
         if self._lost_since is None:
-            self._lost_since = time.time()
+            self._lost_since = self._fs_now()
 
     def _add_tree(self, top: Path, keep: int | None = None) -> list[Path]:
         """Watch *top* and every directory below it on its file system; returns what is
@@ -198,7 +214,7 @@ class Watcher:
         returns a ``rescanned`` event for each file whose inode changed (``st_ctime``:
         made, written, moved, its mode changed) since events were lost, once per change;
         and whether the walk was complete (it stops after *limit* entries)."""
-        started = time.time()
+        started = self._fs_now()
         since = (self._lost_since if self._lost_since is not None else started) \
             - CTIME_SLACK_S
         tops = list(self.roots) if self._overflow_pending else list(self.unwatched)
@@ -270,7 +286,7 @@ class Watcher:
         left out. Its content and state are all at the final name, which is reported.
         """
         if timeout and not select.select([self.fd], [], [], timeout)[0]:
-            self._drained_at = time.time()  # the queue is empty: nothing was lost so far
+            self._drained_at = self._fs_now()  # the queue is empty: nothing was lost so far
             return []
         drained_before = self._drained_at
         raw: list[tuple[int, int, int, str]] = []
@@ -289,7 +305,7 @@ class Watcher:
                 name = data[pos + HEADER.size:pos + HEADER.size + length].rstrip(b"\0")
                 pos += HEADER.size + length
                 raw.append((wd, mask, cookie, os.fsdecode(name)))
-        self._drained_at = time.time()
+        self._drained_at = self._fs_now()
         if any(m & IN_Q_OVERFLOW for _w, m, _c, _n in raw):
             # The queue was empty when it was last read; what happened since may be lost.
             self._overflow_pending = True
