@@ -25,7 +25,6 @@ import os
 import select
 import stat
 import struct
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -95,8 +94,11 @@ class Watcher:
         self.unwatched_total = 0  # every time a directory could not be watched
         # Times compared with files' ctimes are read from the same clock: the ctime of a
         # file of its own, touched when the time is wanted (the wall clock can be set, or
-        # faked, apart from the file system's).
-        self._clock_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        # faked, apart from the file system's). A memory file: the agent's service sees a
+        # read-only file system. Without one, the wall clock.
+        self._clock_fd = -1
+        with contextlib.suppress(OSError, AttributeError):
+            self._clock_fd = os.memfd_create("cerulean-watch-clock", os.MFD_CLOEXEC)
         self._lost_since: float | None = None  # events may be missing from then on
         self._overflow_pending = False  # the next rescan walks every root
         self._reported: dict[tuple[str, int], None] = {}  # what rescans already reported
@@ -106,15 +108,19 @@ class Watcher:
 
     def _fs_now(self) -> float:
         """Now, as the file system dates a change (a ctime)."""
-        try:
-            os.utime(self._clock_file.fileno())
-            return os.fstat(self._clock_file.fileno()).st_ctime
-        except (OSError, ValueError):
-            return time.time()
+        if self._clock_fd >= 0:
+            try:
+                os.utime(self._clock_fd)
+                return os.fstat(self._clock_fd).st_ctime
+            except OSError:
+                pass
+        return time.time()
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._clock_file.close()
+        if self._clock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._clock_fd)
+            self._clock_fd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
