@@ -213,6 +213,10 @@ done
 mkdir -p /run/user/0 && cp /usr/bin/sleep /run/user/0/.sleeper && /run/user/0/.sleeper 300 &
 cp /usr/bin/sleep /root/.gone && /root/.gone 300 &
 sleep 1; rm -f /root/.gone
+python3 -c 'import os
+fd = os.memfd_create("payload")
+os.write(fd, open("/usr/bin/sleep", "rb").read())
+os.execve(fd, ["payload", "300"], {})' &
 useradd -o -u 0 -M -s /usr/sbin/nologin toor
 python3 -c 'import socket, time
 s = socket.socket(); s.bind(("0.0.0.0", 8099)); s.listen(); time.sleep(300)' &
@@ -221,7 +225,7 @@ echo "# changed by the test" >> /home/ops/.ssh/authorized_keys
 echo "# changed by the test" > /etc/sudoers.d/zz-test && chmod 0440 /etc/sudoers.d/zz-test
 echo "# changed by the test" >> /etc/pam.d/other
 i=0
-until [ "$(grep -o '"alert\.[a-z0-9-]*"' "$log" | sort -u | wc -l)" -ge 10 ] || [ $i -ge 600 ]; do
+until [ "$(grep -o '"alert\.[a-z0-9-]*"' "$log" | sort -u | wc -l)" -ge 11 ] || [ $i -ge 600 ]; do
   sleep 0.1; i=$((i + 1))
 done
 # -- fleet --
