@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from cerulean.agent.fileio import fsync_dir
 from cerulean.errors import CeruleanError
 from cerulean.protocol.audit import GENESIS, canonical, entry_hash
 
@@ -397,7 +398,7 @@ class AuditLog:
         if name.exists():  # never over an archived segment
             return
         os.replace(self.path, name)
-        _sync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         dropped = []
         segments = self.segments()
         for old in segments[:max(0, len(segments) - KEEP_SEGMENTS)]:
@@ -410,7 +411,7 @@ class AuditLog:
             dropped.append(old.name)
             counts = mark.setdefault("counts", {})
             counts["pruned"] = int(counts.get("pruned", 0)) + 1
-        _sync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._notice(Notice(
             "audit-trail-rotated", "info",
             f"The audit trail reached {ROTATE_BYTES} bytes: entries from {seq} on are "
@@ -761,12 +762,6 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _last_newline(f: BinaryIO, end: int, floor: int = 0) -> int:

@@ -24,3 +24,12 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, durable: bool = Fal
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(d: Path) -> None:
+    """Sync directory *d*, so that a rename or a new file in it survives a power cut."""
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

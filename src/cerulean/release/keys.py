@@ -36,8 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
-from cerulean.agent.fileio import write_atomic
-from cerulean.agent.update.boot import fsync_dir
+from cerulean.agent.fileio import fsync_dir, write_atomic
 from cerulean.errors import CeruleanError
 
 ROLES = ("root", "targets", "snapshot", "timestamp")

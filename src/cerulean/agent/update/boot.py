@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cerulean.agent.fileio import fsync_dir
 from cerulean.agent.integrity import file_sha256
 from cerulean.agent.update.errors import UpdateError
 
@@ -77,12 +78,6 @@ def matches(path: Path, size: int, sha256: str) -> bool:
         return False
 
 
-def fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rename(src: Path, dst: Path) -> None:

@@ -35,9 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cerulean.agent.fileio import write_atomic
+from cerulean.agent.fileio import fsync_dir, write_atomic
 from cerulean.agent.settings import read_layers
-from cerulean.agent.update.boot import fsync_dir
 from cerulean.agent.update.errors import UpdateError
 from cerulean.protocol.update import CHANNELS, is_version, utc_iso
 from cerulean.protocol.window import WindowError, parse_window
