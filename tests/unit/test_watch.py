@@ -126,14 +126,21 @@ def test_a_queue_overflow_is_followed_by_a_rescan_that_finds_what_was_lost(
         events = collect(w, lambda got: any(e["file.action"] == "overflow" for e in got))
         assert w.overflowed == 1 and w.needs_rescan
         assert not any(e["file.path"] == str(f) for e in events)
+        # Each rescan reports RESCAN_MAX_EVENTS changes at most; the next goes on.
         found, complete = w.rescan()
-        assert complete and not w.needs_rescan and w.rescans == 1
+        sizes = [len(found)]
+        while not complete:
+            more, complete = w.rescan()
+            found += more
+            sizes.append(len(more))
+        assert max(sizes) == watch.RESCAN_MAX_EVENTS and len(sizes) > 1  # 16,000 changes
+        assert not w.needs_rescan and w.rescans == len(sizes)
         (hit,) = [e for e in found if e["file.path"] == str(f)]
         assert hit["file.action"] == "rescanned" and hit["file.setuid"]
         # What changed before the events were lost is not reported again.
         assert len(found) < 2 * len(list((tmp_path / "flood").iterdir()))
         # The directories made during the overflow are watched now.
-        assert tmp_path / "hidden/deeper" in w.paths.values()
+        assert str(tmp_path / "hidden/deeper") in w.paths.values()
         g = setuid_file(tmp_path / "hidden/deeper/sh2")
         later = collect(w, lambda got: any(e["file.path"] == str(g) for e in got))
         assert any(e["file.path"] == str(g) and e["file.setuid"] for e in later)
@@ -165,6 +172,8 @@ class FullLibc:
         return int(self.real.inotify_init1(flags))
 
     def inotify_add_watch(self, fd: int, path: bytes, mask: int) -> int:
+        if path.startswith(b"/proc/self/fd/"):  # a directory watched by its descriptor
+            path = os.fsencode(os.readlink(path))
         if self.word in path:
             self.ctypes.set_errno(self.err)
             return -1
@@ -183,15 +192,15 @@ def test_the_watch_limit_leaves_a_directory_unwatched_not_the_watch_stopped(
     (tmp_path / "fine").mkdir()
     with Watcher([tmp_path]) as w:
         assert w.unwatched == {
-            tmp_path / "full": "the inotify watch limit is reached "
+            str(tmp_path / "full"): "the inotify watch limit is reached "
                                "(fs.inotify.max_user_watches)"}
         assert w.errors == {"ENOSPC": 1} and w.needs_rescan
-        assert tmp_path / "fine" in w.paths.values()
+        assert str(tmp_path / "fine") in w.paths.values()
         # At runtime too: a new directory that cannot be watched costs nothing else.
         (tmp_path / "fine/also-full").mkdir()
         f = setuid_file(tmp_path / "fine/sh")
         events = collect(w, lambda got: any(e["file.path"] == str(f) for e in got))
-        assert tmp_path / "fine/also-full" in w.unwatched
+        assert str(tmp_path / "fine/also-full") in w.unwatched
         assert any(e["file.path"] == str(f) and e["file.setuid"] for e in events)
         # What the unwatched directories hold is found by rescans.
         g = setuid_file(tmp_path / "full/sh")
@@ -215,24 +224,59 @@ def _long_chain(top: Path) -> Path:
     return top.joinpath(*["d" * 200] * depth)
 
 
-def test_a_path_too_long_is_recorded_and_the_rest_of_the_batch_kept(tmp_path: Path) -> None:
+def _setuid_at(deep: Path) -> str:
+    """A set-ID file in *deep*, a directory whose path is too long to open at once."""
+    fd = watch.open_dir(str(deep))
+    try:
+        os.close(os.open("sh", os.O_CREAT | os.O_WRONLY, 0o755, dir_fd=fd))
+        os.chmod("sh", 0o4755, dir_fd=fd)
+    finally:
+        os.close(fd)
+    return f"{deep}/sh"
+
+
+def test_paths_longer_than_path_max_are_watched_like_any_other(tmp_path: Path) -> None:
     watched = tmp_path / "w"
     watched.mkdir()
     deep = _long_chain(watched)
-    with Watcher([watched]) as w:  # a tree that already holds one starts
-        assert any(why == "File name too long" for why in w.unwatched.values())
-        assert w.errors.get("ENAMETOOLONG", 0) >= 1
     assert len(os.fsencode(deep)) > 4096
+    with Watcher([watched]) as w:  # a tree that already holds one starts, and watches it
+        assert not w.unwatched and not w.errors
+        assert str(deep) in w.paths.values()
+        f = _setuid_at(deep)
+        events = collect(w, lambda got: any(e["file.path"] == f for e in got))
+        assert any(e["file.path"] == f and e["file.setuid"] for e in events)
     with Watcher([watched]) as w:
-        # At runtime: a tree holding one moves in, and a set-ID file arrives with it.
+        # At runtime: a tree holding one moves in, with a set-ID file at its end.
         outside = tmp_path / "o"
         outside.mkdir()
-        _long_chain(outside)
+        far = _long_chain(outside)
+        _setuid_at(far)
         os.rename(outside / ("d" * 200), watched / ("m" * 200))
-        f = setuid_file(watched / "sh")
-        events = collect(w, lambda got: any(e["file.path"] == str(f) for e in got))
-        assert any(e["file.path"] == str(f) and e["file.setuid"] for e in events)
-        assert sum(why == "File name too long" for why in w.unwatched.values()) >= 2
+        moved = str(watched / ("m" * 200)) + str(far)[len(str(outside / ("d" * 200))):]
+        events = collect(w, lambda got: any(e["file.path"] == f"{moved}/sh" for e in got))
+        assert any(e["file.path"] == f"{moved}/sh" and e["file.setuid"] for e in events)
+        assert moved in w.paths.values() and not w.unwatched
+        # A rescan walks them too.
+        assert w.rescan()[1]
+
+
+def test_a_walk_deeper_than_its_limit_goes_on_in_a_rescan(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setattr(watch, "MAX_DEPTH", 3)
+    deep = tmp_path.joinpath(*"abcdefg")
+    deep.mkdir(parents=True)
+    with Watcher([tmp_path]) as w:
+        assert w.unwatched == {str(tmp_path / "a/b/c"): "more than 3 directories deep "
+                                                          "in one walk"}
+        assert w.errors == {"ELOOP": 1} and w.needs_rescan
+        f = setuid_file(deep / "sh")
+        found: list[dict[str, Any]] = []
+        for _ in range(3):  # each walk goes three levels further
+            found += w.rescan()[0]
+        assert [e["file.path"] for e in found] == [str(f)]
+        assert str(deep) in w.paths.values() and not w.unwatched
 
 
 def test_a_huge_tree_moved_in_is_examined_only_up_to_a_bound(tmp_path: Path,
@@ -255,7 +299,7 @@ def test_a_huge_tree_moved_in_is_examined_only_up_to_a_bound(tmp_path: Path,
                 break
         assert 0 < len(events) <= 50 + 2
         assert w.errors.get("E2BIG") == 1
-        assert "moved in at once" in w.unwatched[root / "big"]
+        assert "moved in at once" in w.unwatched[str(root / "big")]
         assert w.needs_rescan
 
 
@@ -266,3 +310,30 @@ def test_the_directories_watched_are_bounded(tmp_path: Path,
         (tmp_path / f"d{i}").mkdir()
     with watch.Watcher([tmp_path]) as w:
         assert len(w.paths) == 5 and w.errors.get("EMLINK") == 6
+
+
+def test_a_rescan_of_a_wide_tree_holds_no_list_of_it(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any user can make a directory of a million subdirectories in /tmp: a rescan's
+    memory must not grow with them (it held every entry and every path to enter)."""
+    import tracemalloc
+
+    monkeypatch.setattr(watch, "MAX_WATCHED", 10)  # watches are bounded apart
+    (tmp_path / "wide").mkdir()
+    with Watcher([tmp_path]) as w:
+        flood(tmp_path / "wide")  # an overflow: the next rescan walks everything
+        fd = os.open(tmp_path / "wide", os.O_RDONLY | os.O_DIRECTORY)
+        for i in range(20_000):
+            os.mkdir(f"d{i}", dir_fd=fd)
+        os.close(fd)
+        collect(w, lambda got: any(e["file.action"] == "overflow" for e in got))
+        seen: list[int] = []
+        tracemalloc.start()
+        try:
+            events, complete = w.rescan(sink=lambda e: seen.append(len(e)))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert complete and events == [] and len(seen) >= 16_384
+        # The sink's list of ints and the unwatched (1,000 kept) are most of it.
+        assert peak < 2_000_000, peak

@@ -38,6 +38,7 @@ REPORT_EVERY_S = 60.0  # audit entries about the watch's own trouble: one per ki
 WATCH_RETRY_S = 60.0  # when inotify cannot start at all, the next try
 REPORT_PATHS = 10  # unwatched paths named in one audit entry
 REPORT_PATH_CHARS = 256  # of each, at most this much (long paths are how some get there)
+STEP_KEEP = 1000  # alerts one step returns (and holds in memory), at most
 
 
 def self_alert(audit: AuditLog, rule: str, priority: str, message: str,
@@ -51,8 +52,7 @@ def self_alert(audit: AuditLog, rule: str, priority: str, message: str,
     audit.append("agent", f"alert.{rule}", alert.to_json())
 
 
-def _short(path: Path) -> str:
-    text = str(path)
+def _short(text: str) -> str:
     return text if len(text) <= REPORT_PATH_CHARS else \
         f"{text[:REPORT_PATH_CHARS]}... ({len(text)} characters)"
 
@@ -204,44 +204,54 @@ class Guard:
 
     def step(self, wait: float = 0.0) -> list[Alert]:
         """One round: file events (waiting up to *wait* s for them), a rescan when one is
-        due, then the snapshots when their time has come. Returns the alerts it raised
-        (and wrote)."""
-        events: list[tuple[str, dict[str, Any]]] = []
+        due, then the snapshots when their time has come. Returns the alerts it wrote
+        (the first :data:`STEP_KEEP` of them: all are in the audit trail)."""
+        written: list[Alert] = []
         if (self._watcher is None and self._watch_error
                 and self.clock() >= self._watch_retry):
             self._start_watch()
         if self._watcher is not None:
-            events += [("file", e) for e in self._watcher.read(wait)]
+            self._handle("file", self._watcher.read(wait), written)
             self._check_watch()
             if self._watcher.needs_rescan and self.clock() >= self._next_rescan:
                 self._next_rescan = self.clock() + RESCAN_EVERY_S
-                found, _complete = self._watcher.rescan()
-                events += [("file", e) for e in found]
+                # What a rescan finds is matched as it is found: a tree of changed files
+                # is never held in memory at once.
+                now = self.clock()
+                self._watcher.rescan(sink=lambda e: self._handle("file", [e], written, now))
                 self._check_watch()
         elif wait:
             time.sleep(wait)  # nothing to wait on: do not spin
         if self.journal is not None:
-            events += [("auth", e) for e in self.journal.read()]
+            self._handle("auth", self.journal.read(), written)
         now = self.clock()
         if now >= self._next_poll:
             self._next_poll = now + self.interval
             for kind, snap in self._snapshots:
-                events += [(kind, e) for e in snap.poll()]
-        raised = [a for kind, e in events for a in match(self.rules, kind, e, now)]
-        # Each rule writes a bounded number of alerts a window; the rest become a count
+                self._handle(kind, snap.poll(), written)
+        # Each rule writes a bounded number of alerts a window; the rest became a count
         # and, when the window ends, one summary alert.
-        written = self.limit.summaries(now)
-        for a in raised:
-            self.alerts += 1
-            self.by_rule[a.rule, a.priority] = self.by_rule.get((a.rule, a.priority), 0) + 1
-            if self.limit.admit(a):
-                written.append(a)
-            else:
-                self.suppressed[a.rule] = self.suppressed.get(a.rule, 0) + 1
-        self._write(written)
+        summaries = self.limit.summaries(now)
+        self._write(summaries)
         if self._pending:
             self._report(now)
-        return written
+        return written + summaries
+
+    def _handle(self, kind: str, events: list[dict[str, Any]], written: list[Alert],
+                now: float | None = None) -> None:
+        """Match *events* against the rules and write the alerts the rate limit admits
+        (added to *written*); count the others."""
+        now = self.clock() if now is None else now
+        for e in events:
+            for a in match(self.rules, kind, e, now):
+                self.alerts += 1
+                self.by_rule[a.rule, a.priority] = self.by_rule.get((a.rule, a.priority), 0) + 1
+                if self.limit.admit(a):
+                    self._write([a])
+                    if len(written) < STEP_KEEP:
+                        written.append(a)
+                else:
+                    self.suppressed[a.rule] = self.suppressed.get(a.rule, 0) + 1
 
     def _write(self, alerts: list[Alert]) -> None:
         for a in alerts:

@@ -13,6 +13,13 @@ in :attr:`Watcher.unwatched` with the reason, one path that cannot be described
 never costs the other events of its batch, and after a queue overflow (or
 while directories are unwatched) :meth:`Watcher.rescan` walks the trees again,
 watches what is missing and reports what changed while events were lost.
+
+Its memory does not grow with what a user makes: trees are walked through
+directory file descriptors, one directory level at a time (what a walk holds
+grows with depth, not with the number of entries, and paths longer than
+``PATH_MAX`` are walked and watched like any other), a rescan that stops at its
+limit goes on where it stopped at the next, and one read takes a bounded batch
+of events (the rest wait in the kernel's queue).
 """
 
 from __future__ import annotations
@@ -26,12 +33,16 @@ import select
 import stat
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 from typing import Any
 
 SETTLE_S = 0.1  # how long a batch of events stays open for what follows
+MAX_BATCH = 4096  # kernel events one read takes, at most (the rest wait in the queue)
 RESCAN_MAX_ENTRIES = 100_000  # directory entries one rescan looks at, at most
+RESCAN_MAX_EVENTS = 5000  # changed files one rescan reports, at most (it goes on next time)
+REPORTED_KEEP = 20_000  # changes a series of rescans remembers having reported
+MAX_DEPTH = 100  # directory levels one walk enters (each holds two open files); deeper: ELOOP
 UNWATCHED_KEEP = 1000  # unwatched directories kept by name (more are only counted)
 CTIME_SLACK_S = 1.0  # a rescan reports what changed this long before events were lost
 # A directory tree moved in at once is examined file by file up to this many entries; the
@@ -59,10 +70,12 @@ IN_CLOEXEC = os.O_CLOEXEC
 MASK = (IN_CLOSE_WRITE | IN_ATTRIB | IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM
         | IN_DELETE_SELF | IN_ONLYDIR | IN_DONT_FOLLOW)
 HEADER = struct.Struct("iIII")
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 ACTIONS = ((IN_CREATE, "created"), (IN_CLOSE_WRITE, "written"), (IN_ATTRIB, "attributes"),
            (IN_MOVED_TO, "moved-in"), (IN_MOVED_FROM, "moved-out"), (IN_DELETE, "deleted"))
 
 Event = dict[str, Any]
+Walk = Generator[tuple[str, os.stat_result], None, None]  # (path, lstat result) of each entry
 
 
 class WatchError(OSError):
@@ -73,25 +86,66 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-class Watcher:
-    """Recursive inotify watches on *roots*; :meth:`read` returns the events so far."""
+def open_dir(path: str) -> int:
+    """A file descriptor of the directory *path*, never through a symbolic link as its
+    last component; a path longer than ``PATH_MAX`` is opened one component at a time
+    (then no component may be a symbolic link). Raises OSError."""
+    try:
+        return os.open(path, DIR_FLAGS)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+    fd = os.open("/", DIR_FLAGS)
+    try:
+        for part in path.split("/"):
+            if part:
+                inner = os.open(part, DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
-    def __init__(self, roots: Iterable[Path], exclude: Iterable[Path] = ()) -> None:
+
+def lstat(path: str) -> os.stat_result:
+    """:func:`os.lstat`, also for a path longer than ``PATH_MAX``."""
+    try:
+        return os.lstat(path)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+    head, _, name = path.rstrip("/").rpartition("/")
+    fd = open_dir(head or "/")
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+    finally:
+        os.close(fd)
+
+
+class Watcher:
+    """Recursive inotify watches on *roots*; :meth:`read` returns the events so far.
+    Paths are strings (:attr:`paths`: watch descriptor -> directory)."""
+
+    def __init__(self, roots: Iterable[Path | str], exclude: Iterable[Path | str] = ()) -> None:
         self._libc = _libc()
         fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             e = ctypes.get_errno()
             raise WatchError(e, f"inotify cannot start: {os.strerror(e)}")
         self.fd = fd
-        self.paths: dict[int, Path] = {}
-        self.roots = [Path(r) for r in roots]
-        self.exclude = {Path(p) for p in exclude}
+        self.paths: dict[int, str] = {}
+        self.roots = [str(r) for r in roots]
+        self.exclude = {str(p) for p in exclude}
         self.overflowed = 0  # queue overflows (events the kernel dropped)
         self.rescans = 0
-        self.rescans_truncated = 0  # rescans that stopped at RESCAN_MAX_ENTRIES
+        self.rescans_truncated = 0  # rescans that stopped at one of their limits
         self.errors: dict[str, int] = {}  # errno name -> paths it left unwatched or unread
-        self.unwatched: dict[Path, str] = {}  # directory -> why it is not watched
+        self.unwatched: dict[str, str] = {}  # directory -> why it is not watched
         self.unwatched_total = 0  # every time a directory could not be watched
+        # A directory is watched through its open file descriptor (/proc/self/fd/N): the
+        # directory that was opened, without following links, whatever its path's length.
+        self._by_fd = os.path.isdir("/proc/self/fd")
         # Times compared with files' ctimes are read from the same clock: the ctime of a
         # file of its own, touched when the time is wanted (the wall clock can be set, or
         # faked, apart from the file system's). A memory file: the agent's service sees a
@@ -101,10 +155,15 @@ class Watcher:
             self._clock_fd = os.memfd_create("cerulean-watch-clock", os.MFD_CLOEXEC)
         self._lost_since: float | None = None  # events may be missing from then on
         self._overflow_pending = False  # the next rescan walks every root
-        self._reported: dict[tuple[str, int], None] = {}  # what rescans already reported
+        self._reported: set[int] = set()  # hashes of the changes rescans already reported
+        # The rescan under way: what is left of its walk, and since when it reports.
+        self._pass: Walk | None = None
+        self._pass_since = 0.0
+        self._pass_started = 0.0
+        self._room = MOVE_IN_MAX  # paths a batch still describes in new directories
         self._drained_at = self._fs_now()
         for root in self.roots:
-            self._add_tree(root, keep=0)  # what is there already is no event
+            self._add_tree(root, keep=None)  # what is there already is no event
 
     def _fs_now(self) -> float:
         """Now, as the file system dates a change (a ctime)."""
@@ -117,6 +176,9 @@ class Watcher:
         return time.time()
 
     def close(self) -> None:
+        if self._pass is not None:
+            self._pass.close()  # closes the files it holds open
+            self._pass = None
         if self._clock_fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._clock_fd)
@@ -131,14 +193,19 @@ class Watcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _add(self, path: Path) -> bool:
-        """Watch *path*; False when it cannot be (gone, or recorded as unwatched)."""
+    def _add(self, path: str, fd: int | None = None) -> bool:
+        """Watch the directory *path* (open as *fd*, when given); False when it cannot
+        be (gone, or recorded as unwatched)."""
         if path in self.exclude:
             return False
         if len(self.paths) >= MAX_WATCHED:
             self._blind(path, errno.EMLINK)
             return False
-        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), MASK)
+        if fd is not None and self._by_fd:  # what was opened: no link is followed
+            wd = self._libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fd}".encode(),
+                                              MASK & ~IN_DONT_FOLLOW)
+        else:
+            wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), MASK)
         if wd < 0:
             e = ctypes.get_errno()
             if e not in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
@@ -148,7 +215,7 @@ class Watcher:
         self.unwatched.pop(path, None)
         return True
 
-    def _blind(self, path: Path, e: int) -> None:
+    def _blind(self, path: str, e: int) -> None:
         """*path* cannot be watched (error *e*): count it, keep it for rescans."""
         if path in self.unwatched:
             return  # tried again and still failing: counted already
@@ -161,123 +228,156 @@ class Watcher:
                 if e == errno.ENOSPC else
                 f"more than {MAX_WATCHED} directories are watched" if e == errno.EMLINK else
                 f"a tree of more than {MOVE_IN_MAX} entries moved in at once"
-                if e == errno.E2BIG else os.strerror(e))
+                if e == errno.E2BIG else
+                f"more than {MAX_DEPTH} directories deep in one walk" if e == errno.ELOOP
+                else os.strerror(e))
         else:
             self._overflow_pending = True  # too many to keep: rescans walk every root
         if self._lost_since is None:
             self._lost_since = self._fs_now()
 
-    def _add_tree(self, top: Path, keep: int | None = None) -> list[Path]:
-        """Watch *top* and every directory below it on its file system; returns what is
-        already in them (for a new directory: what was made before its watch was set),
-        at most *keep* paths: past that the tree is recorded as cut short, for a rescan.
-        A directory that cannot be watched is recorded (:attr:`unwatched`), not
-        entered, and does not stop the others."""
-        keep = MOVE_IN_MAX if keep is None else keep
+    def _walk(self, top: str, enter_unwatched: bool = True) -> Walk:
+        """Every entry below the directory *top*, depth first, as (path, lstat result),
+        on *top*'s file system and without following links; each directory is watched
+        as it is entered. Directories are opened relative to their parent's descriptor,
+        so the walk holds two open files per level, not a list of entries, and paths
+        longer than PATH_MAX are no obstacle. A directory that cannot be watched is
+        entered only if *enter_unwatched*; one that cannot be opened is recorded
+        (:attr:`unwatched`) and does not stop the rest. Closing the generator closes
+        its files."""
         try:
-            device = os.lstat(top).st_dev
-        except FileNotFoundError:
-            return []
+            fd = open_dir(top)
         except OSError as e:
-            self._blind(top, e.errno or errno.EIO)
-            return []
-        if not self._add(top):
-            return []
-        found: list[Path] = []
-        cut = False
-        for dirpath, dirnames, filenames in os.walk(top):
-            entered = []
-            for d in dirnames:
-                p = Path(dirpath) / d
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                self.unwatched.pop(top, None)  # gone, or no longer a directory
+            elif e.errno != errno.EACCES:
+                self._blind(top, e.errno or errno.EIO)
+            return
+        frames: list[tuple[str, int, Any]] = []  # path, descriptor, its os.scandir()
+        try:
+            device = os.fstat(fd).st_dev
+            if self._add(top, fd) or enter_unwatched:
+                frames.append((top, fd, os.scandir(fd)))
+            else:
+                os.close(fd)
+            while frames:
+                path, dfd, it = frames[-1]
                 try:
-                    if os.lstat(p).st_dev != device or p in self.exclude:
-                        continue
-                except FileNotFoundError:
+                    entry = next(it, None)
+                except OSError:  # the directory went away while it was read
+                    entry = None
+                if entry is None:
+                    frames.pop()
+                    it.close()
+                    os.close(dfd)
                     continue
+                child = f"{path.rstrip('/')}/{entry.name}"
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # gone since it was listed
+                yield child, st
+                if (not stat.S_ISDIR(st.st_mode) or st.st_dev != device
+                        or child in self.exclude):
+                    continue
+                if len(frames) >= MAX_DEPTH:
+                    self._blind(child, errno.ELOOP)  # a rescan starts a walk from there
+                    continue
+                try:
+                    cfd = os.open(entry.name, DIR_FLAGS, dir_fd=dfd)
                 except OSError as e:
-                    self._blind(p, e.errno or errno.EIO)
+                    if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
+                        self._blind(child, e.errno or errno.EIO)
+                    continue  # gone, swapped for a link, or not ours to read
+                try:
+                    if self._add(child, cfd) or enter_unwatched:
+                        frames.append((child, cfd, os.scandir(cfd)))
+                        continue
+                except OSError:
+                    pass
+                os.close(cfd)
+        finally:
+            for _path, dfd, it in frames:
+                it.close()
+                os.close(dfd)
+
+    def _add_tree(self, top: str, keep: int | None = MOVE_IN_MAX) -> list[str]:
+        """Watch *top* and every directory below it on its file system. Returns what
+        is already in them (for a new directory: what was made before its watch was
+        set), at most *keep* paths: past that the walk stops and the tree is recorded
+        as cut short (``E2BIG``), for a rescan. With *keep* None (the trees watched at
+        the start) nothing is returned and the whole tree is watched. A directory that
+        cannot be watched is recorded (:attr:`unwatched`), not entered, and does not
+        stop the others."""
+        found: list[str] = []
+        walk = self._walk(top, enter_unwatched=False)
+        try:
+            for path, _st in walk:
+                if keep is None:
                     continue
-                if len(found) < keep:
-                    found.append(p)
-                if self._add(p):
-                    entered.append(d)
-            dirnames[:] = entered
-            room = keep - len(found)
-            found += [Path(dirpath) / f for f in filenames[:max(room, 0)]]
-            if keep and len(filenames) > room and not cut:
-                cut = True
-                self._blind(top, errno.E2BIG)
+                if len(found) >= keep:
+                    self._blind(top, errno.E2BIG)
+                    break
+                found.append(path)
+        finally:
+            walk.close()
         return found
 
     @property
     def needs_rescan(self) -> bool:
-        """Events were lost (a queue overflow) or directories are unwatched."""
-        return self._lost_since is not None
+        """Events were lost (a queue overflow), directories are unwatched, or a rescan
+        stopped at its limit."""
+        return self._lost_since is not None or self._pass is not None
 
-    def rescan(self, limit: int = RESCAN_MAX_ENTRIES) -> tuple[list[Event], bool]:
+    def rescan(self, limit: int = RESCAN_MAX_ENTRIES, max_events: int | None = None,
+               sink: Callable[[Event], None] | None = None) -> tuple[list[Event], bool]:
         """Walk again what events may be missing for: every root after a queue
         overflow, else the unwatched directories. Watches what is not watched yet, and
-        returns a ``rescanned`` event for each file whose inode changed (``st_ctime``:
-        made, written, moved, its mode changed) since events were lost, once per change;
-        and whether the walk was complete (it stops after *limit* entries)."""
-        started = self._fs_now()
-        since = (self._lost_since if self._lost_since is not None else started) \
-            - CTIME_SLACK_S
-        tops = list(self.roots) if self._overflow_pending else list(self.unwatched)
+        reports a ``rescanned`` event for each file whose inode changed (``st_ctime``:
+        made, written, moved, its mode changed) since events were lost, once per change.
+        Each call looks at *limit* entries at most, and returns *max_events* events at
+        most (:data:`RESCAN_MAX_EVENTS` by default); a walk cut short goes on from where
+        it stopped at the next call. With a *sink*, each event goes to it as it is found
+        (the list returned is empty, and only *max_events*, if given, bounds them).
+        Returns the events and whether the walk is complete."""
+        if max_events is None:
+            max_events = RESCAN_MAX_EVENTS if sink is None else limit
+        if self._pass is None:
+            started = self._fs_now()
+            self._pass_started = started
+            self._pass_since = (self._lost_since if self._lost_since is not None
+                                else started) - CTIME_SLACK_S
+            tops = list(self.roots) if self._overflow_pending else list(self.unwatched)
+            # What is lost from now on is for the next walk.
+            self._overflow_pending = False
+            self._lost_since = None
+            self._pass = (entry for top in tops for entry in self._walk(top))
         events: list[Event] = []
-        budget = limit
-        for top in tops:
-            budget = self._rescan_tree(top, since, events, budget)
-            if budget <= 0:
+        send = sink or events.append
+        reported = 0
+        complete = True
+        for looked, (path, st) in enumerate(self._pass, 1):
+            if not stat.S_ISDIR(st.st_mode) and st.st_ctime >= self._pass_since:
+                key = hash((path, st.st_ctime_ns))
+                if key not in self._reported:
+                    if len(self._reported) < REPORTED_KEEP:
+                        self._reported.add(key)
+                    send(describe(path, "rescanned", st))
+                    reported += 1
+            if looked >= limit or reported >= max_events:
+                complete = False
                 break
-        complete = budget > 0
         self.rescans += 1
         if complete:
-            self._overflow_pending = False
-            self._lost_since = started if self.unwatched else None
+            self._pass = None
+            if self.unwatched:  # still unwatched: scanned again, for what changes from now
+                self._lost_since = min(self._lost_since or self._pass_started,
+                                       self._pass_started)
             if self._lost_since is None:
                 self._reported.clear()
         else:
             self.rescans_truncated += 1
         return events, complete
-
-    def _rescan_tree(self, top: Path, since: float, events: list[Event], budget: int) -> int:
-        try:
-            device = os.lstat(top).st_dev
-        except FileNotFoundError:
-            self.unwatched.pop(top, None)
-            return budget
-        except OSError as e:
-            self._blind(top, e.errno or errno.EIO)
-            return budget
-        stack = [top]
-        while stack and budget > 0:
-            d = stack.pop()
-            self._add(d)  # what cannot be watched is still looked into
-            try:
-                with os.scandir(d) as it:
-                    entries = list(it)
-            except OSError:
-                continue  # gone since; or unreadable, and then not watchable either
-            for entry in entries:
-                budget -= 1
-                if budget <= 0:
-                    break
-                path = Path(entry.path)
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    if st.st_dev == device and path not in self.exclude:
-                        stack.append(path)
-                    continue
-                key = (entry.path, st.st_ctime_ns)
-                if st.st_ctime >= since and key not in self._reported:
-                    if len(self._reported) < RESCAN_MAX_ENTRIES:
-                        self._reported[key] = None
-                    events.append(describe(path, "rescanned"))
-        return budget
 
     def fileno(self) -> int:
         return int(self.fd)
@@ -285,8 +385,9 @@ class Watcher:
     def read(self, timeout: float = 0.0, settle: float = SETTLE_S) -> list[Event]:
         """Events that arrived, waiting up to *timeout* seconds for the first.
 
-        Once something arrived, what follows within *settle* seconds joins the batch,
-        so that a file written under a temporary name and renamed into place (how
+        Once something arrived, what follows within *settle* seconds joins the batch
+        (up to :data:`MAX_BATCH` kernel events; the rest wait for the next read), so
+        that a file written under a temporary name and renamed into place (how
         editors and package managers replace files) is one ``moved-in`` event for its
         final name, with ``file.renamed_from``: the temporary file's own events are
         left out. Its content and state are all at the final name, which is reported.
@@ -297,12 +398,14 @@ class Watcher:
         drained_before = self._drained_at
         raw: list[tuple[int, int, int, str]] = []
         deadline = time.monotonic() + settle
-        while True:
+        drained = False  # the queue was found empty (else MAX_BATCH was reached)
+        while len(raw) < MAX_BATCH:
             try:
                 data = os.read(self.fd, 65536)
             except BlockingIOError:
                 left = deadline - time.monotonic()
                 if not raw or left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                    drained = True
                     break
                 continue
             pos = 0
@@ -311,22 +414,23 @@ class Watcher:
                 name = data[pos + HEADER.size:pos + HEADER.size + length].rstrip(b"\0")
                 pos += HEADER.size + length
                 raw.append((wd, mask, cookie, os.fsdecode(name)))
-        self._drained_at = self._fs_now()
+        if drained:
+            self._drained_at = self._fs_now()
         if any(m & IN_Q_OVERFLOW for _w, m, _c, _n in raw):
             # The queue was empty when it was last read; what happened since may be lost.
             self._overflow_pending = True
             self._lost_since = min(drained_before, self._lost_since or drained_before)
         return self._fold(raw)
 
-    def _path(self, wd: int, name: str) -> Path | None:
+    def _path(self, wd: int, name: str) -> str | None:
         base = self.paths.get(wd)
-        return base / name if base is not None and name else None
+        return f"{base.rstrip('/')}/{name}" if base is not None and name else None
 
     def _fold(self, raw: list[tuple[int, int, int, str]]) -> list[Event]:
         created = {self._path(wd, n) for wd, m, _c, n in raw
                    if m & IN_CREATE and not m & IN_ISDIR}
         moved_from = {c: self._path(wd, n) for wd, m, c, n in raw if m & IN_MOVED_FROM and c}
-        temp: dict[Path, Path] = {}  # final name -> the temporary file renamed onto it
+        temp: dict[str, str] = {}  # final name -> the temporary file renamed onto it
         for wd, m, c, n in raw:
             src = moved_from.get(c) if m & IN_MOVED_TO and c else None
             dst = self._path(wd, n)
@@ -336,6 +440,8 @@ class Watcher:
         # A path is described once the batch is read, so its events would all show its
         # final state: one event per path, with the first action and every action seen.
         by_path: dict[str, Event] = {}
+        # What new directories already hold is described up to MOVE_IN_MAX paths a batch.
+        self._room = MOVE_IN_MAX
         for wd, m, _c, n in raw:
             path = self._path(wd, n)
             if path in skip:
@@ -348,7 +454,7 @@ class Watcher:
                 continue
             src = temp.get(path) if path is not None and m & IN_MOVED_TO else None
             if src is not None and events:
-                events[0]["file.renamed_from"] = str(src)
+                events[0]["file.renamed_from"] = src
             for e in events:
                 seen = by_path.get(e["file.path"])
                 if seen is None:
@@ -364,28 +470,31 @@ class Watcher:
         if mask & IN_IGNORED:
             self.paths.pop(wd, None)
             return []
-        base = self.paths.get(wd)
-        if base is None or not name:
+        path = self._path(wd, name)
+        if path is None:
             return []
-        path = base / name
         action = next((a for bit, a in ACTIONS if mask & bit), "changed")
         events = [describe(path, action)]
         if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
             # A new directory: watch it, and report what appeared in it before the watch.
-            events += [describe(p, action) for p in self._add_tree(path)]
+            found = self._add_tree(path, keep=self._room)
+            self._room -= len(found)
+            events += [describe(p, action) for p in found]
         return events
 
 
-def describe(path: Path, action: str) -> Event:
-    """A file event: what happened to *path*, and what it is now."""
+def describe(path: str | Path, action: str, st: os.stat_result | None = None) -> Event:
+    """A file event: what happened to *path*, and what it is now (*st*: its lstat result,
+    when it is known already)."""
     event: Event = {"file.path": str(path), "file.action": action, "file.exists": False}
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return event
-    except OSError as e:  # a path too long to look up, say: the event says so
-        event["file.error"] = e.strerror or str(e)
-        return event
+    if st is None:
+        try:
+            st = lstat(str(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return event
+        except OSError as e:  # cannot be looked up: the event says so
+            event["file.error"] = e.strerror or str(e)
+            return event
     kind = "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) \
         else "file" if stat.S_ISREG(st.st_mode) else "other"
     event.update({"file.exists": True, "file.type": kind,
