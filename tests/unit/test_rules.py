@@ -205,3 +205,21 @@ def test_a_file_too_large_is_an_error_and_is_never_read_whole(
         evaluate(parse_rule("f:/etc/big -> r:x"), host)
     assert sum(reads) <= 1 << 20
     assert evaluate(parse_rule("f:/etc/ssh/sshd_config -> r:^Protocol"), host).passed
+
+
+def test_a_file_of_millions_of_lines_is_split_only_up_to_the_limit(host: Host) -> None:
+    import tracemalloc
+
+    many = host.root / "etc/many"
+    many.write_bytes(b"\n" * (rules.MAX_FILE_BYTES - 1) + b"x")  # 8 million empty lines
+    tracemalloc.start()
+    try:
+        result = evaluate(parse_rule("f:/etc/many -> r:^x"), host)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not result.passed  # line 8,388,608 is past the first MAX_LINES
+    # The text itself (8 MiB, twice while it is decoded) and MAX_LINES lines, no more.
+    assert peak < 3 * rules.MAX_FILE_BYTES + 8 * rules.MAX_LINES, peak
+    assert rules._lines("a\r\nb\n\nc") == ["a", "b", "", "c"]
+    assert rules._lines("a\n") == ["a"] and rules._lines("") == []

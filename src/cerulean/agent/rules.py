@@ -187,7 +187,14 @@ class Host:
 
 
 def _lines(text: str) -> list[str]:
-    return text.splitlines()[:MAX_LINES]
+    """The first MAX_LINES lines of *text* (ended by a newline, or CR LF), without
+    splitting the rest: a file of millions of empty lines costs no list of millions."""
+    parts = text.split("\n", MAX_LINES)
+    if len(parts) > MAX_LINES:
+        del parts[MAX_LINES:]  # the rest, unsplit
+    elif parts[-1] == "":
+        parts.pop()  # after the last newline
+    return [p[:-1] if p.endswith("\r") else p for p in parts]
 
 
 def read_bounded(path: Path, limit: int | None = None) -> bytes:
