@@ -364,3 +364,28 @@ def test_failed_logins_are_throttled_across_restarts(fleet: Fleet) -> None:
     assert _log_in(fleet, "olga", password) == "Too many failed logins: wait five minutes."
     # Other names are not held up.
     assert _log_in(fleet, "nobody", "x") == "Wrong name or password."
+
+
+def test_texts_no_database_can_hold_and_the_fleets_own_rules_are_refused(
+        fleet: Fleet, tmp_path: Path) -> None:
+    """A hostile host sends what its agent never would: each such report is rejected
+    with its reason, the rest of the batch is stored, and the server answers (no 500)."""
+    link = enroll(fleet, host_root(tmp_path, "web-9"), "web-9")
+    host = link.enrollment.host_id
+    alert = {"priority": "critical", "message": "m", "time": 1764230000.0}
+    bodies = {
+        "fleet-rule": {**alert, "rule": "fleet.audit-trail-rewritten"},
+        "nul": {**alert, "rule": "r", "message": "a\x00b"},
+        "surrogate-key": {**alert, "rule": "r", "evidence": {"\ud800": "x"}},
+        "surrogate-deep": {**alert, "rule": "r", "evidence": {"a": [{"b": "\udfff"}]}},
+        "good": {**alert, "rule": "fine"},
+    }
+    reports = [{"id": f"{host}:1:{i}", "kind": "alert", "created": 1764230000.0 + i,
+                "body": body} for i, body in enumerate(bodies.values())]
+    ack = link.call(fleetlink.REPORTS_PATH, {"reports": reports, "dropped": 0})
+    assert ack["acknowledged"] == [f"{host}:1:4"]
+    reasons = {r["id"].rsplit(":", 1)[1]: r["reason"] for r in ack["rejected"]}
+    assert reasons["0"] == "rule names starting 'fleet.' are the fleet's own"
+    assert reasons["1"] == "a text holds a NUL character"
+    assert "lone UTF-16 surrogate" in reasons["2"] and "lone UTF-16 surrogate" in reasons["3"]
+    assert [a["rule"] for a in fleet.api("GET", f"/api/v1/hosts/{host}/alerts")[1]] == ["fine"]

@@ -42,6 +42,9 @@ class BadReport(ValueError):
     pass
 
 
+SERVER_RULES = "fleet."  # the prefix of the alerts the server raises itself
+
+
 def _time(value: Any, fallback: float) -> datetime:
     if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1e11:
         return datetime.fromtimestamp(value, UTC)
@@ -59,6 +62,28 @@ def _str(body: dict[str, Any], key: str, limit: int, default: str | None = None)
     if not isinstance(v, str) or len(v) > limit:
         raise BadReport(f"'{key}' must be a text of at most {limit} characters")
     return v
+
+
+def bad_text(value: Any) -> str | None:
+    """Why *value* (a report's body, as JSON gave it) cannot be stored, or None: a text
+    holding NUL, which PostgreSQL refuses in text and JSON, or half of a UTF-16
+    surrogate pair (JSON's ``\\ud800``), which is no Unicode text at all."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack += v.keys()
+            stack += v.values()
+        elif isinstance(v, list):
+            stack += v
+        elif isinstance(v, str):
+            if "\0" in v:
+                return "a text holds a NUL character"
+            try:
+                v.encode()
+            except UnicodeEncodeError:
+                return "a text holds a lone UTF-16 surrogate (not Unicode text)"
+    return None
 
 
 def _dict(body: dict[str, Any], key: str) -> dict[str, Any]:
@@ -151,7 +176,10 @@ def apply_alert(s: Session, host: Host, r: Report) -> None:
     severity = _str(b, "priority", 16, "warning")
     if severity not in PRIORITIES:
         raise BadReport(f"'priority' must be one of {', '.join(PRIORITIES)}")
-    s.add(Alert(host_id=host.id, report_id=r.id, rule=_str(b, "rule", 128),
+    rule = _str(b, "rule", 128)
+    if rule.startswith(SERVER_RULES):
+        raise BadReport(f"rule names starting {SERVER_RULES!r} are the fleet's own")
+    s.add(Alert(host_id=host.id, report_id=r.id, rule=rule,
                 severity=severity, summary=_str(b, "message", 2000, ""),
                 time=_time(b.get("time"), r.created), evidence=_dict(b, "evidence")))
 
@@ -296,6 +324,8 @@ def ingest(s: Session, host: Host, batch: ReportBatch,
             rejected.append(Rejected(r.id[:120], "the ID is not host:epoch:sequence"))
         elif r.kind not in REPORT_KINDS:
             rejected.append(Rejected(r.id, f"unknown kind {r.kind[:20]!r}"))
+        elif (why := bad_text(r.body)) is not None:
+            rejected.append(Rejected(r.id, why))
         else:
             good.setdefault(r.id, r)
     new: set[str] = set()
