@@ -155,18 +155,34 @@ def test_client_udp_sockets_are_not_listening_ones(tmp_path: Path) -> None:
     fake_proc(tmp_path)
     rules = [r for r in load_rule_files([SHIPPED]) if r.name == "new-listening-socket"]
     socks = sensors.NewOnly(lambda: sensors.listening(tmp_path),
-                            lambda e: (e["sock.proto"], e["sock.addr"], e["sock.port"]))
+                            lambda e: (e["sock.proto"], e["sock.addr"], e["sock.port"]),
+                            hold=lambda e: e["sock.ephemeral"])  # as the guard makes it
+
+    def udp(*sockets: tuple[str, str, str]) -> None:
+        (tmp_path / "proc/net/udp").write_text(UDP + "".join(
+            f"  {i}: {local} {remote} {st} 00000000:00000000 00:00000000 00000000  1000 0 "
+            f"{9000 + i} 2 0 0\n" for i, (local, remote, st) in enumerate(sockets, start=2)))
+
+    def fired() -> list[str]:
+        return [a.message for e in socks.poll() for a in match(rules, "socket", e, 0)]
+
     assert socks.poll() == []
-    (tmp_path / "proc/net/udp").write_text(UDP + "".join(
-        f"  {i}: {local} {remote} {st} 00000000:00000000 00:00000000 00000000  1000 0 "
-        f"{9000 + i} 2 0 0\n" for i, (local, remote, st) in enumerate([
-            ("00000000:D431", "00000000:0000", "07"),  # sent without binding: port 54321
-            ("0F02000A:C350", "08080808:0035", "01"),  # connected to 8.8.8.8:53
-            ("00000000:1F90", "00000000:0000", "07"),  # a server on 8080
-        ], start=2)))
-    fired = [a.message for e in socks.poll() for a in match(rules, "socket", e, 0)]
-    assert fired == ["udp 0.0.0.0 port 8080 is now listening (uid 1000)"]
+    client = ("00000000:D431", "00000000:0000", "07")  # sent without binding: port 54321
+    udp(client,
+        ("0F02000A:C350", "08080808:0035", "01"),  # connected to 8.8.8.8:53
+        ("00000000:1F90", "00000000:0000", "07"))  # a server on 8080
+    assert fired() == ["udp 0.0.0.0 port 8080 is now listening (uid 1000)"]
+    # A socket on an ephemeral port counts once it lasts from one snapshot to the next:
+    # a client's comes and goes, a server bound there stays.
+    udp(("00000000:D432", "00000000:0000", "07"))  # 54322: the client of 54321 is gone
+    assert fired() == []
+    udp(("00000000:D432", "00000000:0000", "07"), client)  # 54322 stayed; 54321 again
+    assert fired() == ["udp 0.0.0.0 port 54322 is now listening (uid 1000)"]
+    udp(("00000000:D432", "00000000:0000", "07"))
+    assert fired() == []  # 54321 went again; 54322 is known
     (tmp_path / "proc/sys/net/ipv4").mkdir(parents=True)
     (tmp_path / "proc/sys/net/ipv4/ip_local_port_range").write_text("1024\t9000\n")
-    assert [s["sock.ephemeral"] for s in sensors.listening(tmp_path)
-            if s["sock.proto"] == "udp"] == [False, False, True]  # 53, 54321, 8080
+    udp(client, ("00000000:1F90", "00000000:0000", "07"))
+    assert {s["sock.port"]: s["sock.ephemeral"] for s in sensors.listening(tmp_path)
+            if s["sock.proto"] == "udp" and s["sock.family"] == "ipv4"} == {
+        53: False, 54321: False, 8080: True}

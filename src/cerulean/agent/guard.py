@@ -98,7 +98,11 @@ class Guard:
              lambda e: (e["sock.proto"], e["sock.addr"], e["sock.port"]), False),
             ("module", lambda: sensors.modules(root), lambda e: e["module.name"], False),
         ]
-        self._snapshots = [(kind, sensors.NewOnly(sense, key, report_first=first))
+        # A client's UDP socket on a port the kernel picked comes and goes; a server's
+        # stays: such a socket counts once it has lasted from one snapshot to the next.
+        hold = {"socket": lambda e: bool(e.get("sock.ephemeral"))}
+        self._snapshots = [(kind, sensors.NewOnly(sense, key, report_first=first,
+                                                  hold=hold.get(kind)))
                            for kind, sense, key, first in table if kind in kinds]
 
     def close(self) -> None:

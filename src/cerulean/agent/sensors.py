@@ -125,8 +125,9 @@ def listening(root: Path = Path("/")) -> list[Event]:
     """Listening TCP sockets and bound UDP sockets, from /proc/net.
 
     A connected UDP socket is a client and is left out. An unconnected one on a port of
-    the ephemeral range is most likely a client too (one that sent without binding: the
-    kernel picked its port), and has ``sock.ephemeral`` set.
+    the ephemeral range may be a client too (one that sent without binding: the kernel
+    picked its port), and has ``sock.ephemeral`` set (the guard reports such a socket
+    only once it has lasted from one snapshot to the next).
     """
     out: list[Event] = []
     low, high = ephemeral_ports(root)
@@ -186,12 +187,16 @@ def sshd_event(message: str, fields: Mapping[str, str] | None = None) -> Event |
 @dataclass
 class NewOnly:
     """Events for the items of a snapshot not seen in the previous one (the first
-    snapshot only sets the baseline, unless *report_first*)."""
+    snapshot only sets the baseline, unless *report_first*). A new item for which *hold*
+    is true is reported only if the next snapshot still has it: what comes and goes
+    between two snapshots is left out."""
 
     sense: Callable[[], Iterable[Event]]
     key: Callable[[Event], Any]
     report_first: bool = False
+    hold: Callable[[Event], bool] | None = None
     _seen: set[Any] | None = field(default=None, repr=False)
+    _held: set[Any] = field(default_factory=set, repr=False)  # new last time, held back
 
     def poll(self) -> list[Event]:
         items = list(self.sense())
@@ -199,7 +204,15 @@ class NewOnly:
         seen, self._seen = self._seen, keys
         if seen is None:
             return items if self.report_first else []
-        return [e for e in items if self.key(e) not in seen]
+        out, held = [], set()
+        for e in items:
+            k = self.key(e)
+            if k in self._held or (k not in seen and not (self.hold and self.hold(e))):
+                out.append(e)  # new, or new last time and still there
+            elif k not in seen:
+                held.add(k)
+        self._held = held
+        return out
 
 
 SSHD_IDENTIFIERS = ("sshd", "sshd-session")  # OpenSSH 10 logs logins from sshd-session
