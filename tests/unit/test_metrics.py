@@ -201,11 +201,14 @@ def serving(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, list[str], i
 
 
 def test_held_connections_cannot_take_the_agents_file_descriptors(
-        serving: tuple[Any, list[str], int]) -> None:
+        serving: tuple[Any, list[str], int], monkeypatch: pytest.MonkeyPatch) -> None:
     """Half-sent requests: those over the limit are closed at once, the server holds no
     more descriptors than its limit, the rest are cut at the deadline, a scrape then
     works, and the refusals are a metric and one report."""
     server, reports, port = serving
+    # None of them sends a request: none is cut to make room for another, however slowly
+    # this machine makes them (that is the next test).
+    monkeypatch.setattr(metrics, "EVICT_AFTER_S", 60.0, raising=False)
     limit = getattr(metrics, "MAX_CONNECTIONS", 16)
     fds_before = len(os.listdir("/proc/self/fd"))
     held = []
@@ -228,6 +231,35 @@ def test_held_connections_cannot_take_the_agents_file_descriptors(
     s = samples(metrics.render(server.families()))
     assert s["cerulean_metrics_connections_refused_total"] >= 20
     assert len(reports) == 1 and "refused" in reports[0], reports
+
+
+def test_a_client_that_keeps_every_slot_half_open_cannot_stop_scrapes(
+        serving: tuple[Any, list[str], int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any local user can reconnect as fast as connections are cut, holding every slot
+    with half-sent requests: a scraper that sends its request at once still gets in,
+    in place of the oldest of them."""
+    server, _reports, port = serving
+    # Ample: no held connection reaches it in this test.
+    monkeypatch.setattr(metrics, "REQUEST_DEADLINE_S", 5.0)
+    limit = getattr(metrics, "MAX_CONNECTIONS", 16)
+    held = []
+    for _ in range(limit):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /metr")
+        held.append(s)
+    time.sleep(0.7)  # older than EVICT_AFTER_S, younger than REQUEST_DEADLINE_S
+    assert server.connections == limit
+    for _ in range(3):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            assert r.read() == b"up 1\n"
+    # The oldest half-sent one made room (the scrapes after the first took its slot back
+    # as each ended); the others are still open.
+    assert server.connections == limit - 1  # (before their deadline cuts the rest)
+    assert _closed_within(held[0], 0.05)
+    s = samples(metrics.render(server.families()))
+    assert s["cerulean_metrics_connections_evicted_total"] == 1
+    for h in held:
+        h.close()
 
 
 def test_a_trickled_request_is_cut_at_its_deadline(serving: tuple[Any, list[str], int]) -> None:

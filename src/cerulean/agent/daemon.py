@@ -138,6 +138,11 @@ def _handler() -> type[BaseHTTPRequestHandler]:
             if body:
                 self.wfile.write(data)
 
+        def parse_request(self) -> bool:
+            ok = super().parse_request()  # the request line and every header are in
+            cast(metrics.MetricsServer, self.server).request_read(self.connection)
+            return ok
+
         def do_GET(self) -> None:
             self._reply(True)
 

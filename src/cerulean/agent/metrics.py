@@ -291,6 +291,10 @@ def alert_family(counts: dict[tuple[str, str], int]) -> Family:
 # able to take the agent's file descriptors, threads or CPU: detection and the audit
 # trail need them more than a scrape does.
 MAX_CONNECTIONS = 16  # connections served at once; more are closed as they are accepted
+# ... unless one of those open has not sent its whole request this long after it was
+# accepted: the oldest such is cut to make room (a scraper sends at once; a client that
+# holds slots by sending slowly loses them to it).
+EVICT_AFTER_S = 0.5
 IO_TIMEOUT_S = 5.0  # how long one read or write on a connection may wait
 REQUEST_DEADLINE_S = 10.0  # how long a connection may stay open in all
 LISTEN_BACKLOG = 64  # connections the kernel queues before they are accepted
@@ -303,8 +307,9 @@ REPORT_RETRY_S = 10.0  # when that entry could not be written, the next try
 class MetricsServer(ThreadingHTTPServer):
     """The metrics endpoint, bounded: at most :data:`MAX_CONNECTIONS` connections (so at
     most that many file descriptors and threads), each closed after
-    :data:`REQUEST_DEADLINE_S`; a connection over the cap is closed at once and
-    counted. When ``accept()`` itself fails (the process is out of file descriptors)
+    :data:`REQUEST_DEADLINE_S`; a connection over the cap takes the place of the oldest
+    one still sending its request after :data:`EVICT_AFTER_S`, or else is closed at
+    once; both are counted. When ``accept()`` itself fails (the process is out of file descriptors)
     the loop pauses instead of spinning. *report* (message, evidence) is called at most
     once every :data:`REPORT_EVERY_S` seconds while connections are refused or cut."""
 
@@ -319,6 +324,7 @@ class MetricsServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._lock = threading.Lock()
         self._open: dict[socket.socket, float] = {}  # connection -> when it was accepted
+        self._requested: set[socket.socket] = set()  # those that sent a whole request
         self._scrape = scrape
         self._scrape_lock = threading.Lock()
         self._last_scrape: tuple[float, bytes] | None = None
@@ -329,6 +335,7 @@ class MetricsServer(ThreadingHTTPServer):
         self._unreported: dict[str, int] = {}
         self.refused = 0  # connections closed at once: MAX_CONNECTIONS were open
         self.timed_out = 0  # connections cut at REQUEST_DEADLINE_S
+        self.evicted = 0  # connections cut to make room: their request was too slow
         self.accept_errors = 0  # accept() failures (file descriptors, memory)
         super().__init__(address, handler)
 
@@ -349,12 +356,34 @@ class MetricsServer(ThreadingHTTPServer):
         return request
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
+        now = self._clock()
+        victim = None
         with self._lock:
+            if len(self._open) >= MAX_CONNECTIONS:
+                slow = [(t, i, s) for i, (s, t) in enumerate(self._open.items())
+                        if s not in self._requested and now - t >= EVICT_AFTER_S]
+                if slow:
+                    victim = min(slow)[2]
+                    del self._open[victim]
             if len(self._open) < MAX_CONNECTIONS:
-                self._open[request] = self._clock()
-                return True
-        self._degraded("refused")
-        return False
+                self._open[request] = now
+                admitted = True
+            else:
+                admitted = False
+        if victim is not None:
+            self._degraded("evicted")
+            with contextlib.suppress(OSError):
+                victim.shutdown(socket.SHUT_RDWR)  # its thread sees the end and closes it
+        if not admitted:
+            self._degraded("refused")
+        return admitted
+
+    def request_read(self, request: Any) -> None:
+        """The handler read the whole request of this connection: it is served, no longer
+        one that may be cut to make room."""
+        with self._lock:
+            if request in self._open:
+                self._requested.add(request)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(IO_TIMEOUT_S)
@@ -363,6 +392,7 @@ class MetricsServer(ThreadingHTTPServer):
     def shutdown_request(self, request: Any) -> None:
         with self._lock:
             self._open.pop(request, None)
+            self._requested.discard(request)
         super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -380,6 +410,7 @@ class MetricsServer(ThreadingHTTPServer):
                 s.shutdown(socket.SHUT_RDWR)  # its thread sees the end and closes it
             with self._lock:
                 self._open.pop(s, None)
+                self._requested.discard(s)
         self._flush_report(now)
 
     @property
@@ -410,6 +441,9 @@ class MetricsServer(ThreadingHTTPServer):
                  self.refused),
                 ("cerulean_metrics_connections_timed_out_total", "counter",
                  f"Connections cut after {REQUEST_DEADLINE_S:g} s.", self.timed_out),
+                ("cerulean_metrics_connections_evicted_total", "counter",
+                 "Connections cut to make room: their request had not arrived after "
+                 f"{EVICT_AFTER_S:g} s.", self.evicted),
                 ("cerulean_metrics_accept_errors_total", "counter",
                  "Connections the endpoint could not accept (no file descriptors).",
                  self.accept_errors)):
@@ -424,6 +458,8 @@ class MetricsServer(ThreadingHTTPServer):
                 self.refused += 1
             elif what == "timed-out":
                 self.timed_out += 1
+            elif what == "evicted":
+                self.evicted += 1
             else:
                 self.accept_errors += 1
             self._unreported[what] = self._unreported.get(what, 0) + 1
@@ -442,6 +478,7 @@ class MetricsServer(ThreadingHTTPServer):
         words = {"refused": "connections refused (the limit of "
                             f"{MAX_CONNECTIONS} was reached)",
                  "timed-out": f"connections cut after {REQUEST_DEADLINE_S:g} s",
+                 "evicted": "connections cut to make room (their request was too slow)",
                  "accept-errors": "connections not accepted (no file descriptors left)"}
         message = "The metrics endpoint is under load: " + ", ".join(
             f"{n} {words[k]}" for k, n in sorted(counts.items())) + "."
