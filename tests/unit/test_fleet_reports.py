@@ -217,3 +217,48 @@ def test_a_report_the_server_refuses_does_not_hold_back_the_others(tmp_path: Pat
         box.deliver(send)
     assert box.due(10) == [] and box.counters()["unsendable"] == 1
     box.close()
+
+
+def test_a_burst_of_alerts_is_sent_in_one_round_while_the_fleet_takes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user who raises alerts faster than one batch a round must not leave the fleet
+    further behind each round: while the fleet takes what is sent, the round goes on."""
+    from cerulean.agent import audit
+
+    monkeypatch.setattr(audit, "READ_ENTRIES", 10)
+    monkeypatch.setattr(audit.read_after, "__defaults__", (0, 10, audit.READ_BYTES,
+                                                           audit.MAX_LINE))
+    monkeypatch.setattr(fleetlink, "CATCH_UP_BATCHES", 3)
+    log = trail(tmp_path)
+    for i in range(55):
+        log.append("guard", "alert.kernel-module-loaded", alert("kernel-module-loaded", str(i)))
+    link = FakeLink(tmp_path)
+    fleetlink._sync(tmp_path, link, "h")  # type: ignore[arg-type]
+    sent = [int(m.body["message"]) for m in link.sent if m.kind == "alert"]
+    assert sent == list(range(40))  # the round's batch and three more
+    fleetlink._sync(tmp_path, link, "h")  # type: ignore[arg-type]
+    sent = [int(m.body["message"]) for m in link.sent if m.kind == "alert"]
+    assert sent == list(range(55))
+
+
+def test_entries_archived_away_before_they_were_sent_are_counted_and_said(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cerulean.agent import audit
+
+    monkeypatch.setattr(audit, "ROTATE_BYTES", 3000)
+    monkeypatch.setattr(audit, "KEEP_SEGMENTS", 1)
+    log = trail(tmp_path)
+    log.append("guard", "alert.kernel-module-loaded", alert("kernel-module-loaded", "0"))
+    box = Outbox(tmp_path / "outbox.db", "h")
+    fleetlink.collect(box, tmp_path, hostname="h")
+    assert box.get("audit-seq") == "1"
+    for i in range(1, 200):  # the fleet is unreachable: the trail rotates past the cursor
+        log.append("guard", "alert.kernel-module-loaded", alert("kernel-module-loaded", str(i)))
+    first = next(log.entries())["seq"]
+    assert first > 2
+    fleetlink.collect(box, tmp_path, hostname="h")
+    assert box.counters()["audit-pruned-unsent"] == first - 2
+    (said,) = [e for e in log.entries() if e["action"] == "alert.agent-report-lost"]
+    assert said["detail"]["evidence"] == {"first": 2, "count": first - 2}
+    assert f"{first - 2} audit entries (from 2)" in said["detail"]["message"]
+    box.close()

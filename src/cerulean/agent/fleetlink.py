@@ -51,6 +51,9 @@ from cerulean.protocol.fleet import (
 
 STATE = "var/lib/cerulean/fleet"
 TIMEOUT = 30.0
+# Audit-trail batches (READ_ENTRIES each) one round queues and sends at most while the
+# trail is ahead of what was queued and the fleet takes what is sent.
+CATCH_UP_BATCHES = 20
 
 
 class FleetLinkError(CeruleanError):
@@ -501,6 +504,17 @@ def _collect_trail(box: Outbox, root: Path, now: float, every: float,
         # The live file starts after the cursor: it was rotated, and the entries in
         # between are in archived segments, which the trail's own reader walks.
         entries, offset = list(AuditLog(path).entries_after(last, READ_ENTRIES)), 0
+        gap = int(entries[0].get("seq", 0)) - last - 1 if entries else 0
+        if gap > 0:
+            # Even the archived segments start after the cursor: the oldest were
+            # removed before they were sent. The fleet sees it at the head
+            # (fleet.audit-trail-unchecked); this host says how many.
+            box.count("audit-pruned-unsent", gap)
+            health_alert(root, "agent-report-lost",
+                         f"{gap} audit entr{'ies' if gap != 1 else 'y'} (from {last + 1}) "
+                         "were archived away before they reached the fleet: the trail "
+                         "grew faster than it was sent. They are gone from this host.",
+                         {"first": last + 1, "count": gap})
     head = None
     cut: list[int] = []
     lost: list[int] = []
@@ -550,6 +564,17 @@ def _collect_trail(box: Outbox, root: Path, now: float, every: float,
                      "Alerts too large for a fleet report: " + "; ".join(what)
                      + ". The whole alerts are in the host's audit trail.",
                      {"truncated": cut[:100], "unsendable": lost[:100]})
+
+
+def _trail_behind(box: Outbox, root: Path) -> bool:
+    """Whether the audit trail holds entries after the last one queued."""
+    from cerulean.agent.audit import AuditLog
+    from cerulean.agent.update.host import Host
+
+    try:
+        return AuditLog(Host(root).audit_log).head()[0] > int(box.get("audit-seq", "0"))
+    except (OSError, ValueError):
+        return False
 
 
 def _seqs(seqs: list[int]) -> str:
@@ -704,6 +729,18 @@ def _sync(root: Path, link: Link, hostname: str | None) -> SyncResult:
                          "The fleet outbox looked after itself: " + "; ".join(box.events)
                          + ".", {"events": box.events[:20]})
         delivered, failed = box.deliver(link.send)
+        # While the fleet takes what is sent and the audit trail is ahead of what was
+        # queued (a burst of alerts), more of it goes now rather than a batch a round.
+        for _ in range(CATCH_UP_BATCHES):
+            if failed or not _trail_behind(box, root):
+                break
+            try:
+                _collect_trail(box, root, time.time(), 0.0, hostname, queued)
+            except Exception as e:
+                problems.append(f"the audit trail could not be queued: {e}")
+                break
+            more, failed = box.deliver(link.send)
+            delivered += more
         pending = box.pending()
     finally:
         box.close()
