@@ -260,6 +260,38 @@ def test_entries_after_reads_from_a_position_with_a_limit(tmp_path: Path, small:
     assert log.segments() and set(opened) == {str(log.path)}
 
 
+def test_entries_after_misses_nothing_when_the_log_rotates_as_it_is_read(
+        tmp_path: Path, small: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fleet round reads while the guard writes: the live log can be archived between
+    the listing of the files and the opening of the live one."""
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("guard", "alert.x", {"message": "event 0"})
+    start = log.head()[0]
+    writer = AuditLog(log.path)
+    real = AuditLog.files
+    rotated = []
+
+    def files_then_rotation(self: AuditLog) -> list[Path]:
+        listed = real(self)
+        if not rotated:  # once: enough entries for the live log to be archived
+            rotated.append(True)
+            size = 0
+            while (now := self.path.stat().st_size) >= size:  # a new live log is smaller
+                size = now
+                writer.append("guard", "alert.x", {"message": "more"})
+        return listed
+
+    monkeypatch.setattr(AuditLog, "files", files_then_rotation)
+    seqs = [e["seq"] for e in log.entries_after(start)]
+    assert rotated and seqs == list(range(start + 1, log.head()[0] + 1))
+    # A jump that stays when read again is real (the oldest segments were removed).
+    monkeypatch.setattr(AuditLog, "files", real)
+    for _ in range(100):
+        log.append("guard", "alert.x", {"message": "enough to remove the oldest"})
+    first = next(log.entries())["seq"]
+    assert [e["seq"] for e in log.entries_after(1, 1)] == [first] and first > 2
+
+
 def test_the_trail_counts_are_metrics(tmp_path: Path, small: None) -> None:
     from cerulean.agent import metrics
 

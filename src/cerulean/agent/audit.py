@@ -37,7 +37,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -263,7 +263,33 @@ class AuditLog:
 
     def entries_after(self, seq: int, limit: int | None = None) -> Iterator[dict[str, Any]]:
         """The entries after entry *seq*, at most *limit*, read one line at a time; the
-        segments that end before it are not read at all."""
+        segments that end before it are not read at all. Where the sequence numbers jump
+        (the live log may have been archived between listing the files and opening it)
+        the files are listed again and read on from the last entry; a jump seen twice
+        is real: entries removed with the oldest segments."""
+        if limit is not None and limit <= 0:
+            return
+        count, last, retried_at = 0, seq, None
+        while True:
+            jump = False
+            once = self._entries_after_once(last)
+            try:
+                for d in once:
+                    if d["seq"] > last + 1 and retried_at != last:
+                        jump = True
+                        break
+                    yield d
+                    last = d["seq"]
+                    count += 1
+                    if limit is not None and count >= limit:
+                        return
+            finally:
+                once.close()
+            if not jump:
+                return
+            retried_at = last
+
+    def _entries_after_once(self, seq: int) -> Generator[dict[str, Any], None, None]:
         files = self.files()
         firsts = [int(m.group(1)) for p in files[:-1]
                   if (m := self._segment.match(p.name)) is not None]
@@ -275,9 +301,6 @@ class AuditLog:
         firsts.append(live["seq"] if live is not None else 1 << 62)
         # The first file to read: the last whose first entry is at or before the one wanted.
         skip = max([0, *(i for i, first in enumerate(firsts) if first <= seq + 1)])
-        count = 0
-        if limit is not None and limit <= 0:
-            return
         for _, _, raw in self._raw(files[skip:]):
             try:
                 d = json.loads(raw)
@@ -285,9 +308,6 @@ class AuditLog:
                 continue
             if isinstance(d, dict) and isinstance(d.get("seq"), int) and d["seq"] > seq:
                 yield d
-                count += 1
-                if limit is not None and count >= limit:
-                    return
 
     def _last_line(self, path: Path) -> tuple[int, int, bytes | None]:
         """The file's size, where its last whole line starts, and that line (None when the
