@@ -337,3 +337,23 @@ def test_a_rescan_of_a_wide_tree_holds_no_list_of_it(tmp_path: Path,
         assert complete and events == [] and len(seen) >= 16_384
         # The sink's list of ints and the unwatched (1,000 kept) are most of it.
         assert peak < 2_000_000, peak
+
+
+def test_paths_held_are_bounded_in_length_and_in_all(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any user can nest directories without end: a path held as text costs its length,
+    so the watch's memory would grow with the square of the depth."""
+    monkeypatch.setattr(watch, "MAX_PATH_CHARS", len(str(tmp_path)) + 60)
+    deep = tmp_path.joinpath(*["d" * 25] * 4)  # the third level is past the limit
+    deep.mkdir(parents=True)
+    with Watcher([tmp_path]) as w:
+        assert sorted(len(p) - len(str(tmp_path)) for p in w.paths.values()) == [0, 26, 52]
+        assert w.errors == {"ENAMETOOLONG": 1} and w.unwatched == {}  # counted, not held
+    monkeypatch.setattr(watch, "MAX_PATH_CHARS", 8192)
+    for i in range(5):
+        (tmp_path / f"s{i}").mkdir()
+    monkeypatch.setattr(watch, "MAX_PATH_BYTES", 5 * len(str(tmp_path)) + 60)
+    with Watcher([tmp_path]) as w:
+        assert sum(map(len, w.paths.values())) <= watch.MAX_PATH_BYTES
+        assert w.errors.get("ENOMEM", 0) >= 1
+        assert "paths take" in next(iter(w.unwatched.values()))

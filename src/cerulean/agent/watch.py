@@ -38,16 +38,23 @@ from pathlib import Path
 from typing import Any
 
 SETTLE_S = 0.1  # how long a batch of events stays open for what follows
-MAX_BATCH = 4096  # kernel events one read takes, at most (the rest wait in the queue)
+MAX_BATCH = 1024  # kernel events one read takes, at most (the rest wait in the queue)
+# A directory whose path is longer is neither watched nor entered (any user can nest
+# directories without end, and paths are held as text: memory would grow with the
+# square of the depth); counted as ENAMETOOLONG.
+MAX_PATH_CHARS = 8192
+MAX_PATH_BYTES = 16 << 20  # the paths of all watched directories together; past it ENOMEM
 RESCAN_MAX_ENTRIES = 100_000  # directory entries one rescan looks at, at most
 RESCAN_MAX_EVENTS = 5000  # changed files one rescan reports, at most (it goes on next time)
 REPORTED_KEEP = 20_000  # changes a series of rescans remembers having reported
 MAX_DEPTH = 100  # directory levels one walk enters (each holds two open files); deeper: ELOOP
 UNWATCHED_KEEP = 1000  # unwatched directories kept by name (more are only counted)
 CTIME_SLACK_S = 1.0  # a rescan reports what changed this long before events were lost
-# A directory tree moved in at once is examined file by file up to this many entries; the
-# rest is left to a rescan (what changed since), and the cut is counted ("E2BIG").
+# What new directories already hold is examined file by file up to this many entries (and
+# MOVE_IN_CHARS characters of paths) a batch; the rest is left to a rescan (what changed
+# since), and the cut is counted ("E2BIG").
 MOVE_IN_MAX = 10_000
+MOVE_IN_CHARS = 4 << 20
 # Directories watched at most: each costs the agent memory, and any user can make them.
 # More are left unwatched (counted as "EMLINK") and looked into by rescans.
 MAX_WATCHED = 65_536
@@ -135,6 +142,8 @@ class Watcher:
             raise WatchError(e, f"inotify cannot start: {os.strerror(e)}")
         self.fd = fd
         self.paths: dict[int, str] = {}
+        self._path_bytes = 0  # the length of the paths in self.paths, together
+        self._full = False  # the kernel's watch limit was reached in this batch of events
         self.roots = [str(r) for r in roots]
         self.exclude = {str(p) for p in exclude}
         self.overflowed = 0  # queue overflows (events the kernel dropped)
@@ -161,6 +170,7 @@ class Watcher:
         self._pass_since = 0.0
         self._pass_started = 0.0
         self._room = MOVE_IN_MAX  # paths a batch still describes in new directories
+        self._room_chars = MOVE_IN_CHARS
         self._drained_at = self._fs_now()
         for root in self.roots:
             self._add_tree(root, keep=None)  # what is there already is no event
@@ -201,6 +211,9 @@ class Watcher:
         if len(self.paths) >= MAX_WATCHED:
             self._blind(path, errno.EMLINK)
             return False
+        if self._path_bytes + len(path) > MAX_PATH_BYTES:
+            self._blind(path, errno.ENOMEM)
+            return False
         if fd is not None and self._by_fd:  # what was opened: no link is followed
             wd = self._libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fd}".encode(),
                                               MASK & ~IN_DONT_FOLLOW)
@@ -211,17 +224,26 @@ class Watcher:
             if e not in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
                 self._blind(path, e)  # gone already, or not ours to read, are not blind
             return False
+        self._path_bytes += len(path) - len(self.paths.get(wd, ""))
         self.paths[wd] = path
         self.unwatched.pop(path, None)
         return True
 
+    def _forget(self, wd: int) -> None:
+        """The kernel removed watch *wd* (its directory is gone)."""
+        self._path_bytes -= len(self.paths.pop(wd, ""))
+
     def _blind(self, path: str, e: int) -> None:
-        """*path* cannot be watched (error *e*): count it, keep it for rescans."""
+        """*path* cannot be watched (error *e*): count it, keep it for rescans (a path
+        longer than MAX_PATH_CHARS is only counted: it is never held, or walked)."""
         if path in self.unwatched:
             return  # tried again and still failing: counted already
-        name = errno.errorcode.get(e, str(e))
+        too_long = len(path) > MAX_PATH_CHARS
+        name = errno.errorcode.get(errno.ENAMETOOLONG if too_long else e, str(e))
         self.errors[name] = self.errors.get(name, 0) + 1
         self.unwatched_total += 1
+        if too_long:
+            return
         if len(self.unwatched) < UNWATCHED_KEEP:
             self.unwatched[path] = (
                 "the inotify watch limit is reached (fs.inotify.max_user_watches)"
@@ -230,7 +252,8 @@ class Watcher:
                 f"a tree of more than {MOVE_IN_MAX} entries moved in at once"
                 if e == errno.E2BIG else
                 f"more than {MAX_DEPTH} directories deep in one walk" if e == errno.ELOOP
-                else os.strerror(e))
+                else f"the watched directories' paths take {MAX_PATH_BYTES >> 20} MiB"
+                if e == errno.ENOMEM else os.strerror(e))
         else:
             self._overflow_pending = True  # too many to keep: rescans walk every root
         if self._lost_since is None:
@@ -245,6 +268,9 @@ class Watcher:
         entered only if *enter_unwatched*; one that cannot be opened is recorded
         (:attr:`unwatched`) and does not stop the rest. Closing the generator closes
         its files."""
+        if len(top) > MAX_PATH_CHARS:
+            self._blind(top, errno.ENAMETOOLONG)
+            return
         try:
             fd = open_dir(top)
         except OSError as e:
@@ -283,6 +309,9 @@ class Watcher:
                 if len(frames) >= MAX_DEPTH:
                     self._blind(child, errno.ELOOP)  # a rescan starts a walk from there
                     continue
+                if len(child) > MAX_PATH_CHARS:
+                    self._blind(child, errno.ENAMETOOLONG)
+                    continue
                 try:
                     cfd = os.open(entry.name, DIR_FLAGS, dir_fd=dfd)
                 except OSError as e:
@@ -301,12 +330,14 @@ class Watcher:
                 it.close()
                 os.close(dfd)
 
-    def _add_tree(self, top: str, keep: int | None = MOVE_IN_MAX) -> list[str]:
+    def _add_tree(self, top: str, keep: int | None = MOVE_IN_MAX,
+                  keep_chars: int = MOVE_IN_CHARS) -> list[str]:
         """Watch *top* and every directory below it on its file system. Returns what
         is already in them (for a new directory: what was made before its watch was
-        set), at most *keep* paths: past that the walk stops and the tree is recorded
-        as cut short (``E2BIG``), for a rescan. With *keep* None (the trees watched at
-        the start) nothing is returned and the whole tree is watched. A directory that
+        set), at most *keep* paths of *keep_chars* characters in all: past that the walk
+        stops and the tree is recorded as cut short (``E2BIG``), for a rescan. With
+        *keep* None (the trees watched at the start) nothing is returned and the whole
+        tree is watched. A directory that
         cannot be watched is recorded (:attr:`unwatched`), not entered, and does not
         stop the others."""
         found: list[str] = []
@@ -315,10 +346,11 @@ class Watcher:
             for path, _st in walk:
                 if keep is None:
                     continue
-                if len(found) >= keep:
+                if len(found) >= keep or len(path) > keep_chars:
                     self._blind(top, errno.E2BIG)
                     break
                 found.append(path)
+                keep_chars -= len(path)
         finally:
             walk.close()
         return found
@@ -441,7 +473,8 @@ class Watcher:
         # final state: one event per path, with the first action and every action seen.
         by_path: dict[str, Event] = {}
         # What new directories already hold is described up to MOVE_IN_MAX paths a batch.
-        self._room = MOVE_IN_MAX
+        self._room, self._room_chars = MOVE_IN_MAX, MOVE_IN_CHARS
+        self._full = False
         for wd, m, _c, n in raw:
             path = self._path(wd, n)
             if path in skip:
@@ -468,7 +501,7 @@ class Watcher:
             self.overflowed += 1
             return [{"file.action": "overflow", "file.path": ""}]
         if mask & IN_IGNORED:
-            self.paths.pop(wd, None)
+            self._forget(wd)
             return []
         path = self._path(wd, name)
         if path is None:
@@ -477,8 +510,16 @@ class Watcher:
         events = [describe(path, action)]
         if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
             # A new directory: watch it, and report what appeared in it before the watch.
-            found = self._add_tree(path, keep=self._room)
+            # Once the kernel's watch limit refused one, the others of the batch are not
+            # tried (a flood of new directories would cost a refused call each).
+            if self._full:
+                self._blind(path, errno.ENOSPC)
+                return events
+            refused = self.errors.get("ENOSPC", 0)
+            found = self._add_tree(path, keep=self._room, keep_chars=self._room_chars)
+            self._full = self.errors.get("ENOSPC", 0) > refused
             self._room -= len(found)
+            self._room_chars -= sum(map(len, found))
             events += [describe(p, action) for p in found]
         return events
 
