@@ -143,7 +143,7 @@ def scrape():
             text = r.read().decode()
     except Exception as e:
         return False, [f"scrape failed: {type(e).__name__}: {e}"]
-    words = ("drop", "overflow", "refus", "truncat", "rotat", "unwatched", "degrad",
+    words = ("drop", "overflow", "refus", "evict", "truncat", "rotat", "unwatched", "degrad",
              "suppress", "limit", "error")
     hot = []
     for line in text.splitlines():
