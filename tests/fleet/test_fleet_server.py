@@ -375,6 +375,7 @@ def test_texts_no_database_can_hold_and_the_fleets_own_rules_are_refused(
     alert = {"priority": "critical", "message": "m", "time": 1764230000.0}
     bodies = {
         "fleet-rule": {**alert, "rule": "fleet.audit-trail-rewritten"},
+        "look-alike": {**alert, "rule": "\u200bＦleet\u2024audit-trail-rewritten"},
         "nul": {**alert, "rule": "r", "message": "a\x00b"},
         "surrogate-key": {**alert, "rule": "r", "evidence": {"\ud800": "x"}},
         "surrogate-deep": {**alert, "rule": "r", "evidence": {"a": [{"b": "\udfff"}]}},
@@ -383,9 +384,9 @@ def test_texts_no_database_can_hold_and_the_fleets_own_rules_are_refused(
     reports = [{"id": f"{host}:1:{i}", "kind": "alert", "created": 1764230000.0 + i,
                 "body": body} for i, body in enumerate(bodies.values())]
     ack = link.call(fleetlink.REPORTS_PATH, {"reports": reports, "dropped": 0})
-    assert ack["acknowledged"] == [f"{host}:1:4"]
+    assert ack["acknowledged"] == [f"{host}:1:5"]
     reasons = {r["id"].rsplit(":", 1)[1]: r["reason"] for r in ack["rejected"]}
-    assert reasons["0"] == "rule names starting 'fleet.' are the fleet's own"
-    assert reasons["1"] == "a text holds a NUL character"
-    assert "lone UTF-16 surrogate" in reasons["2"] and "lone UTF-16 surrogate" in reasons["3"]
+    assert reasons["0"] == reasons["1"] == "rule names starting 'fleet.' are the fleet's own"
+    assert reasons["2"] == "a text holds a NUL character"
+    assert "lone UTF-16 surrogate" in reasons["3"] and "lone UTF-16 surrogate" in reasons["4"]
     assert [a["rule"] for a in fleet.api("GET", f"/api/v1/hosts/{host}/alerts")[1]] == ["fine"]

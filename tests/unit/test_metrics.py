@@ -272,6 +272,29 @@ def test_a_client_that_keeps_every_slot_half_open_cannot_stop_scrapes(
         h.close()
 
 
+def test_a_request_of_huge_headers_is_not_held(serving: tuple[Any, list[str], int]) -> None:
+    """Python's header parser keeps a hundred lines of 64 KiB each: sixteen such
+    connections would take 100 MiB of the agent's 128."""
+    import tracemalloc
+
+    _server, _reports, port = serving
+    tracemalloc.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.settimeout(2)
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")
+            try:
+                for i in range(40):  # 2.4 MB of headers, never ended
+                    s.sendall(b"X-%d: " % i + b"a" * 60_000 + b"\r\n")
+            except (TimeoutError, OSError):
+                pass  # the server stopped reading: what it was sent waits in buffers
+            _closed_within(s, 3.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak
+
+
 def test_a_trickled_request_is_cut_at_its_deadline(serving: tuple[Any, list[str], int]) -> None:
     _server, _reports, port = serving
     s = socket.create_connection(("127.0.0.1", port))

@@ -357,3 +357,21 @@ def test_paths_held_are_bounded_in_length_and_in_all(tmp_path: Path,
         assert sum(map(len, w.paths.values())) <= watch.MAX_PATH_BYTES
         assert w.errors.get("ENOMEM", 0) >= 1
         assert "paths take" in next(iter(w.unwatched.values()))
+
+
+def test_a_set_id_file_made_where_a_file_was_renamed_away_is_seen(tmp_path: Path) -> None:
+    """mv x y; then a set-ID x, in the same batch: the rename heuristic (a temporary file
+    renamed into place) must not take the new x for the temporary one."""
+    (tmp_path / "x").write_bytes(b"old")
+    with Watcher([tmp_path]) as w:
+        os.rename(tmp_path / "x", tmp_path / "y")
+        f = setuid_file(tmp_path / "x")
+        events = collect(w, lambda got: any(e["file.path"] == str(f) for e in got))
+        assert any(e["file.path"] == str(f) and e["file.setuid"] for e in events)
+        # The usual way of replacing a file is still one event for its final name.
+        (tmp_path / "t.tmp").write_bytes(b"new")
+        os.rename(tmp_path / "t.tmp", tmp_path / "z")
+        events = collect(w, lambda got: any(e["file.path"].endswith("/z") for e in got))
+        assert not any(e["file.path"].endswith("t.tmp") for e in events)
+        (z,) = [e for e in events if e["file.path"].endswith("/z")]
+        assert z["file.renamed_from"] == str(tmp_path / "t.tmp")

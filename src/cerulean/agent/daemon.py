@@ -138,6 +138,10 @@ def _handler() -> type[BaseHTTPRequestHandler]:
             if body:
                 self.wfile.write(data)
 
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = metrics.CappedReader(self.rfile)  # type: ignore[assignment]
+
         def parse_request(self) -> bool:
             ok = super().parse_request()  # the request line and every header are in
             cast(metrics.MetricsServer, self.server).request_read(self.connection)

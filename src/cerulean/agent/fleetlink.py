@@ -573,7 +573,7 @@ def _trail_behind(box: Outbox, root: Path) -> bool:
 
     try:
         return AuditLog(Host(root).audit_log).head()[0] > int(box.get("audit-seq", "0"))
-    except (OSError, ValueError):
+    except Exception:  # a damaged head file, say: no catching up; the round goes on
         return False
 
 

@@ -304,6 +304,35 @@ REPORT_EVERY_S = 300.0  # at most one audit entry about refused connections this
 REPORT_RETRY_S = 10.0  # when that entry could not be written, the next try
 
 
+MAX_REQUEST_BYTES = 16 << 10  # the request line and headers of one connection, at most
+
+
+class CappedReader:
+    """A connection's input that ends after :data:`MAX_REQUEST_BYTES`: what a client sends
+    is never held beyond that (Python's header parser would keep a hundred lines of
+    64 KiB each, and parse them all when the connection ends)."""
+
+    def __init__(self, raw: Any, limit: int | None = None) -> None:
+        self.raw = raw
+        self.left = MAX_REQUEST_BYTES if limit is None else limit
+
+    def _take(self, read: Callable[[int], bytes], size: int | None) -> bytes:
+        if self.left <= 0:
+            return b""
+        data = read(self.left if size is None or size < 0 else min(size, self.left))
+        self.left -= len(data)
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._take(self.raw.readline, size)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._take(self.raw.read, size)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 class MetricsServer(ThreadingHTTPServer):
     """The metrics endpoint, bounded: at most :data:`MAX_CONNECTIONS` connections (so at
     most that many file descriptors and threads), each closed after

@@ -44,11 +44,16 @@ MAX_BATCH = 1024  # kernel events one read takes, at most (the rest wait in the 
 # square of the depth); counted as ENAMETOOLONG.
 MAX_PATH_CHARS = 8192
 MAX_PATH_BYTES = 16 << 20  # the paths of all watched directories together; past it ENOMEM
+# A path past PATH_MAX is looked up one component at a time (each event on it costs as many
+# system calls): such a directory with more components is counted as ENAMETOOLONG too.
+LONG_PATH_PARTS = 128
+PATH_MAX = 4096
 RESCAN_MAX_ENTRIES = 100_000  # directory entries one rescan looks at, at most
 RESCAN_MAX_EVENTS = 5000  # changed files one rescan reports, at most (it goes on next time)
 REPORTED_KEEP = 20_000  # changes a series of rescans remembers having reported
 MAX_DEPTH = 100  # directory levels one walk enters (each holds two open files); deeper: ELOOP
 UNWATCHED_KEEP = 1000  # unwatched directories kept by name (more are only counted)
+UNWATCHED_BYTES = 1 << 20  # what their paths take in memory together, at most
 CTIME_SLACK_S = 1.0  # a rescan reports what changed this long before events were lost
 # What new directories already hold is examined file by file up to this many entries (and
 # MOVE_IN_CHARS characters of paths) a batch; the rest is left to a rescan (what changed
@@ -94,14 +99,9 @@ def _libc() -> ctypes.CDLL:
 
 
 def open_dir(path: str) -> int:
-    """A file descriptor of the directory *path*, never through a symbolic link as its
-    last component; a path longer than ``PATH_MAX`` is opened one component at a time
-    (then no component may be a symbolic link). Raises OSError."""
-    try:
-        return os.open(path, DIR_FLAGS)
-    except OSError as e:
-        if e.errno != errno.ENAMETOOLONG:
-            raise
+    """A file descriptor of the directory *path* (absolute), opened one component at a
+    time and never through a symbolic link: a link swapped in for a parent directory
+    cannot make another directory pass for *path*. Raises OSError (ELOOP for a link)."""
     fd = os.open("/", DIR_FLAGS)
     try:
         for part in path.split("/"):
@@ -113,6 +113,19 @@ def open_dir(path: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def too_long(path: str) -> bool:
+    """Whether the directory *path* is past what the watch holds (MAX_PATH_CHARS) or
+    looks up (LONG_PATH_PARTS components past PATH_MAX)."""
+    return len(path) > MAX_PATH_CHARS or (
+        len(path) >= PATH_MAX and path.count("/") > LONG_PATH_PARTS)
+
+
+def cost(path: str) -> int:
+    """About the bytes *path* takes in memory: a text with one character past Latin-1
+    takes two or four bytes for each of its characters."""
+    return len(path) if path.isascii() else 4 * len(path)
 
 
 def lstat(path: str) -> os.stat_result:
@@ -142,7 +155,8 @@ class Watcher:
             raise WatchError(e, f"inotify cannot start: {os.strerror(e)}")
         self.fd = fd
         self.paths: dict[int, str] = {}
-        self._path_bytes = 0  # the length of the paths in self.paths, together
+        self._path_bytes = 0  # what the paths in self.paths take, together (cost())
+        self._unwatched_bytes = 0  # and those in self.unwatched
         self._full = False  # the kernel's watch limit was reached in this batch of events
         self.roots = [str(r) for r in roots]
         self.exclude = {str(p) for p in exclude}
@@ -211,7 +225,7 @@ class Watcher:
         if len(self.paths) >= MAX_WATCHED:
             self._blind(path, errno.EMLINK)
             return False
-        if self._path_bytes + len(path) > MAX_PATH_BYTES:
+        if self._path_bytes + cost(path) > MAX_PATH_BYTES:
             self._blind(path, errno.ENOMEM)
             return False
         if fd is not None and self._by_fd:  # what was opened: no link is followed
@@ -224,27 +238,33 @@ class Watcher:
             if e not in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
                 self._blind(path, e)  # gone already, or not ours to read, are not blind
             return False
-        self._path_bytes += len(path) - len(self.paths.get(wd, ""))
+        self._path_bytes += cost(path) - cost(self.paths.get(wd, ""))
         self.paths[wd] = path
-        self.unwatched.pop(path, None)
+        self._unwatch_drop(path)
         return True
+
+    def _unwatch_drop(self, path: str) -> None:
+        if self.unwatched.pop(path, None) is not None:
+            self._unwatched_bytes -= cost(path)
 
     def _forget(self, wd: int) -> None:
         """The kernel removed watch *wd* (its directory is gone)."""
-        self._path_bytes -= len(self.paths.pop(wd, ""))
+        self._path_bytes -= cost(self.paths.pop(wd, ""))
 
     def _blind(self, path: str, e: int) -> None:
         """*path* cannot be watched (error *e*): count it, keep it for rescans (a path
         longer than MAX_PATH_CHARS is only counted: it is never held, or walked)."""
         if path in self.unwatched:
             return  # tried again and still failing: counted already
-        too_long = len(path) > MAX_PATH_CHARS
-        name = errno.errorcode.get(errno.ENAMETOOLONG if too_long else e, str(e))
+        long = too_long(path)
+        name = errno.errorcode.get(errno.ENAMETOOLONG if long else e, str(e))
         self.errors[name] = self.errors.get(name, 0) + 1
         self.unwatched_total += 1
-        if too_long:
+        if long:
             return
-        if len(self.unwatched) < UNWATCHED_KEEP:
+        if (len(self.unwatched) < UNWATCHED_KEEP
+                and self._unwatched_bytes + cost(path) <= UNWATCHED_BYTES):
+            self._unwatched_bytes += cost(path)
             self.unwatched[path] = (
                 "the inotify watch limit is reached (fs.inotify.max_user_watches)"
                 if e == errno.ENOSPC else
@@ -268,14 +288,14 @@ class Watcher:
         entered only if *enter_unwatched*; one that cannot be opened is recorded
         (:attr:`unwatched`) and does not stop the rest. Closing the generator closes
         its files."""
-        if len(top) > MAX_PATH_CHARS:
+        if too_long(top):
             self._blind(top, errno.ENAMETOOLONG)
             return
         try:
             fd = open_dir(top)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                self.unwatched.pop(top, None)  # gone, or no longer a directory
+                self._unwatch_drop(top)  # gone, or no longer a directory
             elif e.errno != errno.EACCES:
                 self._blind(top, e.errno or errno.EIO)
             return
@@ -284,8 +304,13 @@ class Watcher:
             device = os.fstat(fd).st_dev
             if self._add(top, fd) or enter_unwatched:
                 frames.append((top, fd, os.scandir(fd)))
-            else:
+                fd = -1  # the frame holds it now
+        except OSError:
+            pass  # gone or unreadable since it was opened
+        finally:
+            if fd >= 0:
                 os.close(fd)
+        try:
             while frames:
                 path, dfd, it = frames[-1]
                 try:
@@ -309,7 +334,7 @@ class Watcher:
                 if len(frames) >= MAX_DEPTH:
                     self._blind(child, errno.ELOOP)  # a rescan starts a walk from there
                     continue
-                if len(child) > MAX_PATH_CHARS:
+                if too_long(child):
                     self._blind(child, errno.ENAMETOOLONG)
                     continue
                 try:
@@ -433,7 +458,9 @@ class Watcher:
         drained = False  # the queue was found empty (else MAX_BATCH was reached)
         while len(raw) < MAX_BATCH:
             try:
-                data = os.read(self.fd, 65536)
+                # At most about what is left of the batch (a read shorter than one event
+                # with the longest name fails).
+                data = os.read(self.fd, max(4096, min(65536, (MAX_BATCH - len(raw)) * 32)))
             except BlockingIOError:
                 left = deadline - time.monotonic()
                 if not raw or left <= 0 or not select.select([self.fd], [], [], left)[0]:
@@ -459,25 +486,33 @@ class Watcher:
         return f"{base.rstrip('/')}/{name}" if base is not None and name else None
 
     def _fold(self, raw: list[tuple[int, int, int, str]]) -> list[Event]:
-        created = {self._path(wd, n) for wd, m, _c, n in raw
-                   if m & IN_CREATE and not m & IN_ISDIR}
-        moved_from = {c: self._path(wd, n) for wd, m, c, n in raw if m & IN_MOVED_FROM and c}
+        paths = [self._path(wd, n) for wd, _m, _c, n in raw]
+        created: dict[str, int] = {}  # path -> where in the batch it was first made
+        moved_from: dict[int, int] = {}  # cookie -> where its move-out is
+        for i, ((_w, m, c, _n), path) in enumerate(zip(raw, paths, strict=True)):
+            if path is not None and m & IN_CREATE and not m & IN_ISDIR:
+                created.setdefault(path, i)
+            elif m & IN_MOVED_FROM and c:
+                moved_from[c] = i
+        # A file made in this batch and then renamed onto another name was a temporary
+        # file: its events up to the rename are left out. (Only those: a file of the same
+        # name made after the rename is another file, and is reported.)
         temp: dict[str, str] = {}  # final name -> the temporary file renamed onto it
-        for wd, m, c, n in raw:
-            src = moved_from.get(c) if m & IN_MOVED_TO and c else None
-            dst = self._path(wd, n)
-            if src is not None and dst is not None and src in created:
+        skip_until: dict[str, int] = {}  # temporary name -> its last event left out
+        for (_w, m, c, _n), dst in zip(raw, paths, strict=True):
+            j = moved_from.get(c, -1) if m & IN_MOVED_TO and c else -1
+            src = paths[j] if j >= 0 else None
+            if src is not None and dst is not None and created.get(src, j) < j:
                 temp[dst] = src
-        skip = set(temp.values())
+                skip_until[src] = max(skip_until.get(src, -1), j)
         # A path is described once the batch is read, so its events would all show its
         # final state: one event per path, with the first action and every action seen.
         by_path: dict[str, Event] = {}
         # What new directories already hold is described up to MOVE_IN_MAX paths a batch.
         self._room, self._room_chars = MOVE_IN_MAX, MOVE_IN_CHARS
         self._full = False
-        for wd, m, _c, n in raw:
-            path = self._path(wd, n)
-            if path in skip:
+        for k, ((wd, m, _c, n), path) in enumerate(zip(raw, paths, strict=True)):
+            if path is not None and k <= skip_until.get(path, -1):
                 continue
             try:
                 events = self._event(wd, m, n)

@@ -17,6 +17,7 @@ of its own.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +44,14 @@ class BadReport(ValueError):
 
 
 SERVER_RULES = "fleet."  # the prefix of the alerts the server raises itself
+
+
+def _looks_like_servers(rule: str) -> bool:
+    """Whether *rule* would pass for one of the server's own alerts: it starts with
+    "fleet" once case, compatibility forms (full-width letters, say) and invisible or
+    punctuation characters are set aside."""
+    folded = unicodedata.normalize("NFKC", rule).casefold()
+    return "".join(ch for ch in folded if ch.isalnum()).startswith("fleet")
 
 
 def _time(value: Any, fallback: float) -> datetime:
@@ -177,7 +186,7 @@ def apply_alert(s: Session, host: Host, r: Report) -> None:
     if severity not in PRIORITIES:
         raise BadReport(f"'priority' must be one of {', '.join(PRIORITIES)}")
     rule = _str(b, "rule", 128)
-    if rule.startswith(SERVER_RULES):
+    if _looks_like_servers(rule):
         raise BadReport(f"rule names starting {SERVER_RULES!r} are the fleet's own")
     s.add(Alert(host_id=host.id, report_id=r.id, rule=rule,
                 severity=severity, summary=_str(b, "message", 2000, ""),
