@@ -55,10 +55,12 @@ def test_the_cerulean_package_holds_the_whole_tool_and_is_reproducible() -> None
 
 
 def fake_wheel(members: dict[str, bytes]) -> bytes:
+    """The same bytes for the same members: each entry is dated, not stamped with the
+    time it was made (a zip dates to 2 s, so two copies made across a tick differed)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         for name, data in members.items():
-            z.writestr(name, data)
+            z.writestr(zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0)), data)
     return buf.getvalue()
 
 
