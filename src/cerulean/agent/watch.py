@@ -356,7 +356,7 @@ class Watcher:
                 os.close(dfd)
 
     def _add_tree(self, top: str, keep: int | None = MOVE_IN_MAX,
-                  keep_chars: int = MOVE_IN_CHARS) -> list[str]:
+                  keep_chars: int = MOVE_IN_CHARS) -> list[tuple[str, os.stat_result]]:
         """Watch *top* and every directory below it on its file system. Returns what
         is already in them (for a new directory: what was made before its watch was
         set), at most *keep* paths of *keep_chars* characters in all: past that the walk
@@ -365,16 +365,16 @@ class Watcher:
         tree is watched. A directory that
         cannot be watched is recorded (:attr:`unwatched`), not entered, and does not
         stop the others."""
-        found: list[str] = []
+        found: list[tuple[str, os.stat_result]] = []  # with what the walk saw of each
         walk = self._walk(top, enter_unwatched=False)
         try:
-            for path, _st in walk:
+            for path, st in walk:
                 if keep is None:
                     continue
                 if len(found) >= keep or len(path) > keep_chars:
                     self._blind(top, errno.E2BIG)
                     break
-                found.append(path)
+                found.append((path, st))
                 keep_chars -= len(path)
         finally:
             walk.close()
@@ -554,8 +554,8 @@ class Watcher:
             found = self._add_tree(path, keep=self._room, keep_chars=self._room_chars)
             self._full = self.errors.get("ENOSPC", 0) > refused
             self._room -= len(found)
-            self._room_chars -= sum(map(len, found))
-            events += [describe(p, action) for p in found]
+            self._room_chars -= sum(len(p) for p, _st in found)
+            events += [describe(p, action, st) for p, st in found]  # no second lstat
         return events
 
 
