@@ -375,3 +375,101 @@ def test_a_set_id_file_made_where_a_file_was_renamed_away_is_seen(tmp_path: Path
         assert not any(e["file.path"].endswith("t.tmp") for e in events)
         (z,) = [e for e in events if e["file.path"].endswith("/z")]
         assert z["file.renamed_from"] == str(tmp_path / "t.tmp")
+
+
+def drain(w: Watcher) -> list[dict[str, Any]]:
+    """Read until nothing more comes."""
+    events: list[dict[str, Any]] = []
+    for _ in range(50):
+        got = w.read(0.2)
+        if not got and events:
+            break
+        events += got
+    return events
+
+
+def rescan_all(w: Watcher) -> list[dict[str, Any]]:
+    found, complete = w.rescan()
+    while not complete:
+        more, complete = w.rescan()
+        found += more
+    return found
+
+
+@pytest.mark.parametrize("cut", ["entries", "depth"])
+def test_an_old_set_id_file_in_a_tree_moved_in_past_a_bound_is_reported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: str) -> None:
+    """A tree made outside the watch (its files keep their ctimes when it is moved) and
+    moved in past MOVE_IN_MAX entries or MAX_DEPTH levels: what was not described as it
+    came is reported whole by the next rescan, not only what changed lately."""
+    monkeypatch.setattr(watch, "CTIME_SLACK_S", 0.0)
+    root, outside = tmp_path / "tmp", tmp_path / "outside"
+    root.mkdir()
+    if cut == "entries":  # 120 set-ID files, each in a directory of its own
+        monkeypatch.setattr(watch, "MOVE_IN_MAX", 50)
+        files = [setuid_file(outside / "big" / f"d{i}" / "sh") for i in range(120)
+                 if (outside / "big" / f"d{i}").mkdir(parents=True) is None]
+    else:
+        monkeypatch.setattr(watch, "MAX_DEPTH", 3)
+        where = outside.joinpath("big", *"abcdef")
+        where.mkdir(parents=True)
+        files = [setuid_file(where / "sh")]
+    time.sleep(0.05)  # older than the moment the watch learns of them
+    with Watcher([root]) as w:
+        (outside / "big").rename(root / "big")
+        moved = {f"{root}/big/{f.relative_to(outside / 'big')}" for f in files}
+        described = {e["file.path"] for e in drain(w) if e.get("file.setuid")}
+        assert moved - described and w.needs_rescan  # the bound was met
+        found = rescan_all(w)
+        if cut == "depth":  # one walk goes MAX_DEPTH levels further
+            found += rescan_all(w)
+        assert all(e["file.action"] == "rescanned" for e in found)
+        assert moved - described <= {e["file.path"] for e in found if e["file.setuid"]}
+        # Once described, the tree is rescanned (if at all) only for what changes.
+        assert not {e["file.path"] for e in rescan_all(w)} & moved
+
+
+def test_a_mode_changed_within_one_tick_of_the_ctime_clock_is_reported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file system's clock is coarse: a chmod right after the file was reported can
+    leave its ctime as it was. A rescan knows it by what the file is now."""
+    import types
+
+    path = str(tmp_path / "f")
+    plain = types.SimpleNamespace(st_mode=0o100644, st_ino=7, st_ctime=time.time() + 100,
+                                  st_ctime_ns=time.time_ns() + 10**11, st_uid=65534, st_gid=65534,
+                                  st_size=4)
+    setuid = types.SimpleNamespace(**{**vars(plain), "st_mode": 0o104755})
+    with Watcher([tmp_path]) as w:
+        # Events were lost; the rescans that follow are one series (what one reported,
+        # the next does not report again), here a walk that meets the file twice.
+        w._lost_since, w._overflow_pending = w._fs_now(), True
+        monkeypatch.setattr(w, "_walk", lambda top, unseen=False: iter(
+            [(path, plain), (path, setuid)]))
+        first, _ = w.rescan(limit=1)
+        second, _ = w.rescan(limit=1)
+    assert [e["file.setuid"] for e in first + second] == [False, True]
+
+
+def test_a_rescan_whose_walk_fails_is_not_taken_for_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "flood").mkdir()
+    with Watcher([tmp_path]) as w:
+        flood(tmp_path / "flood")
+        collect(w, lambda got: any(e["file.action"] == "overflow" for e in got))
+        f = setuid_file(tmp_path / "zz-sh")
+        real = w._walk
+
+        def failing(top: str, unseen: bool = False) -> Any:
+            for n, entry in enumerate(real(top, unseen=unseen)):
+                if n == 10:
+                    raise MemoryError  # anything but an OSError, part way through
+                yield entry
+
+        monkeypatch.setattr(w, "_walk", failing)
+        with pytest.raises(MemoryError):
+            w.rescan()
+        monkeypatch.setattr(w, "_walk", real)
+        assert w.needs_rescan
+        found = rescan_all(w)
+        assert any(e["file.path"] == str(f) and e["file.setuid"] for e in found)

@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import math
 import os
 import select
 import stat
@@ -179,10 +180,16 @@ class Watcher:
         self._lost_since: float | None = None  # events may be missing from then on
         self._overflow_pending = False  # the next rescan walks every root
         self._reported: set[int] = set()  # hashes of the changes rescans already reported
+        # Directories of new content (moved or made in a batch) that were cut short or
+        # left unwatched before what they hold was described: the next rescan reports
+        # every file in them, however old its ctime (a tree moved in keeps its files').
+        # (Past UNWATCHED_KEEP of them, only the ctimes tell: counted as ENOBUFS.)
+        self._unseen: set[str] = set()
         # The rescan under way: what is left of its walk, and since when it reports.
-        self._pass: Walk | None = None
+        self._pass: Generator[tuple[str, os.stat_result, float], None, None] | None = None
         self._pass_since = 0.0
         self._pass_started = 0.0
+        self._pass_unseen: list[str] = []  # the unseen directories it reports whole
         self._room = MOVE_IN_MAX  # paths a batch still describes in new directories
         self._room_chars = MOVE_IN_CHARS
         self._drained_at = self._fs_now()
@@ -217,16 +224,16 @@ class Watcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _add(self, path: str, fd: int | None = None) -> bool:
+    def _add(self, path: str, fd: int | None = None, unseen: bool = False) -> bool:
         """Watch the directory *path* (open as *fd*, when given); False when it cannot
-        be (gone, or recorded as unwatched)."""
+        be (gone, or recorded as unwatched; *unseen*: see :meth:`_blind`)."""
         if path in self.exclude:
             return False
         if len(self.paths) >= MAX_WATCHED:
-            self._blind(path, errno.EMLINK)
+            self._blind(path, errno.EMLINK, unseen)
             return False
         if self._path_bytes + cost(path) > MAX_PATH_BYTES:
-            self._blind(path, errno.ENOMEM)
+            self._blind(path, errno.ENOMEM, unseen)
             return False
         if fd is not None and self._by_fd:  # what was opened: no link is followed
             wd = self._libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fd}".encode(),
@@ -236,7 +243,7 @@ class Watcher:
         if wd < 0:
             e = ctypes.get_errno()
             if e not in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
-                self._blind(path, e)  # gone already, or not ours to read, are not blind
+                self._blind(path, e, unseen)  # gone already, or not ours to read, are not blind
             return False
         self._path_bytes += cost(path) - cost(self.paths.get(wd, ""))
         self.paths[wd] = path
@@ -251,12 +258,19 @@ class Watcher:
         """The kernel removed watch *wd* (its directory is gone)."""
         self._path_bytes -= cost(self.paths.pop(wd, ""))
 
-    def _blind(self, path: str, e: int) -> None:
+    def _blind(self, path: str, e: int, unseen: bool = False) -> None:
         """*path* cannot be watched (error *e*): count it, keep it for rescans (a path
-        longer than MAX_PATH_CHARS is only counted: it is never held, or walked)."""
+        longer than MAX_PATH_CHARS is only counted: it is never held, or walked). With
+        *unseen*, what it holds is new and was not described: the next rescan reports
+        all of it."""
+        long = too_long(path)
+        if unseen and not long:
+            if len(self._unseen) < UNWATCHED_KEEP:
+                self._unseen.add(path)
+            elif path not in self._unseen:
+                self.errors["ENOBUFS"] = self.errors.get("ENOBUFS", 0) + 1
         if path in self.unwatched:
             return  # tried again and still failing: counted already
-        long = too_long(path)
         name = errno.errorcode.get(errno.ENAMETOOLONG if long else e, str(e))
         self.errors[name] = self.errors.get(name, 0) + 1
         self.unwatched_total += 1
@@ -279,7 +293,7 @@ class Watcher:
         if self._lost_since is None:
             self._lost_since = self._fs_now()
 
-    def _walk(self, top: str, enter_unwatched: bool = True) -> Walk:
+    def _walk(self, top: str, enter_unwatched: bool = True, unseen: bool = False) -> Walk:
         """Every entry below the directory *top*, depth first, as (path, lstat result),
         on *top*'s file system and without following links; each directory is watched
         as it is entered. Directories are opened relative to their parent's descriptor,
@@ -287,7 +301,8 @@ class Watcher:
         longer than PATH_MAX are no obstacle. A directory that cannot be watched is
         entered only if *enter_unwatched*; one that cannot be opened is recorded
         (:attr:`unwatched`) and does not stop the rest. Closing the generator closes
-        its files."""
+        its files. With *unseen* (the walk describes new content), a directory it
+        leaves out is marked for a rescan that reports all it holds."""
         if too_long(top):
             self._blind(top, errno.ENAMETOOLONG)
             return
@@ -296,13 +311,14 @@ class Watcher:
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 self._unwatch_drop(top)  # gone, or no longer a directory
+                self._unseen.discard(top)
             elif e.errno != errno.EACCES:
-                self._blind(top, e.errno or errno.EIO)
+                self._blind(top, e.errno or errno.EIO, unseen)
             return
         frames: list[tuple[str, int, Any]] = []  # path, descriptor, its os.scandir()
         try:
             device = os.fstat(fd).st_dev
-            if self._add(top, fd) or enter_unwatched:
+            if self._add(top, fd, unseen and not enter_unwatched) or enter_unwatched:
                 frames.append((top, fd, os.scandir(fd)))
                 fd = -1  # the frame holds it now
         except OSError:
@@ -332,7 +348,7 @@ class Watcher:
                         or child in self.exclude):
                     continue
                 if len(frames) >= MAX_DEPTH:
-                    self._blind(child, errno.ELOOP)  # a rescan starts a walk from there
+                    self._blind(child, errno.ELOOP, unseen)  # a rescan walks on from there
                     continue
                 if too_long(child):
                     self._blind(child, errno.ENAMETOOLONG)
@@ -341,10 +357,10 @@ class Watcher:
                     cfd = os.open(entry.name, DIR_FLAGS, dir_fd=dfd)
                 except OSError as e:
                     if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
-                        self._blind(child, e.errno or errno.EIO)
+                        self._blind(child, e.errno or errno.EIO, unseen)
                     continue  # gone, swapped for a link, or not ours to read
                 try:
-                    if self._add(child, cfd) or enter_unwatched:
+                    if self._add(child, cfd, unseen and not enter_unwatched) or enter_unwatched:
                         frames.append((child, cfd, os.scandir(cfd)))
                         continue
                 except OSError:
@@ -366,13 +382,13 @@ class Watcher:
         cannot be watched is recorded (:attr:`unwatched`), not entered, and does not
         stop the others."""
         found: list[tuple[str, os.stat_result]] = []  # with what the walk saw of each
-        walk = self._walk(top, enter_unwatched=False)
+        walk = self._walk(top, enter_unwatched=False, unseen=keep is not None)
         try:
             for path, st in walk:
                 if keep is None:
                     continue
                 if len(found) >= keep or len(path) > keep_chars:
-                    self._blind(top, errno.E2BIG)
+                    self._blind(top, errno.E2BIG, unseen=True)
                     break
                 found.append((path, st))
                 keep_chars -= len(path)
@@ -392,9 +408,12 @@ class Watcher:
         overflow, else the unwatched directories. Watches what is not watched yet, and
         reports a ``rescanned`` event for each file whose inode changed (``st_ctime``:
         made, written, moved, its mode changed) since events were lost, once per change.
+        In a directory of new content that was never described (cut short, or left
+        unwatched as it came), every file is reported, whatever its ctime.
         Each call looks at *limit* entries at most, and returns *max_events* events at
         most (:data:`RESCAN_MAX_EVENTS` by default); a walk cut short goes on from where
-        it stopped at the next call. With a *sink*, each event goes to it as it is found
+        it stopped at the next call. If the walk fails, the next call starts it again
+        from every root. With a *sink*, each event goes to it as it is found
         (the list returned is empty, and only *max_events*, if given, bounds them).
         Returns the events and whether the walk is complete."""
         if max_events is None:
@@ -404,29 +423,57 @@ class Watcher:
             self._pass_started = started
             self._pass_since = (self._lost_since if self._lost_since is not None
                                 else started) - CTIME_SLACK_S
-            tops = list(self.roots) if self._overflow_pending else list(self.unwatched)
+            # New content never described comes first, reported whole; then the roots
+            # (after an overflow) or what is unwatched, for what changed since.
+            unseen = [u for u in self.unwatched if u in self._unseen] + sorted(
+                self._unseen.difference(self.unwatched))
+            tops = [(u, -math.inf) for u in unseen] + [
+                (t, self._pass_since) for t in
+                (self.roots if self._overflow_pending else self.unwatched)
+                if t not in self._unseen]
+            self._pass_unseen = unseen
             # What is lost from now on is for the next walk.
             self._overflow_pending = False
             self._lost_since = None
-            self._pass = (entry for top in tops for entry in self._walk(top))
+            self._pass = ((path, st, since) for top, since in tops
+                          for path, st in self._walk(top, unseen=since == -math.inf))
         events: list[Event] = []
         send = sink or events.append
         reported = 0
         complete = True
-        for looked, (path, st) in enumerate(self._pass, 1):
-            if not stat.S_ISDIR(st.st_mode) and st.st_ctime >= self._pass_since:
-                key = hash((path, st.st_ctime_ns))
-                if key not in self._reported:
-                    if len(self._reported) < REPORTED_KEEP:
-                        self._reported.add(key)
-                    send(describe(path, "rescanned", st))
-                    reported += 1
-            if looked >= limit or reported >= max_events:
-                complete = False
-                break
+        kept: list[int] = []  # what this call reported (and remembers having reported)
+        try:
+            for looked, (path, st, since) in enumerate(self._pass, 1):
+                if not stat.S_ISDIR(st.st_mode) and st.st_ctime >= since:
+                    # What a file is now, not only when it changed: a mode changed within
+                    # the same tick of the ctime clock is another change.
+                    key = hash((path, st.st_ino, st.st_ctime_ns, st.st_mode, st.st_uid,
+                                st.st_gid))
+                    if key not in self._reported:
+                        if len(self._reported) < REPORTED_KEEP:
+                            self._reported.add(key)
+                            kept.append(key)
+                        send(describe(path, "rescanned", st))
+                        reported += 1
+                if looked >= limit or reported >= max_events:
+                    complete = False
+                    break
+        except BaseException:
+            # A walk that failed is not taken for complete: the next starts again, from
+            # every root, for what changed since this one's start.
+            self._pass.close()
+            self._pass = None
+            self._overflow_pending = True
+            since = self._pass_since + CTIME_SLACK_S
+            self._lost_since = since if self._lost_since is None else min(self._lost_since,
+                                                                          since)
+            if sink is None:  # what it found is lost with it: to be reported again
+                self._reported.difference_update(kept)
+            raise
         self.rescans += 1
         if complete:
             self._pass = None
+            self._unseen.difference_update(self._pass_unseen)
             if self.unwatched:  # still unwatched: scanned again, for what changes from now
                 self._lost_since = min(self._lost_since or self._pass_started,
                                        self._pass_started)
@@ -548,7 +595,7 @@ class Watcher:
             # Once the kernel's watch limit refused one, the others of the batch are not
             # tried (a flood of new directories would cost a refused call each).
             if self._full:
-                self._blind(path, errno.ENOSPC)
+                self._blind(path, errno.ENOSPC, unseen=True)
                 return events
             refused = self.errors.get("ENOSPC", 0)
             found = self._add_tree(path, keep=self._room, keep_chars=self._room_chars)
