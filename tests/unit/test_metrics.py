@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import http.server
 import os
 import re
 import socket
@@ -344,3 +345,45 @@ def test_accept_out_of_descriptors_pauses_instead_of_spinning() -> None:
     assert 0 < len(calls) <= 30, f"accept() was tried {len(calls)} times in 1.5 s"
     s = samples(metrics.render(server.families()))
     assert s["cerulean_metrics_accept_errors_total"] == len(calls)
+
+
+def test_cut_connections_count_until_their_thread_has_closed_them() -> None:
+    """Evicting a connection frees its slot for a scraper, but its thread and file live
+    until the thread sees the end: a client reconnecting faster than threads end must
+    not grow them without bound. And a connection whose whole request waits unread
+    (its thread has not run yet) is not a slow one."""
+    now = [1000.0]
+    server = metrics.MetricsServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler,
+                                   lambda: b"", clock=lambda: now[0])
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+
+    def connect(sent: bytes) -> tuple[socket.socket, bool]:
+        ours, theirs = socket.socketpair()
+        pairs.append((ours, theirs))
+        theirs.sendall(sent)
+        return ours, server.verify_request(ours, ("127.0.0.1", 1))
+
+    try:
+        limit = metrics.MAX_CONNECTIONS
+        served, admitted = connect(b"GET /metrics HTTP/1.0\r\n\r\n")  # its thread is late
+        assert admitted
+        assert all(connect(b"GET /metr")[1] for _ in range(limit - 1))
+        now[0] += 60  # all are past EVICT_AFTER_S
+        # Each newcomer takes the place of a half-sent one (never the one that sent it
+        # all), until as many cut ones wait for their threads as are served.
+        taken = [connect(b"GET /metrics HTTP/1.0\r\n\r\n")[1] for _ in range(2 * limit)]
+        assert taken == [True] * (limit - 1) + [False] * (limit + 1)
+        assert server.connections == 2 * limit - 1
+        assert served in server._open
+        # A thread that ends frees what its connection held.
+        for s in list(server._closing)[:3]:
+            server.shutdown_request(s)
+        assert server.connections == 2 * limit - 4
+        assert connect(b"GET /metr")[1] is False  # no slow one to cut: all sent theirs
+        server.shutdown_request(served)  # answered
+        assert connect(b"GET /metr")[1] and server.connections == 2 * limit - 4
+    finally:
+        server.server_close()
+        for a, b in pairs:
+            a.close()
+            b.close()

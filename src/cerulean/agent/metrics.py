@@ -333,6 +333,17 @@ class CappedReader:
         self.raw.close()
 
 
+def sent_request(conn: socket.socket) -> bool:
+    """Whether *conn*'s whole request (up to its blank line) waits, unread, in the
+    kernel: a client that sent it is not a slow one, however late its thread reads it."""
+    try:  # a copy of the socket without the connection's timeout: never waits
+        with socket.socket(fileno=os.dup(conn.fileno())) as peek:
+            data = peek.recv(MAX_REQUEST_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return False
+    return b"\r\n\r\n" in data or b"\n\n" in data
+
+
 class MetricsServer(ThreadingHTTPServer):
     """The metrics endpoint, bounded: at most :data:`MAX_CONNECTIONS` connections (so at
     most that many file descriptors and threads), each closed after
@@ -354,6 +365,9 @@ class MetricsServer(ThreadingHTTPServer):
         self._lock = threading.Lock()
         self._open: dict[socket.socket, float] = {}  # connection -> when it was accepted
         self._requested: set[socket.socket] = set()  # those that sent a whole request
+        # Connections cut (evicted, past their deadline) whose thread has not ended yet:
+        # they hold a thread and a file still, so they count against the cap too.
+        self._closing: set[socket.socket] = set()
         self._scrape = scrape
         self._scrape_lock = threading.Lock()
         self._last_scrape: tuple[float, bytes] | None = None
@@ -388,13 +402,17 @@ class MetricsServer(ThreadingHTTPServer):
         now = self._clock()
         victim = None
         with self._lock:
-            if len(self._open) >= MAX_CONNECTIONS:
+            if (len(self._open) >= MAX_CONNECTIONS
+                    and len(self._closing) < MAX_CONNECTIONS):
                 slow = [(t, i, s) for i, (s, t) in enumerate(self._open.items())
-                        if s not in self._requested and now - t >= EVICT_AFTER_S]
+                        if s not in self._requested and now - t >= EVICT_AFTER_S
+                        and not sent_request(s)]
                 if slow:
                     victim = min(slow)[2]
                     del self._open[victim]
-            if len(self._open) < MAX_CONNECTIONS:
+                    self._closing.add(victim)
+            if (len(self._open) < MAX_CONNECTIONS
+                    and len(self._open) + len(self._closing) < 2 * MAX_CONNECTIONS):
                 self._open[request] = now
                 admitted = True
             else:
@@ -422,6 +440,7 @@ class MetricsServer(ThreadingHTTPServer):
         with self._lock:
             self._open.pop(request, None)
             self._requested.discard(request)
+            self._closing.discard(request)
         super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -438,14 +457,16 @@ class MetricsServer(ThreadingHTTPServer):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)  # its thread sees the end and closes it
             with self._lock:
-                self._open.pop(s, None)
+                if self._open.pop(s, None) is not None:
+                    self._closing.add(s)
                 self._requested.discard(s)
         self._flush_report(now)
 
     @property
     def connections(self) -> int:
+        """Connections that hold a thread: served, or cut and not closed yet."""
         with self._lock:
-            return len(self._open)
+            return len(self._open) + len(self._closing)
 
     # -- what it serves --
 
@@ -464,7 +485,8 @@ class MetricsServer(ThreadingHTTPServer):
         fams = []
         for name, kind, text, value in (
                 ("cerulean_metrics_connections", "gauge", "Connections to the metrics "
-                 f"endpoint open now (at most {MAX_CONNECTIONS}).", self.connections),
+                 f"endpoint open now, cut ones not closed yet included (at most "
+                 f"{2 * MAX_CONNECTIONS}).", self.connections),
                 ("cerulean_metrics_connections_refused_total", "counter",
                  "Connections closed at once because the endpoint was at its limit.",
                  self.refused),
