@@ -291,16 +291,16 @@ def test_the_audit_log_cannot_be_changed_in_the_database(fleet: Fleet) -> None:
 
 
 def _answer_before_body(fleet: Fleet, path: str, ctx: ssl.SSLContext | None = None,
-                        **headers: str) -> tuple[int, dict[str, str]]:
-    """Announce a 100 MB body and send none of it: only a server that decides without
-    reading the body answers (status, headers); one that reads it times out."""
+                        size: int = 100 << 20, **headers: str) -> tuple[int, dict[str, str]]:
+    """Announce a body of *size* bytes and send none of it: only a server that decides
+    without reading the body answers (status, headers); one that reads it times out."""
     host, port = fleet.url.removeprefix("https://").rsplit(":", 1)
     conn = http.client.HTTPSConnection(host, int(port), context=ctx or fleet.ctx(),
                                        timeout=10)
     try:
         conn.putrequest("POST", path)
         conn.putheader("Content-Type", "application/json")
-        conn.putheader("Content-Length", str(100 << 20))
+        conn.putheader("Content-Length", str(size))
         for k, v in headers.items():
             conn.putheader(k.replace("_", "-"), v)
         conn.endheaders()
@@ -312,10 +312,11 @@ def _answer_before_body(fleet: Fleet, path: str, ctx: ssl.SSLContext | None = No
 
 def test_nothing_but_enrollment_is_read_before_the_caller_is_known(
         fleet: Fleet, tmp_path: Path) -> None:
-    assert _answer_before_body(fleet, "/api/v1/users")[0] == 401
-    assert _answer_before_body(fleet, "/api/v1/rollouts",
+    # (Bodies each call would take: larger ones are refused for their size first.)
+    assert _answer_before_body(fleet, "/api/v1/users", size=1000)[0] == 401
+    assert _answer_before_body(fleet, "/api/v1/rollouts", size=1000,
                                Authorization="Bearer cat_x_y")[0] == 401
-    assert _answer_before_body(fleet, "/api/v1/agent/reports")[0] == 401
+    assert _answer_before_body(fleet, "/api/v1/agent/reports", size=1000)[0] == 401
     # A certificate the fleet's CA signed but never issued to a host.
     key = ec.generate_private_key(ec.SECP256R1())
     csr = x509.CertificateSigningRequestBuilder().subject_name(
@@ -323,13 +324,74 @@ def test_nothing_but_enrollment_is_read_before_the_caller_is_known(
     unknown = FleetCA.load(fleet.data).issue_host(
         csr.public_bytes(serialization.Encoding.PEM).decode(), "x", timedelta(hours=1))
     ctx = _client_ctx(fleet, tmp_path, unknown.pem.encode(), key)
-    assert _answer_before_body(fleet, "/api/v1/agent/reports", ctx)[0] == 403
+    assert _answer_before_body(fleet, "/api/v1/agent/reports", ctx, size=1000)[0] == 403
     # The dashboard's forms without a session go to the login page.
-    status, headers = _answer_before_body(fleet, "/rollouts")
+    status, headers = _answer_before_body(fleet, "/rollouts", size=1000)
     assert status == 303 and headers["location"] == "/login"
-    # Enrollment is the one call that reads its body first: it waits for it.
+    # Enrollment is the one call that reads its body first: it waits for it (when the
+    # body it announces is one it would take).
     with pytest.raises(TimeoutError):
-        _answer_before_body(fleet, "/api/v1/enroll")
+        _answer_before_body(fleet, "/api/v1/enroll", size=1000)
+
+
+def _post_chunked(fleet: Fleet, path: str, total: int,
+                  kind: str = "application/json", **headers: str) -> int:
+    """POST *total* bytes of JSON-looking text in chunks, with no length announced; the
+    status of the answer (the server may answer, and close, before all is sent)."""
+    host, port = fleet.url.removeprefix("https://").rsplit(":", 1)
+    conn = http.client.HTTPSConnection(host, int(port), context=fleet.ctx(), timeout=30)
+    chunk = b"[" + b"1," * 8191 + b"1]"
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Type", kind)
+        conn.putheader("Transfer-Encoding", "chunked")
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        sent = 0
+        try:
+            while sent < total:
+                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+            conn.send(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server answered and closed: its answer is there to read
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_every_call_bounds_the_body_it_reads(fleet: Fleet, tmp_path: Path) -> None:
+    """One unauthenticated 192 MB enrollment took the server from 343 to 736 MB: a body
+    larger than its call takes is refused, announced or not, enrollment first."""
+    from cerulean.protocol.fleet import (MAX_BODY, MAX_ENROLL_BODY, MAX_REPORT_BYTES,
+                                         MAX_REPORTS_BODY, REPORTS_PATH)
+
+    status, _ = _answer_before_body(fleet, "/api/v1/enroll")
+    assert status == 413
+    assert _answer_before_body(fleet, "/api/v1/enroll", size=MAX_ENROLL_BODY + 1)[0] == 413
+    assert _post_chunked(fleet, "/api/v1/enroll", 10 * MAX_ENROLL_BODY) == 413
+    assert _post_chunked(fleet, "/login", 10 * MAX_ENROLL_BODY,
+                         "application/x-www-form-urlencoded") == 413
+    # A person's call: past MAX_BODY, whether or not its length is said.
+    assert _post_chunked(fleet, "/api/v1/rollouts", 2 * MAX_BODY,
+                         Authorization=f"Bearer {fleet.admin}") == 413
+    status, body = fleet.api("POST", "/api/v1/rollouts", {"name": "x" * (2 * MAX_BODY)})
+    assert status == 413 and "larger than this call takes" in body["detail"], body
+    # A host's batch: the largest report an agent queues still goes; more does not.
+    link = enroll(fleet, host_root(tmp_path, "big-1"), "big-1")
+    host_id = link.enrollment.host_id
+    n = (MAX_REPORT_BYTES - 64) // 32
+    report = {"id": f"{host_id}:1:1", "kind": "metrics", "created": 1764230000.0,
+              "body": {f"cerulean_m_{i:012d}": 1.0 for i in range(n)}}
+    ack = link.call(REPORTS_PATH, {"reports": [report], "dropped": 0})
+    assert isinstance(ack, dict)  # answered (taken or rejected on its merits), not 413
+    report["id"] = f"{host_id}:1:2"
+    report["body"] = {"pad": "a" * MAX_REPORTS_BODY}
+    with pytest.raises(fleetlink.FleetLinkError, match="larger than this call takes"):
+        link.call(REPORTS_PATH, {"reports": [report], "dropped": 0})
+    # What was refused cost the server nothing it keeps: it still answers.
+    assert fleet.api("GET", "/api/v1/health", token="")[0] == 200
 
 
 def _log_in(fleet: Fleet, name: str, password: str) -> str:

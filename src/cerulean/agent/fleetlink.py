@@ -121,7 +121,7 @@ def _new_key_and_csr(hostname: str) -> tuple[bytes, str]:
 
 def _request(ctx: ssl.SSLContext, url: str, body: Any | None = None,
              timeout: float = TIMEOUT) -> Any:
-    data = None if body is None else json.dumps(body).encode()
+    data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
     req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
                                  headers={"Content-Type": "application/json",
                                           "User-Agent": "cerulean-agent"})

@@ -13,6 +13,10 @@ path, the headers and the TLS connection:
 - **the dashboard**: the signed session cookie of a user who exists and is not
   disabled; otherwise a redirect to the login page.
 
+Before that, it bounds the request's body by route (:func:`body_limit`): a body
+announced larger is answered 413 at once, and one that turns out larger as it is
+read ends in a 413 as soon as it passes the limit, so no call holds more.
+
 The gate hands what it found to the application as ``request.state.caller``. Its
 database work is one read-only transaction in one worker thread. A host's
 certificate, once found good, passes for :data:`HOST_CACHE_SECONDS` without
@@ -31,6 +35,7 @@ from typing import Any, TypeVar
 import anyio
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException
 from starlette.requests import cookie_parser
 
 from cerulean.fleet import hosts as hostsvc
@@ -39,7 +44,15 @@ from cerulean.fleet.ca import serial_of
 from cerulean.fleet.db import Setting, User
 from cerulean.fleet.tls import client_der
 from cerulean.fleet.web import COOKIE, csrf_token, read_cookie
-from cerulean.protocol.fleet import API
+from cerulean.protocol.fleet import (
+    API,
+    ENROLL_PATH,
+    MAX_BODY,
+    MAX_ENROLL_BODY,
+    MAX_REPORTS_BODY,
+    RENEW_PATH,
+    REPORTS_PATH,
+)
 
 OPEN_PATHS = frozenset({f"{API}/health", f"{API}/ca", f"{API}/enroll", f"{API}/openapi.json",
                         "/login", "/logout", "/static/style.css"})
@@ -48,6 +61,24 @@ HOST_CACHE_SECONDS = 10.0
 HOST_CACHE_SIZE = 100_000
 
 T = TypeVar("T")
+
+
+def body_limit(path: str) -> int:
+    """The largest request body the call at *path* takes, in bytes."""
+    if path == REPORTS_PATH:
+        return MAX_REPORTS_BODY
+    if path in (ENROLL_PATH, RENEW_PATH, "/login"):
+        return MAX_ENROLL_BODY
+    return MAX_BODY
+
+
+class BodyTooLarge(HTTPException):
+    """Raised as a request's body passes its limit; FastAPI answers it (413) like any
+    HTTPException, also from inside the reading of a body it parses."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"The request body is larger than this call takes "
+                              f"({limit} bytes).")
 
 
 @dataclass(frozen=True)
@@ -93,16 +124,46 @@ class Gate:
         self.session_key: bytes | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = body_limit(scope["path"])
+        too_large = Refusal(413, f"The request body is larger than this call takes "
+                                 f"({limit} bytes).")
+        for k, v in scope["headers"]:
+            if k.lower() == b"content-length" and (not v.strip().isdigit()
+                                                   or int(v) > limit):
+                await too_large.send(send)  # announced: refused before a byte is read
+                return
+        read = 0
+        started = False
+
+        async def capped_receive() -> Any:
+            nonlocal read
+            message = await receive()
+            if message.get("type") == "http.request":
+                read += len(message.get("body", b""))
+                if read > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def noted_send(message: Any) -> None:
+            nonlocal started
+            started = started or message.get("type") == "http.response.start"
+            await send(message)
+
         try:
-            caller = await self.check(scope)
-        except Refusal as r:
-            await r.send(send)
-            return
-        scope.setdefault("state", {})["caller"] = caller
-        await self.app(scope, receive, send)
+            if scope["path"] not in OPEN_PATHS:
+                try:
+                    caller = await self.check(scope)
+                except Refusal as r:
+                    await r.send(send)
+                    return
+                scope.setdefault("state", {})["caller"] = caller
+            await self.app(scope, capped_receive, noted_send)
+        except BodyTooLarge:
+            if not started:  # else the answer is under way: the connection just ends
+                await too_large.send(send)
 
     async def check(self, scope: Any) -> Caller:
         path: str = scope["path"]

@@ -38,6 +38,13 @@ REPORT_KINDS = ("metrics", "inventory", "compliance", "alert", "audit")
 PRIORITIES = ("info", "notice", "warning", "error", "critical")
 MAX_BATCH = 500
 MAX_REPORT_BYTES = 4 << 20
+# The largest request body each call takes (the server answers 413 past it, before it
+# reads more). A batch of reports holds up to MAX_REPORT_BYTES of reports, or one report
+# of that size, with room for JSON written with spaces; enrollment, read before any
+# credential is checked, takes the least.
+MAX_REPORTS_BODY = 2 * MAX_REPORT_BYTES
+MAX_ENROLL_BODY = 16 << 10
+MAX_BODY = 1 << 20  # any other call
 
 # An enrollment token: "cet_" + 8 hex (its public ID) + "_" + 32 url-safe characters.
 ENROLL_TOKEN = re.compile(r"^cet_([0-9a-f]{8})_([A-Za-z0-9_-]{32,64})$")
