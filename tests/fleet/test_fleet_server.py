@@ -364,8 +364,13 @@ def _post_chunked(fleet: Fleet, path: str, total: int,
 def test_every_call_bounds_the_body_it_reads(fleet: Fleet, tmp_path: Path) -> None:
     """One unauthenticated 192 MB enrollment took the server from 343 to 736 MB: a body
     larger than its call takes is refused, announced or not, enrollment first."""
-    from cerulean.protocol.fleet import (MAX_BODY, MAX_ENROLL_BODY, MAX_REPORT_BYTES,
-                                         MAX_REPORTS_BODY, REPORTS_PATH)
+    from cerulean.protocol.fleet import (
+        MAX_BODY,
+        MAX_ENROLL_BODY,
+        MAX_REPORT_BYTES,
+        MAX_REPORTS_BODY,
+        REPORTS_PATH,
+    )
 
     status, _ = _answer_before_body(fleet, "/api/v1/enroll")
     assert status == 413
