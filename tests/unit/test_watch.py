@@ -473,3 +473,30 @@ def test_a_rescan_whose_walk_fails_is_not_taken_for_complete(
         assert w.needs_rescan
         found = rescan_all(w)
         assert any(e["file.path"] == str(f) and e["file.setuid"] for e in found)
+
+
+@pytest.mark.parametrize("how", ["made", "moved"])
+def test_a_set_id_file_made_again_where_one_was_deleted_is_made_not_deleted(
+        tmp_path: Path, how: str) -> None:
+    """unlink p; then a set-ID p, in one batch: the event describes the new file, and
+    its action must be one the set-ID rule takes (it was 'deleted')."""
+    from cerulean.agent import detect
+
+    rules = detect.load_rule_files([Path(detect.__file__).parent / "data/rules.d"])
+    (tmp_path / "p").write_bytes(b"plain")
+    (tmp_path / "outside").mkdir()
+    with Watcher([tmp_path]) as w:
+        os.unlink(tmp_path / "p")
+        if how == "made":
+            fd = os.open(tmp_path / "p", os.O_CREAT | os.O_WRONLY, 0o4755)
+            os.close(fd)
+            os.chmod(tmp_path / "p", 0o4755)
+        else:
+            os.rename(setuid_file(tmp_path / "s"), tmp_path / "p")
+        events = collect(w, lambda got: any(e["file.path"] == str(tmp_path / "p")
+                                            for e in got))
+        (p,) = [e for e in events if e["file.path"] == str(tmp_path / "p")]
+        assert p["file.actions"][0] == "deleted" and p["file.setuid"]
+        assert p["file.action"] != "deleted"
+        assert [a.rule for a in match(rules, "file", p, time.time())] == [
+            "setuid-or-setgid-file"]

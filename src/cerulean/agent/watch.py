@@ -87,6 +87,7 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_N
 ACTIONS = ((IN_CREATE, "created"), (IN_CLOSE_WRITE, "written"), (IN_ATTRIB, "attributes"),
            (IN_MOVED_TO, "moved-in"), (IN_MOVED_FROM, "moved-out"), (IN_DELETE, "deleted"))
 
+GONE = ("deleted", "moved-out")  # actions after which the path no longer names the file
 Event = dict[str, Any]
 Walk = Generator[tuple[str, os.stat_result], None, None]  # (path, lstat result) of each entry
 
@@ -553,7 +554,8 @@ class Watcher:
                 temp[dst] = src
                 skip_until[src] = max(skip_until.get(src, -1), j)
         # A path is described once the batch is read, so its events would all show its
-        # final state: one event per path, with the first action and every action seen.
+        # final state: one event per path, with the first action (the last one that left
+        # a file there, when one is there now) and every action seen.
         by_path: dict[str, Event] = {}
         # What new directories already hold is described up to MOVE_IN_MAX paths a batch.
         self._room, self._room_chars = MOVE_IN_MAX, MOVE_IN_CHARS
@@ -576,6 +578,12 @@ class Watcher:
                     by_path[e["file.path"]] = {**e, "file.actions": [e["file.action"]]}
                 elif e["file.action"] not in seen["file.actions"]:
                     seen["file.actions"].append(e["file.action"])
+        for e in by_path.values():
+            # What is there now came last: a file deleted (or moved away) and made again in
+            # one batch is reported as made, not as deleted.
+            if e["file.exists"] and e["file.action"] in GONE:
+                e["file.action"] = next((a for a in reversed(e["file.actions"])
+                                         if a not in GONE), e["file.action"])
         return list(by_path.values())
 
     def _event(self, wd: int, mask: int, name: str) -> list[Event]:
