@@ -581,7 +581,7 @@ class Watcher:
         for e in by_path.values():
             # What is there now came last: a file deleted (or moved away) and made again in
             # one batch is reported as made, not as deleted.
-            if e["file.exists"] and e["file.action"] in GONE:
+            if e.get("file.exists") and e["file.action"] in GONE:
                 e["file.action"] = next((a for a in reversed(e["file.actions"])
                                          if a not in GONE), e["file.action"])
         return list(by_path.values())
