@@ -500,3 +500,46 @@ def test_a_set_id_file_made_again_where_one_was_deleted_is_made_not_deleted(
         assert p["file.action"] != "deleted"
         assert [a.rule for a in match(rules, "file", p, time.time())] == [
             "setuid-or-setgid-file"]
+
+
+def test_the_paths_of_one_batch_are_bounded_and_the_rest_comes_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,024 events on paths of 8,000 wide characters each would hold 64 MB of paths in
+    one batch: the batch ends at MAX_BATCH_PATH_BYTES, and what was read past it is
+    described by the next read, none of it lost."""
+    monkeypatch.setattr(watch, "MAX_BATCH_PATH_BYTES", 4000)
+    deep = tmp_path / ("é" * 120)
+    deep.mkdir()
+    with Watcher([tmp_path]) as w:
+        for i in range(30):
+            (deep / f"f{i:02}").write_bytes(b"")
+        time.sleep(0.2)
+        sizes, names = [], set()
+        for _ in range(100):
+            got = w.read(0.2, settle=0.0)
+            if not got and len(names) == 30:
+                break
+            sizes.append(len(got))
+            names |= {Path(e["file.path"]).name for e in got}
+        assert names == {f"f{i:02}" for i in range(30)}
+        # Each path costs 4 bytes a character here: about five paths a batch.
+        assert 1 <= max(sizes) <= 6 and len([s for s in sizes if s]) >= 5, sizes
+
+
+def test_unseen_directories_are_bounded_with_the_unwatched_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New content left undescribed is remembered by name only within the unwatched
+    directories' byte budget; past it, it is counted (ENOBUFS)."""
+    monkeypatch.setattr(watch, "MOVE_IN_MAX", 1)
+    monkeypatch.setattr(watch, "UNWATCHED_BYTES", 3 * len(str(tmp_path)) + 60)
+    root, outside = tmp_path / "tmp", tmp_path / "outside"
+    root.mkdir()
+    for i in range(8):
+        (outside / f"big{i}" / "a" / "b").mkdir(parents=True)
+    with Watcher([root]) as w:
+        for i in range(8):
+            (outside / f"big{i}").rename(root / f"big{i}")
+        drain(w)
+        assert 0 < len(w._unseen) < 8
+        assert w._unseen <= set(w.unwatched)
+        assert w.errors.get("ENOBUFS", 0) >= 8 - len(w._unseen)

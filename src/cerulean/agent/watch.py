@@ -40,6 +40,9 @@ from typing import Any
 
 SETTLE_S = 0.1  # how long a batch of events stays open for what follows
 MAX_BATCH = 1024  # kernel events one read takes, at most (the rest wait in the queue)
+# ... and what their paths take in memory together (cost()): each is held as text while the
+# batch is described. Past it the rest of what was read waits for the next read.
+MAX_BATCH_PATH_BYTES = 4 << 20
 # A directory whose path is longer is neither watched nor entered (any user can nest
 # directories without end, and paths are held as text: memory would grow with the
 # square of the depth); counted as ENAMETOOLONG.
@@ -194,6 +197,7 @@ class Watcher:
         self._room = MOVE_IN_MAX  # paths a batch still describes in new directories
         self._room_chars = MOVE_IN_CHARS
         self._drained_at = self._fs_now()
+        self._carry: list[tuple[int, int, int, str]] = []  # read, left for the next batch
         for root in self.roots:
             self._add_tree(root, keep=None)  # what is there already is no event
 
@@ -265,12 +269,9 @@ class Watcher:
         *unseen*, what it holds is new and was not described: the next rescan reports
         all of it."""
         long = too_long(path)
-        if unseen and not long:
-            if len(self._unseen) < UNWATCHED_KEEP:
-                self._unseen.add(path)
-            elif path not in self._unseen:
-                self.errors["ENOBUFS"] = self.errors.get("ENOBUFS", 0) + 1
         if path in self.unwatched:
+            if unseen:
+                self._mark_unseen(path)
             return  # tried again and still failing: counted already
         name = errno.errorcode.get(errno.ENAMETOOLONG if long else e, str(e))
         self.errors[name] = self.errors.get(name, 0) + 1
@@ -289,10 +290,22 @@ class Watcher:
                 f"more than {MAX_DEPTH} directories deep in one walk" if e == errno.ELOOP
                 else f"the watched directories' paths take {MAX_PATH_BYTES >> 20} MiB"
                 if e == errno.ENOMEM else os.strerror(e))
+            if unseen:
+                self._mark_unseen(path)
         else:
             self._overflow_pending = True  # too many to keep: rescans walk every root
+            if unseen:
+                self._mark_unseen(path)  # counted as not kept
         if self._lost_since is None:
             self._lost_since = self._fs_now()
+
+    def _mark_unseen(self, path: str) -> None:
+        """Rescan *path* whole next time, if it is among the unwatched directories kept by
+        name (their count and bytes are bounded); else count it (ENOBUFS)."""
+        if path in self.unwatched and len(self._unseen) < UNWATCHED_KEEP:
+            self._unseen.add(path)
+        elif path not in self._unseen:
+            self.errors["ENOBUFS"] = self.errors.get("ENOBUFS", 0) + 1
 
     def _walk(self, top: str, enter_unwatched: bool = True, unseen: bool = False) -> Walk:
         """Every entry below the directory *top*, depth first, as (path, lstat result),
@@ -388,11 +401,11 @@ class Watcher:
             for path, st in walk:
                 if keep is None:
                     continue
-                if len(found) >= keep or len(path) > keep_chars:
+                if len(found) >= keep or cost(path) > keep_chars:
                     self._blind(top, errno.E2BIG, unseen=True)
                     break
                 found.append((path, st))
-                keep_chars -= len(path)
+                keep_chars -= cost(path)
         finally:
             walk.close()
         return found
@@ -497,14 +510,16 @@ class Watcher:
         final name, with ``file.renamed_from``: the temporary file's own events are
         left out. Its content and state are all at the final name, which is reported.
         """
-        if timeout and not select.select([self.fd], [], [], timeout)[0]:
+        if (timeout and not self._carry
+                and not select.select([self.fd], [], [], timeout)[0]):
             self._drained_at = self._fs_now()  # the queue is empty: nothing was lost so far
             return []
         drained_before = self._drained_at
-        raw: list[tuple[int, int, int, str]] = []
+        raw, self._carry = self._carry, []
+        spent = sum(self._cost(wd, n) for wd, _m, _c, n in raw)
         deadline = time.monotonic() + settle
         drained = False  # the queue was found empty (else MAX_BATCH was reached)
-        while len(raw) < MAX_BATCH:
+        while len(raw) < MAX_BATCH and spent <= MAX_BATCH_PATH_BYTES:
             try:
                 # At most about what is left of the batch (a read shorter than one event
                 # with the longest name fails).
@@ -521,6 +536,15 @@ class Watcher:
                 name = data[pos + HEADER.size:pos + HEADER.size + length].rstrip(b"\0")
                 pos += HEADER.size + length
                 raw.append((wd, mask, cookie, os.fsdecode(name)))
+                spent += self._cost(wd, raw[-1][3])
+        # What the paths of the batch take is bounded: the events past it wait (their
+        # names are short; their paths are made when their turn comes).
+        spent = 0
+        for i, (wd, _m, _c, n) in enumerate(raw):
+            spent += self._cost(wd, n)
+            if i and (i >= MAX_BATCH or spent > MAX_BATCH_PATH_BYTES):
+                raw, self._carry = raw[:i], raw[i:]
+                break
         if drained:
             self._drained_at = self._fs_now()
         if any(m & IN_Q_OVERFLOW for _w, m, _c, _n in raw):
@@ -528,6 +552,10 @@ class Watcher:
             self._overflow_pending = True
             self._lost_since = min(drained_before, self._lost_since or drained_before)
         return self._fold(raw)
+
+    def _cost(self, wd: int, name: str) -> int:
+        """What the path of an event of *wd* for *name* takes in memory."""
+        return cost(self.paths.get(wd, "")) + cost(name)
 
     def _path(self, wd: int, name: str) -> str | None:
         base = self.paths.get(wd)
@@ -564,7 +592,7 @@ class Watcher:
             if path is not None and k <= skip_until.get(path, -1):
                 continue
             try:
-                events = self._event(wd, m, n)
+                events = self._event(wd, m, n, path)
             except OSError as err:  # this path only: the rest of the batch stands
                 name = errno.errorcode.get(err.errno or 0, "EIO")
                 self.errors[name] = self.errors.get(name, 0) + 1
@@ -586,14 +614,14 @@ class Watcher:
                                          if a not in GONE), e["file.action"])
         return list(by_path.values())
 
-    def _event(self, wd: int, mask: int, name: str) -> list[Event]:
+    def _event(self, wd: int, mask: int, name: str, path: str | None) -> list[Event]:
+        """The events of one kernel event (*path*: its path, made once for the batch)."""
         if mask & IN_Q_OVERFLOW:
             self.overflowed += 1
             return [{"file.action": "overflow", "file.path": ""}]
         if mask & IN_IGNORED:
             self._forget(wd)
             return []
-        path = self._path(wd, name)
         if path is None:
             return []
         action = next((a for bit, a in ACTIONS if mask & bit), "changed")
@@ -609,7 +637,7 @@ class Watcher:
             found = self._add_tree(path, keep=self._room, keep_chars=self._room_chars)
             self._full = self.errors.get("ENOSPC", 0) > refused
             self._room -= len(found)
-            self._room_chars -= sum(len(p) for p, _st in found)
+            self._room_chars -= sum(cost(p) for p, _st in found)
             events += [describe(p, action, st) for p, st in found]  # no second lstat
         return events
 
