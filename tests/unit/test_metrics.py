@@ -216,9 +216,8 @@ def test_held_connections_cannot_take_the_agents_file_descriptors(
     more descriptors than its limit, the rest are cut at the deadline, a scrape then
     works, and the refusals are a metric and one report."""
     server, reports, port = serving
-    # None of them sends a request: none is cut to make room for another, however slowly
-    # this machine makes them (that is the next test).
-    monkeypatch.setattr(metrics, "EVICT_AFTER_S", 60.0, raising=False)
+    # None of them sends a whole request: none is cut to make room for another (a
+    # scraper's is the next test).
     limit = getattr(metrics, "MAX_CONNECTIONS", 16)
     fds_before = len(os.listdir("/proc/self/fd"))
     held = []
@@ -258,7 +257,7 @@ def test_a_client_that_keeps_every_slot_half_open_cannot_stop_scrapes(
         s.sendall(b"GET /metr")
         held.append(s)
     assert _until(lambda: server.connections == limit)  # all accepted
-    time.sleep(0.6)  # older than EVICT_AFTER_S, younger than REQUEST_DEADLINE_S
+    time.sleep(0.6)  # younger than REQUEST_DEADLINE_S
     for _ in range(2):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             assert r.read() == b"up 1\n"
@@ -368,7 +367,7 @@ def test_cut_connections_count_until_their_thread_has_closed_them() -> None:
         served, admitted = connect(b"GET /metrics HTTP/1.0\r\n\r\n")  # its thread is late
         assert admitted
         assert all(connect(b"GET /metr")[1] for _ in range(limit - 1))
-        now[0] += 60  # all are past EVICT_AFTER_S
+        now[0] += 60
         # Each newcomer takes the place of a half-sent one (never the one that sent it
         # all), until as many cut ones wait for their threads as are served.
         taken = [connect(b"GET /metrics HTTP/1.0\r\n\r\n")[1] for _ in range(2 * limit)]
@@ -382,6 +381,41 @@ def test_cut_connections_count_until_their_thread_has_closed_them() -> None:
         assert connect(b"GET /metr")[1] is False  # no slow one to cut: all sent theirs
         server.shutdown_request(served)  # answered
         assert connect(b"GET /metr")[1] and server.connections == 2 * limit - 4
+    finally:
+        server.server_close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_half_open_connections_made_as_fast_as_they_are_cut_never_keep_a_scraper_out(
+        ) -> None:
+    """A user who keeps making connections that send nothing (190 a second, in an
+    outside review) held every slot with young ones: a scraper was refused 48 times in
+    48. Now only a newcomer whose whole request is there cuts a slow one out, and
+    newcomers that send nothing never do, however old the ones open."""
+    now = [1000.0]
+    server = metrics.MetricsServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler,
+                                   lambda: b"", clock=lambda: now[0])
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+
+    def connect(sent: bytes) -> bool:
+        ours, theirs = socket.socketpair()
+        pairs.append((ours, theirs))
+        if sent:
+            theirs.sendall(sent)
+        return server.verify_request(ours, ("127.0.0.1", 1))
+
+    try:
+        limit = metrics.MAX_CONNECTIONS
+        assert all(connect(b"") for _ in range(limit))  # just made: young
+        assert connect(b"GET /metrics HTTP/1.0\r\n\r\n")  # a scraper gets in at once
+        assert server.evicted == 1
+        now[0] += 3600  # old, and the attacker's newcomers still cut no one
+        assert not any(connect(b"GET /met") for _ in range(20))
+        assert not any(connect(b"") for _ in range(20))
+        assert server.evicted == 1 and server.refused == 40
+        assert connect(b"GET /metrics HTTP/1.0\r\n\r\n")
     finally:
         server.server_close()
         for a, b in pairs:

@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import select
 import socket
 import subprocess
 import threading
@@ -291,10 +292,11 @@ def alert_family(counts: dict[tuple[str, str], int]) -> Family:
 # able to take the agent's file descriptors, threads or CPU: detection and the audit
 # trail need them more than a scrape does.
 MAX_CONNECTIONS = 16  # connections served at once; more are closed as they are accepted
-# ... unless one of those open has not sent its whole request this long after it was
-# accepted: the oldest such is cut to make room (a scraper sends at once; a client that
-# holds slots by sending slowly loses them to it).
-EVICT_AFTER_S = 0.5
+# ... unless the newcomer's whole request is there within NEWCOMER_WAIT_S and one of those
+# open has not sent its own: the oldest such is cut to make room (a scraper sends at once;
+# a client that holds slots by sending slowly, or not at all, loses them to it, however
+# fast it makes new ones).
+NEWCOMER_WAIT_S = 0.02
 IO_TIMEOUT_S = 5.0  # how long one read or write on a connection may wait
 REQUEST_DEADLINE_S = 10.0  # how long a connection may stay open in all
 LISTEN_BACKLOG = 64  # connections the kernel queues before they are accepted
@@ -333,11 +335,14 @@ class CappedReader:
         self.raw.close()
 
 
-def sent_request(conn: socket.socket) -> bool:
+def sent_request(conn: socket.socket, wait: float = 0.0) -> bool:
     """Whether *conn*'s whole request (up to its blank line) waits, unread, in the
-    kernel: a client that sent it is not a slow one, however late its thread reads it."""
-    try:  # a copy of the socket without the connection's timeout: never waits
+    kernel (waiting up to *wait* seconds for it to come): a client that sent it is not a
+    slow one, however late its thread reads it."""
+    try:  # a copy of the socket without the connection's timeout
         with socket.socket(fileno=os.dup(conn.fileno())) as peek:
+            if wait > 0:
+                select.select([peek], [], [], wait)
             data = peek.recv(MAX_REQUEST_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except OSError:
         return False
@@ -347,8 +352,8 @@ def sent_request(conn: socket.socket) -> bool:
 class MetricsServer(ThreadingHTTPServer):
     """The metrics endpoint, bounded: at most :data:`MAX_CONNECTIONS` connections (so at
     most that many file descriptors and threads), each closed after
-    :data:`REQUEST_DEADLINE_S`; a connection over the cap takes the place of the oldest
-    one still sending its request after :data:`EVICT_AFTER_S`, or else is closed at
+    :data:`REQUEST_DEADLINE_S`; a connection over the cap whose whole request is there
+    takes the place of the oldest one still sending its own, or else is closed at
     once; both are counted. When ``accept()`` itself fails (the process is out of file descriptors)
     the loop pauses instead of spinning. *report* (message, evidence) is called at most
     once every :data:`REPORT_EVERY_S` seconds while connections are refused or cut."""
@@ -402,15 +407,20 @@ class MetricsServer(ThreadingHTTPServer):
         now = self._clock()
         victim = None
         with self._lock:
-            if (len(self._open) >= MAX_CONNECTIONS
-                    and len(self._closing) < MAX_CONNECTIONS):
+            full = (len(self._open) >= MAX_CONNECTIONS
+                    and len(self._closing) < MAX_CONNECTIONS)
+        # Only a newcomer that has sent its whole request may take a slow one's place:
+        # connections that send nothing, however many, never cut each other (or a
+        # scraper) out.
+        if full and sent_request(request, NEWCOMER_WAIT_S):
+            with self._lock:
                 slow = [(t, i, s) for i, (s, t) in enumerate(self._open.items())
-                        if s not in self._requested and now - t >= EVICT_AFTER_S
-                        and not sent_request(s)]
-                if slow:
+                        if s not in self._requested and not sent_request(s)]
+                if slow and len(self._closing) < MAX_CONNECTIONS:
                     victim = min(slow)[2]
                     del self._open[victim]
                     self._closing.add(victim)
+        with self._lock:
             if (len(self._open) < MAX_CONNECTIONS
                     and len(self._open) + len(self._closing) < 2 * MAX_CONNECTIONS):
                 self._open[request] = now
@@ -493,8 +503,8 @@ class MetricsServer(ThreadingHTTPServer):
                 ("cerulean_metrics_connections_timed_out_total", "counter",
                  f"Connections cut after {REQUEST_DEADLINE_S:g} s.", self.timed_out),
                 ("cerulean_metrics_connections_evicted_total", "counter",
-                 "Connections cut to make room: their request had not arrived after "
-                 f"{EVICT_AFTER_S:g} s.", self.evicted),
+                 "Connections cut to make room for one that had sent its whole request: "
+                 "theirs had not arrived.", self.evicted),
                 ("cerulean_metrics_accept_errors_total", "counter",
                  "Connections the endpoint could not accept (no file descriptors).",
                  self.accept_errors)):
