@@ -186,3 +186,31 @@ def test_client_udp_sockets_are_not_listening_ones(tmp_path: Path) -> None:
     assert {s["sock.port"]: s["sock.ephemeral"] for s in sensors.listening(tmp_path)
             if s["sock.proto"] == "udp" and s["sock.family"] == "ipv4"} == {
         53: False, 54321: False, 8080: True}
+
+
+def test_critical_alerts_are_limited_by_whose_they_are_never_for_root() -> None:
+    """3,000 set-ID links to a user's own file delayed the alert about someone else's by
+    18 s (each alert written on its own, with an fsync): a user other than root gets a
+    burst of critical alerts a rule and a window, then one summary; root's, and alerts
+    that name no one, always pass."""
+    limit = RateLimit(burst=3, window=60)
+
+    def setuid(path: str, uid: int | None, t: float) -> Alert:
+        ev: dict[str, object] = {"file.path": path}
+        if uid is not None:
+            ev["file.uid"] = uid
+        return Alert("setuid-or-setgid-file", "critical", (), f"set-ID {path}", t, ev)
+
+    eve = [limit.admit(setuid(f"/tmp/link{i}", 1000, 100.0 + i / 100)) for i in range(3000)]
+    assert eve == [True] * 3 + [False] * 2997
+    assert limit.admit(setuid("/tmp/mallory", 1001, 131.0))  # another user's: at once
+    assert all(limit.admit(setuid(f"/tmp/root{i}", 0, 131.0)) for i in range(50))
+    assert all(limit.admit(setuid(f"/tmp/x{i}", None, 131.0)) for i in range(50))
+    # A process is counted by who ran it (its real UID), not by a set-UID root program's.
+    runs = [limit.admit(Alert("deleted-program", "critical", (), "p", 140.0,
+                              {"proc.ruid": 1000, "proc.uid": 0})) for _ in range(5)]
+    assert runs == [True] * 3 + [False] * 2
+    (summary, runs_summary) = sorted(limit.summaries(200.0), key=lambda a: a.rule, reverse=True)
+    assert summary.priority == "critical" and "fired 2997 more times about uid 1000" in \
+        summary.message, summary.message
+    assert runs_summary.evidence["rule.suppressed"] == 2

@@ -61,6 +61,9 @@ RATE_WINDOW = 60.0
 RATE_SUBJECTS = 256
 RATE_RULE_BURST = 100  # and at most this many a window for one rule, whatever the subjects
 SUBJECT_FIELDS = ("file.path", "proc.exe", "user.name", "module.name", "auth.user")
+# Whose doing a critical alert is: a user other than root gets RATE_BURST of them a rule and
+# a window (their own set-ID files must not delay, one fsync each, the alert about another).
+OWNER_FIELDS = ("file.uid", "proc.ruid", "proc.uid", "user.uid")
 FIELD = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)+")
 
 Node = Callable[[Mapping[str, Any]], bool]
@@ -299,8 +302,9 @@ class _Window:
 class RateLimit:
     """At most *burst* alerts per rule and subject in *window* seconds (a fixed window from
     the first alert); the others are counted, and :meth:`summaries` gives one alert for
-    each window that ended with some held back. Critical alerts always pass. Memory: at
-    most RATE_SUBJECTS windows."""
+    each window that ended with some held back. Critical alerts are counted by whose they
+    are (:data:`OWNER_FIELDS`) instead, *burst* a window for each user but root; those of
+    root, or of no one, always pass. Memory: at most RATE_SUBJECTS windows."""
 
     burst: int = RATE_BURST
     window: float = RATE_WINDOW
@@ -309,16 +313,29 @@ class RateLimit:
     _rules: dict[str, _Window] = field(default_factory=dict, repr=False)  # one per rule
 
     def admit(self, alert: Alert) -> bool:
-        if alert.priority == "critical":
-            return True
-        subject = next((str(alert.evidence[k]) for k in SUBJECT_FIELDS
-                        if alert.evidence.get(k) not in (None, "")), "")
+        critical = alert.priority == "critical"
+        if critical:
+            owner = next((str(alert.evidence[k]) for k in OWNER_FIELDS
+                          if alert.evidence.get(k) not in (None, "")), "0")
+            if owner == "0":
+                return True
+            subject = f"uid {owner[:32]}"
+        else:
+            subject = next((str(alert.evidence[k]) for k in SUBJECT_FIELDS
+                            if alert.evidence.get(k) not in (None, "")), "")
         key = (alert.rule, subject[:512])
         if key not in self._open and len(self._open) >= RATE_SUBJECTS:
             key = (alert.rule, "")
         w = self._open.get(key)
         if w is None or alert.time >= w.start + self.window:
             w = self._open[key] = _Window(alert.time)
+        if critical:  # only the owner's limit: one user must not use up the rule's
+            if w.written < self.burst:
+                w.written += 1
+                return True
+            w.more += 1
+            w.priority, w.tags, w.last = alert.priority, alert.tags, alert.message
+            return False
         total = self._rules.get(alert.rule)
         if total is None or alert.time >= total.start + self.window:
             total = self._rules[alert.rule] = _Window(alert.time)
