@@ -444,8 +444,8 @@ def test_a_mode_changed_within_one_tick_of_the_ctime_clock_is_reported(
         # Events were lost; the rescans that follow are one series (what one reported,
         # the next does not report again), here a walk that meets the file twice.
         w._lost_since, w._overflow_pending = w._fs_now(), True
-        monkeypatch.setattr(w, "_walk", lambda top, unseen=False: iter(
-            [(path, plain), (path, setuid)]))
+        monkeypatch.setattr(w, "_walk", lambda top, unseen=False, fresh_since=None: iter(
+            [(path, plain, False), (path, setuid, False)]))
         first, _ = w.rescan(limit=1)
         second, _ = w.rescan(limit=1)
     assert [e["file.setuid"] for e in first + second] == [False, True]
@@ -460,8 +460,8 @@ def test_a_rescan_whose_walk_fails_is_not_taken_for_complete(
         f = setuid_file(tmp_path / "zz-sh")
         real = w._walk
 
-        def failing(top: str, unseen: bool = False) -> Any:
-            for n, entry in enumerate(real(top, unseen=unseen)):
+        def failing(top: str, unseen: bool = False, fresh_since: Any = None) -> Any:
+            for n, entry in enumerate(real(top, unseen=unseen, fresh_since=fresh_since)):
                 if n == 10:
                     raise MemoryError  # anything but an OSError, part way through
                 yield entry
@@ -543,3 +543,28 @@ def test_unseen_directories_are_bounded_with_the_unwatched_ones(
         assert 0 < len(w._unseen) < 8
         assert w._unseen <= set(w.unwatched)
         assert w.errors.get("ENOBUFS", 0) >= 8 - len(w._unseen)
+
+
+def test_a_tree_moved_in_while_events_were_lost_is_reported_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A set-ID file made below MAX_PATH_CHARS (never watched, never described), its
+    directory then moved up while the queue overflowed: the rescan meets a directory new
+    to the watch, changed since events were lost, and reports all it holds, though the
+    file's own ctime is older."""
+    monkeypatch.setattr(watch, "CTIME_SLACK_S", 0.0)
+    monkeypatch.setattr(watch, "MAX_PATH_CHARS", len(str(tmp_path)) + 120)
+    with Watcher([tmp_path]) as w:
+        deep = tmp_path.joinpath(*["d" * 50] * 3)  # past MAX_PATH_CHARS
+        (deep / "inner").mkdir(parents=True)
+        f = setuid_file(deep / "inner" / "sh")
+        drain(w)
+        assert "ENAMETOOLONG" in w.errors
+        time.sleep(0.05)
+        # The queue overflows (its events are never read) and the tree is moved up.
+        w._overflow_pending, w._lost_since = True, w._fs_now()
+        (deep / "inner").rename(tmp_path / "short")
+        assert os.lstat(tmp_path / "short/sh").st_ctime < w._lost_since  # an old file
+        found = rescan_all(w)
+        assert [e["file.path"] for e in found if e.get("file.setuid")] == [
+            str(tmp_path / "short/sh")], found
+        assert f.name == "sh"

@@ -92,7 +92,8 @@ ACTIONS = ((IN_CREATE, "created"), (IN_CLOSE_WRITE, "written"), (IN_ATTRIB, "att
 
 GONE = ("deleted", "moved-out")  # actions after which the path no longer names the file
 Event = dict[str, Any]
-Walk = Generator[tuple[str, os.stat_result], None, None]  # (path, lstat result) of each entry
+# (path, lstat result, whether it is in a directory new to the watch) of each entry
+Walk = Generator[tuple[str, os.stat_result, bool], None, None]
 
 
 class WatchError(OSError):
@@ -198,6 +199,7 @@ class Watcher:
         self._room_chars = MOVE_IN_CHARS
         self._drained_at = self._fs_now()
         self._carry: list[tuple[int, int, int, str]] = []  # read, left for the next batch
+        self._added_new = False  # whether the last directory _add() watched was new to it
         for root in self.roots:
             self._add_tree(root, keep=None)  # what is there already is no event
 
@@ -251,6 +253,7 @@ class Watcher:
                 self._blind(path, e, unseen)  # gone already, or not ours to read, are not blind
             return False
         self._path_bytes += cost(path) - cost(self.paths.get(wd, ""))
+        self._added_new = wd not in self.paths  # not watched before (under any name)
         self.paths[wd] = path
         self._unwatch_drop(path)
         return True
@@ -307,7 +310,8 @@ class Watcher:
         elif path not in self._unseen:
             self.errors["ENOBUFS"] = self.errors.get("ENOBUFS", 0) + 1
 
-    def _walk(self, top: str, enter_unwatched: bool = True, unseen: bool = False) -> Walk:
+    def _walk(self, top: str, enter_unwatched: bool = True, unseen: bool = False,
+              fresh_since: float | None = None) -> Walk:
         """Every entry below the directory *top*, depth first, as (path, lstat result),
         on *top*'s file system and without following links; each directory is watched
         as it is entered. Directories are opened relative to their parent's descriptor,
@@ -316,7 +320,10 @@ class Watcher:
         entered only if *enter_unwatched*; one that cannot be opened is recorded
         (:attr:`unwatched`) and does not stop the rest. Closing the generator closes
         its files. With *unseen* (the walk describes new content), a directory it
-        leaves out is marked for a rescan that reports all it holds."""
+        leaves out is marked for a rescan that reports all it holds. With *fresh_since*,
+        a directory neither watched nor unwatched before, changed since then (a tree
+        moved in while events were lost: its files keep their ctimes), marks what is
+        below it as fresh (the third item)."""
         if too_long(top):
             self._blind(top, errno.ENAMETOOLONG)
             return
@@ -329,11 +336,12 @@ class Watcher:
             elif e.errno != errno.EACCES:
                 self._blind(top, e.errno or errno.EIO, unseen)
             return
-        frames: list[tuple[str, int, Any]] = []  # path, descriptor, its os.scandir()
+        # path, descriptor, its os.scandir(), whether it is fresh
+        frames: list[tuple[str, int, Any, bool]] = []
         try:
             device = os.fstat(fd).st_dev
             if self._add(top, fd, unseen and not enter_unwatched) or enter_unwatched:
-                frames.append((top, fd, os.scandir(fd)))
+                frames.append((top, fd, os.scandir(fd), False))
                 fd = -1  # the frame holds it now
         except OSError:
             pass  # gone or unreadable since it was opened
@@ -342,7 +350,7 @@ class Watcher:
                 os.close(fd)
         try:
             while frames:
-                path, dfd, it = frames[-1]
+                path, dfd, it, fresh = frames[-1]
                 try:
                     entry = next(it, None)
                 except OSError:  # the directory went away while it was read
@@ -357,7 +365,7 @@ class Watcher:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue  # gone since it was listed
-                yield child, st
+                yield child, st, fresh
                 if (not stat.S_ISDIR(st.st_mode) or st.st_dev != device
                         or child in self.exclude):
                     continue
@@ -374,14 +382,19 @@ class Watcher:
                         self._blind(child, e.errno or errno.EIO, unseen)
                     continue  # gone, swapped for a link, or not ours to read
                 try:
-                    if self._add(child, cfd, unseen and not enter_unwatched) or enter_unwatched:
-                        frames.append((child, cfd, os.scandir(cfd)))
+                    known = child in self.unwatched
+                    watched = self._add(child, cfd, unseen and not enter_unwatched)
+                    new = self._added_new if watched else not known
+                    if watched or enter_unwatched:
+                        frames.append((child, cfd, os.scandir(cfd), fresh or (
+                            fresh_since is not None and new
+                            and st.st_ctime >= fresh_since)))
                         continue
                 except OSError:
                     pass
                 os.close(cfd)
         finally:
-            for _path, dfd, it in frames:
+            for _path, dfd, it, _fresh in frames:
                 it.close()
                 os.close(dfd)
 
@@ -398,7 +411,7 @@ class Watcher:
         found: list[tuple[str, os.stat_result]] = []  # with what the walk saw of each
         walk = self._walk(top, enter_unwatched=False, unseen=keep is not None)
         try:
-            for path, st in walk:
+            for path, st, _fresh in walk:
                 if keep is None:
                     continue
                 if len(found) >= keep or cost(path) > keep_chars:
@@ -449,8 +462,9 @@ class Watcher:
             # What is lost from now on is for the next walk.
             self._overflow_pending = False
             self._lost_since = None
-            self._pass = ((path, st, since) for top, since in tops
-                          for path, st in self._walk(top, unseen=since == -math.inf))
+            self._pass = ((path, st, -math.inf if fresh else since) for top, since in tops
+                          for path, st, fresh in self._walk(
+                              top, unseen=since == -math.inf, fresh_since=since))
         events: list[Event] = []
         send = sink or events.append
         reported = 0
