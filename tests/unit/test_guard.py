@@ -4,8 +4,10 @@ of a fake /proc, the shipped rules, alerts in the audit trail."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_sensors import fake_proc
@@ -229,3 +231,44 @@ def test_the_guard_runs_without_inotify_and_tries_again(
         assert _metric(guard, "cerulean_watch_up") == 1
     finally:
         guard.close()
+
+
+def test_the_journal_is_read_in_bounded_steps_and_only_from_root(tmp_path: Path) -> None:
+    """Any user can log as sshd (logger -t sshd) and flood the journal: the follower asks
+    journald for root's entries only, and one read takes JOURNAL_READ_BYTES at most (the
+    rest waits in the pipe), never the whole flood at once."""
+    from cerulean.agent import sensors
+
+    assert "_UID=0" in sensors.JournalFollower().argv
+    flood = ("import sys, time\nline = b'{\"MESSAGE\": \"" + "x" * 1000 + "\"}\\n'\n"
+             "sys.stdout.buffer.write(line * 8000); sys.stdout.flush(); time.sleep(30)\n")
+    follower = sensors.JournalFollower([sys.executable, "-c", flood])
+
+    class Counted:
+        def __init__(self, raw: Any) -> None:
+            self.raw, self.n = raw, 0
+
+        def read(self, size: int) -> bytes | None:
+            data = self.raw.read(size)
+            self.n += len(data or b"")
+            return data
+
+        def close(self) -> None:
+            self.raw.close()
+
+    try:
+        follower.read()  # starts it
+        assert follower._proc is not None
+        counted = Counted(follower._proc.stdout)
+        follower._proc.stdout = counted  # type: ignore[assignment]
+        steps = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and sum(steps) < 4 << 20:
+            before = counted.n
+            follower.read()
+            steps.append(counted.n - before)
+            time.sleep(0.02)
+        assert sum(steps) >= 4 << 20, "the flood never came"
+        assert max(steps) <= sensors.JOURNAL_READ_BYTES + 65536, max(steps)
+    finally:
+        follower.close()

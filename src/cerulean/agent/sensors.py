@@ -216,6 +216,7 @@ class NewOnly:
 
 
 SSHD_IDENTIFIERS = ("sshd", "sshd-session")  # OpenSSH 10 logs logins from sshd-session
+JOURNAL_READ_BYTES = 1 << 20  # what one read of the journal takes, at most
 
 
 class JournalFollower:
@@ -225,8 +226,10 @@ class JournalFollower:
 
     def __init__(self, argv: list[str] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        # Any user can log under sshd's name (logger -t sshd): only entries journald saw
+        # come from a root process (_UID, which it sets itself) are sshd's.
         self.argv = argv or ["journalctl", "--follow", "--lines=0", "--output=json",
-                             *(f"SYSLOG_IDENTIFIER={i}" for i in SSHD_IDENTIFIERS)]
+                             *(f"SYSLOG_IDENTIFIER={i}" for i in SSHD_IDENTIFIERS), "_UID=0"]
         self.clock = clock
         self._proc: subprocess.Popen[bytes] | None = None
         self._buf = b""
@@ -250,13 +253,15 @@ class JournalFollower:
             self._start()
         if self._proc is None or self._proc.stdout is None:
             return []
-        while True:
+        taken = 0
+        while taken < JOURNAL_READ_BYTES:  # the rest waits in the pipe for the next call
             try:
                 chunk = self._proc.stdout.read(65536)
             except BlockingIOError:
                 chunk = None
             if not chunk:
                 break
+            taken += len(chunk)
             self._buf += chunk
         *lines, self._buf = self._buf.split(b"\n")
         if len(self._buf) > 1 << 20:  # an entry larger than 1 MiB is not a login line
