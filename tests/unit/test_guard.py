@@ -272,3 +272,23 @@ def test_the_journal_is_read_in_bounded_steps_and_only_from_root(tmp_path: Path)
         assert max(steps) <= sensors.JOURNAL_READ_BYTES + 65536, max(steps)
     finally:
         follower.close()
+
+
+def test_a_failed_round_of_detection_is_a_metric_and_an_audit_entry(tmp_path: Path) -> None:
+    """A round that raises loses what it was handling: the agent must say so, not only in
+    its journal."""
+    from cerulean.agent import metrics
+
+    said: list[str] = []
+    guard, trail = _file_guard(tmp_path, said)
+    guard.start()
+    try:
+        for _ in range(3):
+            guard.failed(RuntimeError("boom"))
+        entries = [e for e in trail.entries() if e["action"] == "alert.agent-detection-error"]
+        assert len(entries) == 1  # one entry; the others are counted into the next
+        assert "boom" in entries[0]["detail"]["message"]
+        text = metrics.render(guard.families())
+        assert "cerulean_detection_errors_total 3" in text, text
+    finally:
+        guard.close()

@@ -290,6 +290,7 @@ def run(root: Path = Path("/"), say: Callable[[str], None] = print,
                     guard.step(wait=1.0)
                 except Exception as e:  # one bad round must not end detection
                     say(f"error: detection: {e}")
+                    guard.failed(e)  # a metric and an audit entry: never silent
                     stop.wait(5)
 
         watcher_thread = threading.Thread(target=watch, name="guard", daemon=True)

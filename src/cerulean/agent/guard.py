@@ -72,6 +72,7 @@ class Guard:
     limit: RateLimit = field(default_factory=RateLimit)  # per rule
     suppressed: dict[str, int] = field(default_factory=dict)  # by rule: held back
     truncated: int = 0  # alerts written with fields cut
+    step_errors: int = 0  # rounds of the detection loop that failed (see failed())
     _watcher: Watcher | None = field(default=None, repr=False)
     _snapshots: list[tuple[str, sensors.NewOnly]] = field(default_factory=list, repr=False)
     _next_poll: float = field(default=0.0, repr=False)
@@ -81,6 +82,7 @@ class Guard:
     _seen: dict[str, int] = field(default_factory=dict, repr=False)  # counts reported
     _pending: dict[str, int] = field(default_factory=dict, repr=False)  # not yet reported
     _reported_at: dict[str, float] = field(default_factory=dict, repr=False)
+    _last_error: str = field(default="", repr=False)
 
     def start(self) -> None:
         kinds = {r.event for r in self.rules}
@@ -153,6 +155,11 @@ class Guard:
                 rule, priority = "agent-watch-degraded", "error"
                 message = (f"File events are not watched: inotify cannot start "
                            f"({self._watch_error}); tried again every {WATCH_RETRY_S:g} s.")
+            elif kind == "error":
+                rule, priority = "agent-detection-error", "error"
+                message = (f"{n} round{'s' * (n != 1)} of detection failed (last: "
+                           f"{self._last_error[:500]}); what each was handling may be "
+                           "lost, and detection goes on.")
             elif kind == "truncated":
                 rule, priority = "agent-watch-degraded", "warning"
                 message = (f"A rescan of the watched trees stopped after its limit of "
@@ -269,6 +276,18 @@ class Guard:
             except (OSError, CeruleanError) as e:
                 self.say(f"warning: the audit trail could not be written: {e}")
 
+    def failed(self, e: BaseException) -> None:
+        """A round of :meth:`step` raised *e*: counted (a metric), and written to the audit
+        trail at most once every REPORT_EVERY_S with the count since (the detection loop
+        goes on; this never raises)."""
+        self.step_errors += 1
+        self._last_error = f"{type(e).__name__}: {e}"
+        self._note("error")
+        try:
+            self._report(self.clock())
+        except Exception as err:  # the trail itself may be what fails
+            self.say(f"warning: a detection error could not be audited: {err}")
+
     def _alert_families(self) -> list[metrics.Family]:
         """What the alert limits held back or cut, as metrics."""
         held = metrics.Family("cerulean_alerts_suppressed_total", "counter",
@@ -278,4 +297,7 @@ class Guard:
         cut = metrics.Family("cerulean_alerts_truncated_total", "counter",
                              "Alerts written with a field cut to its size limit.")
         cut.add(self.truncated)
-        return [held, cut]
+        failed = metrics.Family("cerulean_detection_errors_total", "counter",
+                                "Rounds of the detection loop that failed (each audited).")
+        failed.add(self.step_errors)
+        return [held, cut, failed]
