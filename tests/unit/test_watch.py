@@ -330,7 +330,7 @@ def test_a_rescan_of_a_wide_tree_holds_no_list_of_it(tmp_path: Path,
         seen: list[int] = []
         tracemalloc.start()
         try:
-            events, complete = w.rescan(sink=lambda e: seen.append(len(e)))
+            events, complete = w.rescan(limit=100_000, sink=lambda e: seen.append(len(e)))
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -568,3 +568,25 @@ def test_a_tree_moved_in_while_events_were_lost_is_reported_whole(
         assert [e["file.path"] for e in found if e.get("file.setuid")] == [
             str(tmp_path / "short/sh")], found
         assert f.name == "sh"
+
+
+def test_a_long_walk_starts_over_when_events_are_lost_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user who keeps a tree growing faster than rescans walk it kept a set-ID file
+    made behind the walk's cursor unreported until the walk reached the end: a walk
+    that has gone on for RESTART_AFTER_S when events are lost again starts over."""
+    monkeypatch.setattr(watch, "RESTART_AFTER_S", 0.2)
+    for i in range(300):
+        (tmp_path / f"d{i:03}").mkdir()
+    with Watcher([tmp_path]) as w:
+        w._lost_since, w._overflow_pending = w._fs_now(), True
+        _, complete = w.rescan(limit=100)  # a third of the way
+        assert not complete
+        early = sorted(tmp_path.iterdir())[0]
+        f = setuid_file(early / "sh")  # behind the cursor, its event lost
+        w._lost_since, w._overflow_pending = w._fs_now(), True
+        time.sleep(0.3)
+        found, _ = w.rescan(limit=1000)
+        assert w.rescans_restarted == 1
+        assert [e["file.path"] for e in found if e.get("file.setuid")] == [str(f)]
+        assert w._restart_after == watch.RESTART_AFTER_S  # that walk ended: reset

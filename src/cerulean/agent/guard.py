@@ -33,7 +33,7 @@ from cerulean.agent.watch import Watcher, WatchError
 from cerulean.errors import CeruleanError
 
 WATCH = ("/etc", "/boot", "/root", "/home", "/tmp", "/var/tmp", "/dev/shm")
-RESCAN_EVERY_S = 10.0  # rescans after an overflow or of unwatched directories: this far apart
+RESCAN_EVERY_S = 2.0  # rescans after an overflow or of unwatched directories: this far apart
 REPORT_EVERY_S = 60.0  # audit entries about the watch's own trouble: one per kind this often
 WATCH_RETRY_S = 60.0  # when inotify cannot start at all, the next try
 REPORT_PATHS = 10  # unwatched paths named in one audit entry
@@ -205,7 +205,10 @@ class Guard:
                  "Rescans of the watched trees (after overflows, of unwatched directories).",
                  w.rescans),
                 ("cerulean_watch_rescans_truncated_total", "counter",
-                 "Rescans that stopped at their limit of entries.", w.rescans_truncated)):
+                 "Rescans that stopped at their limit of entries.", w.rescans_truncated),
+                ("cerulean_watch_rescans_restarted_total", "counter",
+                 "Walks started over: events were lost again while a long one went on.",
+                 w.rescans_restarted)):
             fams.append(Family(name, kind, text, [({}, float(value))]))
         errors = Family("cerulean_watch_errors_total", "counter",
                         "Directories left unwatched or paths left undescribed, by error.")

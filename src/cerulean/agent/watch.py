@@ -52,7 +52,13 @@ MAX_PATH_BYTES = 16 << 20  # the paths of all watched directories together; past
 # system calls): such a directory with more components is counted as ENAMETOOLONG too.
 LONG_PATH_PARTS = 128
 PATH_MAX = 4096
-RESCAN_MAX_ENTRIES = 100_000  # directory entries one rescan looks at, at most
+RESCAN_MAX_ENTRIES = 20_000  # directory entries one rescan looks at, at most
+# A walk still under way this long after it started, when events were lost again since,
+# starts over from the top (reporting what changed since the first walk's losses): what
+# the walk had passed is looked at again soon, rather than once it reaches the end of
+# trees a user keeps growing. Each such restart doubles the time before the next, so that
+# a walk always ends.
+RESTART_AFTER_S = 10.0
 RESCAN_MAX_EVENTS = 5000  # changed files one rescan reports, at most (it goes on next time)
 REPORTED_KEEP = 20_000  # changes a series of rescans remembers having reported
 MAX_DEPTH = 100  # directory levels one walk enters (each holds two open files); deeper: ELOOP
@@ -195,6 +201,9 @@ class Watcher:
         self._pass_since = 0.0
         self._pass_started = 0.0
         self._pass_unseen: list[str] = []  # the unseen directories it reports whole
+        self._pass_roots = False  # whether it walks every root (after an overflow)
+        self._restart_after = RESTART_AFTER_S
+        self.rescans_restarted = 0
         self._room = MOVE_IN_MAX  # paths a batch still describes in new directories
         self._room_chars = MOVE_IN_CHARS
         self._drained_at = self._fs_now()
@@ -445,6 +454,15 @@ class Watcher:
         Returns the events and whether the walk is complete."""
         if max_events is None:
             max_events = RESCAN_MAX_EVENTS if sink is None else limit
+        if (self._pass is not None and self._lost_since is not None
+                and self._fs_now() - self._pass_started >= self._restart_after):
+            # Lost again while a long walk goes on: start over, for all it had to report.
+            self._pass.close()
+            self._pass = None
+            self._overflow_pending = self._overflow_pending or self._pass_roots
+            self._lost_since = min(self._lost_since, self._pass_since + CTIME_SLACK_S)
+            self._restart_after *= 2
+            self.rescans_restarted += 1
         if self._pass is None:
             started = self._fs_now()
             self._pass_started = started
@@ -459,6 +477,7 @@ class Watcher:
                 (self.roots if self._overflow_pending else self.unwatched)
                 if t not in self._unseen]
             self._pass_unseen = unseen
+            self._pass_roots = self._overflow_pending
             # What is lost from now on is for the next walk.
             self._overflow_pending = False
             self._lost_since = None
@@ -501,6 +520,7 @@ class Watcher:
         self.rescans += 1
         if complete:
             self._pass = None
+            self._restart_after = RESTART_AFTER_S
             self._unseen.difference_update(self._pass_unseen)
             if self.unwatched:  # still unwatched: scanned again, for what changes from now
                 self._lost_since = min(self._lost_since or self._pass_started,
