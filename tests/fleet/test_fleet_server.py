@@ -457,3 +457,40 @@ def test_texts_no_database_can_hold_and_the_fleets_own_rules_are_refused(
     assert reasons["2"] == "a text holds a NUL character"
     assert "lone UTF-16 surrogate" in reasons["3"] and "lone UTF-16 surrogate" in reasons["4"]
     assert [a["rule"] for a in fleet.api("GET", f"/api/v1/hosts/{host}/alerts")[1]] == ["fine"]
+
+
+def test_numbers_json_allows_and_no_column_holds_are_refused_not_500(
+        fleet: Fleet, tmp_path: Path) -> None:
+    """NaN and 1e999 (infinity) in any body, a time past the year 9999, a count past 64
+    bits: each was a 500. A report carrying one is rejected with its reason (an alert's
+    own time out of range falls back to when the report was made), a batch whose count
+    is out of range is a 400, and the server goes on answering."""
+    link = enroll(fleet, host_root(tmp_path, "web-8"), "web-8")
+    host = link.enrollment.host_id
+    alert = {"priority": "critical", "message": "m", "time": 1764230000.0, "rule": "r"}
+    bodies = [
+        {**alert, "evidence": {"x": float("nan")}},
+        {**alert, "evidence": {"x": [float("inf")]}},
+        {**alert, "time": float("-inf")},
+        {**alert, "rule": "far", "time": 1e308},  # finite: the report's time stands in
+        {**alert, "rule": "fine"},
+    ]
+    reports = [{"id": f"{host}:1:{i}", "kind": "alert", "created": 1764230000.0 + i,
+                "body": body} for i, body in enumerate(bodies)]
+    reports += [{**reports[4], "id": f"{host}:1:5", "created": 1e308},
+                {**reports[4], "id": f"{host}:1:6", "created": float("nan")}]
+    ack = link.call(fleetlink.REPORTS_PATH, {"reports": reports, "dropped": 0})
+    assert ack["acknowledged"] == [f"{host}:1:3", f"{host}:1:4"], ack
+    reasons = {r["id"].rsplit(":", 1)[1]: r["reason"] for r in ack["rejected"]}
+    assert reasons["0"] == reasons["1"] == reasons["2"] == (
+        "a number is not finite (NaN or infinity)")
+    assert reasons["5"].startswith("'created' is not a time") and reasons["6"] == reasons["5"]
+    alerts = {a["rule"]: a for a in fleet.api("GET", f"/api/v1/hosts/{host}/alerts")[1]}
+    assert alerts["far"]["time"].startswith("2025-11-27T"), alerts["far"]
+    with pytest.raises(fleetlink.FleetLinkError, match="'dropped' must be a count"):
+        link.call(fleetlink.REPORTS_PATH, {"reports": [], "dropped": 10**40})
+    status, body = fleet.api("POST", "/api/v1/enroll", {
+        "token": "cet_00000000_" + "a" * 32, "csr": "x", "hostname": "h",
+        "machine_id": float("nan")}, token="")
+    assert 400 <= status < 500, (status, body)
+    assert fleet.api("GET", "/api/v1/health", token="")[0] == 200

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
     HTMLResponse,
     JSONResponse,
@@ -129,6 +130,15 @@ def create_app(state: FleetState) -> FastAPI:
     # A connection lost mid-request comes as either, depending on when it was noticed.
     app.add_exception_handler(OperationalError, database_down)
     app.add_exception_handler(InterfaceError, database_down)
+
+    @app.exception_handler(RequestValidationError)
+    async def unprocessable(_r: Request, e: RequestValidationError) -> JSONResponse:
+        # Where and what, never the input itself: it may be a NaN or an infinity (which
+        # no JSON answer can hold: that was a 500), or megabytes of a hostile body.
+        return JSONResponse({"detail": [
+            {"loc": [str(x)[:64] for x in err.get("loc", ())][:16],
+             "msg": str(err.get("msg", ""))[:500], "type": str(err.get("type", ""))[:64]}
+            for err in e.errors()[:20]]}, status_code=422)
 
     @app.exception_handler(web.LoginRequired)
     async def login_required(_r: Request, _e: web.LoginRequired) -> RedirectResponse:

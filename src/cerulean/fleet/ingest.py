@@ -17,6 +17,7 @@ of its own.
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -54,8 +55,11 @@ def _looks_like_servers(rule: str) -> bool:
     return "".join(ch for ch in folded if ch.isalnum()).startswith("fleet")
 
 
+MAX_TIME = 95_617_584_000  # 5000-01-01 UTC: later "times" are no times a host keeps
+
+
 def _time(value: Any, fallback: float) -> datetime:
-    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1e11:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < MAX_TIME:
         return datetime.fromtimestamp(value, UTC)
     if isinstance(value, str):
         try:
@@ -75,8 +79,10 @@ def _str(body: dict[str, Any], key: str, limit: int, default: str | None = None)
 
 def bad_text(value: Any) -> str | None:
     """Why *value* (a report's body, as JSON gave it) cannot be stored, or None: a text
-    holding NUL, which PostgreSQL refuses in text and JSON, or half of a UTF-16
-    surrogate pair (JSON's ``\\ud800``), which is no Unicode text at all."""
+    holding NUL, which PostgreSQL refuses in text and JSON, half of a UTF-16
+    surrogate pair (JSON's ``\\ud800``), which is no Unicode text at all, or a number
+    that is not finite (``NaN``, ``Infinity``, ``1e999``: Python's JSON reads them, no
+    database's JSON holds them)."""
     stack = [value]
     while stack:
         v = stack.pop()
@@ -85,6 +91,9 @@ def bad_text(value: Any) -> str | None:
             stack += v.values()
         elif isinstance(v, list):
             stack += v
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                return "a number is not finite (NaN or infinity)"
         elif isinstance(v, str):
             if "\0" in v:
                 return "a text holds a NUL character"
@@ -326,6 +335,8 @@ def ingest(s: Session, host: Host, batch: ReportBatch,
     now = now or datetime.now(UTC)
     if len(batch.reports) > MAX_BATCH:
         raise BadReport(f"A batch holds at most {MAX_BATCH} reports.")
+    if not 0 <= batch.dropped < 2**63:
+        raise BadReport("'dropped' must be a count of reports (0 to 2**63 - 1).")
     rejected: list[Rejected] = []
     good: dict[str, Report] = {}
     for r in batch.reports:
@@ -333,6 +344,9 @@ def ingest(s: Session, host: Host, batch: ReportBatch,
             rejected.append(Rejected(r.id[:120], "the ID is not host:epoch:sequence"))
         elif r.kind not in REPORT_KINDS:
             rejected.append(Rejected(r.id, f"unknown kind {r.kind[:20]!r}"))
+        elif not 0 < r.created < MAX_TIME:
+            rejected.append(Rejected(r.id, "'created' is not a time (seconds since 1970, "
+                                           "before the year 5000)"))
         elif (why := bad_text(r.body)) is not None:
             rejected.append(Rejected(r.id, why))
         else:
