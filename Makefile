@@ -17,7 +17,7 @@ DEMO_ARGS ?=
 DEMO_MINUTES := 15
 
 .PHONY: demo test check test-clock-ahead setup apt venv lint bench bench-system bench-boot \
-	bench-stress bench-update bench-publisher bench-agent bench-agent-attacks bench-fleet \
+	bench-stress bench-update bench-publisher bench-agent bench-agent-attacks bench-agent-attacks-debian bench-fleet \
 	compare-openscap clean
 
 # The archive moves on (security updates, point releases): the demo locks copies of the
@@ -119,6 +119,10 @@ bench-agent-attacks: setup
 	$(BIN)/cerulean build images/vm.toml --arch amd64 --format qcow2 --out $(OUT)
 	$(BIN)/python benchmarks/agent_attack_bench.py --disk $(OUT)/vm-amd64.qcow2 \
 		$(ATTACK_BENCH_ARGS)
+
+# The same attacks on plain Debian trixie with the agent's .deb installed by apt.
+bench-agent-attacks-debian: setup
+	$(BIN)/python benchmarks/agent_attack_bench.py --debian $(ATTACK_BENCH_ARGS)
 
 # Simulated agents against a real fleet server on SQLite and PostgreSQL (FLEET_BENCH_ARGS:
 # --hosts, --seconds, --workers, --concurrency; 10,000 hosts for 10 minutes by default).

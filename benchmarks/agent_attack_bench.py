@@ -1,7 +1,11 @@
 """Agent under attack: what an ordinary local user can do to cerulean-agent.service.
 
-Boots a built system image (``--disk``, default ``out/vm-amd64.qcow2``) in QEMU and,
-inside it, runs each attack as the unprivileged user ``nobody`` for ``--seconds``.
+Boots a built system image (``--disk``, default ``out/vm-amd64.qcow2``), or with
+``--debian`` a plain Debian trixie system with the ``cerulean-agent`` .deb installed by
+apt and its service enabled (built here with mmdebstrap, booted the same way), in QEMU.
+The guest's agent enrolls in a fleet server started here (SQLite) and reports to it
+every 10 s. Inside the guest, each attack runs as the unprivileged user ``nobody`` for
+``--seconds``.
 Ten seconds into every attack, that user also plants a set-ID file in ``/tmp`` (for
 the inotify flood, inside one of the flooded directories): the alert the agent must
 still raise. For each attack it records:
@@ -12,7 +16,10 @@ still raise. For each attack it records:
   against its ``MemoryMax``, and its CPU share against its ``CPUQuota``;
 - whether the metrics endpoint answered a scrape at the end of the attack, and
   which of the agent's own degradation metrics were non-zero;
-- the same scrape 20 s after the attack stopped (recovery).
+- the same scrape 20 s after the attack stopped (recovery);
+- at the fleet server: how long after its creation the set-ID alert was listed there
+  (the guest's clock against this machine's, so to a second or so), and which of the
+  agent's own alerts (``agent-*``) arrived while the attack ran or just after.
 
 The attacks:
 
@@ -32,7 +39,7 @@ benchmarks/results/agent-attacks.json. The guest runs under software
 emulation here, so CPU shares are upper bounds and latencies are slower than on
 hardware; compare runs made the same way.
 
-    .venv/bin/python benchmarks/agent_attack_bench.py [--disk out/vm-amd64.qcow2]
+    .venv/bin/python benchmarks/agent_attack_bench.py [--disk out/vm-amd64.qcow2 | --debian]
                                                       [--seconds 60] [--label after]
 """
 
@@ -40,10 +47,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -166,16 +177,32 @@ def trail_has(text):
     except OSError:
         return False
 
+# Reports to the fleet every FLEET_INTERVAL s (the credential is handed in already).
+conf = pathlib.Path("/etc/cerulean/agent.toml")
+conf.parent.mkdir(parents=True, exist_ok=True)
+text = conf.read_text() if conf.exists() else ""
+if "fleet-interval" not in text:
+    conf.write_text(text + "\nfleet-interval = FLEET_INTERVAL\n")
+subprocess.run(["systemctl", "restart", "cerulean-agent.service"], capture_output=True)
 for i in range(600):
     if show("ActiveState") == "active":
         break
     time.sleep(0.5)
+enrolled = pathlib.Path("/var/lib/cerulean/fleet/enrollment.json")
+for i in range(600):
+    if enrolled.exists():
+        break
+    time.sleep(0.5)
 time.sleep(30)
 results = {"memory_max": show("MemoryMax"), "cpu_quota_per_sec": show("CPUQuotaPerSecUSec"),
+           "enrolled": enrolled.exists(), "os": next((l.split("=", 1)[1].strip('"') for l in
+                      pathlib.Path("/etc/os-release").read_text().splitlines()
+                      if l.startswith("PRETTY_NAME=")), "?"),
            "attacks": {}}
 for name in attacks:
     restarts0 = int(show("NRestarts") or 0)
     u0, w0 = cpu_usec(), time.monotonic()
+    started_wall, probe_wall = time.time(), None
     atk = subprocess.Popen([*AS_NOBODY, "python3", "/run/cerulean-guest/in/attacker.py", name],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak, latency, probe_t = 0, None, None
@@ -189,12 +216,13 @@ for name in attacks:
             subprocess.run([*AS_NOBODY, "sh", "-c",
                             f"cp /usr/bin/true {probe} && chmod 4755 {probe}"],
                            capture_output=True)
-            probe_t = time.monotonic()
+            probe_t, probe_wall = time.monotonic(), time.time()
         if probe_t is not None and latency is None and trail_has(probe):
             latency = round(time.monotonic() - probe_t, 1)
         time.sleep(0.5)
     scraped, hot = scrape()
     u1, w1 = cpu_usec(), time.monotonic()
+    ended_wall = time.time()
     atk.kill(); atk.wait()
     subprocess.run(["pkill", "-9", "-u", "nobody"], capture_output=True)
     for _ in range(40):  # the alert may still come, late
@@ -210,13 +238,67 @@ for name in attacks:
         "alert_s": latency, "peak_mib": round(peak / 2**20, 1),
         "cpu_share": round((u1 - u0) / 1e6 / (w1 - w0), 2),
         "scrape_ok": scraped, "degradation": hot, "scrape_after_ok": recovered,
-        "degradation_after": hot_after}
+        "degradation_after": hot_after, "started_wall": started_wall,
+        "probe_wall": probe_wall, "ended_wall": ended_wall, "recovered_wall": time.time()}
     subprocess.run(["rm", "-rf", "/tmp/flood", "/tmp/deep", "/tmp/attack-sleep", probe],
                    capture_output=True)
 (out / "attacks.json").write_text(json.dumps(results, indent=1))
 '''
 
 GUEST = "python3 ./harness.py \"$1\" SECONDS ATTACKS\n"
+FLEET_INTERVAL = 10  # seconds between the guest agent's reports in this benchmark
+GROUP = "attacks"
+
+
+def watch_fleet(api: Any, stop: threading.Event, seen: dict[int, dict[str, Any]]) -> None:
+    """Every 2 s, the alerts of the group's hosts at the fleet, each with this machine's
+    time when it was first listed."""
+    while not stop.wait(2):
+        try:
+            for h in api.get(f"/api/v1/hosts?group={GROUP}")["hosts"]:
+                for a in api.get(f"/api/v1/hosts/{h['id']}/alerts?limit=1000"):
+                    if a["id"] not in seen:
+                        seen[a["id"]] = {"listed": time.time(), "rule": a["rule"],
+                                         "evidence": json.dumps(a["evidence"])[:4000]}
+        except (OSError, ValueError, KeyError, urllib.error.URLError):
+            continue  # the next round tries again
+
+
+def fleet_view(seen: dict[int, dict[str, Any]], name: str, r: dict[str, Any]) -> None:
+    """What the fleet had of attack *name* (its guest record *r*, amended)."""
+    probe = f"suid-probe-{name}"
+    hits = sorted(a["listed"] for a in seen.values() if probe in a["evidence"])
+    r["fleet_alert_s"] = (round(hits[0] - r["probe_wall"], 1)
+                          if hits and r["probe_wall"] is not None else None)
+    r["fleet_alert_during"] = bool(hits) and hits[0] <= r["ended_wall"] + 2
+    own: dict[str, int] = {}
+    for a in seen.values():
+        if (a["rule"].startswith("agent-")
+                and r["started_wall"] - 2 <= a["listed"] <= r["recovered_wall"] + 2):
+            own[a["rule"]] = own.get(a["rule"], 0) + 1
+    r["fleet_own_alerts"] = own
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def debian_disk(work: Path) -> Path:
+    """Plain Debian trixie, the agent's .deb installed by apt and its service enabled."""
+    from build_bench import mirror
+    from system_bench import plain_debian
+
+    from cerulean.build import agent
+
+    deb = agent.build_deb(work / "deb").path
+    hooks = "/usr/share/mmdebstrap/hooks/file-mirror-automount"  # the .deb, inside
+    raw, seconds = plain_debian(mirror(), "amd64", ["procps", str(deb)], work, [
+        f"--hook-dir={hooks}",
+        '--customize-hook=chroot "$1" systemctl enable cerulean-agent.service'])
+    print(f"plain Debian with {deb.name}: built in {seconds:.0f} s", file=sys.stderr)
+    return raw
 
 
 def markdown(report: dict[str, object]) -> str:
@@ -224,18 +306,25 @@ def markdown(report: dict[str, object]) -> str:
     assert isinstance(res, dict)
     lines = [
         f"`{report['label']}` ({report['disk']}, {report['when']}; {report['seconds']} s per "
-        f"attack, as `nobody`; the unit's MemoryMax {res['memory_max']}):",
+        f"attack, as `nobody`; the unit's MemoryMax {res['memory_max']}; enrolled in the "
+        f"fleet: {'yes' if res.get('enrolled') else 'no'}, reporting every "
+        f"{report.get('fleet_interval', '?')} s):",
         "",
-        "| attack | service | restarts | set-ID alert after | peak memory | CPU share | "
-        "metrics scrape | its own degradation shown | 20 s later |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| attack | service | restarts | set-ID alert after | at the fleet after | "
+        "peak memory | CPU share | metrics scrape | its own degradation shown | "
+        "in the fleet | 20 s later |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res["attacks"].items():
         alert = "never" if r["alert_s"] is None else f"{r['alert_s']} s"
+        fleet = ("never" if r.get("fleet_alert_s") is None else
+                 f"{r['fleet_alert_s']} s" + ("" if r.get("fleet_alert_during") else " (after)"))
         shown = "; ".join(r["degradation"])[:160] or "nothing"
+        own = ", ".join(f"{k} ×{v}" for k, v in sorted(r.get("fleet_own_alerts", {}).items()))
         lines.append(
-            f"| {name} | {r['active']} | {r['restarts']} | {alert} | {r['peak_mib']} MiB | "
-            f"{r['cpu_share']:.0%} | {'answered' if r['scrape_ok'] else 'failed'} | {shown} | "
+            f"| {name} | {r['active']} | {r['restarts']} | {alert} | {fleet} | "
+            f"{r['peak_mib']} MiB | {r['cpu_share']:.0%} | "
+            f"{'answered' if r['scrape_ok'] else 'failed'} | {shown} | {own or 'none'} | "
             f"{'answered' if r['scrape_after_ok'] else 'failed'} |")
     return "\n".join(lines) + "\n"
 
@@ -243,11 +332,13 @@ def markdown(report: dict[str, object]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--disk", type=Path, default=ROOT / "out" / "vm-amd64.qcow2")
+    p.add_argument("--debian", action="store_true",
+                   help="plain Debian trixie with the agent's .deb instead of --disk")
     p.add_argument("--seconds", type=int, default=60, help="length of each attack")
     p.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated subset")
     p.add_argument("--label", default="this tree", help="names the run in the report")
     args = p.parse_args()
-    if not args.disk.is_file():
+    if not args.debian and not args.disk.is_file():
         raise SystemExit(f"{args.disk} does not exist: build it with cerulean build "
                          "images/vm.toml --arch amd64 --format qcow2")
     attacks = [a for a in args.attacks.split(",") if a]
@@ -255,20 +346,43 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"Unknown attacks: {', '.join(unknown)} (known: {', '.join(ATTACKS)}).")
     sys.path.insert(0, str(ROOT / "src"))
-    from cerulean.testbed.guest import run_in_guest
+    from cerulean.testbed.demo import local_fleet
+    from cerulean.testbed.guest import credential_args, run_in_guest
+    from cerulean.testbed.qemu import QemuConfig
 
     with tempfile.TemporaryDirectory(prefix="agent-attacks-") as tmp_s:
         tmp = Path(tmp_s)
+        disk = debian_disk(tmp / "debian") if args.debian else args.disk
         (tmp / "attacker.py").write_text(ATTACKER)
-        (tmp / "harness.py").write_text(HARNESS)
+        (tmp / "harness.py").write_text(HARNESS.replace("FLEET_INTERVAL", str(FLEET_INTERVAL)))
         script = GUEST.replace("SECONDS", str(args.seconds)).replace("ATTACKS", " ".join(attacks))
-        run = run_in_guest(args.disk, script, files={"attacker.py": tmp / "attacker.py",
-                                                     "harness.py": tmp / "harness.py"},
-                           out_dir=tmp / "g", timeout_s=600 + len(attacks) * (args.seconds + 60))
+        seen: dict[int, dict[str, Any]] = {}
+        stop = threading.Event()
+        with local_fleet(tmp / "fleet", free_port(), tmp / "fleet.log") as fleet:
+            credential = fleet.guest_credential(GROUP, {"environment": "cloud", "region": "local"})
+            poller = threading.Thread(target=watch_fleet, args=(fleet.api, stop, seen),
+                                      daemon=True)
+            poller.start()
+            try:
+                run = run_in_guest(disk, script, files={"attacker.py": tmp / "attacker.py",
+                                                        "harness.py": tmp / "harness.py"},
+                                   cfg=QemuConfig(extra_args=tuple(credential_args(
+                                       "cerulean.fleet", credential))),
+                                   out_dir=tmp / "g",
+                                   timeout_s=900 + len(attacks) * (args.seconds + 60))
+                time.sleep(2 * FLEET_INTERVAL)  # the last reports, when the guest was late
+            finally:
+                stop.set()
+                poller.join()
         if run.returncode != 0:
             raise SystemExit(f"the guest script failed: {run.text('stderr')[-800:]}")
         results = json.loads(run.text("attacks.json"))
-    report: dict[str, object] = {"label": args.label, "disk": args.disk.name,
+        for name, r in results["attacks"].items():
+            fleet_view(seen, name, r)
+    report: dict[str, object] = {"label": args.label,
+                                 "disk": "plain Debian trixie + cerulean-agent.deb"
+                                 if args.debian else args.disk.name,
+                                 "fleet_interval": FLEET_INTERVAL,
                                  "seconds": args.seconds, "results": results,
                                  "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     RESULTS.mkdir(parents=True, exist_ok=True)

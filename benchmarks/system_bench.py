@@ -120,14 +120,17 @@ def lynis_tree(url: str, dest: Path) -> Path:
     return dest
 
 
-def plain_debian(url: str, arch: str, include: list[str], work: Path) -> tuple[Path, float]:
-    """A plain Debian disk, built and laid out to boot the way Cerulean does."""
+def plain_debian(url: str, arch: str, include: list[str], work: Path,
+                 options: list[str] | None = None) -> tuple[Path, float]:
+    """A plain Debian disk, built and laid out to boot the way Cerulean does (*options*:
+    more of mmdebstrap's, such as hooks)."""
     a = cerulean.arch.get(arch)
     tree = work / "debian-root"
     started = time.perf_counter()
     pkgs = ["systemd-sysv", f"linux-image-cloud-{arch}", "systemd-boot-efi", *include]
     _, r = timed(["mmdebstrap", "--quiet", "--variant=minbase", f"--architectures={arch}",
-                  "--components=main", "--include=" + ",".join(pkgs), "trixie", str(tree), url])
+                  "--components=main", "--include=" + ",".join(pkgs), *(options or []),
+                  "trixie", str(tree), url])
     if r.returncode != 0:
         raise SystemExit(f"mmdebstrap failed: {r.stderr.strip()[-500:]}")
     with overlay(tools_tree(Cache(), lambda _m: None, offline=False), work / "tools") as tools:

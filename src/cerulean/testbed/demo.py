@@ -24,7 +24,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,67 +96,92 @@ def _wait_up(api: Api, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise CeruleanError("The fleet server did not answer within a minute.")
 
 
+@dataclass
+class LocalFleet:
+    api: Api
+    url: str  # as this machine reaches it
+    password: str  # the admin's
+    server: subprocess.Popen[bytes]
+    log: Path
+
+    def guest_credential(self, group: str, labels: dict[str, str]) -> str:
+        """The ``cerulean.fleet`` credential a QEMU guest enrolls with (one use, 2 hours)."""
+        created = self.api.post("/api/v1/enrollment-tokens", {
+            "group": group, "uses": 1, "hours": 2, "labels": labels})
+        port = self.url.rsplit(":", 1)[1]
+        return json.dumps({"server": f"https://{GUEST_HOST}:{port}",
+                           "token": created["token"], "ca-sha256": created["ca_sha256"]})
+
+
+@contextmanager
+def local_fleet(data: Path, port: int, log: Path) -> Iterator[LocalFleet]:
+    """A fleet server of its own (SQLite) in *data*, made the first time, serving on
+    127.0.0.1:*port* (which QEMU guests reach as GUEST_HOST); stopped on exit."""
+    url = f"https://localhost:{port}"
+    if not (data / "fleet.toml").exists():
+        _cli("fleet", "init", "--data", str(data), "--listen", f"127.0.0.1:{port}",
+             "--public-url", url, "--name", "localhost", "--name", "127.0.0.1",
+             "--name", GUEST_HOST)
+    password, token = _login(data)
+    api = Api(url, token, data / "ca.crt")
+    with open(log, "ab") as out:
+        # Stopped below; should this process be killed outright, the kernel stops it.
+        server = subprocess.Popen([sys.executable, "-m", "cerulean.cli", "fleet", "serve",
+                                   "--data", str(data)], stdout=out, stderr=subprocess.STDOUT,
+                                  preexec_fn=process.die_with_parent(signal.SIGTERM))
+    try:
+        _wait_up(api, server, log)
+        yield LocalFleet(api, url, password, server, log)
+    finally:
+        process.stop(server, 10)
+
+
 def run_demo(disk: Path, data: Path, port: int = 8443, timeout_s: float = 1200,
              wait: bool = True, say: Callable[[str], None] = print) -> int:
     if not disk.is_file():
         raise CeruleanError(f"{disk} does not exist: build it with `cerulean build "
                             "images/vm.toml --arch amd64 --format qcow2`.")
     data.mkdir(parents=True, exist_ok=True)
-    fleet = data / "fleet"
-    url = f"https://localhost:{port}"
-    if not (fleet / "fleet.toml").exists():
-        _cli("fleet", "init", "--data", str(fleet), "--listen", f"127.0.0.1:{port}",
-             "--public-url", url, "--name", "localhost", "--name", "127.0.0.1",
-             "--name", GUEST_HOST)
-    password, token = _login(fleet)
-    api = Api(url, token, fleet / "ca.crt")
-    log = data / "server.log"
-    with open(log, "ab") as out:
-        # Stopped below; should this process be killed outright, the kernel stops it.
-        server = subprocess.Popen([sys.executable, "-m", "cerulean.cli", "fleet", "serve",
-                                   "--data", str(fleet)], stdout=out, stderr=subprocess.STDOUT,
-                                  preexec_fn=process.die_with_parent(signal.SIGTERM))
+    fleet_dir = data / "fleet"
     vm: subprocess.Popen[bytes] | None = None
     work: Path | None = None  # the VM's overlay disk and firmware variables
     try:
-        _wait_up(api, server, log)
-        say(f"Fleet server on {url} (log: {log})")
-        created = api.post("/api/v1/enrollment-tokens", {
-            "group": GROUP, "uses": 1, "hours": 2,
-            "labels": {"environment": "cloud", "region": "local"}})
-        credential = json.dumps({"server": f"https://{GUEST_HOST}:{port}",
-                                 "token": created["token"], "ca-sha256": created["ca_sha256"]})
-        before = {h["id"] for h in api.get(f"/api/v1/hosts?group={GROUP}")["hosts"]}
-        work = Path(tempfile.mkdtemp(prefix="cerulean-demo-"))
-        console = data / "vm-console.log"
-        # The first policy run comes 15 minutes after boot; the demo brings it forward.
-        cfg = QemuConfig(extra_args=(
-            *credential_args("cerulean.fleet", credential),
-            *credential_args("systemd.unit-dropin.cerulean-policy.timer",
-                             "[Timer]\nOnBootSec=30s\nRandomizedDelaySec=0\n")))
-        launch = prepare(disk, cfg, work, console=console)
-        vm = process.start(launch.argv, stderr=data / "qemu.stderr")
-        say(f"Booting {disk.name} in QEMU ({launch.accel.accel}); its agent enrolls by "
-            f"itself with the credential cerulean.fleet (console: {console})")
-        host = _wait_for_host(api, before, vm, timeout_s, say, console)
-        say("")
-        say(f"  Dashboard:  {url}/hosts/{host['id']}")
-        say(f"  Log in as:  admin / {password}   (also in {fleet / 'demo-login'})")
-        say(f"  Host:       {host['hostname']} ({host['os']}), {host['packages']} packages, "
-            f"{host['open_alerts']} open alerts, compliance "
-            f"{host['compliance'] or 'on its first policy run'}")
-        say("  The browser will warn about the fleet's own CA: " + str(fleet / "ca.crt"))
-        if wait:
-            say("Press Ctrl-C to stop the VM and the server.")
-            while vm.poll() is None and server.poll() is None:
-                time.sleep(2)
-        return 0
+        with local_fleet(fleet_dir, port, data / "server.log") as fleet:
+            api = fleet.api
+            say(f"Fleet server on {fleet.url} (log: {fleet.log})")
+            credential = fleet.guest_credential(GROUP, {"environment": "cloud",
+                                                        "region": "local"})
+            before = {h["id"] for h in api.get(f"/api/v1/hosts?group={GROUP}")["hosts"]}
+            work = Path(tempfile.mkdtemp(prefix="cerulean-demo-"))
+            console = data / "vm-console.log"
+            # The first policy run comes 15 minutes after boot; the demo brings it forward.
+            cfg = QemuConfig(extra_args=(
+                *credential_args("cerulean.fleet", credential),
+                *credential_args("systemd.unit-dropin.cerulean-policy.timer",
+                                 "[Timer]\nOnBootSec=30s\nRandomizedDelaySec=0\n")))
+            launch = prepare(disk, cfg, work, console=console)
+            vm = process.start(launch.argv, stderr=data / "qemu.stderr")
+            say(f"Booting {disk.name} in QEMU ({launch.accel.accel}); its agent enrolls by "
+                f"itself with the credential cerulean.fleet (console: {console})")
+            host = _wait_for_host(api, before, vm, timeout_s, say, console)
+            say("")
+            say(f"  Dashboard:  {fleet.url}/hosts/{host['id']}")
+            say(f"  Log in as:  admin / {fleet.password}   (also in "
+                f"{fleet_dir / 'demo-login'})")
+            say(f"  Host:       {host['hostname']} ({host['os']}), {host['packages']} "
+                f"packages, {host['open_alerts']} open alerts, compliance "
+                f"{host['compliance'] or 'on its first policy run'}")
+            say("  The browser will warn about the fleet's own CA: " + str(fleet_dir / "ca.crt"))
+            if wait:
+                say("Press Ctrl-C to stop the VM and the server.")
+                while vm.poll() is None and fleet.server.poll() is None:
+                    time.sleep(2)
+            return 0
     except KeyboardInterrupt:
         return 0
     finally:
         if vm is not None:
             process.stop(vm, 10)
-        process.stop(server, 10)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
 
