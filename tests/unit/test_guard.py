@@ -148,7 +148,7 @@ def test_an_overflow_is_audited_exported_and_followed_by_a_rescan(tmp_path: Path
             rules += [a.rule for a in guard.step(wait=0.2)]
         assert "setuid-or-setgid-file" in rules
         assert _metric(guard, "cerulean_watch_overflows_total") == 1
-        assert _metric(guard, "cerulean_watch_rescans_total") == 1
+        assert _metric(guard, "cerulean_watch_rescans_total") >= 1
         # A second overflow within the reporting interval is counted, not written again.
         flood(tmp_path / "tmp/flood")
         deadline = time.monotonic() + 20  # 16,384 events, MAX_BATCH a step

@@ -153,7 +153,7 @@ def test_a_rescan_stops_at_its_limit_and_goes_on_next_time(tmp_path: Path) -> No
         flood(tmp_path / "flood")
         collect(w, lambda got: any(e["file.action"] == "overflow" for e in got))
         found, complete = w.rescan(limit=100)
-        assert not complete and len(found) < 100 and w.rescans_truncated == 1
+        assert not complete and len(found) <= 100 and w.rescans_truncated == 1
         assert w.needs_rescan
         again, _ = w.rescan(limit=100)
         assert not {e["file.path"] for e in again} & {e["file.path"] for e in found}
@@ -441,11 +441,11 @@ def test_a_mode_changed_within_one_tick_of_the_ctime_clock_is_reported(
                                   st_size=4)
     setuid = types.SimpleNamespace(**{**vars(plain), "st_mode": 0o104755})
     with Watcher([tmp_path]) as w:
-        # Events were lost; the rescans that follow are one series (what one reported,
+        # A directory is unwatched; the rescans that follow are one series (what one reported,
         # the next does not report again), here a walk that meets the file twice.
-        w._lost_since, w._overflow_pending = w._fs_now(), True
-        monkeypatch.setattr(w, "_walk", lambda top, unseen=False, fresh_since=None: iter(
-            [(path, plain, False), (path, setuid, False)]))
+        w._lost_since, w.unwatched["/unwatched"] = w._fs_now(), "a test"
+        monkeypatch.setattr(w, "_walk", lambda top, unseen=False, fresh_since=None: (
+            x for x in [(path, plain, False), (path, setuid, False)]))
         first, _ = w.rescan(limit=1)
         second, _ = w.rescan(limit=1)
     assert [e["file.setuid"] for e in first + second] == [False, True]
@@ -458,18 +458,18 @@ def test_a_rescan_whose_walk_fails_is_not_taken_for_complete(
         flood(tmp_path / "flood")
         collect(w, lambda got: any(e["file.action"] == "overflow" for e in got))
         f = setuid_file(tmp_path / "zz-sh")
-        real = w._walk
+        real = w._files_of
 
-        def failing(top: str, unseen: bool = False, fresh_since: Any = None) -> Any:
-            for n, entry in enumerate(real(top, unseen=unseen, fresh_since=fresh_since)):
+        def failing(dirs: list[str]) -> Any:
+            for n, entry in enumerate(real(dirs)):
                 if n == 10:
                     raise MemoryError  # anything but an OSError, part way through
                 yield entry
 
-        monkeypatch.setattr(w, "_walk", failing)
+        monkeypatch.setattr(w, "_files_of", failing)
         with pytest.raises(MemoryError):
             w.rescan()
-        monkeypatch.setattr(w, "_walk", real)
+        monkeypatch.setattr(w, "_files_of", real)
         assert w.needs_rescan
         found = rescan_all(w)
         assert any(e["file.path"] == str(f) and e["file.setuid"] for e in found)
@@ -590,3 +590,30 @@ def test_a_long_walk_starts_over_when_events_are_lost_again(
         assert w.rescans_restarted == 1
         assert [e["file.path"] for e in found if e.get("file.setuid")] == [str(f)]
         assert w._restart_after == watch.RESTART_AFTER_S  # that walk ended: reset
+
+
+def test_after_an_overflow_the_watched_directories_files_come_first(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's flood of directories past the watch limit came, in the walk, before a
+    watched directory whose events the overflow lost: its set-ID file waited until the
+    walk had been through the flood. The files of the watched directories, one level
+    each, come first."""
+    import shutil
+    import tempfile
+
+    monkeypatch.setattr(watch, "MAX_WATCHED", 5)
+    # tmpfs lists what was made last first: the flood comes before the file in a walk.
+    root = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        with Watcher([root]) as w:
+            f = setuid_file(root / "sh")
+            wide = root / "wide"
+            wide.mkdir()
+            for i in range(3000):
+                (wide / f"d{i}").mkdir()
+            w._lost_since, w._overflow_pending = w._fs_now() - 5, True  # lost
+            found, complete = w.rescan(limit=500)
+            assert not complete
+            assert [e["file.path"] for e in found if e.get("file.setuid")] == [str(f)]
+    finally:
+        shutil.rmtree(root)

@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import itertools
 import math
 import os
 import select
@@ -59,6 +60,10 @@ RESCAN_MAX_ENTRIES = 20_000  # directory entries one rescan looks at, at most
 # trees a user keeps growing. Each such restart doubles the time before the next, so that
 # a walk always ends.
 RESTART_AFTER_S = 10.0
+SKIP_COST = 16  # subdirectories passed over by type alone that count as one entry looked at
+# After an overflow, the entries of each watched directory a rescan looks at first; a larger
+# directory (a user's flood) is left to the walk that follows.
+FIRST_LOOK_ENTRIES = 4096
 RESCAN_MAX_EVENTS = 5000  # changed files one rescan reports, at most (it goes on next time)
 REPORTED_KEEP = 20_000  # changes a series of rescans remembers having reported
 MAX_DEPTH = 100  # directory levels one walk enters (each holds two open files); deeper: ELOOP
@@ -100,6 +105,8 @@ GONE = ("deleted", "moved-out")  # actions after which the path no longer names 
 Event = dict[str, Any]
 # (path, lstat result, whether it is in a directory new to the watch) of each entry
 Walk = Generator[tuple[str, os.stat_result, bool], None, None]
+# (path, lstat result (None: only counts), the time changes count from) of a rescan
+Pass = Generator[tuple[str, os.stat_result | None, float], None, None]
 
 
 class WatchError(OSError):
@@ -197,7 +204,7 @@ class Watcher:
         # (Past UNWATCHED_KEEP of them, only the ctimes tell: counted as ENOBUFS.)
         self._unseen: set[str] = set()
         # The rescan under way: what is left of its walk, and since when it reports.
-        self._pass: Generator[tuple[str, os.stat_result, float], None, None] | None = None
+        self._pass: Pass | None = None
         self._pass_since = 0.0
         self._pass_started = 0.0
         self._pass_unseen: list[str] = []  # the unseen directories it reports whole
@@ -478,12 +485,14 @@ class Watcher:
                 if t not in self._unseen]
             self._pass_unseen = unseen
             self._pass_roots = self._overflow_pending
+            # After an overflow, the files of the watched directories first, one level
+            # each (the events lost were theirs; a user's flood of unwatchable
+            # directories, walked next, must not come before them).
+            first = list(self.paths.values()) if self._overflow_pending else []
             # What is lost from now on is for the next walk.
             self._overflow_pending = False
             self._lost_since = None
-            self._pass = ((path, st, -math.inf if fresh else since) for top, since in tops
-                          for path, st, fresh in self._walk(
-                              top, unseen=since == -math.inf, fresh_since=since))
+            self._pass = self._pass_walk(first, tops)
         events: list[Event] = []
         send = sink or events.append
         reported = 0
@@ -491,7 +500,7 @@ class Watcher:
         kept: list[int] = []  # what this call reported (and remembers having reported)
         try:
             for looked, (path, st, since) in enumerate(self._pass, 1):
-                if not stat.S_ISDIR(st.st_mode) and st.st_ctime >= since:
+                if st is not None and not stat.S_ISDIR(st.st_mode) and st.st_ctime >= since:
                     # What a file is now, not only when it changed: a mode changed within
                     # the same tick of the ctime clock is another change.
                     key = hash((path, st.st_ino, st.st_ctime_ns, st.st_mode, st.st_uid,
@@ -530,6 +539,51 @@ class Watcher:
         else:
             self.rescans_truncated += 1
         return events, complete
+
+    def _pass_walk(self, first: list[str], tops: list[tuple[str, float]]) -> Pass:
+        """A rescan's walk: the files of the directories *first*, then the trees *tops*
+        (each with the time changes count from), as (path, lstat result or None, since)."""
+        since0 = self._pass_since
+        yield from ((path, st, since0) for path, st in self._files_of(first))
+        for top, since in tops:
+            walk = self._walk(top, unseen=since == -math.inf, fresh_since=since)
+            try:
+                for path, st, fresh in walk:
+                    yield path, st, -math.inf if fresh else since
+            finally:
+                walk.close()  # its open directories, also when this walk is closed
+
+    def _files_of(self, dirs: list[str]) -> Generator[tuple[str, os.stat_result | None],
+                                                        None, None]:
+        """What is directly in each of *dirs* but directories, as (path, lstat result), at
+        most FIRST_LOOK_ENTRIES entries of each;
+        directories are told apart by their type without a stat, and each SKIP_COST of
+        them, like each directory opened, yields ("", None), so that they count against
+        a rescan's limit too."""
+        skipped = 0
+        for d in dirs:
+            yield "", None  # each directory opened counts as an entry
+            try:
+                fd = open_dir(d)
+            except OSError:
+                continue
+            try:
+                with os.scandir(fd) as it:
+                    for entry in itertools.islice(it, FIRST_LOOK_ENTRIES):
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                skipped += 1
+                                if skipped % SKIP_COST == 0:
+                                    yield "", None
+                                continue
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        yield f"{d.rstrip('/')}/{entry.name}", st
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def fileno(self) -> int:
         return int(self.fd)
