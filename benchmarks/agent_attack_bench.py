@@ -155,7 +155,7 @@ def scrape():
     except Exception as e:
         return False, [f"scrape failed: {type(e).__name__}: {e}"]
     words = ("drop", "overflow", "refus", "evict", "truncat", "rotat", "unwatched", "degrad",
-             "suppress", "limit", "error")
+             "suppress", "limit", "error", "rescans", "restart")
     hot = []
     for line in text.splitlines():
         if line.startswith("#") or " " not in line:
@@ -286,7 +286,8 @@ def free_port() -> int:
 
 
 def debian_disk(work: Path) -> Path:
-    """Plain Debian trixie, the agent's .deb installed by apt and its service enabled."""
+    """Plain Debian trixie, the agent's .deb installed by apt and its service enabled, and
+    a wired network configured by DHCP (systemd-networkd), so that it reaches the fleet."""
     from build_bench import mirror
     from system_bench import plain_debian
 
@@ -294,9 +295,12 @@ def debian_disk(work: Path) -> Path:
 
     deb = agent.build_deb(work / "deb").path
     hooks = "/usr/share/mmdebstrap/hooks/file-mirror-automount"  # the .deb, inside
+    network = "[Match]\\nName=en* eth*\\n\\n[Network]\\nDHCP=yes\\n"
     raw, seconds = plain_debian(mirror(), "amd64", ["procps", str(deb)], work, [
         f"--hook-dir={hooks}",
-        '--customize-hook=chroot "$1" systemctl enable cerulean-agent.service'])
+        f"--customize-hook=printf '{network}' > \"$1/etc/systemd/network/20-wired.network\"",
+        '--customize-hook=chroot "$1" systemctl enable cerulean-agent.service '
+        'systemd-networkd.service'])
     print(f"plain Debian with {deb.name}: built in {seconds:.0f} s", file=sys.stderr)
     return raw
 
