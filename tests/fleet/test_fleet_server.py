@@ -494,3 +494,23 @@ def test_numbers_json_allows_and_no_column_holds_are_refused_not_500(
         "machine_id": float("nan")}, token="")
     assert 400 <= status < 500, (status, body)
     assert fleet.api("GET", "/api/v1/health", token="")[0] == 200
+
+
+def test_a_host_renames_itself_only_to_a_host_name(fleet: Fleet, tmp_path: Path) -> None:
+    """A host could rename itself to anything through its inventory: only what
+    enrollment takes as a host name is taken (the rest of the inventory is rejected
+    with it; the name shown stays)."""
+    link = enroll(fleet, host_root(tmp_path, "web-7"), "web-7")
+    host = link.enrollment.host_id
+    inventory = {"packages": [["bash", "5.2", "amd64"]], "arch": "amd64"}
+    bad = ["<b>web-1</b>", "web 1", "ｗeb-1", "-web", "a" * 254, ""]
+    reports = [{"id": f"{host}:1:{i}", "kind": "inventory", "created": 1764230000.0 + i,
+                "body": {**inventory, "hostname": name}} for i, name in enumerate(bad)]
+    reports.append({"id": f"{host}:1:9", "kind": "inventory", "created": 1764230100.0,
+                    "body": {**inventory, "hostname": "web-7.example.org"}})
+    ack = link.call(fleetlink.REPORTS_PATH, {"reports": reports, "dropped": 0})
+    assert ack["acknowledged"] == [f"{host}:1:9"], ack
+    assert {r["reason"] for r in ack["rejected"]} == {
+        "'hostname' is not a host name (letters, digits, dots and hyphens)",
+        "'hostname' must be a text of at most 253 characters"}
+    assert fleet.api("GET", f"/api/v1/hosts/{host}")[1]["hostname"] == "web-7.example.org"

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from cerulean.fleet.db import Alert, ComplianceResult, Host, Package, ReceivedReport
 from cerulean.protocol.fleet import (
+    HOSTNAME,
     MAX_BATCH,
     PRIORITIES,
     REPORT_ID,
@@ -155,7 +156,11 @@ def apply_inventory(s: Session, host: Host, r: Report) -> None:
             isinstance(p, list) and len(p) == 3 and all(isinstance(x, str) and 0 < len(x) <= 128
                                                         for x in p) for p in packages):
         raise BadReport("'packages' must be a list of [name, version, architecture]")
-    fields = {"hostname": _str(b, "hostname", 253, host.hostname),
+    hostname = _str(b, "hostname", 253, host.hostname)
+    if hostname != host.hostname and not HOSTNAME.match(hostname):
+        # What enrollment takes, nothing else: no spaces, markup or look-alike letters.
+        raise BadReport("'hostname' is not a host name (letters, digits, dots and hyphens)")
+    fields = {"hostname": hostname,
               "arch": _str(b, "arch", 16, ""), "kernel": _str(b, "kernel", 128, ""),
               "os_release": _dict(b, "os_release"), "update": _update(b),
               "cves": _dict(b, "cves")}
