@@ -496,3 +496,30 @@ def test_a_long_entry_from_before_the_bound_is_not_taken_for_tampering(
         assert actions == ["alert.x", "alert.x", *(["alert.audit-head-rebuilt"] * damaged),
                            "y"]
         assert log.verify().ok
+
+
+def test_verify_never_sees_an_append_half_done(tmp_path: Path) -> None:
+    """An append writes its line, then the head: a verify that read between the two took
+    the head for deleted (the agent's first alert and a verify at the same moment)."""
+    import threading
+    import time
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("test", "first")
+    held = threading.Event()
+
+    def mid_append() -> None:  # what an append looks like from outside, half done
+        with log._locked():
+            head = log.head_path.read_bytes()
+            log.head_path.unlink()
+            held.set()
+            time.sleep(0.3)
+            log.head_path.write_bytes(head)
+
+    t = threading.Thread(target=mid_append)
+    t.start()
+    held.wait(5)
+    try:
+        assert log.verify().ok
+    finally:
+        t.join()

@@ -181,6 +181,22 @@ class AuditLog:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A shared hold on the trail's lock while it is read whole: an append (which
+        writes its line, then the head) is never seen half done. Where the lock cannot
+        be opened (no trail yet, a read-only copy), the trail is read as it is."""
+        try:
+            fd = os.open(self.path.with_suffix(".lock"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # never made by a reader
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
     def segments(self) -> list[Path]:
         """The archived segments, oldest first."""
         try:
@@ -676,6 +692,12 @@ class AuditLog:
     # -- checking ---------------------------------------------------------------------------
 
     def verify(self) -> Verdict:
+        """Check every entry and the chain, across the archived segments; stops at the
+        first broken link. Appends wait while it reads."""
+        with self._reading():
+            return self._verify()
+
+    def _verify(self) -> Verdict:
         """Check every entry and the chain, across the archived segments; stops at the
         first broken link.
 
