@@ -292,3 +292,34 @@ def test_a_failed_round_of_detection_is_a_metric_and_an_audit_entry(tmp_path: Pa
         assert "cerulean_detection_errors_total 3" in text, text
     finally:
         guard.close()
+
+
+def test_a_program_deleted_after_a_snapshot_saw_it_running_is_reported(
+        tmp_path: Path) -> None:
+    """Run a program, let one snapshot see it, then delete its file: the snapshot keyed
+    the process by PID and path alone, so the deletion was never a new item and the
+    rule never fired (a booted vm's test found it, one run in several)."""
+    import subprocess
+
+    prog = tmp_path / "gone"
+    prog.write_bytes(Path("/usr/bin/sleep").read_bytes())
+    prog.chmod(0o755)
+    proc = subprocess.Popen([str(prog), "30"])
+    try:
+        trail = AuditLog(tmp_path / "audit.jsonl")
+        rules = [r for r in load_rule_files([SHIPPED]) if r.name == "program-from-deleted-file"]
+        guard = Guard(rules, trail, Path("/"), interval=0.01, say=lambda m: None)
+        guard.start()
+        try:
+            time.sleep(0.05)
+            assert guard.step() == []  # running, its file there: nothing yet
+            prog.unlink()
+            time.sleep(0.05)
+            alerts = guard.step()
+            assert [a.rule for a in alerts] == ["program-from-deleted-file"], alerts
+            assert alerts[0].evidence["proc.pid"] == proc.pid
+        finally:
+            guard.close()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -92,8 +92,10 @@ class Guard:
             self.journal = sensors.JournalFollower()
         root = self.root
         table: list[tuple[str, Callable[[], list[dict[str, Any]]], Callable[[Any], Any], bool]] = [
+            # A program whose file is deleted once it runs is another item: a snapshot
+            # taken between its start and the deletion must not hide the deletion.
             ("process", lambda: sensors.processes(root),
-             lambda e: (e["proc.pid"], e["proc.exe"]), True),
+             lambda e: (e["proc.pid"], e["proc.exe"], bool(e.get("proc.exe_deleted"))), True),
             ("account", lambda: sensors.accounts(root), lambda e: (e["user.name"], e["user.uid"]),
              False),
             ("socket", lambda: sensors.listening(root),
