@@ -329,21 +329,17 @@ class RateLimit:
         w = self._open.get(key)
         if w is None or alert.time >= w.start + self.window:
             w = self._open[key] = _Window(alert.time)
-        if critical:  # only the owner's limit: one user must not use up the rule's
-            if w.written < self.burst:
-                w.written += 1
-                return True
-            w.more += 1
-            w.priority, w.tags, w.last = alert.priority, alert.tags, alert.message
-            return False
-        total = self._rules.get(alert.rule)
-        if total is None or alert.time >= total.start + self.window:
-            total = self._rules[alert.rule] = _Window(alert.time)
-        if w.written < self.burst and total.written < self.rule_burst:
+        total = None  # a critical alert meets its owner's limit only, never the rule's
+        if not critical:
+            total = self._rules.get(alert.rule)
+            if total is None or alert.time >= total.start + self.window:
+                total = self._rules[alert.rule] = _Window(alert.time)
+        if w.written < self.burst and (total is None or total.written < self.rule_burst):
             w.written += 1
-            total.written += 1
+            if total is not None:
+                total.written += 1
             return True
-        held = w if w.written >= self.burst else total  # whose limit it met
+        held = w if total is None or w.written >= self.burst else total  # whose limit
         held.more += 1
         held.priority, held.tags, held.last = alert.priority, alert.tags, alert.message
         return False

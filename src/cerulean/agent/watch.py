@@ -464,10 +464,7 @@ class Watcher:
         if (self._pass is not None and self._lost_since is not None
                 and self._fs_now() - self._pass_started >= self._restart_after):
             # Lost again while a long walk goes on: start over, for all it had to report.
-            self._pass.close()
-            self._pass = None
-            self._overflow_pending = self._overflow_pending or self._pass_roots
-            self._lost_since = min(self._lost_since, self._pass_since + CTIME_SLACK_S)
+            self._abandon_pass(self._pass_roots)
             self._restart_after *= 2
             self.rescans_restarted += 1
         if self._pass is None:
@@ -517,12 +514,7 @@ class Watcher:
         except BaseException:
             # A walk that failed is not taken for complete: the next starts again, from
             # every root, for what changed since this one's start.
-            self._pass.close()
-            self._pass = None
-            self._overflow_pending = True
-            since = self._pass_since + CTIME_SLACK_S
-            self._lost_since = since if self._lost_since is None else min(self._lost_since,
-                                                                          since)
+            self._abandon_pass(True)
             if sink is None:  # what it found is lost with it: to be reported again
                 self._reported.difference_update(kept)
             raise
@@ -539,6 +531,16 @@ class Watcher:
         else:
             self.rescans_truncated += 1
         return events, complete
+
+    def _abandon_pass(self, roots: bool) -> None:
+        """Drop the walk under way (closing its files): the next starts over (from every
+        root if *roots*), for all it had to report since its own losses."""
+        if self._pass is not None:
+            self._pass.close()
+            self._pass = None
+        self._overflow_pending = self._overflow_pending or roots
+        since = self._pass_since + CTIME_SLACK_S
+        self._lost_since = since if self._lost_since is None else min(self._lost_since, since)
 
     def _pass_walk(self, first: list[str], tops: list[tuple[str, float]]) -> Pass:
         """A rescan's walk: the files of the directories *first*, then the trees *tops*

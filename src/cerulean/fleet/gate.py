@@ -72,6 +72,10 @@ def body_limit(path: str) -> int:
     return MAX_BODY
 
 
+def _too_large(limit: int) -> Refusal:
+    return Refusal(413, f"The request body is larger than this call takes ({limit} bytes).")
+
+
 class BodyTooLarge(HTTPException):
     """Raised as a request's body passes its limit; FastAPI answers it (413) like any
     HTTPException, also from inside the reading of a body it parses."""
@@ -128,12 +132,10 @@ class Gate:
             await self.app(scope, receive, send)
             return
         limit = body_limit(scope["path"])
-        too_large = Refusal(413, f"The request body is larger than this call takes "
-                                 f"({limit} bytes).")
         for k, v in scope["headers"]:
             if k.lower() == b"content-length" and (not v.strip().isdigit()
                                                    or int(v) > limit):
-                await too_large.send(send)  # announced: refused before a byte is read
+                await _too_large(limit).send(send)  # announced: refused before it is read
                 return
         read = 0
         started = False
@@ -163,7 +165,7 @@ class Gate:
             await self.app(scope, capped_receive, noted_send)
         except BodyTooLarge:
             if not started:  # else the answer is under way: the connection just ends
-                await too_large.send(send)
+                await _too_large(limit).send(send)
 
     async def check(self, scope: Any) -> Caller:
         path: str = scope["path"]
