@@ -169,6 +169,16 @@ def scrape():
                 pass
     return True, hot
 
+def metric(name):
+    """The value of the agent's metric *name* now (None: not there, or no scrape)."""
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:9477/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except Exception:
+        return None
+    return next((float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                 if l.startswith(name + " ")), None)
+
 def trail_has(text):
     try:
         with TRAIL.open("rb") as f:
@@ -195,7 +205,12 @@ for i in range(600):
     time.sleep(0.5)
 time.sleep(30)
 results = {"memory_max": show("MemoryMax"), "cpu_quota_per_sec": show("CPUQuotaPerSecUSec"),
-           "enrolled": enrolled.exists(), "os": next((l.split("=", 1)[1].strip('"') for l in
+           "enrolled": enrolled.exists(),
+           "marked_filesystems": metric("cerulean_watch_marked_filesystems"),
+           "security": (subprocess.run(["systemd-analyze", "security", "--no-pager",
+                                        "cerulean-agent.service"], capture_output=True,
+                                       text=True).stdout.strip().splitlines() or ["?"])[-1],
+           "os": next((l.split("=", 1)[1].strip('"') for l in
                       pathlib.Path("/etc/os-release").read_text().splitlines()
                       if l.startswith("PRETTY_NAME=")), "?"),
            "attacks": {}}
@@ -312,7 +327,8 @@ def markdown(report: dict[str, object]) -> str:
         f"`{report['label']}` ({report['disk']}, {report['when']}; {report['seconds']} s per "
         f"attack, as `nobody`; the unit's MemoryMax {res['memory_max']}; enrolled in the "
         f"fleet: {'yes' if res.get('enrolled') else 'no'}, reporting every "
-        f"{report.get('fleet_interval', '?')} s):",
+        f"{report.get('fleet_interval', '?')} s; file systems under fanotify marks: "
+        f"{res.get('marked_filesystems')}; {res.get('security', '?')}):",
         "",
         "| attack | service | restarts | set-ID alert after | at the fleet after | "
         "peak memory | CPU share | metrics scrape | its own degradation shown | "

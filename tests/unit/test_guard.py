@@ -323,3 +323,43 @@ def test_a_program_deleted_after_a_snapshot_saw_it_running_is_reported(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_set_id_file_past_the_watch_limit_is_alerted_at_once_with_marks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard marks the watched file systems: a set-ID file made in a directory the
+    watch limit left unwatched is alerted in the step that reads it, not at a rescan."""
+    from test_watch import setuid_file
+
+    from cerulean.agent import watch
+
+    monkeypatch.setattr(watch, "MAX_WATCHED", 1)
+    said: list[str] = []
+    guard, _trail = _file_guard(tmp_path, said)
+    (tmp_path / "tmp/blind").mkdir()
+    guard.start()
+    try:
+        if _metric(guard, "cerulean_watch_marked_filesystems") == 0:
+            pytest.skip(f"no marks here: {said}")
+        guard._next_rescan = guard.clock() + 3600  # no rescan may find it
+        setuid_file(tmp_path / "tmp/blind/sh")
+        rules: list[str] = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "setuid-or-setgid-file" not in rules:
+            rules += [a.rule for a in guard.step(wait=0.2)]
+        assert "setuid-or-setgid-file" in rules
+        assert _metric(guard, "cerulean_watch_rescans_total") == 0
+    finally:
+        guard.close()
+
+
+def test_without_marks_the_guard_still_watches(tmp_path: Path) -> None:
+    said: list[str] = []
+    guard, _trail = _file_guard(tmp_path, said)
+    guard.marks = False
+    guard.start()
+    try:
+        assert _metric(guard, "cerulean_watch_marked_filesystems") == 0
+        assert _metric(guard, "cerulean_watch_up") == 1
+    finally:
+        guard.close()

@@ -617,3 +617,252 @@ def test_after_an_overflow_the_watched_directories_files_come_first(
             assert [e["file.path"] for e in found if e.get("file.setuid")] == [str(f)]
     finally:
         shutil.rmtree(root)
+
+
+# fanotify marks on whole file systems: what inotify cannot watch is still seen at once.
+
+def marks_or_skip(w: Watcher) -> None:
+    if not w.marked:
+        pytest.skip(f"fanotify marks are not available here ({w.marks_error})")
+
+
+@pytest.mark.parametrize("marks", [True, False])
+def test_a_set_id_file_in_a_directory_past_the_watch_limit_is_seen_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, marks: bool) -> None:
+    """A user's flood of directories leaves some unwatched (the watch limit, or an
+    overflow before they were watched): inotify sees nothing in them, and without
+    marks a set-ID file made there waits for a rescan to reach it."""
+    monkeypatch.setattr(watch, "MAX_WATCHED", 2)
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    with Watcher([tmp_path], marks=marks) as w:
+        if marks:
+            marks_or_skip(w)
+        blind = sorted(set(w.unwatched))
+        assert len(blind) == 2 and w.needs_rescan
+        f = setuid_file(Path(blind[0]) / "sh")
+        (Path(blind[1]) / "deeper").mkdir()
+        g = setuid_file(Path(blind[1]) / "deeper/sh")
+        events = collect(w, lambda got: {str(f), str(g)} <= {e["file.path"] for e in got},
+                         timeout=2.0)
+        hits = {e["file.path"]: e for e in events if e.get("file.setuid")}
+        if not marks:
+            assert hits == {}  # left to a rescan
+            return
+        assert set(hits) == {str(f), str(g)}
+        assert hits[str(f)]["file.action"] == "created"
+        assert set(hits[str(f)]["file.actions"]) <= {"created", "attributes"}
+        assert len(hits[str(f)]["file.actions"]) >= 1
+        # What a rescan finds of them was reported already.
+        found = rescan_all(w)
+        assert not any(e["file.path"] in (str(f), str(g)) for e in found)
+
+
+def test_marks_report_only_what_inotify_does_not_and_only_in_the_trees(
+        tmp_path: Path) -> None:
+    watched, left_out, outside = tmp_path / "in", tmp_path / "in/skip", tmp_path / "out"
+    left_out.mkdir(parents=True)
+    outside.mkdir()
+    with Watcher([watched], exclude=[left_out], marks=True) as w:
+        marks_or_skip(w)
+        setuid_file(left_out / "sh")
+        setuid_file(outside / "sh")
+        f = setuid_file(watched / "sh")
+        events = collect(w, lambda got: False, timeout=1.0)
+        assert [e["file.path"] for e in events] == [str(f)]  # once, from inotify
+        assert events[0]["file.actions"] == ["created", "written", "attributes"]
+
+
+def test_a_directory_the_marks_report_on_is_watched_from_then_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "MAX_WATCHED", 2)
+    (tmp_path / "0").mkdir()  # listed first (ext4's order is not names', hence a check)
+    (tmp_path / "a").mkdir()
+    with Watcher([tmp_path], marks=True) as w:
+        marks_or_skip(w)
+        watched = next(p for p in w.paths.values() if p != str(tmp_path))
+        other = Path(watched).name
+        blind = tmp_path / ("a" if other == "0" else "0")
+        assert str(blind) in w.unwatched
+        (blind / "f").touch()  # no room: still unwatched, reported all the same
+        assert [e["file.path"] for e in collect(w, bool, 2.0)] == [str(blind / "f")]
+        os.rmdir(watched)  # room again
+        assert [e["file.path"] for e in collect(w, bool, 2.0)] == [watched]
+        (blind / "g").touch()
+        assert [e["file.path"] for e in collect(w, bool, 2.0)] == [str(blind / "g")]
+        assert str(blind) in w.paths.values() and not w.unwatched
+        h = setuid_file(blind / "h")
+        got = collect(w, lambda got: any(e.get("file.setuid") for e in got), 2.0)
+        assert [e["file.path"] for e in got] == [str(h)]  # once: inotify's
+
+
+def test_an_overflow_of_the_marks_queue_is_counted_and_rescanned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "MAX_WATCHED", 1)
+    (tmp_path / "blind").mkdir()
+    with Watcher([tmp_path], marks=True) as w:
+        marks_or_skip(w)
+        rescan_all(w)
+        assert w.marks_overflowed == 0
+        # fanotify queues 16,384 events; nobody reads while these are made.
+        for i in range(17_000):
+            os.close(os.open(tmp_path / "blind" / str(i), os.O_CREAT | os.O_WRONLY, 0o600))
+        drain(w)
+        assert w.marks_overflowed >= 1 and w.needs_rescan
+
+
+def test_without_marks_the_watch_goes_on_and_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+    import errno
+
+    real = watch.load_libc()
+
+    class NoFanotify:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def fanotify_init(self, *_args: Any) -> int:
+            ctypes.set_errno(errno.EPERM)
+            return -1
+
+    monkeypatch.setattr(watch, "load_libc", NoFanotify)
+    with Watcher([tmp_path], marks=True) as w:
+        assert w.marked == 0 and w.marks_error == "fanotify cannot start: Operation not permitted"
+        f = setuid_file(tmp_path / "sh")
+        assert any(e["file.path"] == str(f) for e in collect(w, bool, 2.0))
+
+
+def test_a_file_system_that_cannot_be_marked_leaves_the_others_marked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+    import errno
+    import shutil
+    import tempfile
+
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    real = watch.load_libc()
+
+    class NoMarkOnShm:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def fanotify_mark(self, fd: int, flags: int, mask: int, dfd: int, path: Any) -> int:
+            if os.readlink(f"/proc/self/fd/{dfd}").startswith("/dev/shm"):
+                ctypes.set_errno(errno.EOPNOTSUPP)
+                return -1
+            return int(real.fanotify_mark(fd, flags, mask, dfd, path))
+
+    monkeypatch.setattr(watch, "load_libc", NoMarkOnShm)
+    try:
+        with Watcher([tmp_path, shm], marks=True) as w:
+            marks_or_skip(w)
+            assert w.marked == 1
+            assert w.marks_error == (f"the file system of {shm} cannot be marked: "
+                                     f"{os.strerror(errno.EOPNOTSUPP)}")
+            f = setuid_file(tmp_path / "sh")
+            assert any(e["file.path"] == str(f) for e in collect(w, bool, 2.0))
+    finally:
+        shutil.rmtree(shm)
+
+
+def _one_blind(tmp_path: Path, w: Watcher) -> tuple[Path, str]:
+    """The directory left unwatched (MAX_WATCHED 2: the root and one other), and the
+    watched one."""
+    watched = next(p for p in w.paths.values() if p != str(tmp_path))
+    (blind,) = w.unwatched
+    return Path(blind), watched
+
+
+def test_what_was_queued_before_the_marks_watched_a_directory_is_reported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The marks watch an unwatched directory at its first event once there is room:
+    the events queued after that one, before the watch, never reach inotify."""
+    monkeypatch.setattr(watch, "MAX_WATCHED", 2)
+    (tmp_path / "0").mkdir()
+    (tmp_path / "a").mkdir()
+    with Watcher([tmp_path], marks=True) as w:
+        marks_or_skip(w)
+        blind, watched = _one_blind(tmp_path, w)
+        os.rmdir(watched)
+        collect(w, bool, 2.0)  # its watch is gone: room for one more
+        (blind / "decoy").touch()
+        f = setuid_file(blind / "sh")
+        events = collect(w, lambda got: any(e.get("file.setuid") for e in got), 2.0)
+        assert str(blind) in w.paths.values()
+        assert any(e["file.path"] == str(f) and e["file.setuid"] for e in events)
+
+
+def test_a_directory_moved_into_an_unwatched_one_is_looked_into(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "MAX_WATCHED", 2)
+    root, outside = tmp_path / "in", tmp_path / "out"
+    (root / "0").mkdir(parents=True)
+    (root / "a").mkdir()
+    (outside / "d").mkdir(parents=True)
+    f = setuid_file(outside / "d/sh")  # made outside the watched trees
+    with Watcher([root], marks=True) as w:
+        marks_or_skip(w)
+        (blind,) = w.unwatched
+        os.rename(outside / "d", Path(blind) / "d")
+        events = collect(w, lambda got: any(e.get("file.setuid") for e in got), 2.0)
+        hits = [e for e in events if e.get("file.setuid")]
+        assert [e["file.path"] for e in hits] == [f"{blind}/d/sh"]
+        assert any(e["file.path"] == f"{blind}/d" and e["file.type"] == "dir" for e in events)
+        del f
+
+
+def test_events_in_a_directory_that_cannot_be_watched_count_it_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "MAX_WATCHED", 1)
+    monkeypatch.setattr(watch, "UNWATCHED_KEEP", 0)  # not even kept by name
+    (tmp_path / "a").mkdir()
+    with Watcher([tmp_path], marks=True) as w:
+        marks_or_skip(w)
+        before = w.unwatched_total
+        for i in range(50):
+            (tmp_path / "a" / str(i)).touch()
+        events = collect(w, lambda got: len(got) >= 50, 3.0)
+        assert len(events) == 50
+        assert w.unwatched_total <= before + 1
+
+
+def test_marks_leave_directories_past_path_max_to_inotify(tmp_path: Path) -> None:
+    with Watcher([tmp_path], marks=True) as w:
+        marks_or_skip(w)
+        deep = _long_chain(tmp_path)
+        collect(w, lambda got: False, 1.0)
+        f = _setuid_at(deep)
+        events = collect(w, lambda got: any(e["file.path"] == f for e in got), 3.0)
+        assert any(e["file.path"] == f and e["file.setuid"] for e in events)
+        assert "ENAMETOOLONG" not in w.errors
+
+
+def test_a_root_on_a_bind_mount_shares_its_file_systems_marks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two roots on one file system, the first a bind mount of a part of it: events
+    under the second are decoded on the second's mount."""
+    import subprocess
+
+    fs, bound = tmp_path / "fs", tmp_path / "bound"
+    fs.mkdir()
+    bound.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "cerulean-test", str(fs)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount here")
+    try:
+        (fs / "s1").mkdir()
+        (fs / "s2/u").mkdir(parents=True)
+        subprocess.run(["mount", "--bind", str(fs / "s1"), str(bound)], check=True)
+        try:
+            monkeypatch.setattr(watch, "MAX_WATCHED", 2)  # the two roots only
+            with Watcher([bound, fs / "s2"], marks=True) as w:
+                marks_or_skip(w)
+                assert w.marked == 1 and str(fs / "s2/u") in w.unwatched
+                f = setuid_file(fs / "s2/u/sh")
+                events = collect(w, lambda got: any(e.get("file.setuid") for e in got), 2.0)
+                assert [e["file.path"] for e in events if e.get("file.setuid")] == [str(f)]
+        finally:
+            subprocess.run(["umount", str(bound)], check=True)
+    finally:
+        subprocess.run(["umount", str(fs)], check=True)

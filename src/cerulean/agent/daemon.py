@@ -261,7 +261,7 @@ def run(root: Path = Path("/"), say: Callable[[str], None] = print,
         rules = load_rule_files([root / "usr/lib/cerulean/rules.d",
                                  root / "etc/cerulean/rules.d"])
         guard = Guard(rules, AuditLog(Host(root).audit_log), root, cfg.watch,
-                      float(cfg.scan_interval), say)
+                      float(cfg.scan_interval), say, confine=root == Path("/"))
         guard.start()
     server: metrics.MetricsServer | None = None
 

@@ -27,9 +27,10 @@ from typing import Any
 
 from cerulean.agent import metrics, sensors
 from cerulean.agent.audit import AuditLog
+from cerulean.agent.confine import ConfineError, confine
 from cerulean.agent.detect import Alert, DetectionRule, RateLimit, match
 from cerulean.agent.metrics import Family
-from cerulean.agent.watch import Watcher, WatchError
+from cerulean.agent.watch import FsMarks, Watcher, WatchError
 from cerulean.errors import CeruleanError
 
 WATCH = ("/etc", "/boot", "/root", "/home", "/tmp", "/var/tmp", "/dev/shm")
@@ -66,6 +67,13 @@ class Guard:
     interval: float = 10.0
     say: Callable[[str], None] = print
     clock: Callable[[], float] = time.time
+    # fanotify marks on the watched trees' file systems, beside the inotify watches (see
+    # cerulean.agent.watch.FsMarks): without them (no CAP_SYS_ADMIN), what changes in a
+    # directory inotify cannot watch waits for a rescan.
+    marks: bool = True
+    # Once the marks are set, give up what only setting them needed (see
+    # cerulean.agent.confine): for the service, never for a guard inside another program.
+    confine: bool = False
     alerts: int = 0
     by_rule: dict[tuple[str, str], int] = field(default_factory=dict)  # (rule, priority)
     journal: sensors.JournalFollower | None = None  # auth events; made by start()
@@ -77,6 +85,8 @@ class Guard:
     _snapshots: list[tuple[str, sensors.NewOnly]] = field(default_factory=list, repr=False)
     _next_poll: float = field(default=0.0, repr=False)
     _watch_error: str = field(default="", repr=False)  # why inotify could not start
+    _marks: FsMarks | None = field(default=None, repr=False)
+    _marks_error: str = field(default="", repr=False)  # why there are none
     _watch_retry: float = field(default=0.0, repr=False)
     _next_rescan: float = field(default=0.0, repr=False)
     _seen: dict[str, int] = field(default_factory=dict, repr=False)  # counts reported
@@ -87,6 +97,7 @@ class Guard:
     def start(self) -> None:
         kinds = {r.event for r in self.rules}
         if "file" in kinds:
+            self._open_marks()
             self._start_watch()
         if "auth" in kinds and self.journal is None and self.root == Path("/"):
             self.journal = sensors.JournalFollower()
@@ -113,14 +124,41 @@ class Guard:
         self._write(self.limit.summaries(self.clock(), flush=True))  # nothing held back
         if self._watcher is not None:
             self._watcher.close()
+        if self._marks is not None:
+            self._marks.close()
         if self.journal is not None:
             self.journal.close()
+
+    def _open_marks(self) -> None:
+        """The fanotify marks, set once (a watch started again uses them too); then,
+        with :attr:`confine`, the process gives up CAP_SYS_ADMIN and all but the marks'
+        use of open_by_handle_at. Marks it cannot confine to that are closed."""
+        if self.marks:
+            try:
+                self._marks = FsMarks([str(self.root / w.lstrip("/")) for w in self.watch])
+                self._marks_error = "; ".join(self._marks.failed)
+            except WatchError as e:
+                self._marks_error = str(e.strerror or e)
+        if not self.confine:
+            return
+        try:
+            confine(self._marks.mounts() if self._marks is not None else [])
+        except ConfineError as e:
+            if self._marks is not None:
+                self._marks.close()
+                self._marks = None
+            self._marks_error = f"the agent cannot confine them ({e.strerror or e})"
 
     def _start_watch(self) -> None:
         """Watch the directories; when inotify cannot start, run without and say so."""
         try:
-            self._watcher = Watcher([self.root / w.lstrip("/") for w in self.watch])
+            self._watcher = Watcher([self.root / w.lstrip("/") for w in self.watch],
+                                    marks=self._marks or False)
             self._watch_error = ""
+            error = self._marks_error if self._marks is None else self._watcher.marks_error
+            if self.marks and error:
+                self.say(f"note: file systems are not all marked ({error}): what changes "
+                         "in a directory inotify cannot watch there waits for a rescan.")
         except WatchError as e:
             self._watch_error = str(e.strerror or e)
             self._watch_retry = self.clock() + WATCH_RETRY_S
@@ -135,7 +173,8 @@ class Guard:
         w = self._watcher
         if w is None:
             return
-        for kind, count in (("overflow", w.overflowed), ("unwatched", w.unwatched_total),
+        for kind, count in (("overflow", w.overflowed + w.marks_overflowed),
+                            ("unwatched", w.unwatched_total),
                             ("truncated", w.rescans_truncated)):
             if count > self._seen.get(kind, 0):
                 self._note(kind, count - self._seen.get(kind, 0))
@@ -198,11 +237,17 @@ class Guard:
             return fams
         for name, kind, text, value in (
                 ("cerulean_watch_directories", "gauge", "Directories watched.", len(w.paths)),
+                ("cerulean_watch_marked_filesystems", "gauge",
+                 "File systems under fanotify marks (what changes in directories inotify "
+                 "does not watch is reported as it happens).", w.marked),
                 ("cerulean_watch_unwatched_directories", "gauge",
                  "Directories that could not be watched (scanned instead).",
                  len(w.unwatched)),
                 ("cerulean_watch_overflows_total", "counter",
                  "Times the inotify queue overflowed and events were lost.", w.overflowed),
+                ("cerulean_watch_marks_overflows_total", "counter",
+                 "Times a fanotify mark's queue overflowed and events were lost.",
+                 w.marks_overflowed),
                 ("cerulean_watch_rescans_total", "counter",
                  "Rescans of the watched trees (after overflows, of unwatched directories).",
                  w.rescans),

@@ -13,6 +13,11 @@ in :attr:`Watcher.unwatched` with the reason, one path that cannot be described
 never costs the other events of its batch, and after a queue overflow (or
 while directories are unwatched) :meth:`Watcher.rescan` walks the trees again,
 watches what is missing and reports what changed while events were lost.
+With *marks* (and CAP_SYS_ADMIN), fanotify marks on the roots' file systems
+(:class:`FsMarks`) report what is made, moved in or changes mode or owner in a
+directory inotify does not watch, as it happens: a user's flood of directories
+no longer hides it until a rescan (directories whose paths are past PATH_MAX
+are left to inotify and rescans, as before).
 
 Its memory does not grow with what a user makes: trees are walked through
 directory file descriptors, one directory level at a time (what a walk holds
@@ -101,6 +106,32 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_N
 ACTIONS = ((IN_CREATE, "created"), (IN_CLOSE_WRITE, "written"), (IN_ATTRIB, "attributes"),
            (IN_MOVED_TO, "moved-in"), (IN_MOVED_FROM, "moved-out"), (IN_DELETE, "deleted"))
 
+# fanotify marks on whole file systems (they need CAP_SYS_ADMIN, and no watch per
+# directory): what is made, moved in, or has its mode or owner changed in a directory
+# inotify does not watch (left out at a limit, or not watched yet after an overflow) is
+# reported as it happens, rather than when a rescan reaches it. Reported with the
+# directory's file handle and the entry's name (FAN_REPORT_DFID_NAME, Linux 5.9).
+FAN_CLOEXEC = 0x1
+FAN_NONBLOCK = 0x2
+FAN_REPORT_DFID_NAME = 0x0C00
+FAN_MARK_ADD = 0x1
+FAN_MARK_FILESYSTEM = 0x100
+FAN_ATTRIB = 0x4
+FAN_MOVED_TO = 0x80
+FAN_CREATE = 0x100
+FAN_Q_OVERFLOW = 0x4000
+FAN_ONDIR = 0x40000000
+FAN_MASK = FAN_CREATE | FAN_ATTRIB | FAN_MOVED_TO | FAN_ONDIR
+FAN_INFO_DFID_NAME = 2
+IN_MASK_CREATE = 0x10000000
+MARKS_KNOWN = 4096  # watched directories the marks remember by handle
+FAN_READ_BYTES = 16384  # one read of a mark's queue (what it returns is all handled)
+FANOTIFY_METADATA_VERSION = 3
+FAN_HEADER = struct.Struct("=IBBHQii")  # event_len, vers, reserved, metadata_len, mask, fd, pid
+FAN_INFO = struct.Struct("=BBH")  # info_type, pad, len; then fsid, file_handle, name
+FAN_ACTIONS = ((FAN_CREATE, "created"), (FAN_MOVED_TO, "moved-in"), (FAN_ATTRIB, "attributes"))
+O_PATH = getattr(os, "O_PATH", 0o10000000)
+
 GONE = ("deleted", "moved-out")  # actions after which the path no longer names the file
 Event = dict[str, Any]
 # (path, lstat result, whether it is in a directory new to the watch) of each entry
@@ -113,8 +144,12 @@ class WatchError(OSError):
     pass
 
 
-def _libc() -> ctypes.CDLL:
+def load_libc() -> ctypes.CDLL:
+    """The C library, its own handle (what is set on one does not touch the others)."""
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+_libc = load_libc  # inotify's (tests replace it)
 
 
 def open_dir(path: str) -> int:
@@ -162,11 +197,142 @@ def lstat(path: str) -> os.stat_result:
         os.close(fd)
 
 
+def mount_id(fd: int) -> int:
+    """The mount the open file *fd* is on (-1 when /proc does not say)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("mnt_id:")), -1)
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+class FsMarks:
+    """fanotify marks on the file systems of *roots*, one group (and event queue) per
+    file system, each with the roots' directories on it open (one per mount: a bind
+    mount shows only part of a file system) to decode file handles against.
+    A file system that cannot be marked (one without file handles) is left out, and
+    :attr:`failed` says why; raises WatchError when none can be (fanotify cannot
+    start: no CAP_SYS_ADMIN)."""
+
+    def __init__(self, roots: Iterable[str]) -> None:
+        self._libc = libc = load_libc()
+        # (fanotify fd, directories of the roots on its file system, one per mount)
+        self.groups: list[tuple[int, list[int]]] = []
+        self.failed: list[str] = []  # why a file system is not marked
+        self.drained = True
+        by_device: dict[int, tuple[list[int], set[int]]] = {}  # -> (its mounts, their ids)
+        for root in roots:
+            try:
+                dfd = open_dir(root)
+            except OSError:
+                continue  # not there (yet): the inotify watch says so
+            try:
+                device = os.fstat(dfd).st_dev
+            except OSError:
+                os.close(dfd)
+                continue
+            known = by_device.get(device)
+            if known is not None:
+                mounts, ids = known
+                if mount_id(dfd) not in ids:
+                    mounts.append(dfd)
+                    ids.add(mount_id(dfd))
+                else:
+                    os.close(dfd)
+                continue
+            fd = libc.fanotify_init(FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DFID_NAME,
+                                    os.O_RDONLY)
+            if fd >= 0 and libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM,
+                                              ctypes.c_uint64(FAN_MASK), dfd, None) == 0:
+                self.groups.append((fd, [dfd]))
+                by_device[device] = (self.groups[-1][1], {mount_id(dfd)})
+                continue
+            e = ctypes.get_errno()
+            os.close(dfd)
+            if fd < 0:
+                self.close()
+                raise WatchError(e, f"fanotify cannot start: {os.strerror(e)}")
+            os.close(fd)
+            by_device[device] = ([], {-2})  # not marked: its other roots are not opened
+            self.failed.append(f"the file system of {root} cannot be marked: "
+                               f"{os.strerror(e)}")
+        if not self.groups and self.failed:
+            raise WatchError(errno.EOPNOTSUPP, "; ".join(self.failed))
+
+    def close(self) -> None:
+        for fd, mounts in self.groups:
+            for f in (fd, *mounts):
+                with contextlib.suppress(OSError):
+                    os.close(f)
+        self.groups = []
+
+    def filenos(self) -> list[int]:
+        return [fd for fd, _mounts in self.groups]
+
+    def mounts(self) -> list[int]:
+        """The directories handles are decoded against (open as long as the marks are)."""
+        return [m for _fd, mounts in self.groups for m in mounts]
+
+    def read(self, limit: int, more: Callable[[], bool]
+             ) -> Generator[tuple[int, list[int], bytes, bytes], None, None]:
+        """What the queues hold: (mask, directories of the roots on that file system,
+        directory's file handle, name); a queue overflow as (FAN_Q_OVERFLOW, [], b"",
+        b""). Each queue is read (FAN_READ_BYTES at a time) until it is empty, *limit*
+        of its events were taken, or *more* says no more; :attr:`drained` tells whether
+        all were left empty. (One queue's flood leaves the others their share.)"""
+        self.drained = True
+        for fd, mounts in self.groups:
+            taken = 0
+            while True:
+                if taken >= limit or not more():
+                    self.drained = False
+                    break
+                try:
+                    data = os.read(fd, FAN_READ_BYTES)
+                except BlockingIOError:
+                    break
+                pos = 0
+                while pos + FAN_HEADER.size <= len(data):
+                    size, vers, _r, meta, mask, _fd, _pid = FAN_HEADER.unpack_from(data, pos)
+                    if vers != FANOTIFY_METADATA_VERSION or size < meta or meta < 1:
+                        break
+                    record, pos = data[pos + meta:pos + size], pos + size
+                    taken += 1
+                    if mask & FAN_Q_OVERFLOW:
+                        yield FAN_Q_OVERFLOW, [], b"", b""
+                        continue
+                    at = 0
+                    while at + FAN_INFO.size <= len(record):
+                        kind, _pad, length = FAN_INFO.unpack_from(record, at)
+                        if length < FAN_INFO.size:
+                            break
+                        body = record[at + FAN_INFO.size:at + length]
+                        at += length
+                        if kind != FAN_INFO_DFID_NAME or len(body) < 16:
+                            continue  # (a directory's own change: no name, nothing in it)
+                        # fsid (8 bytes), struct file_handle (handle_bytes, handle_type,
+                        # f_handle), the name and its NUL
+                        end = 16 + struct.unpack_from("=I", body, 8)[0]
+                        if end > len(body):
+                            continue
+                        yield mask, mounts, body[8:end], body[end:].split(b"\0", 1)[0]
+
+    def open(self, mount: int, handle: bytes) -> int:
+        """The directory *handle* names, decoded on the mount of *mount* and opened as a
+        path only (needs CAP_DAC_READ_SEARCH). Raises OSError (ESTALE: it is gone)."""
+        fd = self._libc.open_by_handle_at(mount, handle, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return int(fd)
+
+
 class Watcher:
     """Recursive inotify watches on *roots*; :meth:`read` returns the events so far.
     Paths are strings (:attr:`paths`: watch descriptor -> directory)."""
 
-    def __init__(self, roots: Iterable[Path | str], exclude: Iterable[Path | str] = ()) -> None:
+    def __init__(self, roots: Iterable[Path | str], exclude: Iterable[Path | str] = (),
+                 marks: bool | FsMarks = False) -> None:
         self._libc = _libc()
         fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
@@ -180,6 +346,7 @@ class Watcher:
         self.roots = [str(r) for r in roots]
         self.exclude = {str(p) for p in exclude}
         self.overflowed = 0  # queue overflows (events the kernel dropped)
+        self.marks_overflowed = 0  # and those of the fanotify marks' queues
         self.rescans = 0
         self.rescans_truncated = 0  # rescans that stopped at one of their limits
         self.errors: dict[str, int] = {}  # errno name -> paths it left unwatched or unread
@@ -216,8 +383,28 @@ class Watcher:
         self._drained_at = self._fs_now()
         self._carry: list[tuple[int, int, int, str]] = []  # read, left for the next batch
         self._added_new = False  # whether the last directory _add() watched was new to it
+        self._added_wd = -1  # and its watch
         for root in self.roots:
             self._add_tree(root, keep=None)  # what is there already is no event
+        # With *marks*, fanotify marks on the roots' file systems (FsMarks), if it can:
+        # those given (kept open when the watch closes), or its own.
+        self._marks: FsMarks | None = marks if isinstance(marks, FsMarks) else None
+        self._own_marks = marks is True
+        self.marks_error = "" if marks else "not asked for"
+        self._marks_drained_at = self._drained_at
+        # (file system, directory handle) -> its watch, for the directories the marks
+        # found watched: their next events cost no look-up (MARKS_KNOWN at most).
+        self._known: dict[tuple[int, bytes], int] = {}
+        self._refused: dict[tuple[int, bytes], int] = {}  # found unwatchable (as many)
+        self._fresh: set[int] = set()  # watches the marks set since their queues were empty
+        self._marks_since = self._drained_at  # the marks' losses are since then
+        if marks is True:
+            try:
+                self._marks = FsMarks(self.roots)
+            except WatchError as e:
+                self.marks_error = str(e.strerror or e)
+        if self._marks is not None:
+            self.marks_error = "; ".join(self._marks.failed)
 
     def _fs_now(self) -> float:
         """Now, as the file system dates a change (a ctime)."""
@@ -230,6 +417,9 @@ class Watcher:
         return time.time()
 
     def close(self) -> None:
+        if self._marks is not None and self._own_marks:
+            self._marks.close()
+        self._marks = None
         if self._pass is not None:
             self._pass.close()  # closes the files it holds open
             self._pass = None
@@ -270,6 +460,7 @@ class Watcher:
             return False
         self._path_bytes += cost(path) - cost(self.paths.get(wd, ""))
         self._added_new = wd not in self.paths  # not watched before (under any name)
+        self._added_wd = wd
         self.paths[wd] = path
         self._unwatch_drop(path)
         return True
@@ -281,6 +472,7 @@ class Watcher:
     def _forget(self, wd: int) -> None:
         """The kernel removed watch *wd* (its directory is gone)."""
         self._path_bytes -= cost(self.paths.pop(wd, ""))
+        self._refused.clear()  # there is room again
 
     def _blind(self, path: str, e: int, unseen: bool = False) -> None:
         """*path* cannot be watched (error *e*): count it, keep it for rescans (a path
@@ -415,17 +607,19 @@ class Watcher:
                 os.close(dfd)
 
     def _add_tree(self, top: str, keep: int | None = MOVE_IN_MAX,
-                  keep_chars: int = MOVE_IN_CHARS) -> list[tuple[str, os.stat_result]]:
+                  keep_chars: int = MOVE_IN_CHARS, enter_unwatched: bool = False
+                  ) -> list[tuple[str, os.stat_result]]:
         """Watch *top* and every directory below it on its file system. Returns what
         is already in them (for a new directory: what was made before its watch was
         set), at most *keep* paths of *keep_chars* characters in all: past that the walk
         stops and the tree is recorded as cut short (``E2BIG``), for a rescan. With
         *keep* None (the trees watched at the start) nothing is returned and the whole
         tree is watched. A directory that
-        cannot be watched is recorded (:attr:`unwatched`), not entered, and does not
-        stop the others."""
+        cannot be watched is recorded (:attr:`unwatched`), and does not stop the
+        others; it is entered only if *enter_unwatched* (the marks report what
+        changes in it from then on)."""
         found: list[tuple[str, os.stat_result]] = []  # with what the walk saw of each
-        walk = self._walk(top, enter_unwatched=False, unseen=keep is not None)
+        walk = self._walk(top, enter_unwatched=enter_unwatched, unseen=keep is not None)
         try:
             for path, st, _fresh in walk:
                 if keep is None:
@@ -498,10 +692,7 @@ class Watcher:
         try:
             for looked, (path, st, since) in enumerate(self._pass, 1):
                 if st is not None and not stat.S_ISDIR(st.st_mode) and st.st_ctime >= since:
-                    # What a file is now, not only when it changed: a mode changed within
-                    # the same tick of the ctime clock is another change.
-                    key = hash((path, st.st_ino, st.st_ctime_ns, st.st_mode, st.st_uid,
-                                st.st_gid))
+                    key = change_key(path, st)
                     if key not in self._reported:
                         if len(self._reported) < REPORTED_KEEP:
                             self._reported.add(key)
@@ -520,6 +711,7 @@ class Watcher:
             raise
         self.rescans += 1
         if complete:
+            self._refused.clear()  # room may have been made since
             self._pass = None
             self._restart_after = RESTART_AFTER_S
             self._unseen.difference_update(self._pass_unseen)
@@ -590,6 +782,14 @@ class Watcher:
     def fileno(self) -> int:
         return int(self.fd)
 
+    @property
+    def marked(self) -> int:
+        """File systems under fanotify marks."""
+        return len(self._marks.groups) if self._marks is not None else 0
+
+    def _fds(self) -> list[int]:
+        return [self.fd, *(self._marks.filenos() if self._marks is not None else ())]
+
     def read(self, timeout: float = 0.0, settle: float = SETTLE_S) -> list[Event]:
         """Events that arrived, waiting up to *timeout* seconds for the first.
 
@@ -601,7 +801,7 @@ class Watcher:
         left out. Its content and state are all at the final name, which is reported.
         """
         if (timeout and not self._carry
-                and not select.select([self.fd], [], [], timeout)[0]):
+                and not select.select(self._fds(), [], [], timeout)[0]):
             self._drained_at = self._fs_now()  # the queue is empty: nothing was lost so far
             return []
         drained_before = self._drained_at
@@ -641,7 +841,149 @@ class Watcher:
             # The queue was empty when it was last read; what happened since may be lost.
             self._overflow_pending = True
             self._lost_since = min(drained_before, self._lost_since or drained_before)
-        return self._fold(raw)
+        events = self._fold(raw)
+        return events + self._marked({e["file.path"] for e in events})
+
+    def _marked(self, taken: set[str]) -> list[Event]:
+        """What the fanotify marks report in the watched trees' directories inotify does
+        not watch (it reports those it watches), one event per path, none for the paths
+        in *taken* (reported by inotify in this batch). A directory reported on that
+        can be watched is watched from then on; until the marks' queues were read empty,
+        its events still come from them (those queued before its watch never reach
+        inotify)."""
+        if self._marks is None:
+            return []
+        self._marks_since = self._marks_drained_at
+        by_path: dict[str, Event] = {}
+        spent = [0]  # what the paths of the events so far take (cost())
+        for mask, mounts, handle, name in self._marks.read(
+                MAX_BATCH, lambda: spent[0] <= MAX_BATCH_PATH_BYTES):
+            if mask & FAN_Q_OVERFLOW:
+                self.marks_overflowed += 1
+                self._lose()
+                continue
+            if name in (b"", b"."):
+                continue  # a directory's own change
+            try:
+                events = self._marked_events(mask, mounts, handle, os.fsdecode(name))
+            except OSError as err:
+                if err.errno not in (errno.ESTALE, errno.ENOENT):  # gone since
+                    code = errno.errorcode.get(err.errno or 0, "EIO")
+                    self.errors[code] = self.errors.get(code, 0) + 1
+                continue
+            for event in events:
+                if event["file.path"] in taken:
+                    continue
+                seen = by_path.get(event["file.path"])
+                if seen is None:
+                    by_path[event["file.path"]] = event
+                    spent[0] += cost(event["file.path"])
+                else:
+                    seen.update({k: v for k, v in event.items() if k != "file.actions"})
+                    seen["file.actions"] += [a for a in event["file.actions"]
+                                             if a not in seen["file.actions"]]
+        if self._marks.drained:
+            self._marks_drained_at = self._fs_now()
+            self._fresh.clear()  # what was queued before their watches is read now
+        return list(by_path.values())
+
+    def _lose(self, code: str = "") -> None:
+        """Events of the marks were lost (read since :attr:`_marks_since`): a rescan of
+        every root looks for what changed since."""
+        if code:
+            self.errors[code] = self.errors.get(code, 0) + 1
+        self._overflow_pending = True
+        since = self._marks_since
+        self._lost_since = since if self._lost_since is None else min(self._lost_since, since)
+
+    def _marked_events(self, mask: int, mounts: list[int], handle: bytes,
+                       name: str) -> list[Event]:
+        """The events of one fanotify report: *name* in the directory *handle* names
+        (decoded on one of *mounts*, the first that shows it in the watched trees);
+        none when inotify watches that directory, or it is outside the trees or gone."""
+        key = (mounts[0], handle)
+        wd = self._known.get(key, -1)
+        if wd in self.paths and wd not in self._fresh:
+            return []  # watched (a watch removed is no longer in self.paths)
+        assert self._marks is not None
+        for mount in mounts:
+            fd = self._marks.open(mount, handle)
+            try:
+                st = os.fstat(fd)
+                if st.st_nlink == 0:
+                    return []  # removed since
+                try:
+                    top = os.readlink(f"/proc/self/fd/{fd}")
+                except OSError as e:
+                    if e.errno == errno.ENAMETOOLONG and self._watched_fd(fd):
+                        return []  # past PATH_MAX, and inotify watches it
+                    raise
+                if self._inside(top):
+                    return self._marked_in(mask, key, fd, st, top, name)
+            finally:
+                os.close(fd)
+        return []  # outside the trees (or left out)
+
+    def _marked_in(self, mask: int, key: tuple[int, bytes], fd: int, st: os.stat_result,
+                   top: str, name: str) -> list[Event]:
+        """The events of *name* in the directory *top* (open as *fd*, *st* its fstat),
+        a directory of the watched trees."""
+        try:
+            now = os.lstat(top)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            # Moved or removed since its path was read: where it is, is not known.
+            self._lose("ESTALE")
+            return []
+        if key not in self._refused:
+            watched = self._add(top, fd)
+            if watched and not self._added_new and self._added_wd not in self._fresh:
+                self._remember(self._known, key, self._added_wd)
+                return []  # inotify's
+            if watched:
+                self._fresh.add(self._added_wd)
+                self._remember(self._known, key, self._added_wd)
+            else:  # no room (counted once): not tried again for each of its events
+                self._remember(self._refused, key, 0)
+        path = f"{top.rstrip('/')}/{name}"
+        actions = [a for bit, a in FAN_ACTIONS if mask & bit] or ["changed"]
+        try:
+            found = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return [{"file.path": path, "file.action": actions[0], "file.exists": False,
+                     "file.actions": actions}]
+        event = describe(path, actions[0], found)
+        event["file.actions"] = actions
+        if self.needs_rescan and len(self._reported) < REPORTED_KEEP:
+            self._reported.add(change_key(path, found))  # a rescan does not report it again
+        if stat.S_ISDIR(found.st_mode) and mask & (FAN_CREATE | FAN_MOVED_TO):
+            inside = self._new_dir(path, actions[0], marked=True)
+            for e in inside:
+                e["file.actions"] = [e["file.action"]]
+            return [event, *inside]
+        return [event]
+
+    @staticmethod
+    def _remember(table: dict[Any, int], key: Any, value: int) -> None:
+        if len(table) >= MARKS_KNOWN:
+            table.clear()
+        table[key] = value
+
+    def _watched_fd(self, fd: int) -> bool:
+        """Whether inotify watches the directory open as *fd* (changing nothing)."""
+        wd = self._libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fd}".encode(),
+                                          (MASK & ~IN_DONT_FOLLOW) | IN_MASK_CREATE)
+        if wd >= 0:
+            self._libc.inotify_rm_watch(self.fd, wd)
+            return False
+        return ctypes.get_errno() == errno.EEXIST
+
+    def _inside(self, path: str) -> bool:
+        """Whether the directory *path* is in a watched tree, and not left out."""
+        def under(top: str) -> bool:
+            return path == top or path.startswith(top.rstrip("/") + "/")
+        return any(map(under, self.roots)) and not any(map(under, self.exclude))
 
     def _cost(self, wd: int, name: str) -> int:
         """What the path of an event of *wd* for *name* takes in memory."""
@@ -717,19 +1059,31 @@ class Watcher:
         action = next((a for bit, a in ACTIONS if mask & bit), "changed")
         events = [describe(path, action)]
         if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
-            # A new directory: watch it, and report what appeared in it before the watch.
-            # Once the kernel's watch limit refused one, the others of the batch are not
-            # tried (a flood of new directories would cost a refused call each).
-            if self._full:
-                self._blind(path, errno.ENOSPC, unseen=True)
-                return events
-            refused = self.errors.get("ENOSPC", 0)
-            found = self._add_tree(path, keep=self._room, keep_chars=self._room_chars)
-            self._full = self.errors.get("ENOSPC", 0) > refused
-            self._room -= len(found)
-            self._room_chars -= sum(cost(p) for p, _st in found)
-            events += [describe(p, action, st) for p, st in found]  # no second lstat
+            events += self._new_dir(path, action)
         return events
+
+    def _new_dir(self, path: str, action: str, marked: bool = False) -> list[Event]:
+        """A new directory: watch it, and report what appeared in it before the watch.
+        Once the kernel's watch limit refused one, the others of the batch are not
+        tried (a flood of new directories would cost a refused call each). With
+        *marked* (the marks report what changes in it), what it holds is reported
+        even where it cannot be watched."""
+        if self._full and not marked:
+            self._blind(path, errno.ENOSPC, unseen=True)
+            return []
+        refused = self.errors.get("ENOSPC", 0)
+        found = self._add_tree(path, keep=self._room, keep_chars=self._room_chars,
+                               enter_unwatched=marked)
+        self._full = self.errors.get("ENOSPC", 0) > refused
+        self._room -= len(found)
+        self._room_chars -= sum(cost(p) for p, _st in found)
+        return [describe(p, action, st) for p, st in found]  # no second lstat
+
+
+def change_key(path: str, st: os.stat_result) -> int:
+    """One change of the file *path*: what it is now, not only when it changed (a mode
+    changed within the same tick of the ctime clock is another change)."""
+    return hash((path, st.st_ino, st.st_ctime_ns, st.st_mode, st.st_uid, st.st_gid))
 
 
 def describe(path: str | Path, action: str, st: os.stat_result | None = None) -> Event:
