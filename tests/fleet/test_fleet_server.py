@@ -514,3 +514,27 @@ def test_a_host_renames_itself_only_to_a_host_name(fleet: Fleet, tmp_path: Path)
         "'hostname' is not a host name (letters, digits, dots and hyphens)",
         "'hostname' must be a text of at most 253 characters"}
     assert fleet.api("GET", f"/api/v1/hosts/{host}")[1]["hostname"] == "web-7.example.org"
+
+
+def test_every_answer_asks_for_tls_and_the_login_page_shows_no_words_from_links(
+        fleet: Fleet) -> None:
+    host, port = fleet.url.removeprefix("https://").rsplit(":", 1)
+    conn = http.client.HTTPSConnection(host, int(port), context=fleet.ctx(), timeout=30)
+    try:
+        for path, status in (("/api/v1/health", 200), ("/api/v1/hosts", 401),
+                             ("/login?error=Your+account+is+locked%3A+call+%2B1+555+0100",
+                              200)):
+            conn.request("GET", path)
+            r = conn.getresponse()
+            body = r.read().decode()
+            assert r.status == status, path
+            assert r.getheader("strict-transport-security") == "max-age=31536000", path
+        assert "account is locked" not in body and "role=\"alert\"" not in body
+        assert "default-src 'none'" in (r.getheader("content-security-policy") or "")
+    finally:
+        conn.close()
+    req = urllib.request.Request(fleet.url + "/api/v1/compliance/report?format=html",
+                                 headers={"Authorization": f"Bearer {fleet.admin}"})
+    with urllib.request.urlopen(req, context=fleet.ctx()) as resp:
+        policy = resp.headers["Content-Security-Policy"]
+    assert policy.startswith("default-src 'none'; style-src 'sha256-")

@@ -345,3 +345,32 @@ def test_the_host_page_shows_a_refused_update_run() -> None:
         trend={}, rollout=None, rollout_state=None)
     assert ('<dt>Last update run</dt><dd class="sev-error">refused · 2026-11-26T02:00:00Z: '
             "The update repository&#39;s metadata has expired; refusing it.</dd>") in html
+
+
+def test_dashboard_errors_show_only_what_the_server_said(db: Session) -> None:
+    """A link from elsewhere cannot put its own words on the server's pages: an error
+    shown after a redirect carries the server's signature."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from cerulean.fleet import web
+
+    where = web._said(db, "/policies", "No such profile: cis-x")
+    query = parse_qs(urlsplit(where.headers["location"]).query)
+    assert web._shown(db, query["error"][0], query["sig"][0]) == "No such profile: cis-x"
+    assert web._shown(db, "Your account is locked: call +1 555 0100", query["sig"][0]) == ""
+    assert web._shown(db, "Your account is locked: call +1 555 0100", "") == ""
+
+
+def test_the_compliance_reports_style_sheet_is_the_one_its_policy_allows() -> None:
+    import base64
+    import hashlib
+    import re
+
+    from cerulean.fleet import reports, web
+
+    page = reports.html_report([], "Compliance of the fleet")
+    (css,) = re.findall(r"<style>(.*?)</style>", page, re.S)
+    digest = base64.b64encode(hashlib.sha256(css.encode()).digest()).decode()
+    policy = web.REPORT_HEADERS["Content-Security-Policy"]
+    assert f"style-src 'sha256-{digest}'" in policy and "default-src 'none'" in policy
+    assert "<script" not in page

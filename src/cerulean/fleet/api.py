@@ -497,7 +497,8 @@ def create_app(state: FleetState) -> FastAPI:
         if format == "csv":
             return Response(reports.csv_report(rows), media_type="text/csv",
                             headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
-        return HTMLResponse(reports.html_report(rows, reports.report_title(rows, group, host)))
+        return HTMLResponse(reports.html_report(rows, reports.report_title(rows, group, host)),
+                            headers=web.REPORT_HEADERS)
 
     @app.get(f"{API}/compliance/history", tags=["policies"])
     def compliance_history(s: Db, _p: Auditor, group: str | None = None,

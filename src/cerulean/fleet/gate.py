@@ -119,6 +119,10 @@ CERT_NEEDED = Refusal(401, "This call needs the host's client certificate (mTLS)
 LOGIN = Refusal(303, "Log in first.", {"Location": "/login"})
 
 
+# The server answers over TLS only: browsers are to keep to it for a year.
+HSTS = (b"strict-transport-security", b"max-age=31536000")
+
+
 class Gate:
     def __init__(self, app: Any, sessions: sessionmaker[Session]) -> None:
         self.app = app
@@ -127,10 +131,16 @@ class Gate:
         self.hosts: dict[bytes, tuple[float, str, str]] = {}
         self.session_key: bytes | None = None
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Any, receive: Any, send_on: Any) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_on)
             return
+
+        async def send(message: Any) -> None:
+            if message.get("type") == "http.response.start":  # every answer, refusals too
+                message = {**message, "headers": [*message.get("headers", ()), HSTS]}
+            await send_on(message)
+
         limit = body_limit(scope["path"])
         for k, v in scope["headers"]:
             if k.lower() == b"content-length" and (not v.strip().isdigit()

@@ -3,7 +3,9 @@ and compliance over time."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import hashlib
 import io
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,6 +26,17 @@ _env = Environment(loader=PackageLoader("cerulean.fleet", "templates"),
 
 def templates() -> Environment:
     return _env
+
+
+def _style_hash() -> str:
+    """The CSP source of the report's inline style sheet (it holds no template code:
+    what is rendered is what the template says)."""
+    text = _env.loader.get_source(_env, "report.html")[0] if _env.loader else ""
+    css = text.split("<style>", 1)[1].split("</style>", 1)[0]
+    return "sha256-" + base64.b64encode(hashlib.sha256(css.encode()).digest()).decode()
+
+
+STYLE_HASH = _style_hash()
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,32 @@ SESSION_SECONDS = 12 * 3600
 THROTTLE_FAILURES, THROTTLE_SECONDS = 5, 300
 
 
+# Every HTML answer: what it may load (its own style sheet; the compliance report's
+# styles are inline in its <head>, hashed below), and nothing that frames or caches it.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self' "
+                               "data:; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store"}
+# The compliance report stands alone (a file to keep): its one inline style sheet only.
+REPORT_HEADERS = {**PAGE_HEADERS, "Content-Security-Policy": (
+    f"default-src 'none'; style-src '{reports.STYLE_HASH}'; frame-ancestors 'none'")}
+
 class LoginRequired(Exception):
     pass
+
+
+def _said(s: Session, path: str, error: str) -> RedirectResponse:
+    """Back to *path*, showing *error*: signed, so that a link from elsewhere cannot
+    put its own words on the server's pages."""
+    sig = hmac.new(_key(s), b"error:" + error.encode(), "sha256").hexdigest()
+    return RedirectResponse(f"{path}?" + urlencode({"error": error, "sig": sig}), 303)
+
+
+def _shown(s: Session, error: str, sig: str) -> str:
+    """*error* if the server said it (see _said), else nothing."""
+    good = hmac.new(_key(s), b"error:" + error.encode(), "sha256").hexdigest()
+    return error[:300] if error and hmac.compare_digest(sig, good) else ""
 
 
 def _key(s: Session) -> bytes:
@@ -141,11 +165,7 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
         html = env.get_template(template).render(
             request=request, who=who, csrf=getattr(request.state, "csrf", ""),
             version=__version__, now=datetime.now(UTC), **ctx)
-        return HTMLResponse(html, headers={
-            "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self' "
-                                       "data:; form-action 'self'; frame-ancestors 'none'",
-            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
-            "Cache-Control": "no-store"})
+        return HTMLResponse(html, headers=PAGE_HEADERS)
 
     def check_form(request: Request, token: str, who: Principal, role: str) -> None:
         if not hmac.compare_digest(token, getattr(request.state, "csrf", "")):
@@ -159,8 +179,9 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
                         headers={"Cache-Control": "max-age=3600"})
 
     @r.get("/login")
-    def login_form(request: Request, error: str = "") -> HTMLResponse:
-        return page(request, "login.html", None, error=error[:200])
+    def login_form(request: Request) -> HTMLResponse:
+        # No error from the link: only the server's own answers show one.
+        return page(request, "login.html", None, error="")
 
     @r.post("/login")
     def login(request: Request, s: Db, name: Annotated[str, Form(max_length=64)],
@@ -235,7 +256,9 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
                     release_cves=releases.release_cves(update_repo, h.update))
 
     @r.get("/rollouts")
-    def rollouts_page(request: Request, s: Db, who: Viewer, error: str = "") -> HTMLResponse:
+    def rollouts_page(request: Request, s: Db, who: Viewer, error: str = "",
+                      sig: str = "") -> HTMLResponse:
+        error = _shown(s, error, sig)
         rows = list(s.execute(select(Rollout).order_by(Rollout.id.desc()).limit(100)).scalars())
         groups = sorted({g for g in s.execute(select(Host.group).distinct()).scalars()})
         offered: list[Any] = []
@@ -271,18 +294,18 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
                                  soak_minutes=soak_minutes,
                                  max_failure_percent=max_failure_percent, window=window)
         except CeruleanError as e:
-            return RedirectResponse("/rollouts?" + urlencode({"error": str(e)}), 303)
+            return _said(s, "/rollouts", str(e))
         return RedirectResponse(f"/rollouts/{ro.id}", status_code=303)
 
     @r.get("/rollouts/{rollout_id}")
     def rollout(request: Request, rollout_id: sc.RowId, s: Db, who: Viewer,
-                error: str = "") -> HTMLResponse:
+                error: str = "", sig: str = "") -> HTMLResponse:
         ro = s.get(Rollout, rollout_id)
         if ro is None:
             return page(request, "missing.html", who, what=f"rollout {rollout_id}")
         rollouts.evaluate(s, ro, force=True)
         return page(request, "rollout.html", who, r=ro, p=rollouts.progress(s, ro),
-                    error=error[:300])
+                    error=_shown(s, error, sig))
 
     @r.post("/rollouts/{rollout_id}/{action}")
     def rollout_action(request: Request, rollout_id: sc.RowId, action: str, s: Db, who: Viewer,
@@ -294,12 +317,13 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
             check_form(request, csrf, who, "operator")
             rollouts.act(s, who.name, ro, action)
         except Invalid as e:
-            return RedirectResponse(f"/rollouts/{rollout_id}?" + urlencode({"error": str(e)}),
-                                    303)
+            return _said(s, f"/rollouts/{rollout_id}", str(e))
         return RedirectResponse(f"/rollouts/{rollout_id}", status_code=303)
 
     @r.get("/policies")
-    def policies(request: Request, s: Db, who: Viewer, error: str = "") -> HTMLResponse:
+    def policies(request: Request, s: Db, who: Viewer, error: str = "",
+                 sig: str = "") -> HTMLResponse:
+        error = _shown(s, error, sig)
         groups = sorted({g for g in s.execute(select(Host.group).distinct()).scalars()})
         assigned = {g.group: g for g in s.execute(select(GroupPolicy)).scalars()}
         hist = reports.history(s, None, None, 30)
@@ -315,7 +339,7 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
             rollouts.assign_policy(s, who.name, group,
                                    [p for p in profiles.replace(",", " ").split() if p], mode)
         except Invalid as e:
-            return RedirectResponse("/policies?" + urlencode({"error": str(e)}), 303)
+            return _said(s, "/policies", str(e))
         return RedirectResponse("/policies", status_code=303)
 
     @r.get("/compliance/report")
@@ -326,7 +350,8 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
             return Response(reports.csv_report(rows), media_type="text/csv", headers={
                 "Content-Disposition": 'attachment; filename="compliance.csv"'})
         return HTMLResponse(reports.html_report(
-            rows, reports.report_title(rows, group or None, host or None)))
+            rows, reports.report_title(rows, group or None, host or None)),
+            headers=REPORT_HEADERS)
 
     def access_page(request: Request, s: Db, who: Principal, error: str = "",
                     made: dict[str, str] | None = None) -> HTMLResponse:
@@ -341,8 +366,9 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
                     error=error[:300], made=made)
 
     @r.get("/access")
-    def access(request: Request, s: Db, who: Viewer, error: str = "") -> HTMLResponse:
-        return access_page(request, s, who, error)
+    def access(request: Request, s: Db, who: Viewer, error: str = "",
+               sig: str = "") -> HTMLResponse:
+        return access_page(request, s, who, _shown(s, error, sig))
 
     @r.post("/access/enrollment-tokens")
     def new_enrollment_token(request: Request, s: Db, who: Viewer,
@@ -360,7 +386,7 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
             t = create_enrollment_token(s, who.name, group.strip(), labels, uses,
                                         timedelta(hours=hours))
         except CeruleanError as e:
-            return RedirectResponse("/access?" + urlencode({"error": str(e)}), 303)
+            return _said(s, "/access", str(e))
         return access_page(request, s, who, made={
             "what": f"Enrollment token {t.id} for {uses} host(s) of group {group.strip()}",
             "secret": t.token, "command": enroll_command(public_url, t.token, ca_sha256)})
@@ -374,7 +400,7 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
             check_form(request, csrf, who, "admin")
             add_user(s, who.name, name.strip(), role, password)
         except CeruleanError as e:
-            return RedirectResponse("/access?" + urlencode({"error": str(e)}), 303)
+            return _said(s, "/access", str(e))
         return RedirectResponse("/access", status_code=303)
 
     @r.post("/access/api-tokens")
@@ -391,7 +417,7 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
                 raise Invalid("'days' must be a number of days.") from e
             token = issue_token(s, who.name, user, role, description, lifetime)
         except CeruleanError as e:
-            return RedirectResponse("/access?" + urlencode({"error": str(e)}), 303)
+            return _said(s, "/access", str(e))
         return access_page(request, s, who, made={
             "what": f"API token for {user} ({role})", "secret": token, "command": ""})
 
