@@ -428,9 +428,19 @@ def test_failed_logins_are_throttled_across_restarts(fleet: Fleet) -> None:
     fleet.kill_and_restart()
     for _ in range(2):
         assert _log_in(fleet, "olga", "wrong") == "Wrong name or password."
-    assert _log_in(fleet, "olga", password) == "Too many failed logins: wait five minutes."
+    assert _log_in(fleet, "olga", password) == "Too many failed logins from here: wait 5 minutes."
     # Other names are not held up.
     assert _log_in(fleet, "nobody", "x") == "Wrong name or password."
+    assert _log_in(fleet, "no\0body", "x") == "Wrong name or password."  # not a 500
+    # Logins, good and failed, are in the audit log, with where they came from.
+    status, entries = fleet.api("GET", "/api/v1/audit?limit=100")
+    assert status == 200
+    seen = [(e["action"], e["detail"].get("name", e["actor"]), e["detail"]["source"])
+            for e in entries if e["action"].startswith("login")]
+    assert ("login", "olga", "127.0.0.1") in seen
+    assert seen.count(("login.failed", "olga", "127.0.0.1")) == 5
+    assert ("login.failed", "nobody", "127.0.0.1") in seen
+    assert ("login.failed", "(not a user name)", "127.0.0.1") in seen
 
 
 def test_texts_no_database_can_hold_and_the_fleets_own_rules_are_refused(

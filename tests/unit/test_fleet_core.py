@@ -374,3 +374,41 @@ def test_the_compliance_reports_style_sheet_is_the_one_its_policy_allows() -> No
     policy = web.REPORT_HEADERS["Content-Security-Policy"]
     assert f"style-src 'sha256-{digest}'" in policy and "default-src 'none'" in policy
     assert "<script" not in page
+
+
+def test_failed_logins_refuse_a_name_from_one_address_and_back_off(db: Session) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from cerulean.fleet import web
+
+    t0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+    for i in range(web.THROTTLE_FAILURES):
+        assert web._throttled(db, "admin", "203.0.113.9", t0) is None
+        web._failed(db, "admin", "203.0.113.9", t0 + timedelta(seconds=i))
+    last = t0 + timedelta(seconds=web.THROTTLE_FAILURES - 1)
+    assert web._throttled(db, "admin", "203.0.113.9", last) == \
+        last + timedelta(seconds=web.THROTTLE_SECONDS)
+    # The same name from elsewhere, and other names from there, still log in.
+    assert web._throttled(db, "admin", "198.51.100.7", last) is None
+    assert web._throttled(db, "olga", "203.0.113.9", last) is None
+    # Once the wait is over, five more failures wait twice as long.
+    later = last + timedelta(seconds=web.THROTTLE_SECONDS + 1)
+    assert web._throttled(db, "admin", "203.0.113.9", later) is None
+    for i in range(web.THROTTLE_FAILURES):
+        web._failed(db, "admin", "203.0.113.9", later + timedelta(seconds=i))
+    last = later + timedelta(seconds=web.THROTTLE_FAILURES - 1)
+    assert web._throttled(db, "admin", "203.0.113.9", last) == \
+        last + timedelta(seconds=2 * web.THROTTLE_SECONDS)
+
+
+def test_an_address_that_tries_many_names_is_refused_for_all(db: Session) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from cerulean.fleet import web
+
+    t0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+    for i in range(web.THROTTLE_SOURCE_FAILURES):
+        web._failed(db, f"user{i}", "203.0.113.9", t0 + timedelta(seconds=i))
+    now = t0 + timedelta(seconds=web.THROTTLE_SOURCE_FAILURES)
+    assert web._throttled(db, "admin", "203.0.113.9", now) is not None
+    assert web._throttled(db, "admin", "198.51.100.7", now) is None

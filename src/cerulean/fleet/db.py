@@ -243,6 +243,9 @@ class LoginFailure(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(64), index=True)
     time: Mapped[datetime]
+    # The client's address ("" before it was kept).
+    source: Mapped[str] = mapped_column(String(64), index=True, default="",
+                                        server_default="")
 
 
 class Setting(Base):

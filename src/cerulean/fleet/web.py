@@ -35,9 +35,13 @@ from cerulean.fleet import schemas as sc
 from cerulean.fleet.auth import (
     MIN_PASSWORD,
     ROLES,
+    AuthError,
     Principal,
     add_user,
+    audit,
     check_password,
+    check_username,
+    hash_password,
     issue_token,
     verify_audit,
 )
@@ -60,7 +64,15 @@ from cerulean.protocol.update import CHANNELS
 STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "cerulean_session"
 SESSION_SECONDS = 12 * 3600
-THROTTLE_FAILURES, THROTTLE_SECONDS = 5, 300
+# Failed logins: a name from one address is refused after THROTTLE_FAILURES of them, an
+# address (whatever names it tries) after THROTTLE_SOURCE_FAILURES, for THROTTLE_SECONDS,
+# doubled for every further THROTTLE_FAILURES failures within THROTTLE_MEMORY (at most
+# that long). A name is never refused as such: another address still logs in.
+THROTTLE_FAILURES, THROTTLE_SOURCE_FAILURES, THROTTLE_SECONDS = 5, 20, 300
+THROTTLE_MEMORY = 86_400
+# Checked against when the name is unknown, disabled or has no password: every failed
+# login costs the same work, so that the time of the answer does not tell names apart.
+_NO_PASSWORD = hash_password(secrets.token_hex(16))
 
 
 # Every HTML answer: what it may load (its own style sheet; the compliance report's
@@ -129,18 +141,34 @@ def csrf_token(key: bytes, cookie: str) -> str:
     return _sign(key, "csrf:" + cookie)[:32]
 
 
-def _throttled(s: Session, name: str, now: datetime) -> bool:
-    since = now - timedelta(seconds=THROTTLE_SECONDS)
-    recent = s.execute(select(func.count()).select_from(LoginFailure).where(
-        LoginFailure.name == name, LoginFailure.time > since)).scalar_one()
-    return int(recent) >= THROTTLE_FAILURES
+def _refused_until(s: Session, where: Any, threshold: int, now: datetime) -> datetime | None:
+    """Until when the failures matching *where* refuse a login (None: they do not)."""
+    since = now - timedelta(seconds=THROTTLE_MEMORY)
+    n, last = s.execute(select(func.count(), func.max(LoginFailure.time)).where(
+        where, LoginFailure.time > since)).one()
+    if int(n) < threshold or last is None:
+        return None
+    if last.tzinfo is None:  # SQLite keeps no zone: these are UTC
+        last = last.replace(tzinfo=UTC)
+    doublings = (int(n) - threshold) // THROTTLE_FAILURES
+    wait = min(THROTTLE_SECONDS * 2 ** min(doublings, 20), THROTTLE_MEMORY)
+    until: datetime = last + timedelta(seconds=wait)
+    return until if until > now else None
 
 
-def _failed(s: Session, name: str, now: datetime) -> None:
-    # Failures older than the window count for no one: they go as new ones come.
+def _throttled(s: Session, name: str, source: str, now: datetime) -> datetime | None:
+    """Until when a login of *name* from *source* is refused (None: it is not)."""
+    pair = _refused_until(s, (LoginFailure.name == name) & (LoginFailure.source == source),
+                          THROTTLE_FAILURES, now)
+    anyone = _refused_until(s, LoginFailure.source == source, THROTTLE_SOURCE_FAILURES, now)
+    return max((t for t in (pair, anyone) if t is not None), default=None)
+
+
+def _failed(s: Session, name: str, source: str, now: datetime) -> None:
+    # Failures older than the throttle remembers count for no one: they go as new ones come.
     s.execute(delete(LoginFailure).where(
-        LoginFailure.time <= now - timedelta(seconds=THROTTLE_SECONDS)))
-    s.add(LoginFailure(name=name, time=now))
+        LoginFailure.time <= now - timedelta(seconds=THROTTLE_MEMORY)))
+    s.add(LoginFailure(name=name, source=source, time=now))
 
 
 def router(Db: Any, update_repo: releases.Source | None = None, public_url: str = "",
@@ -187,15 +215,28 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
     def login(request: Request, s: Db, name: Annotated[str, Form(max_length=64)],
               password: Annotated[str, Form(max_length=1024)]) -> Response:
         now = datetime.now(UTC)
-        user = s.get(User, name)
-        if _throttled(s, name, now):
+        source = (request.client.host if request.client else "")[:64]
+        try:
+            name = check_username(name)
+        except AuthError:
+            name = "(not a user name)"  # never a user's (and no NUL reaches the database)
+        until = _throttled(s, name, source, now)
+        if until is not None:
+            wait = max(1, round((until - now).total_seconds() / 60))
             return page(request, "login.html", None,
-                        error="Too many failed logins: wait five minutes.")
-        if user is None or user.disabled or not user.password_hash \
-                or not check_password(password, user.password_hash):
-            _failed(s, name, now)
+                        error=f"Too many failed logins from here: wait {wait} minutes.")
+        user = s.get(User, name)
+        usable = user is not None and not user.disabled and bool(user.password_hash)
+        # The same work whether or not the name is a user's (see _NO_PASSWORD).
+        good = check_password(password, user.password_hash if usable and user is not None
+                              else _NO_PASSWORD) and usable
+        if not good:
+            _failed(s, name, source, now)
+            audit(s, "login", "login.failed", {"name": name, "source": source})
             return page(request, "login.html", None, error="Wrong name or password.")
-        s.execute(delete(LoginFailure).where(LoginFailure.name == name))
+        s.execute(delete(LoginFailure).where(LoginFailure.name == name,
+                                             LoginFailure.source == source))
+        audit(s, name, "login", {"source": source})
         resp = RedirectResponse("/", status_code=303)
         resp.set_cookie(COOKIE, make_cookie(_key(s), name, now.timestamp()),
                         max_age=SESSION_SECONDS,
