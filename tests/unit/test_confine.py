@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 
 CHILD = r'''
-import ctypes, errno, json, os, sys, threading, time
+import ctypes, errno, json, os, resource, subprocess, sys, threading, time
 sys.path.insert(0, sys.argv[1])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))  # room above it
 from cerulean.agent import confine, watch
 root = sys.argv[2]
 libc = watch.load_libc()
 marks = watch.FsMarks([root])
 if not marks.groups:
     print(json.dumps({"skip": marks.failed})); sys.exit(0)
-(mount,) = marks.mounts()
 # a handle of root, made before: what the marks decode
 handle = ctypes.create_string_buffer(8 + 128)
 ctypes.memmove(handle, (128).to_bytes(4, "little"), 4)
@@ -32,7 +33,9 @@ other = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
 seen = {}
 threading.Thread(target=lambda: seen.setdefault("thread_cap", open(
     "/proc/thread-self/status").read()), daemon=True)
-confine.confine(marks.mounts())
+confine.confine(marks)
+(mount,) = marks.mounts()
+limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 def call(name, *args):
     r = getattr(libc, name)(*args)
     e = ctypes.get_errno() if r < 0 else 0
@@ -43,10 +46,14 @@ out = {
     "path_on_mark": call("open_by_handle_at", mount, h, confine.HANDLE_FLAGS),
     "read_on_mark": call("open_by_handle_at", mount, h, os.O_RDONLY | os.O_DIRECTORY),
     "path_elsewhere": call("open_by_handle_at", other, h, confine.HANDLE_FLAGS),
-    "close_mark": call("close", mount),
-    "dup2_onto_mark": call("dup3", other, mount, 0),
-    "close_other": call("close", os.dup(other)),
+    "mark_above_limit": mount >= limit,
+    "dup_onto_mark": call("dup3", other, mount, 0),  # past the limit: EBADF
+    "raise_limit": call("prlimit", 0, resource.RLIMIT_NOFILE,
+                        (ctypes.c_uint64 * 2)(hard, hard), None),
+    "read_limit": call("prlimit", 0, resource.RLIMIT_NOFILE, None,
+                       (ctypes.c_uint64 * 2)()),
     "fanotify_init": call("fanotify_init", 0, 0),
+    "subprocess": subprocess.run(["true"], timeout=30).returncode,
 }
 status = open("/proc/self/status").read()
 cap_eff = int(next(l.split()[1] for l in status.splitlines() if l.startswith("CapEff:")), 16)
@@ -84,8 +91,9 @@ def test_once_confined_the_agent_decodes_handles_only_as_the_marks_do(tmp_path: 
         pytest.skip(f"no marks here: {out['skip']}")
     assert out == {
         "path_on_mark": "ok", "read_on_mark": "EPERM", "path_elsewhere": "EPERM",
-        "close_mark": "EPERM", "dup2_onto_mark": "EPERM", "close_other": "ok",
-        "fanotify_init": "EPERM", "sys_admin": False, "dac_read_search": True,
+        "mark_above_limit": True, "dup_onto_mark": "EBADF", "raise_limit": "EPERM",
+        "read_limit": "ok", "fanotify_init": "EPERM", "subprocess": 0,
+        "sys_admin": False, "dac_read_search": True,
         "thread_after": "EPERM", "reported": [f"{tmp_path}/blind/sh"]}
 
 
@@ -93,6 +101,6 @@ def test_the_filter_refuses_what_it_cannot_express() -> None:
     from cerulean.agent import confine
 
     with pytest.raises(confine.ConfineError):
-        confine.program("x86_64", list(range(200)))  # jumps past 255 instructions
+        confine.program("x86_64", list(range(300)))  # jumps past 255 instructions
     prog = confine.program("aarch64", [5])
     assert len(prog) < 64 and all(0 <= jt <= 255 and 0 <= jf <= 255 for _c, jt, jf, _k in prog)

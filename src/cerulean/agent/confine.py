@@ -11,11 +11,12 @@ the process's effective and permitted sets (with no new privileges, no program i
 gets it back) and adds a seccomp filter, for every thread, that
 
 - refuses ``fanotify_init`` and ``fanotify_mark`` (no new marks, no permission events);
-- allows ``open_by_handle_at`` only on the marks' own directories (on the read-only
-  view) and only as ``O_PATH | O_DIRECTORY | O_CLOEXEC``;
-- refuses to close those directories, or to put another file in their place
-  (``close``, ``dup2``, ``dup3`` onto their numbers; ``close_range`` altogether,
-  which the C library falls back from to closing one by one).
+- allows ``open_by_handle_at`` only on the marks' own directories (the watched
+  trees' mounts) and only as ``O_PATH | O_DIRECTORY | O_CLOEXEC``. Those are named
+  by number: they are moved above the soft limit of open files first, where nothing
+  opened or duplicated later can land (:func:`lift`);
+- refuses ``setrlimit``, and ``prlimit64`` unless it only reads, so that the limit
+  stays where it is.
 
 A refused call fails with ``EPERM``.
 """
@@ -24,11 +25,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import platform
+import resource
 import struct
 
-from cerulean.agent.watch import O_PATH, load_libc
+from cerulean.agent.watch import O_PATH, FsMarks, load_libc
 
 CAP_SYS_ADMIN = 21
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -42,11 +45,9 @@ HANDLE_FLAGS = O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 # The system calls the filter looks at, by machine: (audit architecture, numbers).
 SYSCALLS: dict[str, tuple[int, dict[str, int]]] = {
     "x86_64": (0xC000003E, {"seccomp": 317, "fanotify_init": 300, "fanotify_mark": 301,
-                            "open_by_handle_at": 304, "close": 3, "dup2": 33, "dup3": 292,
-                            "close_range": 436}),
+                            "open_by_handle_at": 304, "setrlimit": 160, "prlimit64": 302}),
     "aarch64": (0xC00000B7, {"seccomp": 277, "fanotify_init": 262, "fanotify_mark": 263,
-                             "open_by_handle_at": 265, "close": 57, "dup3": 24,
-                             "close_range": 436}),
+                             "open_by_handle_at": 265, "setrlimit": 164, "prlimit64": 261}),
 }
 
 # classic BPF
@@ -56,58 +57,51 @@ _JGE_K = 0x35
 _RET_K = 0x06
 _NR, _ARCH = 0, 4
 
+Instruction = tuple[int, int, int, int]
 
-def _arg(i: int) -> int:
-    """Where the low 32 bits of argument *i* are in struct seccomp_data (little-endian;
-    the calls looked at take ints, of which the kernel uses those bits only)."""
-    return 16 + 8 * i
+
+def _arg(i: int, high: bool = False) -> int:
+    """Where the low (or *high*) 32 bits of argument *i* are in struct seccomp_data
+    (little-endian; of an int argument the kernel uses the low bits only)."""
+    return 16 + 8 * i + (4 if high else 0)
 
 
 class ConfineError(OSError):
     pass
 
 
-def program(machine: str, fds: list[int]) -> list[tuple[int, int, int, int]]:
+def program(machine: str, fds: list[int]) -> list[Instruction]:
     """The filter, as (code, jt, jf, k) instructions, for *machine* and the marks'
     directories *fds*."""
     arch, nr = SYSCALLS[machine]
     deny = SECCOMP_RET_ERRNO | errno.EPERM
-    body: list[tuple[int, int, int, int]] = []
+    allow = SECCOMP_RET_ALLOW
 
-    def check_fds(arg: int) -> list[tuple[int, int, int, int]]:
-        """Deny when argument *arg* is one of *fds*, else allow."""
-        out = [(_LD_W_ABS, 0, 0, _arg(arg))]
-        for fd in fds:
-            out.append((_JEQ_K, 0, 1, fd))
-            out.append((_RET_K, 0, 0, deny))
-        out.append((_RET_K, 0, 0, SECCOMP_RET_ALLOW))
-        return out
-
-    def handle_rule() -> list[tuple[int, int, int, int]]:
+    def handle_rule() -> list[Instruction]:
         """open_by_handle_at: one of *fds*, and exactly HANDLE_FLAGS."""
         out = [(_LD_W_ABS, 0, 0, _arg(0))]
         for i, fd in enumerate(fds):  # a match jumps to the flags' check, past the rest
             out.append((_JEQ_K, len(fds) - i, 0, fd))
         out.append((_RET_K, 0, 0, deny))
         out += [(_LD_W_ABS, 0, 0, _arg(2)), (_JEQ_K, 0, 1, HANDLE_FLAGS),
-                (_RET_K, 0, 0, SECCOMP_RET_ALLOW), (_RET_K, 0, 0, deny)]
+                (_RET_K, 0, 0, allow), (_RET_K, 0, 0, deny)]
         return out
 
+    # prlimit64 may read a limit (new_limit NULL), never set one.
+    reading_only = [(_LD_W_ABS, 0, 0, _arg(2)), (_JEQ_K, 0, 3, 0),
+                    (_LD_W_ABS, 0, 0, _arg(2, high=True)), (_JEQ_K, 0, 1, 0),
+                    (_RET_K, 0, 0, allow), (_RET_K, 0, 0, deny)]
     # Each call's rule is a block; the dispatch jumps to it (forward jumps only).
-    blocks: list[tuple[int, list[tuple[int, int, int, int]]]] = []
-    for name in ("fanotify_init", "fanotify_mark", "close_range"):
-        blocks.append((nr[name], [(_RET_K, 0, 0, deny)]))
-    blocks.append((nr["open_by_handle_at"], handle_rule()))
-    blocks.append((nr["close"], check_fds(0)))
-    for name in ("dup2", "dup3"):
-        if name in nr:
-            blocks.append((nr[name], check_fds(1)))
-    dispatch = len(blocks) + 1  # the jumps, then "allow"
+    blocks: list[tuple[int, list[Instruction]]] = [
+        (nr[name], [(_RET_K, 0, 0, deny)])
+        for name in ("fanotify_init", "fanotify_mark", "setrlimit")]
+    blocks += [(nr["open_by_handle_at"], handle_rule()), (nr["prlimit64"], reading_only)]
+    body: list[Instruction] = []
     at = 0  # where each block starts, counted after the dispatch and its "allow"
     for i, (number, block) in enumerate(blocks):
-        body.append((_JEQ_K, dispatch - i - 1 + at, 0, number))
+        body.append((_JEQ_K, len(blocks) - i + at, 0, number))
         at += len(block)
-    body.append((_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+    body.append((_RET_K, 0, 0, allow))
     for _number, block in blocks:
         body += block
     # Another architecture's calls, and x32's numbers (bit 30) on x86_64, are refused.
@@ -134,14 +128,35 @@ def drop_capability(libc: ctypes.CDLL, cap: int) -> None:
         raise ConfineError(e, f"capset: {os.strerror(e)}")
 
 
-def confine(fds: list[int]) -> None:
+def lift(fds: list[int]) -> list[int]:
+    """Copies of *fds* numbered at or above the soft RLIMIT_NOFILE (raised for the
+    moment, then set back; the originals are closed): no file opened, duplicated or
+    received later can take those numbers, so a filter that names them names these
+    files for good (with setrlimit refused)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < soft + len(fds):
+        raise ConfineError(errno.EMFILE, f"no room above the file limit ({soft}, at most "
+                                         f"{hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft + len(fds), hard))
+    try:
+        lifted = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, soft) for fd in fds]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for fd in fds:
+        os.close(fd)
+    return lifted
+
+
+def confine(marks: FsMarks | None) -> None:
     """Drop CAP_SYS_ADMIN and install the filter (see the module's text) for every
-    thread of this process, the marks' directories being *fds*. Raises ConfineError
-    when either cannot be done (an unknown machine, a kernel without seccomp)."""
+    thread of this process, for the directories of *marks* (moved above the file limit
+    first, see :func:`lift`). Raises ConfineError when it cannot (an unknown machine, a
+    kernel without seccomp, a file limit with no room above it)."""
     machine = platform.machine()
     if machine not in SYSCALLS:
         raise ConfineError(errno.ENOSYS, f"no system call table for {machine}")
     libc = load_libc()
+    fds = marks.lift_mounts(lift) if marks is not None else []
     instructions = program(machine, fds)
     # The calls it installs itself set this too; without it, only a privileged
     # process may add a filter.

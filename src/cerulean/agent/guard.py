@@ -142,7 +142,7 @@ class Guard:
         if not self.confine:
             return
         try:
-            confine(self._marks.mounts() if self._marks is not None else [])
+            confine(self._marks)
         except ConfineError as e:
             if self._marks is not None:
                 self._marks.close()

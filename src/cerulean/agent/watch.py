@@ -273,6 +273,14 @@ class FsMarks:
         """The directories handles are decoded against (open as long as the marks are)."""
         return [m for _fd, mounts in self.groups for m in mounts]
 
+    def lift_mounts(self, move: Callable[[list[int]], list[int]]) -> list[int]:
+        """Replace the directories' descriptors by what *move* makes of them (the same
+        directories under other numbers); returns the new numbers."""
+        moved = iter(move(self.mounts()))
+        for _fd, mounts in self.groups:
+            mounts[:] = [next(moved) for _m in mounts]
+        return self.mounts()
+
     def read(self, limit: int, more: Callable[[], bool]
              ) -> Generator[tuple[int, list[int], bytes, bytes], None, None]:
         """What the queues hold: (mask, directories of the roots on that file system,
