@@ -399,14 +399,16 @@ def test_every_call_bounds_the_body_it_reads(fleet: Fleet, tmp_path: Path) -> No
     assert fleet.api("GET", "/api/v1/health", token="")[0] == 200
 
 
-def _log_in(fleet: Fleet, name: str, password: str) -> str:
+def _log_in(fleet: Fleet, name: str, password: str, forwarded: str = "") -> str:
     """The login page's answer: 'in' (a session), or the error it shows."""
     host, port = fleet.url.removeprefix("https://").rsplit(":", 1)
     conn = http.client.HTTPSConnection(host, int(port), context=fleet.ctx(), timeout=30)
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if forwarded:
+        headers["X-Forwarded-For"] = forwarded
     try:
         conn.request("POST", "/login", urllib.parse.urlencode(
-            {"name": name, "password": password}),
-            {"Content-Type": "application/x-www-form-urlencoded"})
+            {"name": name, "password": password}), headers)
         r = conn.getresponse()
         body = r.read().decode()
         if r.status == 303 and "cerulean_session=" in (r.getheader("set-cookie") or ""):
@@ -422,8 +424,9 @@ def test_failed_logins_are_throttled_across_restarts(fleet: Fleet) -> None:
     cli("fleet", "user", "add", "olga", "--role", "operator", "--password-stdin",
         "--data", str(fleet.data), stdin=password + "\n")
     assert _log_in(fleet, "olga", password) == "in"
-    for _ in range(3):
-        assert _log_in(fleet, "olga", "wrong") == "Wrong name or password."
+    for i in range(3):  # what a header says of the client's address changes nothing
+        assert _log_in(fleet, "olga", "wrong", forwarded=f"203.0.113.{i}") == \
+            "Wrong name or password."
     # Another server process (here: the same one, restarted) counts the same failures.
     fleet.kill_and_restart()
     for _ in range(2):

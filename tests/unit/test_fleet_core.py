@@ -412,3 +412,13 @@ def test_an_address_that_tries_many_names_is_refused_for_all(db: Session) -> Non
     now = t0 + timedelta(seconds=web.THROTTLE_SOURCE_FAILURES)
     assert web._throttled(db, "admin", "203.0.113.9", now) is not None
     assert web._throttled(db, "admin", "198.51.100.7", now) is None
+
+
+def test_logins_from_one_ipv6_network_count_together() -> None:
+    from cerulean.fleet import web
+
+    assert web._source("2001:db8:1:2::17") == web._source("2001:db8:1:2:ffff::1") \
+        == "2001:db8:1:2::/64"
+    assert web._source("2001:db8:1:3::17") != web._source("2001:db8:1:2::17")
+    assert web._source("::ffff:203.0.113.9") == "203.0.113.9" == web._source("203.0.113.9")
+    assert web._source("") == ""

@@ -866,3 +866,26 @@ def test_a_root_on_a_bind_mount_shares_its_file_systems_marks(
             subprocess.run(["umount", str(bound)], check=True)
     finally:
         subprocess.run(["umount", str(fs)], check=True)
+
+
+def test_a_flood_of_new_directories_does_not_fill_the_marks_queue(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inotify flood: directories made faster than they can be watched. Empty, they
+    cost the marks' queue nothing: the set-ID file made in one of them is still seen as
+    it happens, not by a rescan."""
+    import shutil
+    import tempfile
+
+    monkeypatch.setattr(watch, "MAX_WATCHED", 100)
+    root = Path(tempfile.mkdtemp(dir="/dev/shm"))  # a file system of its own
+    try:
+        with Watcher([root], marks=True) as w:
+            marks_or_skip(w)
+            for i in range(17_000):  # more than either queue holds, nobody reading
+                (root / f"d{i}").mkdir()
+            f = setuid_file(root / "d5000/sh")
+            events = collect(w, lambda got: any(e.get("file.setuid") for e in got), 10.0)
+            assert [e["file.path"] for e in events if e.get("file.setuid")] == [str(f)]
+            assert w.marks_overflowed == 0 and w.rescans == 0
+    finally:
+        shutil.rmtree(root)

@@ -152,24 +152,27 @@ def confine(marks: FsMarks | None) -> None:
     thread of this process, for the directories of *marks* (moved above the file limit
     first, see :func:`lift`). Raises ConfineError when it cannot (an unknown machine, a
     kernel without seccomp, a file limit with no room above it)."""
-    machine = platform.machine()
-    if machine not in SYSCALLS:
-        raise ConfineError(errno.ENOSYS, f"no system call table for {machine}")
     libc = load_libc()
-    fds = marks.lift_mounts(lift) if marks is not None else []
-    instructions = program(machine, fds)
-    # The calls it installs itself set this too; without it, only a privileged
-    # process may add a filter.
+    # First what needs nothing else: no new privileges (without it only a privileged
+    # process may add a filter), and CAP_SYS_ADMIN gone.
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         e = ctypes.get_errno()
         raise ConfineError(e, f"no_new_privs: {os.strerror(e)}")
     drop_capability(libc, CAP_SYS_ADMIN)
+    machine = platform.machine()
+    if machine not in SYSCALLS:
+        raise ConfineError(errno.ENOSYS, f"no system call table for {machine}")
+    fds = marks.lift_mounts(lift) if marks is not None else []
+    instructions = program(machine, fds)
     filters = b"".join(struct.pack("=HBBI", *i) for i in instructions)
     buf = ctypes.create_string_buffer(filters, len(filters))
     prog = ctypes.create_string_buffer(
         struct.pack("=HxxxxxxQ", len(instructions), ctypes.addressof(buf)))
     nr = SYSCALLS[machine][1]["seccomp"]
-    if libc.syscall(ctypes.c_long(nr), SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC,
-                    prog) != 0:
+    r = libc.syscall(ctypes.c_long(nr), SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC,
+                     prog)
+    if r > 0:  # TSYNC: that thread could not take the filter
+        raise ConfineError(errno.EBUSY, f"seccomp: thread {r} cannot take the filter")
+    if r != 0:
         e = ctypes.get_errno()
         raise ConfineError(e, f"seccomp: {os.strerror(e)}")

@@ -261,8 +261,19 @@ def run(root: Path = Path("/"), say: Callable[[str], None] = print,
         rules = load_rule_files([root / "usr/lib/cerulean/rules.d",
                                  root / "etc/cerulean/rules.d"])
         guard = Guard(rules, AuditLog(Host(root).audit_log), root, cfg.watch,
-                      float(cfg.scan_interval), say, confine=root == Path("/"))
+                      float(cfg.scan_interval), say)
         guard.start()
+    if root == Path("/"):
+        # The service: give up CAP_SYS_ADMIN and all but the marks' use of
+        # open_by_handle_at, whatever runs (before any thread starts).
+        from cerulean.agent.confine import ConfineError, confine
+
+        try:
+            confine(guard.fs_marks if guard is not None else None)
+        except ConfineError as e:
+            say(f"warning: the agent cannot confine itself ({e.strerror or e})")
+            if guard is not None:
+                guard.drop_marks(f"the agent cannot confine their use ({e.strerror or e})")
     server: metrics.MetricsServer | None = None
 
     def own_state() -> list[metrics.Family]:  # the agent's own limits and degradation

@@ -27,7 +27,6 @@ from typing import Any
 
 from cerulean.agent import metrics, sensors
 from cerulean.agent.audit import AuditLog
-from cerulean.agent.confine import ConfineError, confine
 from cerulean.agent.detect import Alert, DetectionRule, RateLimit, match
 from cerulean.agent.metrics import Family
 from cerulean.agent.watch import FsMarks, Watcher, WatchError
@@ -71,9 +70,6 @@ class Guard:
     # cerulean.agent.watch.FsMarks): without them (no CAP_SYS_ADMIN), what changes in a
     # directory inotify cannot watch waits for a rescan.
     marks: bool = True
-    # Once the marks are set, give up what only setting them needed (see
-    # cerulean.agent.confine): for the service, never for a guard inside another program.
-    confine: bool = False
     alerts: int = 0
     by_rule: dict[tuple[str, str], int] = field(default_factory=dict)  # (rule, priority)
     journal: sensors.JournalFollower | None = None  # auth events; made by start()
@@ -130,24 +126,29 @@ class Guard:
             self.journal.close()
 
     def _open_marks(self) -> None:
-        """The fanotify marks, set once (a watch started again uses them too); then,
-        with :attr:`confine`, the process gives up CAP_SYS_ADMIN and all but the marks'
-        use of open_by_handle_at. Marks it cannot confine to that are closed."""
+        """The fanotify marks, set once (a watch started again uses them too)."""
         if self.marks:
             try:
                 self._marks = FsMarks([str(self.root / w.lstrip("/")) for w in self.watch])
                 self._marks_error = "; ".join(self._marks.failed)
             except WatchError as e:
                 self._marks_error = str(e.strerror or e)
-        if not self.confine:
+
+    @property
+    def fs_marks(self) -> FsMarks | None:
+        return self._marks
+
+    def drop_marks(self, why: str) -> None:
+        """Close the marks (the process cannot confine their use, say), and say why."""
+        if self._marks is None:
             return
-        try:
-            confine(self._marks)
-        except ConfineError as e:
-            if self._marks is not None:
-                self._marks.close()
-                self._marks = None
-            self._marks_error = f"the agent cannot confine them ({e.strerror or e})"
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        self._marks.close()
+        self._marks = None
+        self._marks_error = why
+        self._start_watch()  # the watch again, without them
 
     def _start_watch(self) -> None:
         """Watch the directories; when inotify cannot start, run without and say so."""

@@ -121,7 +121,10 @@ FAN_MOVED_TO = 0x80
 FAN_CREATE = 0x100
 FAN_Q_OVERFLOW = 0x4000
 FAN_ONDIR = 0x40000000
-FAN_MASK = FAN_CREATE | FAN_ATTRIB | FAN_MOVED_TO | FAN_ONDIR
+# Two groups a file system: what is made or changes mode or owner (files only: a flood of
+# new directories, empty, costs the queue nothing), and what is moved in, directories
+# too (what a directory moved in holds is described).
+FAN_MASKS = (FAN_CREATE | FAN_ATTRIB, FAN_MOVED_TO | FAN_ONDIR)
 FAN_INFO_DFID_NAME = 2
 IN_MASK_CREATE = 0x10000000
 MARKS_KNOWN = 4096  # watched directories the marks remember by handle
@@ -207,9 +210,9 @@ def mount_id(fd: int) -> int:
 
 
 class FsMarks:
-    """fanotify marks on the file systems of *roots*, one group (and event queue) per
-    file system, each with the roots' directories on it open (one per mount: a bind
-    mount shows only part of a file system) to decode file handles against.
+    """fanotify marks on the file systems of *roots*, two groups (and event queues) per
+    file system (FAN_MASKS), each with the roots' directories on it open (one per
+    mount: a bind mount shows only part of a file system) to decode handles against.
     A file system that cannot be marked (one without file handles) is left out, and
     :attr:`failed` says why; raises WatchError when none can be (fanotify cannot
     start: no CAP_SYS_ADMIN)."""
@@ -218,6 +221,7 @@ class FsMarks:
         self._libc = libc = load_libc()
         # (fanotify fd, directories of the roots on its file system, one per mount)
         self.groups: list[tuple[int, list[int]]] = []
+        self.filesystems: list[list[int]] = []  # the mounts of each (shared with groups)
         self.failed: list[str] = []  # why a file system is not marked
         self.drained = True
         by_device: dict[int, tuple[list[int], set[int]]] = {}  # -> (its mounts, their ids)
@@ -240,19 +244,30 @@ class FsMarks:
                 else:
                     os.close(dfd)
                 continue
-            fd = libc.fanotify_init(FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DFID_NAME,
-                                    os.O_RDONLY)
-            if fd >= 0 and libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM,
-                                              ctypes.c_uint64(FAN_MASK), dfd, None) == 0:
-                self.groups.append((fd, [dfd]))
-                by_device[device] = (self.groups[-1][1], {mount_id(dfd)})
+            mounts = [dfd]
+            made: list[int] = []
+            e = 0
+            for mask in FAN_MASKS:
+                fd = libc.fanotify_init(FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_DFID_NAME,
+                                        os.O_RDONLY)
+                if fd < 0:
+                    e = ctypes.get_errno()
+                    for f in (*made, dfd):
+                        os.close(f)
+                    self.close()
+                    raise WatchError(e, f"fanotify cannot start: {os.strerror(e)}")
+                made.append(fd)
+                if libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM,
+                                      ctypes.c_uint64(mask), dfd, None) != 0:
+                    e = ctypes.get_errno()
+                    break
+            if not e:
+                self.groups += [(fd, mounts) for fd in made]  # the list is shared
+                self.filesystems.append(mounts)
+                by_device[device] = (mounts, {mount_id(dfd)})
                 continue
-            e = ctypes.get_errno()
-            os.close(dfd)
-            if fd < 0:
-                self.close()
-                raise WatchError(e, f"fanotify cannot start: {os.strerror(e)}")
-            os.close(fd)
+            for f in (*made, dfd):
+                os.close(f)
             by_device[device] = ([], {-2})  # not marked: its other roots are not opened
             self.failed.append(f"the file system of {root} cannot be marked: "
                                f"{os.strerror(e)}")
@@ -260,24 +275,23 @@ class FsMarks:
             raise WatchError(errno.EOPNOTSUPP, "; ".join(self.failed))
 
     def close(self) -> None:
-        for fd, mounts in self.groups:
-            for f in (fd, *mounts):
-                with contextlib.suppress(OSError):
-                    os.close(f)
-        self.groups = []
+        for f in (*self.filenos(), *self.mounts()):
+            with contextlib.suppress(OSError):
+                os.close(f)
+        self.groups, self.filesystems = [], []
 
     def filenos(self) -> list[int]:
         return [fd for fd, _mounts in self.groups]
 
     def mounts(self) -> list[int]:
         """The directories handles are decoded against (open as long as the marks are)."""
-        return [m for _fd, mounts in self.groups for m in mounts]
+        return [m for mounts in self.filesystems for m in mounts]
 
     def lift_mounts(self, move: Callable[[list[int]], list[int]]) -> list[int]:
         """Replace the directories' descriptors by what *move* makes of them (the same
         directories under other numbers); returns the new numbers."""
         moved = iter(move(self.mounts()))
-        for _fd, mounts in self.groups:
+        for mounts in self.filesystems:
             mounts[:] = [next(moved) for _m in mounts]
         return self.mounts()
 
@@ -793,7 +807,7 @@ class Watcher:
     @property
     def marked(self) -> int:
         """File systems under fanotify marks."""
-        return len(self._marks.groups) if self._marks is not None else 0
+        return len(self._marks.filesystems) if self._marks is not None else 0
 
     def _fds(self) -> list[int]:
         return [self.fd, *(self._marks.filenos() if self._marks is not None else ())]

@@ -256,6 +256,9 @@ def serve(cfg: FleetConfig) -> None:
         ssl_certfile=str(cfg.data / "server.crt"), ssl_keyfile=str(cfg.data / "server.key"),
         ssl_ca_certs=str(cfg.data / "ca.crt"), ssl_cert_reqs=ssl.CERT_OPTIONAL,
         log_level="warning", access_log=False, server_header=False,
+        # The server ends TLS itself: a client's address is its own, whatever a header
+        # says (the login throttle counts by it).
+        proxy_headers=False, forwarded_allow_ips="",
         limit_concurrency=cfg.max_connections, timeout_keep_alive=cfg.keep_alive,
         backlog=4096)
     if cfg.workers > 1:

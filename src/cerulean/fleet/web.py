@@ -16,6 +16,7 @@ together.
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 from datetime import UTC, datetime, timedelta
@@ -156,6 +157,18 @@ def _refused_until(s: Session, where: Any, threshold: int, now: datetime) -> dat
     return until if until > now else None
 
 
+def _source(host: str) -> str:
+    """Where a login comes from, as the throttle counts it: the address, or for IPv6
+    its /64 (one machine may hold all of one)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host[:64]
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
+
+
 def _throttled(s: Session, name: str, source: str, now: datetime) -> datetime | None:
     """Until when a login of *name* from *source* is refused (None: it is not)."""
     pair = _refused_until(s, (LoginFailure.name == name) & (LoginFailure.source == source),
@@ -215,7 +228,7 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
     def login(request: Request, s: Db, name: Annotated[str, Form(max_length=64)],
               password: Annotated[str, Form(max_length=1024)]) -> Response:
         now = datetime.now(UTC)
-        source = (request.client.host if request.client else "")[:64]
+        source = _source(request.client.host if request.client else "")
         try:
             name = check_username(name)
         except AuthError:
