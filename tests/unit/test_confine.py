@@ -104,3 +104,49 @@ def test_the_filter_refuses_what_it_cannot_express() -> None:
         confine.program("x86_64", list(range(300)))  # jumps past 255 instructions
     prog = confine.program("aarch64", [5])
     assert len(prog) < 64 and all(0 <= jt <= 255 and 0 <= jf <= 255 for _c, jt, jf, _k in prog)
+
+
+LANDLOCK_CHILD = r'''
+import errno, json, os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from cerulean.agent import confine
+base = sys.argv[2]
+os.makedirs(f"{base}/state"); os.makedirs(f"{base}/etc")
+open(f"{base}/etc/shadow", "w").close()
+try:
+    abi = confine.restrict_writes([f"{base}/state"])
+except confine.ConfineError as e:
+    print(json.dumps({"skip": str(e)})); sys.exit(0)
+def attempt(fn):
+    try:
+        fn()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+out = {
+    "state": attempt(lambda: open(f"{base}/state/f", "w").write("x")),
+    "elsewhere": attempt(lambda: open(f"{base}/etc/shadow", "a").write("x")),
+    "via_proc_root": attempt(lambda: open(f"/proc/1/root{base}/etc/shadow", "a").write("x")
+                             if os.path.exists(f"/proc/1/root{base}") else
+                             open(f"/proc/self/root{base}/etc/shadow", "a").write("x")),
+    "make_elsewhere": attempt(lambda: os.mkdir(f"{base}/etc/d")),
+    "move_out": attempt(lambda: os.rename(f"{base}/state/f", f"{base}/etc/f")),
+    "read_elsewhere": attempt(lambda: open(f"{base}/etc/shadow").read()),
+    "dev_null": attempt(lambda: open("/dev/null", "w").write("x")),
+    "subprocess": subprocess.run(["true"], stdout=subprocess.DEVNULL).returncode,
+}
+print(json.dumps(out))
+'''
+
+
+def test_writes_stay_beneath_the_state_directories_however_reached(tmp_path: Path) -> None:
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    run = subprocess.run([sys.executable, "-c", LANDLOCK_CHILD, src, str(tmp_path / "t")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    if "skip" in out:
+        pytest.skip(f"no Landlock here: {out['skip']}")
+    assert out == {"state": "ok", "elsewhere": "EACCES", "via_proc_root": "EACCES",
+                   "make_elsewhere": "EACCES", "move_out": "EACCES", "read_elsewhere": "ok",
+                   "dev_null": "ok", "subprocess": 0}
