@@ -347,18 +347,33 @@ def test_the_host_page_shows_a_refused_update_run() -> None:
             "The update repository&#39;s metadata has expired; refusing it.</dd>") in html
 
 
-def test_dashboard_errors_show_only_what_the_server_said(db: Session) -> None:
+def test_dashboard_errors_show_only_what_the_server_said(
+        db: Session, monkeypatch: pytest.MonkeyPatch) -> None:
     """A link from elsewhere cannot put its own words on the server's pages: an error
-    shown after a redirect carries the server's signature."""
+    shown after a redirect carries the server's signature, for that page, that user,
+    for a few minutes."""
     from urllib.parse import parse_qs, urlsplit
+
+    from starlette.requests import Request
 
     from cerulean.fleet import web
 
-    where = web._said(db, "/policies", "No such profile: cis-x")
-    query = parse_qs(urlsplit(where.headers["location"]).query)
-    assert web._shown(db, query["error"][0], query["sig"][0]) == "No such profile: cis-x"
-    assert web._shown(db, "Your account is locked: call +1 555 0100", query["sig"][0]) == ""
-    assert web._shown(db, "Your account is locked: call +1 555 0100", "") == ""
+    def on(path: str) -> Request:
+        return Request({"type": "http", "path": path, "query_string": b"", "headers": []})
+
+    where = web._said(db, "/policies", "olga", "No such profile: cis-x")
+    q = {k: v[0] for k, v in parse_qs(urlsplit(where.headers["location"]).query).items()}
+    until, sig = int(q["until"]), q["sig"]
+    shown = web._shown(db, on("/policies"), "olga", q["error"], until, sig)
+    assert shown == "No such profile: cis-x"
+    lie = "Your account is locked: call +1 555 0100"
+    assert web._shown(db, on("/policies"), "olga", lie, until, sig) == ""
+    assert web._shown(db, on("/policies"), "olga", lie, until, "") == ""
+    assert web._shown(db, on("/access"), "olga", q["error"], until, sig) == ""  # page
+    assert web._shown(db, on("/policies"), "admin", q["error"], until, sig) == ""  # user
+    assert web._shown(db, on("/policies"), "olga", q["error"], until + 1, sig) == ""
+    monkeypatch.setattr(web.time, "time", lambda: until + 1.0)  # kept past its time
+    assert web._shown(db, on("/policies"), "olga", q["error"], until, sig) == ""
 
 
 def test_the_compliance_reports_style_sheet_is_the_one_its_policy_allows() -> None:

@@ -19,6 +19,7 @@ import hmac
 import ipaddress
 import json
 import secrets
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -71,6 +72,7 @@ SESSION_SECONDS = 12 * 3600
 # that long). A name is never refused as such: another address still logs in.
 THROTTLE_FAILURES, THROTTLE_SOURCE_FAILURES, THROTTLE_SECONDS = 5, 20, 300
 THROTTLE_MEMORY = 86_400
+ERROR_SECONDS = 300  # how long an error link (_said) shows its text
 # Checked against when the name is unknown, disabled or has no password: every failed
 # login costs the same work, so that the time of the answer does not tell names apart.
 _NO_PASSWORD = hash_password(secrets.token_hex(16))
@@ -91,17 +93,28 @@ class LoginRequired(Exception):
     pass
 
 
-def _said(s: Session, path: str, error: str) -> RedirectResponse:
-    """Back to *path*, showing *error*: signed, so that a link from elsewhere cannot
-    put its own words on the server's pages."""
-    sig = hmac.new(_key(s), b"error:" + error.encode(), "sha256").hexdigest()
-    return RedirectResponse(f"{path}?" + urlencode({"error": error, "sig": sig}), 303)
+def _said(s: Session, path: str, user: str, error: str) -> RedirectResponse:
+    """Back to *path*, showing *error* to *user*: signed with the page, the user and a
+    time (ERROR_SECONDS from now), so that no link from elsewhere, nor one kept or
+    passed on, can put its own words on the server's pages."""
+    until = int(time.time()) + ERROR_SECONDS
+    sig = _error_sig(s, path, user, until, error)
+    return RedirectResponse(f"{path}?" + urlencode(
+        {"error": error, "until": until, "sig": sig}), 303)
 
 
-def _shown(s: Session, error: str, sig: str) -> str:
-    """*error* if the server said it (see _said), else nothing."""
-    good = hmac.new(_key(s), b"error:" + error.encode(), "sha256").hexdigest()
-    return error[:300] if error and hmac.compare_digest(sig, good) else ""
+def _error_sig(s: Session, path: str, user: str, until: int, error: str) -> str:
+    text = "\0".join(("error", path, user, str(until), error))
+    return hmac.new(_key(s), text.encode(), "sha256").hexdigest()
+
+
+def _shown(s: Session, request: Request, user: str, error: str, until: int,
+           sig: str) -> str:
+    """*error* if the server said it to *user* on this page, lately (see _said)."""
+    if not error or until < time.time():
+        return ""
+    good = _error_sig(s, request.url.path, user, until, error)
+    return error[:300] if hmac.compare_digest(sig, good) else ""
 
 
 def _key(s: Session) -> bytes:
@@ -311,8 +324,8 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
 
     @r.get("/rollouts")
     def rollouts_page(request: Request, s: Db, who: Viewer, error: str = "",
-                      sig: str = "") -> HTMLResponse:
-        error = _shown(s, error, sig)
+                      until: int = 0, sig: str = "") -> HTMLResponse:
+        error = _shown(s, request, who.name, error, until, sig)
         rows = list(s.execute(select(Rollout).order_by(Rollout.id.desc()).limit(100)).scalars())
         groups = sorted({g for g in s.execute(select(Host.group).distinct()).scalars()})
         offered: list[Any] = []
@@ -348,18 +361,18 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
                                  soak_minutes=soak_minutes,
                                  max_failure_percent=max_failure_percent, window=window)
         except CeruleanError as e:
-            return _said(s, "/rollouts", str(e))
+            return _said(s, "/rollouts", who.name, str(e))
         return RedirectResponse(f"/rollouts/{ro.id}", status_code=303)
 
     @r.get("/rollouts/{rollout_id}")
     def rollout(request: Request, rollout_id: sc.RowId, s: Db, who: Viewer,
-                error: str = "", sig: str = "") -> HTMLResponse:
+                error: str = "", until: int = 0, sig: str = "") -> HTMLResponse:
         ro = s.get(Rollout, rollout_id)
         if ro is None:
             return page(request, "missing.html", who, what=f"rollout {rollout_id}")
         rollouts.evaluate(s, ro, force=True)
         return page(request, "rollout.html", who, r=ro, p=rollouts.progress(s, ro),
-                    error=_shown(s, error, sig))
+                    error=_shown(s, request, who.name, error, until, sig))
 
     @r.post("/rollouts/{rollout_id}/{action}")
     def rollout_action(request: Request, rollout_id: sc.RowId, action: str, s: Db, who: Viewer,
@@ -371,13 +384,13 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
             check_form(request, csrf, who, "operator")
             rollouts.act(s, who.name, ro, action)
         except Invalid as e:
-            return _said(s, f"/rollouts/{rollout_id}", str(e))
+            return _said(s, f"/rollouts/{rollout_id}", who.name, str(e))
         return RedirectResponse(f"/rollouts/{rollout_id}", status_code=303)
 
     @r.get("/policies")
     def policies(request: Request, s: Db, who: Viewer, error: str = "",
-                 sig: str = "") -> HTMLResponse:
-        error = _shown(s, error, sig)
+                 until: int = 0, sig: str = "") -> HTMLResponse:
+        error = _shown(s, request, who.name, error, until, sig)
         groups = sorted({g for g in s.execute(select(Host.group).distinct()).scalars()})
         assigned = {g.group: g for g in s.execute(select(GroupPolicy)).scalars()}
         hist = reports.history(s, None, None, 30)
@@ -393,7 +406,7 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
             rollouts.assign_policy(s, who.name, group,
                                    [p for p in profiles.replace(",", " ").split() if p], mode)
         except Invalid as e:
-            return _said(s, "/policies", str(e))
+            return _said(s, "/policies", who.name, str(e))
         return RedirectResponse("/policies", status_code=303)
 
     @r.get("/compliance/report")
@@ -421,8 +434,8 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
 
     @r.get("/access")
     def access(request: Request, s: Db, who: Viewer, error: str = "",
-               sig: str = "") -> HTMLResponse:
-        return access_page(request, s, who, _shown(s, error, sig))
+               until: int = 0, sig: str = "") -> HTMLResponse:
+        return access_page(request, s, who, _shown(s, request, who.name, error, until, sig))
 
     @r.post("/access/enrollment-tokens")
     def new_enrollment_token(request: Request, s: Db, who: Viewer,
@@ -440,7 +453,7 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
             t = create_enrollment_token(s, who.name, group.strip(), labels, uses,
                                         timedelta(hours=hours))
         except CeruleanError as e:
-            return _said(s, "/access", str(e))
+            return _said(s, "/access", who.name, str(e))
         return access_page(request, s, who, made={
             "what": f"Enrollment token {t.id} for {uses} host(s) of group {group.strip()}",
             "secret": t.token, "command": enroll_command(public_url, t.token, ca_sha256)})
@@ -454,7 +467,7 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
             check_form(request, csrf, who, "admin")
             add_user(s, who.name, name.strip(), role, password)
         except CeruleanError as e:
-            return _said(s, "/access", str(e))
+            return _said(s, "/access", who.name, str(e))
         return RedirectResponse("/access", status_code=303)
 
     @r.post("/access/api-tokens")
@@ -471,7 +484,7 @@ def router(Db: Any, update_repo: releases.Source | None = None, public_url: str 
                 raise Invalid("'days' must be a number of days.") from e
             token = issue_token(s, who.name, user, role, description, lifetime)
         except CeruleanError as e:
-            return _said(s, "/access", str(e))
+            return _said(s, "/access", who.name, str(e))
         return access_page(request, s, who, made={
             "what": f"API token for {user} ({role})", "secret": token, "command": ""})
 
