@@ -889,3 +889,40 @@ def test_a_flood_of_new_directories_does_not_fill_the_marks_queue(
             assert w.marks_overflowed == 0 and w.rescans == 0
     finally:
         shutil.rmtree(root)
+
+
+def test_after_an_inotify_overflow_the_marks_report_in_watched_directories_too(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood of directories overflows inotify's queue: a set-ID file made in a watched
+    directory meanwhile is lost to inotify. The marks, whose queue a flood of
+    directories does not fill, report it until a walk has looked again."""
+    import shutil
+    import tempfile
+
+    monkeypatch.setattr(watch, "MAX_WATCHED", 100)
+    root = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        (root / "flood").mkdir()
+        with Watcher([root], marks=True) as w:
+            marks_or_skip(w)
+            n = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text()) + 200
+            for i in range(n):
+                (root / "flood" / f"d{i}").mkdir()
+            f = setuid_file(root / "sh")  # the root is watched; inotify's queue is full
+            events = collect(w, lambda got: any(e.get("file.setuid") for e in got), 10.0)
+            assert [e["file.path"] for e in events if e.get("file.setuid")] == [str(f)]
+            assert w.overflowed >= 1 and w.rescans == 0
+    finally:
+        shutil.rmtree(root)
+
+
+def test_what_inotify_reports_the_marks_do_not_report_again(tmp_path: Path) -> None:
+    with Watcher([tmp_path], marks=True) as w:
+        marks_or_skip(w)
+        for i in range(6000):  # more than the marks hold or remember (MARKS_HELD)
+            os.close(os.open(tmp_path / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o600))
+        events = drain(w)
+        time.sleep(watch.MARKS_HOLD_S + 0.2)
+        events += drain(w)
+        paths = [e["file.path"] for e in events]
+        assert len(paths) == len(set(paths)) == 6000

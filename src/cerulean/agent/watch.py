@@ -128,6 +128,10 @@ FAN_MASKS = (FAN_CREATE | FAN_ATTRIB, FAN_MOVED_TO | FAN_ONDIR)
 FAN_INFO_DFID_NAME = 2
 IN_MASK_CREATE = 0x10000000
 MARKS_KNOWN = 4096  # watched directories the marks remember by handle
+# What the marks see in watched directories waits for inotify (reported if it does not
+# come) this long at most, MARKS_HELD paths at most (more are reported at once).
+MARKS_HOLD_S = 2.0
+MARKS_HELD = 4096
 FAN_READ_BYTES = 16384  # one read of a mark's queue (what it returns is all handled)
 FANOTIFY_METADATA_VERSION = 3
 FAN_HEADER = struct.Struct("=IBBHQii")  # event_len, vers, reserved, metadata_len, mask, fd, pid
@@ -420,6 +424,11 @@ class Watcher:
         self._refused: dict[tuple[int, bytes], int] = {}  # found unwatchable (as many)
         self._fresh: set[int] = set()  # watches the marks set since their queues were empty
         self._marks_since = self._drained_at  # the marks' losses are since then
+        # What the marks saw in directories inotify watches, held until inotify's queue
+        # has been read past it: reported only if inotify did not report that path
+        # (its queue overflowed, say). Path -> (when it was held, its fanotify mask).
+        self._held: dict[str, tuple[float, int]] = {}
+        self._recent: dict[str, float] = {}  # paths inotify reported lately -> when
         if marks is True:
             try:
                 self._marks = FsMarks(self.roots)
@@ -493,8 +502,10 @@ class Watcher:
 
     def _forget(self, wd: int) -> None:
         """The kernel removed watch *wd* (its directory is gone)."""
-        self._path_bytes -= cost(self.paths.pop(wd, ""))
-        self._refused.clear()  # there is room again
+        path = self.paths.pop(wd, None)
+        if path is not None:
+            self._path_bytes -= cost(path)
+            self._refused.clear()  # there is room again
 
     def _blind(self, path: str, e: int, unseen: bool = False) -> None:
         """*path* cannot be watched (error *e*): count it, keep it for rescans (a path
@@ -827,6 +838,7 @@ class Watcher:
             self._drained_at = self._fs_now()  # the queue is empty: nothing was lost so far
             return []
         drained_before = self._drained_at
+        read_from = time.monotonic()  # what was held before this is in inotify's past
         raw, self._carry = self._carry, []
         spent = sum(self._cost(wd, n) for wd, _m, _c, n in raw)
         deadline = time.monotonic() + settle
@@ -859,12 +871,26 @@ class Watcher:
                 break
         if drained:
             self._drained_at = self._fs_now()
-        if any(m & IN_Q_OVERFLOW for _w, m, _c, _n in raw):
+        lost = any(m & IN_Q_OVERFLOW for _w, m, _c, _n in raw)
+        if lost:
             # The queue was empty when it was last read; what happened since may be lost.
             self._overflow_pending = True
             self._lost_since = min(drained_before, self._lost_since or drained_before)
         events = self._fold(raw)
-        return events + self._marked({e["file.path"] for e in events})
+        taken = {e["file.path"] for e in events}
+        if self._marks is None:
+            return events
+        now = time.monotonic()
+        for path in taken:  # inotify's own: the marks need not report them
+            self._held.pop(path, None)
+            self._recent.pop(path, None)
+            if len(self._recent) >= MARKS_HELD:  # the oldest goes
+                del self._recent[next(iter(self._recent))]
+            self._recent[path] = now
+        marked = self._marked(taken)
+        released = [e for e in self._release(read_from if drained else None, lost)
+                    if e["file.path"] not in taken]
+        return events + marked + released
 
     def _marked(self, taken: set[str]) -> list[Event]:
         """What the fanotify marks report in the watched trees' directories inotify does
@@ -926,7 +952,8 @@ class Watcher:
         key = (mounts[0], handle)
         wd = self._known.get(key, -1)
         if wd in self.paths and wd not in self._fresh:
-            return []  # watched (a watch removed is no longer in self.paths)
+            # Watched (a watch removed is no longer in self.paths): inotify's, held.
+            return self._hold(f"{self.paths[wd].rstrip('/')}/{name}", mask)
         assert self._marks is not None
         for mount in mounts:
             fd = self._marks.open(mount, handle)
@@ -937,7 +964,7 @@ class Watcher:
                 try:
                     top = os.readlink(f"/proc/self/fd/{fd}")
                 except OSError as e:
-                    if e.errno == errno.ENAMETOOLONG and self._watched_fd(fd):
+                    if e.errno == errno.ENAMETOOLONG and self._watch_of(fd) in self.paths:
                         return []  # past PATH_MAX, and inotify watches it
                     raise
                 if self._inside(top):
@@ -958,12 +985,13 @@ class Watcher:
             # Moved or removed since its path was read: where it is, is not known.
             self._lose("ESTALE")
             return []
-        if key not in self._refused:
-            watched = self._add(top, fd)
-            if watched and not self._added_new and self._added_wd not in self._fresh:
-                self._remember(self._known, key, self._added_wd)
-                return []  # inotify's
-            if watched:
+        wd = self._watch_of(fd)
+        if wd in self.paths:  # inotify watches it (under this path or another)
+            self._remember(self._known, key, wd)
+            if wd not in self._fresh:
+                return self._hold(f"{self.paths[wd].rstrip('/')}/{name}", mask)
+        elif key not in self._refused:
+            if self._add(top, fd):
                 self._fresh.add(self._added_wd)
                 self._remember(self._known, key, self._added_wd)
             else:  # no room (counted once): not tried again for each of its events
@@ -986,20 +1014,62 @@ class Watcher:
             return [event, *inside]
         return [event]
 
+    def _hold(self, path: str, mask: int) -> list[Event]:
+        """Hold what the marks saw of *path*, in a directory inotify watches, until
+        inotify had its turn (see :meth:`_release`); with no room (MARKS_HELD), it is
+        reported now (inotify may report it too)."""
+        if self._recent.get(path, -1.0) >= time.monotonic() - MARKS_HOLD_S:
+            return []  # inotify reported it already
+        held = self._held.get(path)
+        if held is not None:
+            self._held[path] = (held[0], held[1] | mask)
+        elif len(self._held) < MARKS_HELD:
+            self._held[path] = (time.monotonic(), mask)
+        else:
+            return [self._marked_now(path, mask)]
+        return []
+
+    def _marked_now(self, path: str, mask: int) -> Event:
+        actions = [a for bit, a in FAN_ACTIONS if mask & bit] or ["changed"]
+        event = describe(path, actions[0])
+        event["file.actions"] = actions
+        return event
+
+    def _release(self, read_from: float | None, lost: bool) -> list[Event]:
+        """The held events inotify did not report: all of them after *lost* (an inotify
+        overflow), those held before *read_from* (inotify's queue has been read empty
+        since), and those held longer than MARKS_HOLD_S (inotify is behind)."""
+        now = time.monotonic()
+        out = []
+        for path, (at, mask) in list(self._held.items()):
+            if lost or (read_from is not None and at < read_from) or at < now - MARKS_HOLD_S:
+                del self._held[path]
+                out.append(self._marked_now(path, mask))
+        for path, at in list(self._recent.items()):
+            if at < now - MARKS_HOLD_S:
+                del self._recent[path]
+        return out
+
     @staticmethod
     def _remember(table: dict[Any, int], key: Any, value: int) -> None:
         if len(table) >= MARKS_KNOWN:
             table.clear()
         table[key] = value
 
-    def _watched_fd(self, fd: int) -> bool:
-        """Whether inotify watches the directory open as *fd* (changing nothing)."""
-        wd = self._libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fd}".encode(),
+    def _watch_of(self, fd: int) -> int:
+        """The watch of the directory open as *fd*, -1 if it has none (changing
+        nothing)."""
+        path = f"/proc/self/fd/{fd}".encode()
+        wd = self._libc.inotify_add_watch(self.fd, path,
                                           (MASK & ~IN_DONT_FOLLOW) | IN_MASK_CREATE)
-        if wd >= 0:
+        if wd >= 0:  # it had none: the one just set goes
             self._libc.inotify_rm_watch(self.fd, wd)
-            return False
-        return ctypes.get_errno() == errno.EEXIST
+            return -1
+        if ctypes.get_errno() != errno.EEXIST:
+            return -1
+        # Watched: the same call without IN_MASK_CREATE names its watch (the mask is
+        # the one it has).
+        return int(self._libc.inotify_add_watch(self.fd, path, MASK & ~IN_DONT_FOLLOW))
 
     def _inside(self, path: str) -> bool:
         """Whether the directory *path* is in a watched tree, and not left out."""
