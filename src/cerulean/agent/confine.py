@@ -147,63 +147,6 @@ def lift(fds: list[int]) -> list[int]:
     return lifted
 
 
-# Landlock (Linux 5.13): the rights over files it takes away, but beneath the paths named.
-LANDLOCK_CREATE_RULESET_VERSION = 1
-LANDLOCK_RULE_PATH_BENEATH = 1
-SYS_LANDLOCK = (444, 445, 446)  # create_ruleset, add_rule, restrict_self (all machines)
-_WRITE_FILE, _TRUNCATE = 1 << 1, 1 << 14
-# remove a directory or file, make any kind of file, (ABI 2) link or move across
-# directories, (ABI 3) truncate
-_CHANGES = (1 << 4 | 1 << 5 | 1 << 6 | 1 << 7 | 1 << 8 | 1 << 9 | 1 << 10 | 1 << 11
-            | 1 << 12)
-_REFER = 1 << 13
-LANDLOCK_RULESET = struct.Struct("=Q")  # handled_access_fs (the later fields left out)
-LANDLOCK_PATH_BENEATH = struct.Struct("=Qi")  # allowed_access, parent_fd (packed)
-
-
-def restrict_writes(writable: list[str]) -> int:
-    """Allow writing, making, removing and renaming files only beneath the directories
-    *writable* (and writing /dev/null), for this thread and the threads and processes
-    it starts from then on (call it before any other thread); reading and running stay
-    as they are. Unlike the read-only mounts, this holds whatever path or handle
-    reaches a file (/proc/PID/root, a bind mount). Returns the Landlock ABI used;
-    raises ConfineError when the kernel has no Landlock."""
-    libc = load_libc()
-    create, add, restrict = (ctypes.c_long(n) for n in SYS_LANDLOCK)
-    abi = libc.syscall(create, None, ctypes.c_size_t(0), LANDLOCK_CREATE_RULESET_VERSION)
-    if abi < 0:
-        e = ctypes.get_errno()
-        raise ConfineError(e, f"Landlock: {os.strerror(e)}")
-    handled = _WRITE_FILE | _CHANGES | (_REFER if abi >= 2 else 0) \
-        | (_TRUNCATE if abi >= 3 else 0)
-    attr = ctypes.create_string_buffer(LANDLOCK_RULESET.pack(handled))
-    ruleset = libc.syscall(create, attr, ctypes.c_size_t(LANDLOCK_RULESET.size), 0)
-    if ruleset < 0:
-        e = ctypes.get_errno()
-        raise ConfineError(e, f"Landlock: {os.strerror(e)}")
-    try:
-        rules = [(path, handled) for path in writable]
-        rules.append(("/dev/null", handled & (_WRITE_FILE | _TRUNCATE)))
-        for path, rights in rules:
-            try:
-                fd = os.open(path, O_PATH | os.O_CLOEXEC)
-            except OSError:
-                continue  # not there: nothing to allow
-            try:
-                beneath = ctypes.create_string_buffer(LANDLOCK_PATH_BENEATH.pack(rights, fd))
-                if libc.syscall(add, ruleset, LANDLOCK_RULE_PATH_BENEATH, beneath, 0) != 0:
-                    e = ctypes.get_errno()
-                    raise ConfineError(e, f"Landlock rule for {path}: {os.strerror(e)}")
-            finally:
-                os.close(fd)
-        if libc.syscall(restrict, ruleset, 0) != 0:
-            e = ctypes.get_errno()
-            raise ConfineError(e, f"Landlock: {os.strerror(e)}")
-    finally:
-        os.close(ruleset)
-    return int(abi)
-
-
 def confine(marks: FsMarks | None) -> None:
     """Drop CAP_SYS_ADMIN and install the filter (see the module's text) for every
     thread of this process, for the directories of *marks* (moved above the file limit

@@ -49,8 +49,6 @@ from cerulean.protocol.net import split_host_port
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FLEET_LAYER = "var/lib/cerulean/fleet/agent.toml"
-# Where the service writes (its StateDirectory=): nowhere else (see confine.restrict_writes).
-WRITABLE = ("var/lib/cerulean/agent", "var/lib/cerulean/audit", "var/lib/cerulean/fleet")
 KEYS = {"metrics-listen": str, "detect": bool, "watch": list, "scan-interval": int,
         "policies": list, "policy-mode": str, "integrity-interval": int,
         "fleet-interval": int}
@@ -268,7 +266,7 @@ def run(root: Path = Path("/"), say: Callable[[str], None] = print,
     if root == Path("/"):
         # The service: give up CAP_SYS_ADMIN and all but the marks' use of
         # open_by_handle_at, whatever runs (before any thread starts).
-        from cerulean.agent.confine import ConfineError, confine, restrict_writes
+        from cerulean.agent.confine import ConfineError, confine
 
         try:
             confine(guard.fs_marks if guard is not None else None)
@@ -276,10 +274,6 @@ def run(root: Path = Path("/"), say: Callable[[str], None] = print,
             say(f"warning: the agent cannot confine itself ({e.strerror or e})")
             if guard is not None:
                 guard.drop_marks(f"the agent cannot confine their use ({e.strerror or e})")
-        try:  # writes beneath its state directories only, however a file is reached
-            restrict_writes([str(root / d) for d in WRITABLE])
-        except ConfineError as e:
-            say(f"warning: the agent's writes are not confined ({e.strerror or e})")
     server: metrics.MetricsServer | None = None
 
     def own_state() -> list[metrics.Family]:  # the agent's own limits and degradation
