@@ -129,9 +129,11 @@ FAN_INFO_DFID_NAME = 2
 IN_MASK_CREATE = 0x10000000
 MARKS_KNOWN = 4096  # watched directories the marks remember by handle
 # What the marks see in watched directories waits for inotify (reported if it does not
-# come) this long at most, MARKS_HELD paths at most (more are reported at once).
+# come) this long at most, MARKS_HELD paths at most taking MARKS_HELD_BYTES (cost());
+# more are reported at once. As many paths inotify reported are remembered as long.
 MARKS_HOLD_S = 2.0
-MARKS_HELD = 4096
+MARKS_HELD = 8192
+MARKS_HELD_BYTES = 2 << 20
 FAN_READ_BYTES = 16384  # one read of a mark's queue (what it returns is all handled)
 FANOTIFY_METADATA_VERSION = 3
 FAN_HEADER = struct.Struct("=IBBHQii")  # event_len, vers, reserved, metadata_len, mask, fd, pid
@@ -428,7 +430,10 @@ class Watcher:
         # has been read past it: reported only if inotify did not report that path
         # (its queue overflowed, say). Path -> (when it was held, its fanotify mask).
         self._held: dict[str, tuple[float, int]] = {}
-        self._recent: dict[str, float] = {}  # paths inotify reported lately -> when
+        self._held_bytes = 0
+        # Paths inotify reported lately -> (when, the actions it reported).
+        self._recent: dict[str, tuple[float, frozenset[str]]] = {}
+        self._recent_bytes = 0
         if marks is True:
             try:
                 self._marks = FsMarks(self.roots)
@@ -836,7 +841,8 @@ class Watcher:
         if (timeout and not self._carry
                 and not select.select(self._fds(), [], [], timeout)[0]):
             self._drained_at = self._fs_now()  # the queue is empty: nothing was lost so far
-            return []
+            # What the marks held is in inotify's past now, and inotify did not report it.
+            return self._release(time.monotonic(), False) if self._held else []
         drained_before = self._drained_at
         read_from = time.monotonic()  # what was held before this is in inotify's past
         raw, self._carry = self._carry, []
@@ -881,12 +887,15 @@ class Watcher:
         if self._marks is None:
             return events
         now = time.monotonic()
-        for path in taken:  # inotify's own: the marks need not report them
-            self._held.pop(path, None)
-            self._recent.pop(path, None)
-            if len(self._recent) >= MARKS_HELD:  # the oldest goes
-                del self._recent[next(iter(self._recent))]
-            self._recent[path] = now
+        for e in events:  # inotify's own: the marks need not report them
+            path = e["file.path"]
+            self._unhold(path)
+            self._forget_recent(path)
+            while self._recent and (len(self._recent) >= MARKS_HELD or self._recent_bytes
+                                    + cost(path) > MARKS_HELD_BYTES):
+                self._forget_recent(next(iter(self._recent)))  # the oldest goes
+            self._recent[path] = (now, frozenset(e.get("file.actions", ())))
+            self._recent_bytes += cost(path)
         marked = self._marked(taken)
         released = [e for e in self._release(read_from if drained else None, lost)
                     if e["file.path"] not in taken]
@@ -1018,21 +1027,42 @@ class Watcher:
         """Hold what the marks saw of *path*, in a directory inotify watches, until
         inotify had its turn (see :meth:`_release`); with no room (MARKS_HELD), it is
         reported now (inotify may report it too)."""
-        if self._recent.get(path, -1.0) >= time.monotonic() - MARKS_HOLD_S:
-            return []  # inotify reported it already
+        recent = self._recent.get(path)
+        if (recent is not None and recent[0] >= time.monotonic() - MARKS_HOLD_S
+                and {a for bit, a in FAN_ACTIONS if mask & bit} <= recent[1]):
+            return []  # inotify reported it already, all of it
         held = self._held.get(path)
         if held is not None:
             self._held[path] = (held[0], held[1] | mask)
-        elif len(self._held) < MARKS_HELD:
+        elif (len(self._held) < MARKS_HELD
+              and self._held_bytes + cost(path) <= MARKS_HELD_BYTES):
             self._held[path] = (time.monotonic(), mask)
+            self._held_bytes += cost(path)
         else:
-            return [self._marked_now(path, mask)]
+            now = self._marked_now(path, mask)
+            return [now] if now is not None else []
         return []
 
-    def _marked_now(self, path: str, mask: int) -> Event:
+    def _unhold(self, path: str) -> None:
+        if self._held.pop(path, None) is not None:
+            self._held_bytes -= cost(path)
+
+    def _forget_recent(self, path: str) -> None:
+        if self._recent.pop(path, None) is not None:
+            self._recent_bytes -= cost(path)
+
+    def _marked_now(self, path: str, mask: int) -> Event | None:
+        """The event of a held *path*; None if it is gone (a file made and removed, or
+        renamed away, as editors' temporary files are: inotify reported what stands)."""
         actions = [a for bit, a in FAN_ACTIONS if mask & bit] or ["changed"]
-        event = describe(path, actions[0])
+        try:
+            st = lstat(path)
+        except OSError:
+            return None
+        event = describe(path, actions[0], st)
         event["file.actions"] = actions
+        if self.needs_rescan and len(self._reported) < REPORTED_KEEP:
+            self._reported.add(change_key(path, st))  # a rescan does not report it again
         return event
 
     def _release(self, read_from: float | None, lost: bool) -> list[Event]:
@@ -1043,11 +1073,18 @@ class Watcher:
         out = []
         for path, (at, mask) in list(self._held.items()):
             if lost or (read_from is not None and at < read_from) or at < now - MARKS_HOLD_S:
-                del self._held[path]
-                out.append(self._marked_now(path, mask))
-        for path, at in list(self._recent.items()):
-            if at < now - MARKS_HOLD_S:
-                del self._recent[path]
+                self._unhold(path)
+                event = self._marked_now(path, mask)
+                if event is not None:
+                    out.append(event)
+        if lost:  # what inotify reported may be all it did not lose
+            self._recent.clear()
+            self._recent_bytes = 0
+        while self._recent:  # oldest first
+            path, (at, _actions) = next(iter(self._recent.items()))
+            if at >= now - MARKS_HOLD_S:
+                break
+            self._forget_recent(path)
         return out
 
     @staticmethod
