@@ -110,6 +110,26 @@ def flood(directory: Path) -> None:
         os.close(os.open(directory / str(i), os.O_CREAT | os.O_WRONLY, 0o600))
 
 
+def flood_dirs(directory: Path, n: int = 0) -> None:
+    """More new directories than the inotify queue holds (or *n*), with nobody reading:
+    it overflows (*directory* is watched already); the marks count no directory made."""
+    n = n or int(Path("/proc/sys/fs/inotify/max_queued_events").read_text()) + 200
+    for i in range(n):
+        (directory / f"d{i}").mkdir()
+
+
+@pytest.fixture
+def shm_root() -> Any:
+    """A directory on /dev/shm, a file system of its own (tmpfs lists what was made
+    last first), removed afterwards."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    yield root
+    shutil.rmtree(root)
+
+
 def setuid_file(path: Path) -> Path:
     path.write_bytes(b"\x7fELF")
     os.chmod(path, 0o4755)
@@ -869,53 +889,37 @@ def test_a_root_on_a_bind_mount_shares_its_file_systems_marks(
 
 
 def test_a_flood_of_new_directories_does_not_fill_the_marks_queue(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        shm_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The inotify flood: directories made faster than they can be watched. Empty, they
     cost the marks' queue nothing: the set-ID file made in one of them is still seen as
     it happens, not by a rescan."""
-    import shutil
-    import tempfile
-
     monkeypatch.setattr(watch, "MAX_WATCHED", 100)
-    root = Path(tempfile.mkdtemp(dir="/dev/shm"))  # a file system of its own
-    try:
-        with Watcher([root], marks=True) as w:
-            marks_or_skip(w)
-            for i in range(17_000):  # more than either queue holds, nobody reading
-                (root / f"d{i}").mkdir()
-            f = setuid_file(root / "d5000/sh")
-            events = collect(w, lambda got: any(e.get("file.setuid") for e in got), 10.0)
-            assert [e["file.path"] for e in events if e.get("file.setuid")] == [str(f)]
-            assert w.marks_overflowed == 0 and w.rescans == 0
-    finally:
-        shutil.rmtree(root)
+    with Watcher([shm_root], marks=True) as w:
+        marks_or_skip(w)
+        flood_dirs(shm_root, 17_000)  # more than either queue holds, nobody reading
+        f = setuid_file(shm_root / "d5000/sh")
+        events = collect(w, lambda got: any(e.get("file.setuid") for e in got), 10.0)
+        assert [e["file.path"] for e in events if e.get("file.setuid")] == [str(f)]
+        assert w.marks_overflowed == 0 and w.rescans == 0
 
 
 def test_after_an_inotify_overflow_the_marks_report_in_watched_directories_too(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        shm_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A flood of directories overflows inotify's queue: a set-ID file made in a watched
     directory meanwhile is lost to inotify. The marks, whose queue a flood of
-    directories does not fill, report it until a walk has looked again."""
-    import shutil
-    import tempfile
-
+    directories does not fill, held what they saw there and report what inotify did
+    not."""
     monkeypatch.setattr(watch, "MAX_WATCHED", 100)
-    root = Path(tempfile.mkdtemp(dir="/dev/shm"))
-    try:
-        (root / "flood").mkdir()
-        with Watcher([root], marks=True) as w:
-            marks_or_skip(w)
-            n = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text()) + 200
-            for i in range(n):
-                (root / "flood" / f"d{i}").mkdir()
-            f = setuid_file(root / "sh")  # the root is watched; inotify's queue is full
-            events = collect(w, lambda got: any(e.get("file.setuid") for e in got), 10.0)
-            assert [e["file.path"] for e in events if e.get("file.setuid")] == [str(f)]
-            assert w.overflowed >= 1 and w.rescans == 0
-            # The rescan that follows the overflow does not report it again.
-            assert str(f) not in [e["file.path"] for e in rescan_all(w)]
-    finally:
-        shutil.rmtree(root)
+    (shm_root / "flood").mkdir()
+    with Watcher([shm_root], marks=True) as w:
+        marks_or_skip(w)
+        flood_dirs(shm_root / "flood")
+        f = setuid_file(shm_root / "sh")  # the root is watched; inotify's queue is full
+        events = collect(w, lambda got: any(e.get("file.setuid") for e in got), 10.0)
+        assert [e["file.path"] for e in events if e.get("file.setuid")] == [str(f)]
+        assert w.overflowed >= 1 and w.rescans == 0
+        # The rescan that follows the overflow does not report it again.
+        assert str(f) not in [e["file.path"] for e in rescan_all(w)]
 
 
 def test_what_inotify_reports_the_marks_do_not_report_again(tmp_path: Path) -> None:
@@ -931,31 +935,22 @@ def test_what_inotify_reports_the_marks_do_not_report_again(tmp_path: Path) -> N
 
 
 def test_a_mode_change_lost_to_an_overflow_after_inotify_saw_the_file_is_reported(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        shm_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """inotify reported a plain file; then a flood overflows its queue and the file is
     made set-ID: that change is inotify's to report, but lost to it. What inotify
     reported lately (the file made) does not stand for the mode change."""
-    import shutil
-    import tempfile
-
     monkeypatch.setattr(watch, "MAX_WATCHED", 100)
-    root = Path(tempfile.mkdtemp(dir="/dev/shm"))
-    try:
-        (root / "flood").mkdir()
-        with Watcher([root], marks=True) as w:
-            marks_or_skip(w)
-            (root / "sh").write_bytes(b"\x7fELF")
-            assert [e["file.path"] for e in collect(w, bool, 2.0)] == [str(root / "sh")]
-            n = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text()) + 200
-            for i in range(n):
-                (root / "flood" / f"d{i}").mkdir()
-            os.chmod(root / "sh", 0o4755)
-            events = collect(w, lambda got: any(e.get("file.setuid") for e in got), 10.0)
-            assert [e["file.path"] for e in events if e.get("file.setuid")] == [
-                str(root / "sh")]
-            assert w.overflowed >= 1 and w.rescans == 0
-    finally:
-        shutil.rmtree(root)
+    (shm_root / "flood").mkdir()
+    with Watcher([shm_root], marks=True) as w:
+        marks_or_skip(w)
+        (shm_root / "sh").write_bytes(b"\x7fELF")
+        assert [e["file.path"] for e in collect(w, bool, 2.0)] == [str(shm_root / "sh")]
+        flood_dirs(shm_root / "flood")
+        os.chmod(shm_root / "sh", 0o4755)
+        events = collect(w, lambda got: any(e.get("file.setuid") for e in got), 10.0)
+        assert [e["file.path"] for e in events if e.get("file.setuid")] == [
+            str(shm_root / "sh")]
+        assert w.overflowed >= 1 and w.rescans == 0
 
 
 def test_a_temporary_file_renamed_into_place_is_not_reported_by_the_marks(

@@ -244,9 +244,10 @@ class FsMarks:
             known = by_device.get(device)
             if known is not None:
                 mounts, ids = known
-                if mount_id(dfd) not in ids:
+                mount = mount_id(dfd)
+                if mount not in ids:
                     mounts.append(dfd)
-                    ids.add(mount_id(dfd))
+                    ids.add(mount)
                 else:
                     os.close(dfd)
                 continue
